@@ -1,0 +1,142 @@
+"""What a backend kind is: declaration options in, a launch plan plus a default health check out.
+
+A kind never starts anything itself. It turns one instance of a declaration into a plan
+(`ProcessLaunch` or, later, a container plan) that a runner executes, so every kind gets
+the same restart, backoff, health and stop behaviour for free.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel
+
+HealthType = Literal["http", "tcp", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchContext:
+    """Everything a kind may use to build one instance's plan."""
+
+    instance_id: str
+    model: str
+    gpus: tuple[int, ...]
+    port: int
+    here: Path  # directory of the declaration file: relative paths are resolved against it
+    python: str = sys.executable
+
+    def placeholders(self) -> dict[str, str]:
+        return {
+            "port": str(self.port),
+            "gpus": ",".join(str(g) for g in self.gpus),
+            "gpu_count": str(len(self.gpus)),
+            "name": self.model,
+            "instance": self.instance_id,
+            "python": self.python,
+            "here": str(self.here),
+        }
+
+    def resolve_path(self, value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (self.here / path).resolve())
+
+
+class PlaceholderError(ValueError):
+    """A template could not be expanded; `key` names the declaration key (e.g. `command[2]`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def expand(template: str, ctx: LaunchContext, key: str) -> str:
+    """Expand `{port}`-style placeholders; `{{` and `}}` are literal braces."""
+    values = ctx.placeholders()
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        known = ", ".join("{" + k + "}" for k in values)
+        raise PlaceholderError(key, f"unknown placeholder {{{exc.args[0]}}} (known: {known})") from None
+    except (ValueError, IndexError, AttributeError) as exc:
+        raise PlaceholderError(key, f"cannot expand {template!r}: {exc}; write {{{{ and }}}} for literal braces") from None
+
+
+def gpu_env(gpus: tuple[int, ...]) -> dict[str, str]:
+    """Pin a process to its GPUs, with CUDA numbering forced to match NVML's (PCI bus order).
+
+    Without CUDA_DEVICE_ORDER=PCI_BUS_ID, CUDA orders devices fastest-first and the GPU a
+    process calls "0" may be another card than NVML's GPU 0 (weakness 25 of the old tool).
+    An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU-only instance.
+    """
+    visible = ",".join(str(g) for g in gpus)
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": visible,
+        "NVIDIA_VISIBLE_DEVICES": visible or "void",
+    }
+
+
+def instance_env(ctx: LaunchContext, declared: dict[str, str]) -> dict[str, str]:
+    """The variables every supervised process gets on top of the supervisor's environment."""
+    env = {key: expand(value, ctx, f"env.{key}") for key, value in declared.items()}
+    env.update(gpu_env(ctx.gpus))
+    env["MODEL_SUPERVISOR_INSTANCE"] = ctx.instance_id
+    env["MODEL_SUPERVISOR_PORT"] = str(ctx.port)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessLaunch:
+    """Run `argv` (no shell) in `cwd` with the supervisor's environment plus `env`."""
+
+    argv: tuple[str, ...]
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    runner: ClassVar[str] = "process"
+
+    def fingerprint(self) -> dict:
+        return {"runner": self.runner, "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.env)}
+
+    def describe(self) -> str:
+        return " ".join(self.argv)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultHealth:
+    type: HealthType
+    path: str | None = None
+
+
+@dataclass
+class KindInfo:
+    name: str
+    available: bool
+    reason: str | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+class BackendKind(ABC):
+    """One kind of backend. Subclasses set `name` and `options_model` and build plans."""
+
+    name: ClassVar[str]
+    #: Backend-specific keys of a declaration (strict, extra keys forbidden).
+    options_model: ClassVar[type[BaseModel]]
+
+    @abstractmethod
+    def default_health(self, options: BaseModel) -> DefaultHealth: ...
+
+    @abstractmethod
+    def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
+        """The plan for one instance. `env` is the declaration's `env` table, unexpanded."""
+
+    def listens(self, options: BaseModel, env: dict[str, str]) -> bool:
+        """Whether the backend binds its `{port}`: if so the port is checked before each start."""
+        return True
+
+    def unavailable_reason(self) -> str | None:
+        """Why this kind cannot run on this machine right now (e.g. no Docker daemon)."""
+        return None

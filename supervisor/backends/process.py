@@ -1,0 +1,36 @@
+"""The `process` kind: any command line, run as a plain child process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from ..spec import StrictModel
+from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+
+
+class ProcessOptions(StrictModel):
+    #: argv as a list, never a shell string: no quoting bugs, no shell between us and the pid.
+    command: Annotated[list[str], Field(min_length=1)]
+    #: Working directory; relative to the declaration file's directory. Default: the
+    #: supervisor's own working directory.
+    cwd: str | None = None
+
+
+class ProcessKind(BackendKind):
+    name = "process"
+    options_model = ProcessOptions
+
+    def default_health(self, options: ProcessOptions) -> DefaultHealth:  # type: ignore[override]
+        # A generic command may not listen on anything: RUNNING once it is up, unless the
+        # declaration asks for an http or tcp check.
+        return DefaultHealth("none")
+
+    def listens(self, options: ProcessOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+        return any("{port}" in text for text in [*options.command, *env.values()])
+
+    def launch(self, options: ProcessOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+        argv = tuple(expand(arg, ctx, f"command[{i}]") for i, arg in enumerate(options.command))
+        cwd = ctx.resolve_path(expand(options.cwd, ctx, "cwd")) if options.cwd is not None else None
+        return ProcessLaunch(argv=argv, cwd=cwd, env=tuple(sorted(instance_env(ctx, env).items())))

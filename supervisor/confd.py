@@ -1,0 +1,81 @@
+"""Reading and writing `conf.d/`: the only module that touches declaration files.
+
+Reading is level-triggered: every reload reads the whole directory afresh, so no sequence
+of file events can leave the engine out of step with the files. All functions block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .backends.registry import Registry
+from .declarations import ConfigError, DeclarationInvalid, Defaults, ModelSpec, parse_declaration, toml_error
+
+_TEMP_SUFFIXES = (".tmp", ".swp", ".swx", ".bak", "~")
+
+
+def is_declaration_file(name: str) -> bool:
+    """`*.toml`, not hidden, not an editor's temporary or backup file."""
+    return (
+        name.endswith(".toml")
+        and not name.startswith((".", "#", "~"))
+        and not name.endswith(_TEMP_SUFFIXES)
+    )
+
+
+def declaration_files(conf_dir: Path) -> list[Path]:
+    return sorted(p for p in conf_dir.iterdir() if is_declaration_file(p.name) and p.is_file())
+
+
+def read_file(path: Path, registry: Registry, defaults: Defaults) -> ModelSpec | list[ConfigError]:
+    file = str(path)
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        return [toml_error(file, exc)]
+    except UnicodeDecodeError as exc:
+        return [ConfigError(file, f"not UTF-8 text: {exc}")]
+    except OSError as exc:
+        return [ConfigError(file, f"cannot read: {exc.strerror or exc}")]
+    try:
+        return parse_declaration(data, path, registry, defaults)
+    except DeclarationInvalid as exc:
+        return exc.errors
+
+
+def read_dir(conf_dir: Path, registry: Registry, defaults: Defaults) -> dict[str, ModelSpec | list[ConfigError]]:
+    """Parse every declaration file; raises FileNotFoundError if the directory is missing."""
+    return {str(path): read_file(path, registry, defaults) for path in declaration_files(conf_dir)}
+
+
+def write_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Replace `path` with `document` as TOML: temp file in the same dir, fsync, rename.
+
+    Readers (and the watcher) see the old file or the new one, never half of one. The temp
+    name starts with a dot and ends in `.tmp`, which `is_declaration_file` ignores.
+    """
+    blob = tomli_w.dumps(document).encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,168 @@
+"""Turning the contents of one declaration file into a validated `ModelSpec`, or errors.
+
+Pure: the caller reads the file (see `supervisor.confd`). Errors always name the file and
+the key (or the line, for TOML syntax) and say what was wrong with which value, and all of a
+file's errors are reported at once so a user fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .backends.base import BackendKind, LaunchContext, PlaceholderError
+from .backends.registry import Registry, UnknownBackend
+from .spec import COMMON_KEYS, Declaration, HealthSpec, RestartSpec, StopSpec, instance_id
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    file: str
+    message: str
+    key: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "key": self.key, "line": self.line, "message": self.message}
+
+
+class DeclarationInvalid(Exception):
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Global defaults for the `[restart]`, `[health]` and `[stop]` tables (from settings)."""
+
+    restart: RestartSpec = field(default_factory=RestartSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
+    stop: StopSpec = field(default_factory=StopSpec)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """One valid declaration: the common keys, the kind's options and where it came from."""
+
+    decl: Declaration
+    options: BaseModel
+    kind: BackendKind
+    source: Path
+    raw: dict[str, Any]  # the document as written, without defaults filled in
+
+    @property
+    def name(self) -> str:
+        return self.decl.name
+
+    def effective_document(self) -> dict[str, Any]:
+        """Every key with its effective value, defaults included (for `status` and the API)."""
+        doc = self.decl.model_dump(mode="json", exclude_none=True)
+        doc.update(self.options.model_dump(mode="json", exclude_none=True))
+        return doc
+
+
+_TOML_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def toml_error(file: str, exc: Exception) -> ConfigError:
+    message = str(exc)
+    match = _TOML_LINE.search(message)
+    line = int(match.group(1)) if match else None
+    return ConfigError(file, f"TOML syntax error: {message}", line=line)
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def pydantic_errors(file: str, exc: ValidationError, prefix: tuple = (), known: list[str] | None = None) -> list[ConfigError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        key = _key(prefix + tuple(err["loc"]))
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            hint = f" (accepted here: {', '.join(known)})" if known and len(err["loc"]) == 1 else ""
+            message = f"unknown key{hint}"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if kind != "value_error" and "input" in err:
+                message += f" (got {err['input']!r})"
+        errors.append(ConfigError(file, message, key=key))
+    return errors
+
+
+def _with_defaults(data: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    merged = dict(data)
+    for table, default in (("restart", defaults.restart), ("health", defaults.health), ("stop", defaults.stop)):
+        given = data.get(table, {})
+        if isinstance(given, dict):
+            merged[table] = {**default.model_dump(exclude_none=True), **given}
+    return merged
+
+
+def parse_declaration(
+    data: dict[str, Any], source: Path, registry: Registry, defaults: Defaults | None = None
+) -> ModelSpec:
+    """Validate one declaration document. Raises `DeclarationInvalid` with every error found."""
+    file = str(source)
+    defaults = defaults or Defaults()
+    common = {k: v for k, v in data.items() if k in COMMON_KEYS}
+    extra = {k: v for k, v in data.items() if k not in COMMON_KEYS}
+    errors: list[ConfigError] = []
+
+    decl: Declaration | None = None
+    try:
+        decl = Declaration.model_validate(_with_defaults(common, defaults))
+    except ValidationError as exc:
+        errors += pydantic_errors(file, exc)
+
+    kind: BackendKind | None = None
+    backend = data.get("backend")
+    if isinstance(backend, str):
+        try:
+            kind = registry.get(backend)
+        except UnknownBackend as exc:
+            errors.append(ConfigError(file, exc.args[0], key="backend"))
+
+    options: BaseModel | None = None
+    if kind is not None:
+        known = sorted(COMMON_KEYS | set(kind.options_model.model_fields))
+        try:
+            options = kind.options_model.model_validate(extra)
+        except ValidationError as exc:
+            errors += pydantic_errors(file, exc, known=known)
+    elif extra and backend is None:
+        errors.append(ConfigError(file, "required key is missing", key="backend"))
+
+    if decl is not None and kind is not None and options is not None:
+        # Expand every template once now, so a bad placeholder is a load error with its key
+        # instead of a launch failure discovered later in a crash loop.
+        for gpus in decl.gpu_sets():
+            ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent)
+            try:
+                kind.launch(options, ctx, decl.env)
+            except PlaceholderError as exc:
+                errors.append(ConfigError(file, str(exc), key=exc.key))
+                break
+            except ValueError as exc:
+                errors.append(ConfigError(file, str(exc)))
+                break
+
+    if errors:
+        raise DeclarationInvalid(errors)
+    assert decl is not None and kind is not None and options is not None
+    return ModelSpec(decl=decl, options=options, kind=kind, source=source, raw=dict(data))

@@ -1,0 +1,227 @@
+"""The desired state: which instances should exist, with which effective spec.
+
+Pure functions from "what the files say now" (plus what was in force before) to a catalog of
+models and the instances they declare. Conflicts between files are settled here:
+
+* Two files declaring one name: the file that already owned the name keeps it (at the first
+  load: the first file in name order); the other file is rejected, naming both.
+* Two models claiming one explicit port: the same rule.
+* A file that no longer validates keeps its last good version in force, so a typo in an
+  editor never takes a running model down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.base import LaunchContext, ProcessLaunch
+from .declarations import ConfigError, ModelSpec
+from .spec import RestartSpec, StopSpec, instance_id, instance_port
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedHealth:
+    type: str  # "http" | "tcp" | "none"
+    path: str | None
+    interval: float
+    start_interval: float
+    timeout: float
+    start_timeout: float
+    failure_threshold: int
+
+
+@dataclass(frozen=True, eq=False)
+class InstanceSpec:
+    """One model on one GPU set: what the engine runs and supervises as a unit."""
+
+    id: str
+    model: str
+    backend: str
+    gpus: tuple[int, ...]
+    port: int
+    uses_port: bool  # checked for a holder before each start
+    enabled: bool
+    launch: ProcessLaunch
+    health: ResolvedHealth
+    restart: RestartSpec
+    stop: StopSpec
+    source: Path
+    launch_hash: str  # changes => the running process must be replaced
+    policy_hash: str  # changes (alone) => applied in place, nothing restarts
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "backend": self.backend,
+            "gpus": list(self.gpus),
+            "port": self.port,
+            "command": self.launch.describe(),
+            "source": str(self.source),
+        }
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int) -> InstanceSpec:
+    decl = model.decl
+    iid = instance_id(decl.name, gpus)
+    ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent)
+    launch = model.kind.launch(model.options, ctx, decl.env)
+    default = model.kind.default_health(model.options)
+    h = decl.health
+    health_type = h.type or default.type
+    health = ResolvedHealth(
+        type=health_type,
+        path=(h.path or default.path or "/health") if health_type == "http" else None,
+        interval=h.interval,
+        start_interval=h.start_interval,
+        timeout=h.timeout,
+        start_timeout=h.start_timeout,
+        failure_threshold=h.failure_threshold,
+    )
+    # Only what reaches the process decides whether it must be replaced. Restart, health and
+    # stop settings change how we supervise it: applied in place, so a tweak to a backoff
+    # never costs a model that took ten minutes to load.
+    launch_hash = _digest({"backend": decl.backend, "gpus": gpus, "port": port, "launch": launch.fingerprint()})
+    policy_hash = _digest(
+        {
+            "enabled": decl.enabled,
+            "health": health.__repr__(),
+            "restart": decl.restart.model_dump(),
+            "stop": decl.stop.model_dump(),
+        }
+    )
+    return InstanceSpec(
+        id=iid,
+        model=decl.name,
+        backend=decl.backend,
+        gpus=gpus,
+        port=port,
+        uses_port=health.type != "none" or model.kind.listens(model.options, decl.env),
+        enabled=decl.enabled,
+        launch=launch,
+        health=health,
+        restart=decl.restart,
+        stop=decl.stop,
+        source=model.source,
+        launch_hash=launch_hash,
+        policy_hash=policy_hash,
+    )
+
+
+@dataclass
+class Catalog:
+    """The models in force, the instances they declare and every file's errors."""
+
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # by model name
+    instances: dict[str, InstanceSpec] = field(default_factory=dict)  # by instance id
+    errors: dict[str, list[ConfigError]] = field(default_factory=dict)  # by file
+    owners: dict[str, str] = field(default_factory=dict)  # model name -> file
+
+    def model_of_file(self, file: str) -> ModelSpec | None:
+        for model in self.models.values():
+            if str(model.source) == file:
+                return model
+        return None
+
+
+class PortRangeExhausted(Exception):
+    pass
+
+
+PortAssigner = Callable[[str, set[int]], int]
+"""(instance id, ports reserved by explicit declarations) -> a port for that instance."""
+
+
+def resolve(
+    parsed: dict[str, ModelSpec | list[ConfigError]],
+    previous: Catalog,
+    assign_port: PortAssigner,
+) -> Catalog:
+    """Settle names and ports across files and expand every model into its instances.
+
+    `parsed` maps each file present now to its fresh parse (a spec, or its errors). Files
+    absent from it were deleted: their models go. `previous` is the catalog in force.
+    """
+    errors: dict[str, list[ConfigError]] = {f: list(e) for f, e in parsed.items() if isinstance(e, list)}
+    last_good = {str(m.source): m for m in previous.models.values()}
+
+    def candidates(file: str) -> list[ModelSpec]:
+        """The fresh version first, then (if the file is broken or loses a conflict) the last good one."""
+        fresh = parsed[file]
+        out = [fresh] if isinstance(fresh, ModelSpec) else []
+        old = last_good.get(file)
+        if old is not None and (not out or old is not out[0]):
+            out.append(old)
+        return out
+
+    # Files that already owned a name go first so they keep it; then the rest in name order.
+    incumbents = sorted(f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f)
+    newcomers = sorted(f for f in parsed if f not in incumbents)
+
+    catalog = Catalog()
+    explicit: dict[int, str] = {}  # port -> instance id claiming it
+    for file in incumbents + newcomers:
+        for model in candidates(file):
+            problems = _conflicts(model, catalog, explicit)
+            if not problems:
+                catalog.models[model.name] = model
+                catalog.owners[model.name] = file
+                for gpus in model.decl.gpu_sets():
+                    if model.decl.port != "auto":
+                        explicit[instance_port(model.decl.port, gpus)] = instance_id(model.name, gpus)
+                break
+            if model is parsed[file]:
+                errors.setdefault(file, []).extend(problems)
+
+    reserved = set(explicit)
+    for model in catalog.models.values():
+        for gpus in model.decl.gpu_sets():
+            iid = instance_id(model.name, gpus)
+            if model.decl.port == "auto":
+                try:
+                    port = assign_port(iid, reserved)
+                except PortRangeExhausted as exc:
+                    errors.setdefault(str(model.source), []).append(
+                        ConfigError(str(model.source), f"instance {iid}: {exc}", key="port"))
+                    continue
+            else:
+                port = instance_port(model.decl.port, gpus)
+            catalog.instances[iid] = make_instance(model, gpus, port)
+    catalog.errors = {f: e for f, e in errors.items() if e}
+    return catalog
+
+
+def _name_of(model: ModelSpec | None) -> str | None:
+    return model.name if model is not None else None
+
+
+def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> list[ConfigError]:
+    file = str(model.source)
+    if model.name in catalog.models:
+        other = catalog.owners[model.name]
+        return [ConfigError(file, f"model name {model.name!r} is already declared in {other}; names must be unique", key="name")]
+    problems = []
+    if model.decl.port != "auto":
+        for gpus in model.decl.gpu_sets():
+            port = instance_port(model.decl.port, gpus)
+            if not 1 <= port <= 65535:
+                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus)} would get port {port}, out of range", key="port"))
+            elif port in explicit:
+                owner = explicit[port]
+                problems.append(
+                    ConfigError(
+                        file,
+                        f"port {port} (instance {instance_id(model.name, gpus)}) is already declared by "
+                        f"{owner} in {catalog.owners[owner.split('@')[0]]}",
+                        key="port",
+                    )
+                )
+    return problems

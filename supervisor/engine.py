@@ -1,0 +1,210 @@
+"""The engine: reconciles declared instances against running ones, and the façade over them.
+
+`reload()` reads conf.d/ afresh (in a thread), settles it into a catalog (`desired.resolve`),
+diffs that against the instances that exist (`plan.plan`) and sends each instance the intent
+it needs. It never changes an instance's state itself. Reloads are serialised; each one is
+cheap and idempotent, so callers (watcher, SIGHUP, API writes, periodic resync) just call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from . import confd
+from .backends.registry import Registry, default_registry
+from .declarations import ConfigError
+from .desired import Catalog, resolve
+from .events import EventBus
+from .instance import Instance, InstanceServices, PrestartCheck
+from .plan import Plan, plan
+from .ports import PortAllocator, describe_holder, port_is_free
+from .procscan import ProcessTable
+from .records import RunRecords
+from .runners.base import Runner
+from .runners.process import ProcessRunner
+from .settings import Settings
+from .states import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class ConfDirMissing(Exception):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        runners: dict[str, Runner] | None = None,
+        prestart: list[PrestartCheck] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or default_registry()
+        self.defaults = settings.defaults()
+        self.bus = EventBus()
+        self.table = ProcessTable()
+        self.runners: dict[str, Runner] = runners or {"process": ProcessRunner(self.table)}
+        state_dir = settings.state_dir
+        self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
+        self.services = InstanceServices(
+            runners=self.runners,
+            bus=self.bus,
+            records=RunRecords(state_dir / "run"),
+            logs_dir=state_dir / "logs",
+            port_holder=self._port_holder,
+            prestart=list(prestart or []),
+        )
+        self.catalog = Catalog()
+        self.instances: dict[str, Instance] = {}
+        self.removing: dict[str, Instance] = {}  # removed from the catalog, still stopping
+        self.last_reload: dict[str, Any] | None = None
+        self.reload_count = 0
+        self._lock = asyncio.Lock()
+        self._background: list[asyncio.Task] = []
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> Plan:
+        """First load. A missing conf dir is an error here (later it only pauses watching)."""
+        if not self.settings.conf_dir.is_dir():
+            raise ConfDirMissing(f"declaration directory {self.settings.conf_dir} does not exist")
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        result = await self.reload("startup")
+        self.spawn_background(self._rotate_logs(), "log rotation")
+        return result
+
+    def spawn_background(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+        """A named background task whose failure is logged the moment it happens."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(_log_failure)
+        self._background.append(task)
+        return task
+
+    async def shutdown(self) -> None:
+        """Stop every instance concurrently; returns when all their process trees are gone."""
+        self._closing = True
+        for task in self._background:
+            task.cancel()
+        async with self._lock:
+            pending = [inst.remove("supervisor shutting down") for inst in self.instances.values()]
+            pending += [inst.finished for inst in self.removing.values()]
+            if pending:
+                log.info("stopping %d instance(s)", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- reconcile ---------------------------------------------------------------------------
+    async def reload(self, reason: str = "reload") -> Plan:
+        async with self._lock:
+            if self._closing:
+                return Plan()
+            try:
+                parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults)
+            except FileNotFoundError:
+                log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
+                return Plan()
+            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign)
+            return self._apply(catalog, reason)
+
+    def _apply(self, catalog: Catalog, reason: str) -> Plan:
+        actual = {iid: inst.spec for iid, inst in self.instances.items()}
+        steps = plan(catalog.instances, actual)
+        self._report_errors(self.catalog.errors, catalog.errors)
+
+        def gate(iid: str) -> asyncio.Future:
+            if iid in self.removing:
+                return self.removing[iid].finished
+            return self.instances[iid].run_over()
+
+        gates = {iid: tuple(gate(g) for g in sorted(ids)) for iid, ids in steps.gates.items()}
+        for iid in steps.remove:
+            inst = self.instances.pop(iid)
+            self.removing[iid] = inst
+            inst.remove().add_done_callback(lambda _f, iid=iid, inst=inst: self._removed(iid, inst))
+        for iid in steps.replace + steps.update:
+            self.instances[iid].update(catalog.instances[iid], gates.get(iid, ()))
+        for iid in steps.add:
+            inst = Instance(catalog.instances[iid], self.services)
+            self.instances[iid] = inst
+            before = gates.get(iid, ())
+            if iid in self.removing:  # re-added while its previous incarnation is still stopping
+                before += (self.removing[iid].finished,)
+            inst.activate(before)
+        self.catalog = catalog
+        self.reload_count += 1
+        self.last_reload = {
+            "at": utcnow().isoformat(),
+            "reason": reason,
+            "added": steps.add,
+            "removed": steps.remove,
+            "replaced": steps.replace,
+            "updated": steps.update,
+        }
+        if not steps.empty:
+            log.info("reconcile (%s): +%d -%d ~%d replaced, %d updated in place", reason,
+                     len(steps.add), len(steps.remove), len(steps.replace), len(steps.update))
+            self.bus.publish("reconcile", self.last_reload)
+        self.ports.release_unused(set(self.instances))
+        return steps
+
+    def _removed(self, iid: str, inst: Instance) -> None:
+        if self.removing.get(iid) is inst:
+            del self.removing[iid]
+
+    def _report_errors(self, before: dict[str, list[ConfigError]], after: dict[str, list[ConfigError]]) -> None:
+        """Log each file's errors once per change, and say when a file is fixed."""
+        for file, errors in after.items():
+            if before.get(file) != errors:
+                for err in errors:
+                    log.error("config error: %s", err)
+                self.bus.publish("config_error", {"file": file, "errors": [e.as_dict() for e in errors]})
+        for file in before.keys() - after.keys():
+            log.info("config: %s is valid again (or gone)", file)
+            self.bus.publish("config_ok", {"file": file})
+
+    # -- queries and intents for the API and CLI ---------------------------------------------
+    def instance(self, iid: str) -> Instance | None:
+        return self.instances.get(iid)
+
+    def model_instances(self, model: str) -> list[Instance]:
+        return [inst for inst in self.instances.values() if inst.spec.model == model]
+
+    def status(self) -> list[dict[str, Any]]:
+        return [self.instances[iid].snapshot() for iid in sorted(self.instances)]
+
+    def config_errors(self) -> list[dict[str, Any]]:
+        return [e.as_dict() for errors in self.catalog.errors.values() for e in errors]
+
+    # -- helpers -----------------------------------------------------------------------------
+    async def _port_holder(self, port: int) -> str | None:
+        if port_is_free(port):
+            return None
+        return await asyncio.to_thread(describe_holder, port)
+
+    async def _rotate_logs(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.log_check_interval)
+            files = [inst.log_file for inst in [*self.instances.values(), *self.removing.values()]]
+            await asyncio.to_thread(_rotate_all, files, s.log_max_bytes, s.log_backups)
+
+
+def _rotate_all(files: list, max_bytes: int, backups: int) -> None:
+    for log_file in files:
+        try:
+            if log_file.rotate_if_needed(max_bytes, backups):
+                log.info("rotated %s", log_file.path)
+        except OSError as exc:
+            log.warning("cannot rotate %s: %s", log_file.path, exc)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %r failed", task.get_name(), exc_info=task.exception())
+

@@ -1,0 +1,78 @@
+"""Per-instance log files that children write to directly.
+
+The child's stdout and stderr are an `O_APPEND` descriptor on the file, not a pipe through
+us: logging costs the supervisor no CPU, a chatty child can never block on a full pipe, and
+the child keeps running if the supervisor dies. Because the child holds the descriptor,
+rotation is copy-then-truncate; with `O_APPEND` the child's next write lands at the new end
+(without it, truncation leaves a NUL-filled hole). Lines written between the copy and the
+truncate are lost: the price of never interrupting the child.
+
+All methods block; the engine calls them from threads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+TAIL_BYTES = 8192
+
+
+class LogFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def open_for_child(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def mark(self, text: str) -> None:
+        """Append one supervisor line, so a reader sees where each run begins and ends."""
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        fd = self.open_for_child()
+        try:
+            os.write(fd, f"[model-supervisor {stamp}] {text}\n".encode())
+        finally:
+            os.close(fd)
+
+    def tail(self, lines: int = 20) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                want = TAIL_BYTES
+                while True:
+                    start = max(0, size - want)
+                    f.seek(start)
+                    data = f.read()
+                    found = data.splitlines()
+                    if len(found) > lines or start == 0:
+                        break
+                    want *= 4
+        except FileNotFoundError:
+            return []
+        if start > 0 and found:
+            found = found[1:]  # first line is probably cut
+        return [line.decode("utf-8", "replace") for line in found[-lines:]]
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def rotate_if_needed(self, max_bytes: int, backups: int) -> bool:
+        """Copy-truncate once the file exceeds `max_bytes`; keep `backups` old copies."""
+        if max_bytes <= 0 or self.size() <= max_bytes:
+            return False
+        if backups > 0:
+            for n in range(backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+            shutil.copyfile(self.path, self.path.with_name(f"{self.path.name}.1"))
+        with open(self.path, "r+b") as f:
+            f.truncate(0)
+        return True

@@ -1,0 +1,42 @@
+"""Runtime records in the state dir: one JSON file per running instance.
+
+Each holds the pid and the process start time (or the container id), so a supervisor that
+restarts after a crash can tell its own surviving children from a reused pid.
+Blocking file I/O: called from helper tasks through threads, never from the state machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunRecords:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, instance_id: str) -> Path:
+        return self.directory / f"{instance_id}.json"
+
+    def write(self, instance_id: str, record: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(instance_id)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, path)
+
+    def remove(self, instance_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(instance_id).unlink()
+
+    def read_all(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        if not self.directory.is_dir():
+            return out
+        for path in self.directory.glob("*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                out[path.stem] = json.loads(path.read_text())
+        return out

@@ -1,0 +1,145 @@
+"""Global settings: field defaults < settings TOML file < `MODEL_SUPERVISOR_*` env vars < CLI flags.
+
+Nested keys use a double underscore in env vars: `MODEL_SUPERVISOR_RESTART__MAX_RETRIES=3`.
+The settings file is named by `--settings` or `MODEL_SUPERVISOR_SETTINGS_FILE`; its tables
+mirror the fields (`[restart]`, `[health]`, `[stop]`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .declarations import Defaults
+from .spec import HealthSpec, RestartSpec, StopSpec
+
+ENV_PREFIX = "MODEL_SUPERVISOR_"
+SETTINGS_FILE_ENV = ENV_PREFIX + "SETTINGS_FILE"
+
+_settings_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("settings_file", default=None)
+
+_LAX = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+# Env vars arrive as strings, so the defaults tables accept "3" for 3 (declarations do not).
+class RestartDefaults(RestartSpec):
+    model_config = _LAX
+
+
+class HealthDefaults(HealthSpec):
+    model_config = _LAX
+
+
+class StopDefaults(StopSpec):
+    model_config = _LAX
+
+
+class SettingsError(Exception):
+    pass
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    conf_dir: Path = Path("conf.d")
+    state_dir: Path = Path("state")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 6004
+    #: Automatic instance ports come from this inclusive range ("20000-20999" or [20000, 20999]).
+    port_range: tuple[int, int] = (20000, 20999)
+    log_level: str = "INFO"
+    #: Per-instance log files are copy-truncated past this size; 0 disables rotation.
+    log_max_bytes: Annotated[int, Field(ge=0)] = 50 * 1024 * 1024
+    log_backups: Annotated[int, Field(ge=0)] = 5
+    log_check_interval: Annotated[float, Field(gt=0)] = 10.0
+    #: Full re-read of conf.d/ as a safety net behind the file watcher (seconds).
+    resync_interval: Annotated[float, Field(gt=0)] = 30.0
+    restart: RestartDefaults = RestartDefaults()
+    health: HealthDefaults = HealthDefaults()
+    stop: StopDefaults = StopDefaults()
+    api_token: SecretStr | None = None
+    api_token_file: Path | None = None
+
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _parse_range(cls, value: Any) -> Any:
+        if isinstance(value, str) and "-" in value and not value.strip().startswith("["):
+            low, _, high = value.partition("-")
+            return (int(low), int(high))
+        return value
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Settings:
+        low, high = self.port_range
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"port_range {low}-{high} is not a range of ports (1-65535, low <= high)")
+        return self
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _settings_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def defaults(self) -> Defaults:
+        """The declaration defaults, re-validated as the strict declaration models."""
+        return Defaults(
+            restart=RestartSpec.model_validate(self.restart.model_dump()),
+            health=HealthSpec.model_validate(self.health.model_dump()),
+            stop=StopSpec.model_validate(self.stop.model_dump()),
+        )
+
+    def token(self) -> str | None:
+        if self.api_token is not None:
+            return self.api_token.get_secret_value() or None
+        if self.api_token_file is not None:
+            try:
+                return self.api_token_file.read_text().strip() or None
+            except OSError as exc:
+                raise SettingsError(f"cannot read api_token_file {self.api_token_file}: {exc.strerror}") from None
+        return None
+
+
+def load_settings(settings_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` (CLI flags) win, None values are ignored."""
+    path = settings_file or os.environ.get(SETTINGS_FILE_ENV) or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist")
+    token = _settings_file.set(path)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        origin = f" (settings file {path}, env {ENV_PREFIX}*, flags)" if path else f" (env {ENV_PREFIX}*, flags)"
+        raise SettingsError("invalid settings" + origin + ":\n" + "\n".join(lines)) from None
+    except ValueError as exc:  # TOML syntax errors in the settings file
+        raise SettingsError(f"cannot read settings file {path}: {exc}") from None
+    finally:
+        _settings_file.reset(token)

@@ -1,0 +1,151 @@
+"""Shared fixtures: temp conf.d/state dirs, declarations written as real files, a real engine.
+
+Every test kills what it started: the engine's own shutdown stops every instance, and the
+`no_leftover_processes` fixture kills (by pid) any descendant of this test process that is
+still alive afterwards, then fails the test that leaked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import tomli_w
+import uvloop
+
+from supervisor.engine import Engine
+from supervisor.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "examples" / "backends" / "demo_server.py"
+PY = sys.executable
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Run every async test on uvloop, the loop `serve` uses in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_range(size: int = 50) -> tuple[int, int]:
+    """A block of ports that are free right now, for automatic assignment in one test."""
+    for _ in range(200):
+        start = free_port()
+        if start + size > 65000:
+            continue
+        ok = True
+        for port in range(start, start + size):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return start, start + size - 1
+    raise RuntimeError("no free port range")
+
+
+def demo_cmd(*extra: str) -> list[str]:
+    return [PY, str(DEMO), "--port", "{port}", *extra]
+
+
+def sleep_cmd(seconds: float = 3600) -> list[str]:
+    return [PY, "-c", f"import time; time.sleep({seconds})"]
+
+
+def declaration(name: str, command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": name, "backend": "process", "command": command or sleep_cmd()}
+    doc.update(fields)
+    return doc
+
+
+def write_decl(conf_dir: Path, doc: dict[str, Any], filename: str | None = None) -> Path:
+    path = conf_dir / (filename or f"{doc['name']}.toml")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tomli_w.dumps(doc))
+    os.replace(tmp, path)
+    return path
+
+
+FAST_RESTART = {"initial_delay": 0.0, "jitter": 0.0, "max_retries": 0, "min_uptime": 1.0}
+
+
+@pytest.fixture
+def conf_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def settings(tmp_path: Path, conf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("MODEL_SUPERVISOR_"):
+            monkeypatch.delenv(key)
+    return load_settings(
+        conf_dir=conf_dir,
+        state_dir=tmp_path / "state",
+        port_range=free_range(),
+        log_check_interval=0.2,
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    eng = Engine(settings)
+    try:
+        yield eng
+    finally:
+        await asyncio.wait_for(eng.shutdown(), 60)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail (and clean up after) any test that leaves a child or grandchild behind."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leftovers = []
+    for proc in me.children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            leftovers.append(f"{proc.pid} {' '.join(proc.cmdline())}")
+            os.kill(proc.pid, signal.SIGKILL)
+        except psutil.Error:
+            continue
+    assert not leftovers, f"test left processes behind: {leftovers}"
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (a zombie has released everything it held)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """For conditions outside the engine (files, other processes); engine state is awaited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        await asyncio.sleep(interval)

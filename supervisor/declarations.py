@@ -151,7 +151,7 @@ def parse_declaration(
     if decl is not None and kind is not None and options is not None:
         # Expand every template once now, so a bad placeholder is a load error with its key
         # instead of a launch failure discovered later in a crash loop.
-        for gpus in decl.gpu_sets():
+        for gpus in decl.gpu_sets() or [()]:  # a model with no instance is still checked
             ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent)
             try:
                 kind.launch(options, ctx, decl.env)

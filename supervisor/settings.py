@@ -8,12 +8,13 @@ mirror the fields (`[restart]`, `[health]`, `[stop]`).
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .declarations import Defaults
 from .spec import HealthSpec, RestartSpec, StopSpec
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 6004
     #: Automatic instance ports come from this inclusive range ("20000-20999" or [20000, 20999]).
-    port_range: tuple[int, int] = (20000, 20999)
+    port_range: Annotated[tuple[int, int], NoDecode] = (20000, 20999)
     log_level: str = "INFO"
     #: Per-instance log files are copy-truncated past this size; 0 disables rotation.
     log_max_bytes: Annotated[int, Field(ge=0)] = 50 * 1024 * 1024
@@ -68,8 +69,13 @@ class Settings(BaseSettings):
     @field_validator("port_range", mode="before")
     @classmethod
     def _parse_range(cls, value: Any) -> Any:
-        if isinstance(value, str) and "-" in value and not value.strip().startswith("["):
-            low, _, high = value.partition("-")
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            low, sep, high = text.partition("-")
+            if not sep:
+                raise ValueError(f'expected "LOW-HIGH", e.g. "20000-20999", got {value!r}')
             return (int(low), int(high))
         return value
 
@@ -139,7 +145,8 @@ def load_settings(settings_file: Path | str | None = None, **overrides: Any) -> 
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
         origin = f" (settings file {path}, env {ENV_PREFIX}*, flags)" if path else f" (env {ENV_PREFIX}*, flags)"
         raise SettingsError("invalid settings" + origin + ":\n" + "\n".join(lines)) from None
-    except ValueError as exc:  # TOML syntax errors in the settings file
-        raise SettingsError(f"cannot read settings file {path}: {exc}") from None
+    except ValueError as exc:  # TOML syntax in the settings file, undecodable env values
+        where = f"settings file {path} or " if path else ""
+        raise SettingsError(f"invalid settings ({where}env {ENV_PREFIX}*): {exc}") from None
     finally:
         _settings_file.reset(token)

@@ -42,7 +42,7 @@ class InstanceSpec:
     model: str
     backend: str
     gpus: tuple[int, ...]
-    port: int
+    port: int  # 0: the instance listens on nothing (auto port, no {port}, no health check)
     uses_port: bool  # checked for a holder before each start
     enabled: bool
     launch: ProcessLaunch
@@ -59,7 +59,7 @@ class InstanceSpec:
             "model": self.model,
             "backend": self.backend,
             "gpus": list(self.gpus),
-            "port": self.port,
+            "port": self.port or None,
             "command": self.launch.describe(),
             "source": str(self.source),
         }
@@ -104,7 +104,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int) -> Instanc
         backend=decl.backend,
         gpus=gpus,
         port=port,
-        uses_port=health.type != "none" or model.kind.listens(model.options, decl.env),
+        uses_port=port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env)),
         enabled=decl.enabled,
         launch=launch,
         health=health,
@@ -185,7 +185,9 @@ def resolve(
     for model in catalog.models.values():
         for gpus in model.decl.gpu_sets():
             iid = instance_id(model.name, gpus)
-            if model.decl.port == "auto":
+            if model.decl.port == "auto" and not _listens(model):
+                port = 0  # nothing listens: do not spend a port of the range on it
+            elif model.decl.port == "auto":
                 try:
                     port = assign_port(iid, reserved)
                 except PortRangeExhausted as exc:
@@ -197,6 +199,11 @@ def resolve(
             catalog.instances[iid] = make_instance(model, gpus, port)
     catalog.errors = {f: e for f, e in errors.items() if e}
     return catalog
+
+
+def _listens(model: ModelSpec) -> bool:
+    health = model.decl.health.type or model.kind.default_health(model.options).type
+    return health != "none" or model.kind.listens(model.options, model.decl.env)
 
 
 def _name_of(model: ModelSpec | None) -> str | None:

@@ -27,6 +27,7 @@ from .runners.base import Runner
 from .runners.process import ProcessRunner
 from .settings import Settings
 from .states import utcnow
+from .watcher import ConfWatcher
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,28 @@ class Engine:
         self._lock = asyncio.Lock()
         self._background: list[asyncio.Task] = []
         self._closing = False
+        self.watcher: ConfWatcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> Plan:
-        """First load. A missing conf dir is an error here (later it only pauses watching)."""
+    async def start(self, watch: bool = False) -> Plan:
+        """First load, then (with `watch`) follow conf.d/. A missing conf dir is an error here;
+        later it only pauses watching."""
         if not self.settings.conf_dir.is_dir():
             raise ConfDirMissing(f"declaration directory {self.settings.conf_dir} does not exist")
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         result = await self.reload("startup")
         self.spawn_background(self._rotate_logs(), "log rotation")
+        if watch:
+            self.watcher = ConfWatcher(self.settings.conf_dir, self.reload, self.settings.resync_interval)
+            self.spawn_background(self.watcher.run(), "conf.d watcher")
         return result
+
+    def request_reload(self, reason: str) -> None:
+        """Re-read conf.d/ through the watcher's coalescing path (SIGHUP, the API's reload)."""
+        if self.watcher is not None:
+            self.watcher.request(reason)
+        else:
+            self.spawn_background(self.reload(reason), f"reload ({reason})")
 
     def spawn_background(self, coro: Awaitable[None], name: str) -> asyncio.Task:
         """A named background task whose failure is logged the moment it happens."""

@@ -242,7 +242,7 @@ class Instance:
             "model": spec.model,
             "backend": spec.backend,
             "gpus": list(spec.gpus),
-            "port": spec.port,
+            "port": spec.port or None,
             "state": self.state.value,
             "desired": self._desired,
             "pid": self.pid,
@@ -434,7 +434,7 @@ class Instance:
             return
         self._post(Launched(run, handle))
         record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,
-                  "port": spec.port, "gpus": list(spec.gpus), "started_at": utcnow().isoformat(),
+                  "port": spec.port or None, "gpus": list(spec.gpus), "started_at": utcnow().isoformat(),
                   **handle.record()}
         await asyncio.to_thread(self.services.records.write, spec.id, record)
 

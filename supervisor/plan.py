@@ -28,7 +28,7 @@ class Plan:
 
 
 def _resources(spec: InstanceSpec) -> set[tuple[str, int]]:
-    return {("gpu", g) for g in spec.gpus} | {("port", spec.port)}
+    return {("gpu", g) for g in spec.gpus} | ({("port", spec.port)} if spec.port else set())
 
 
 def plan(desired: Mapping[str, InstanceSpec], actual: Mapping[str, InstanceSpec]) -> Plan:

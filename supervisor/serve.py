@@ -38,10 +38,10 @@ async def serve_engine(settings: Settings, engine: Engine | None = None) -> int:
             await hup.wait()
             hup.clear()
             log.info("received SIGHUP: re-reading %s", settings.conf_dir)
-            await engine.reload("SIGHUP")
+            engine.request_reload("SIGHUP")
 
     try:
-        await engine.start()
+        await engine.start(watch=True)
         engine.spawn_background(reload_on_hup(), "SIGHUP reload")
         log.info("supervising %d instance(s) from %s", len(engine.instances), settings.conf_dir)
         await stop.wait()

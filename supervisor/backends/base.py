@@ -85,7 +85,8 @@ def instance_env(ctx: LaunchContext, declared: dict[str, str]) -> dict[str, str]
     env = {key: expand(value, ctx, f"env.{key}") for key, value in declared.items()}
     env.update(gpu_env(ctx.gpus))
     env["MODEL_SUPERVISOR_INSTANCE"] = ctx.instance_id
-    env["MODEL_SUPERVISOR_PORT"] = str(ctx.port)
+    if ctx.port:
+        env["MODEL_SUPERVISOR_PORT"] = str(ctx.port)
     return env
 
 

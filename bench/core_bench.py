@@ -158,6 +158,28 @@ def read_cmdline(pid: int) -> bytes | None:
         return None
 
 
+def thread_stats(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (thread name, context switches, CPU ns from schedstat) for every live thread."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            base = f"/proc/{pid}/task/{tid}"
+            try:
+                with open(f"{base}/comm") as f:
+                    name = f.read().strip()
+                switches = 0
+                with open(f"{base}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
+                with open(f"{base}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+                continue
+            out[int(tid)] = (name, switches, ns)
+    return out
+
+
 def ignores_sigterm(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -604,6 +626,9 @@ class Bench:
                     if time.perf_counter() > deadline:
                         raise BenchError(f"{d.label}: no new child 30 s after SIGKILL of {target}{d.tail()}")
                     time.sleep(0.001)
+            # Let the last restart finish its exec before the daemon is stopped: circus 0.19 hangs
+            # (does not exit on SIGTERM) when the signal lands between a respawn's fork and exec.
+            d.wait_running(1, timeout=60)
         return summary(out)
 
     def cold_start(self, sup: Supervisor, n: int) -> tuple[float, dict]:
@@ -616,9 +641,10 @@ class Bench:
         with self.running(sup, self.sleepers(n)) as d:
             d.wait_running(n, timeout=120)
             time.sleep(0.5)
-            kids = {pid: d.seen[pid] for pid in d.children() if alive(pid)}
+            kids = [(pid, d.seen[pid]) for pid in sorted(d.children()) if alive(pid)]
             if len(kids) != n:
-                raise BenchError(f"{d.label}: {len(kids)} children, expected {n}")
+                raise BenchError(f"{d.label}: {len(kids)} children, expected {n}: "
+                                 f"{[read_cmdline(p) for p, _ in kids][:5]}...")
             t0 = time.perf_counter()
             os.kill(d.pid, signal.SIGTERM)
             t_kids = t_daemon = None
@@ -626,7 +652,10 @@ class Bench:
             while t_kids is None or t_daemon is None:
                 now = time.perf_counter()
                 if t_kids is None:
-                    kids = {p: s for p, s in kids.items() if alive(p, s)}
+                    # Only re-check from the first one still alive: a poll costs a few reads,
+                    # not 100, so the poller does not compete with the daemon for the CPU.
+                    while kids and not alive(*kids[-1]):
+                        kids.pop()
                     if not kids:
                         t_kids = now
                 if t_daemon is None and d.exited():
@@ -647,14 +676,29 @@ class Bench:
             before = d.wait_running(n, timeout=120)
             time.sleep(settle)
             proc = psutil.Process(d.pid)
+            ts0 = thread_stats(d.pid)
             c0, w0 = proc.cpu_times(), time.perf_counter()
             time.sleep(window)
             c1, w1 = proc.cpu_times(), time.perf_counter()
+            ts1 = thread_stats(d.pid)
             rss = proc.memory_info().rss
             threads = proc.num_threads()
             after = d.running()
-        cpu = (c1.user + c1.system - c0.user - c0.system) / (w1 - w0) * 100
-        extra = {"window_s": round(w1 - w0, 2), "threads": threads}
+        wall = w1 - w0
+        cpu = max(0.0, (c1.user + c1.system - c0.user - c0.system) / wall * 100)
+        # Diagnostics: per-thread wake-ups (context switches) per second and ns-resolution CPU
+        # (psutil's user+system have 10 ms resolution); threads that exited in the window are
+        # missing from these two, not from cpu_percent.
+        wake: dict[str, float] = {}
+        ns = 0
+        for tid, (name, sw, run) in ts1.items():
+            sw0, run0 = (ts0[tid][1], ts0[tid][2]) if tid in ts0 else (0, 0)
+            wake[name] = wake.get(name, 0.0) + (sw - sw0) / wall
+            ns += run - run0
+        extra = {"window_s": round(wall, 2), "threads": threads,
+                 "cpu_percent_schedstat": round(ns / 1e9 / wall * 100, 3),
+                 "wakeups_per_s": round(sum(wake.values()), 1),
+                 "wakeups_per_s_by_thread": {k: round(v, 1) for k, v in sorted(wake.items(), key=lambda kv: -kv[1])}}
         if after != before:
             msg = (f"{sup.label}: the set of running children changed during the idle window "
                    f"({len(before - after)} gone, {len(after - before)} new)")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +177,7 @@ def thread_stats(pid: int) -> dict[int, tuple[str, int, int]]:
                     ns = int(f.read().split()[0])
             except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
                 continue
-            out[int(tid)] = (name, switches, ns)
+            out[int(tid)] = (f"{name} (main)" if int(tid) == pid else name, switches, ns)
     return out
 
 
@@ -303,7 +304,7 @@ def _venv_python(venv: Path) -> Path:
 
 def _installed_versions(venv: Path) -> dict[str, str]:
     out = subprocess.run([str(_venv_python(venv)), "-m", "pip", "list", "--format=json",
-                          "--disable-pip-version-check"], capture_output=True, text=True, timeout=120)
+                          "--disable-pip-version-check"], capture_output=True, text=True, timeout=120, check=False)
     if out.returncode != 0:
         return {}
     return {p["name"].lower(): p["version"] for p in json.loads(out.stdout)}
@@ -323,11 +324,11 @@ def ensure_peer(name: str) -> dict[str, str]:
         # The base interpreter, not ours: a venv of a venv would see nothing of ours anyway,
         # but say so explicitly.
         base = getattr(sys, "_base_executable", sys.executable)
-        r = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
+        r = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise BenchError(f"creating {venv} failed:\n{r.stderr}")
     r = subprocess.run([str(_venv_python(venv)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        *PEER_PACKAGES[name]], capture_output=True, text=True)
+                        *PEER_PACKAGES[name]], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise BenchError(f"pip install {' '.join(PEER_PACKAGES[name])} into {venv} failed:\n{r.stderr[-3000:]}")
     have = _installed_versions(venv)
@@ -371,13 +372,10 @@ class Daemon:
         return self.popen.pid
 
     def start(self) -> Daemon:
-        out = open(self.output, "wb")
-        try:
+        with open(self.output, "wb") as out:
             self.t_launch = time.perf_counter()
             self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            out.close()
         _POPEN_PIDS.add(self.popen.pid)
         return self
 
@@ -769,20 +767,24 @@ class Bench:
 
 def machine_info(peer_versions: dict[str, dict[str, str]]) -> dict:
     model = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    ours_version = subprocess.run([sys.executable, "-m", "supervisor", "--version"], cwd=REPO,
-                                  capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "supervisor"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+
+    def output(cmd: list[str]) -> str:
+        with contextlib.suppress(OSError):
+            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+        return ""
+
+    ours_version = output([sys.executable, "-m", "supervisor", "--version"])
+    commit = output(["git", "rev-parse", "--short", "HEAD"])
+    # Read-only: --no-optional-locks keeps `status` from refreshing the index under others' feet.
+    dirty = output(["git", "--no-optional-locks", "status", "--porcelain", "--", "supervisor"])
     mem = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem = int(open("/proc/meminfo").readline().split()[1]) // 1024
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": model,
@@ -921,14 +923,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"ERROR in {row} / {label}: {exc}")
             bench.anomalies.append(f"{row} / {label}: {exc}")
             return {"error": str(exc).split("\n")[0]}
-        except Exception as exc:  # a bug here must not leave daemons behind or lose other rows
+        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the other rows
             log(f"ERROR in {row} / {label}: {exc!r}\n{traceback.format_exc()}")
             bench.anomalies.append(f"{row} / {label}: {exc!r}")
             return {"error": repr(exc)}
         log(f"{row}: {label} -> {json.dumps(value)[:300]}")
         return value
 
-    def repeated(fn, n):
+    def repeated(fn, n: int):
         def run():
             vals, extras = [], []
             for _ in range(n):
@@ -941,47 +943,52 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return run
 
+    def jobs(row: str, s: str) -> list[tuple[str, str, object]]:
+        """(result key, label, measurement) for one row and one supervisor."""
+        sup = sups[s]
+        fast_key = f"circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g}"
+        if row == "restart_ms" and s == CIRCUS:
+            return [
+                (CIRCUS, f"circus check_delay={CIRCUS_DEFAULT_CHECK_DELAY:g} (default)",
+                 functools.partial(bench.restart, sup, n_restart, spread=CIRCUS_DEFAULT_CHECK_DELAY)),
+                (fast_key, f"circus check_delay={CIRCUS_FAST_CHECK_DELAY:g}",
+                 functools.partial(bench.restart, sup, n_restart, check_delay=CIRCUS_FAST_CHECK_DELAY)),
+            ]
+        fn = {
+            "restart_ms": functools.partial(bench.restart, sup, n_restart),
+            "cold_start_100_ms": repeated(functools.partial(bench.cold_start, sup, 100), n_rep),
+            "cold_start_300_ms": repeated(functools.partial(bench.cold_start, sup, 300), n_rep),
+            "stop_all_100_ms": repeated(functools.partial(bench.stop_all, sup, 100), n_rep),
+            "term_ignoring_stop_ms": repeated(functools.partial(bench.term_ignoring, sup), n_rep),
+            "grandchild_survives_stop": functools.partial(bench.grandchild_survives, sup),
+            "_idle": functools.partial(bench.idle, sup, 200, idle_window, idle_settle),
+        }[row]
+        return [(s, s, fn)]
+
+    idle_rows = ("idle_cpu_percent", "rss_mib")
     try:
         for row in rows:
-            if row in ("idle_cpu_percent", "rss_mib"):
+            if row in idle_rows:  # one 200-instance idle run per supervisor feeds both rows
                 if "_idle" not in results:
-                    results["_idle"] = {s: attempt("idle (idle_cpu_percent, rss_mib)", s,
-                                                   lambda s=s: bench.idle(sups[s], 200, idle_window, idle_settle))
+                    results["_idle"] = {s: attempt("idle (idle_cpu_percent, rss_mib)", s, jobs("_idle", s)[0][2])
                                         for s in active}
                 for s, cell in results["_idle"].items():
                     if "error" in cell:
                         results[row][s] = cell
                     else:
                         key = "cpu_percent" if row == "idle_cpu_percent" else "rss_mib"
-                        results[row][s] = {"value": cell[key], **{k: v for k, v in cell.items()
-                                                                 if k not in ("cpu_percent", "rss_mib")}}
+                        results[row][s] = {"value": cell[key],
+                                           **{k: v for k, v in cell.items() if k not in ("cpu_percent", "rss_mib")}}
                 continue
             for s in active:
-                sup = sups[s]
-                if row == "restart_ms":
-                    if s == CIRCUS:
-                        results[row][CIRCUS] = attempt(row, f"circus check_delay={CIRCUS_DEFAULT_CHECK_DELAY:g} (default)",
-                                                       lambda: bench.restart(sup, n_restart,
-                                                                             spread=CIRCUS_DEFAULT_CHECK_DELAY))
-                        results[row][CIRCUS]["check_delay_s"] = CIRCUS_DEFAULT_CHECK_DELAY
-                        key = f"circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g}"
-                        results[row][key] = attempt(row, f"circus check_delay={CIRCUS_FAST_CHECK_DELAY:g}",
-                                                    lambda: bench.restart(sup, n_restart,
-                                                                          check_delay=CIRCUS_FAST_CHECK_DELAY))
-                        results[row][key]["check_delay_s"] = CIRCUS_FAST_CHECK_DELAY
-                    else:
-                        results[row][s] = attempt(row, s, lambda: bench.restart(sup, n_restart))
-                elif row == "cold_start_100_ms":
-                    results[row][s] = attempt(row, s, repeated(lambda: bench.cold_start(sup, 100), n_rep))
-                elif row == "cold_start_300_ms":
-                    results[row][s] = attempt(row, s, repeated(lambda: bench.cold_start(sup, 300), n_rep))
-                elif row == "stop_all_100_ms":
-                    results[row][s] = attempt(row, s, repeated(lambda: bench.stop_all(sup, 100), n_rep))
-                elif row == "term_ignoring_stop_ms":
-                    results[row][s] = attempt(row, s, repeated(lambda: bench.term_ignoring(sup), n_rep))
-                elif row == "grandchild_survives_stop":
-                    cell = attempt(row, s, lambda: bench.grandchild_survives(sup))
-                    results[row][s] = ({"value": cell.pop("survived"), **cell} if "survived" in cell else cell)
+                for key, label, fn in jobs(row, s):
+                    cell = attempt(row, label, fn)
+                    if row == "grandchild_survives_stop" and "survived" in cell:
+                        cell = {"value": cell.pop("survived"), **cell}
+                    if row == "restart_ms" and s == CIRCUS:
+                        cell["check_delay_s"] = (CIRCUS_DEFAULT_CHECK_DELAY if key == CIRCUS
+                                                 else CIRCUS_FAST_CHECK_DELAY)
+                    results[row][key] = cell
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         bench.anomalies.append("interrupted before the end: partial results")
@@ -1016,28 +1023,28 @@ def main(argv: list[str] | None = None) -> int:
         out_rows[row] = entry
 
     notes += [
-        "ratios are model-supervisor / peer, on the median (and p95 where there are samples): lower is better "
-        "for every row; null where a ratio means nothing (booleans, a zero or a missing peer value)",
-        "children are read from /proc/PID/task/*/children (same set as psutil children(), cheaper per poll); "
-        "a child counts as running once it has exec'd its command; a zombie counts as gone",
-        "the benchmark process is a child subreaper, so whatever a daemon leaves behind is re-parented to it "
-        "and killed/reaped at the end (see grandchild_survives_stop)",
-        f"restart: 1 program, {n_restart} samples; before each SIGKILL a random pause uniform over 0.1-1.1 s "
+        ("ratios are model-supervisor / peer, on the median (and p95 where there are samples): lower is better "
+        "for every row; null where a ratio means nothing (booleans, a zero or a missing peer value)"),
+        ("children are read from /proc/PID/task/*/children (same set as psutil children(), cheaper per poll); "
+        "a child counts as running once it has exec'd its command; a zombie counts as gone"),
+        ("the benchmark process is a child subreaper, so whatever a daemon leaves behind is re-parented to it "
+        "and killed/reaped at the end (see grandchild_survives_stop)"),
+        (f"restart: 1 program, {n_restart} samples; before each SIGKILL a random pause uniform over 0.1-1.1 s "
         f"(0.1-{0.1 + CIRCUS_DEFAULT_CHECK_DELAY:g} s for circus at its default check_delay) so kills land at a "
         "random phase of each supervisor's poll period; zero restart "
         "delay: ours initial_delay=0 jitter=0 max_retries=0; supervisord autorestart=true startsecs=0 "
-        "startretries=1000; circus respawn=true",
-        f"circus runs with its default check_delay ({CIRCUS_DEFAULT_CHECK_DELAY:g} s from an ini file) in every "
-        f"row except restart_ms' circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g} variant",
-        "stop timeouts: ours [stop] timeout=2, supervisord stopwaitsecs=2, circus graceful_timeout=2, except "
-        "grandchild_survives_stop where every supervisor runs its defaults",
-        "child output: each supervisor's default (ours: per-instance log file in its state dir; supervisord: "
-        "AUTO child log files through pipes; circus: its default streams)",
-        f"cold start, stop-all and TERM-ignoring rows: {n_rep} fresh daemon(s) each; idle: 200 instances, "
-        f"{idle_settle:g} s settle then a {idle_window:g} s window",
+        "startretries=1000; circus respawn=true"),
+        (f"circus runs with its default check_delay ({CIRCUS_DEFAULT_CHECK_DELAY:g} s from an ini file) in every "
+        f"row except restart_ms' circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g} variant"),
+        ("stop timeouts: ours [stop] timeout=2, supervisord stopwaitsecs=2, circus graceful_timeout=2, except "
+        "grandchild_survives_stop where every supervisor runs its defaults"),
+        ("child output: each supervisor's default (ours: per-instance log file in its state dir; supervisord: "
+        "AUTO child log files through pipes; circus: its default streams)"),
+        (f"cold start, stop-all and TERM-ignoring rows: {n_rep} fresh daemon(s) each; idle: 200 instances, "
+        f"{idle_settle:g} s settle then a {idle_window:g} s window"),
         "stop_all_100_ms = max(all children gone, daemon exited); detail has both",
-        f"workload: {SLEEP} 100000 (TERM-ignoring: {sys.executable} -I ignore_term.py; grandchild: "
-        f"{SH} grandchild.sh = '{SLEEP} 100000 & exec {SLEEP} 100001')",
+        (f"workload: {SLEEP} 100000 (TERM-ignoring: {sys.executable} -I ignore_term.py; grandchild: "
+        f"{SH} grandchild.sh = '{SLEEP} 100000 & exec {SLEEP} 100001')"),
     ]
     if not subreaper:
         notes.append("WARNING: PR_SET_CHILD_SUBREAPER failed; orphans go to init and cannot be reaped here")

@@ -25,6 +25,8 @@ class ConfigError:
     message: str
     key: str | None = None
     line: int | None = None
+    loc: tuple[str | int, ...] = ()  # the key as a path ("command", 2), for API error locations
+    type: str = "value_error"  # pydantic's error type, e.g. "missing", "extra_forbidden"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -80,7 +82,7 @@ def toml_error(file: str, exc: Exception) -> ConfigError:
     return ConfigError(file, f"TOML syntax error: {message}", line=line)
 
 
-def _key(loc: tuple[int | str, ...]) -> str:
+def key_of(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -90,7 +92,8 @@ def _key(loc: tuple[int | str, ...]) -> str:
 def pydantic_errors(file: str, exc: ValidationError, prefix: tuple = (), known: list[str] | None = None) -> list[ConfigError]:
     errors = []
     for err in exc.errors(include_url=False):
-        key = _key(prefix + tuple(err["loc"]))
+        loc = prefix + tuple(err["loc"])
+        key = key_of(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             hint = f" (accepted here: {', '.join(known)})" if known and len(err["loc"]) == 1 else ""
@@ -101,8 +104,18 @@ def pydantic_errors(file: str, exc: ValidationError, prefix: tuple = (), known: 
             message = err["msg"].removeprefix("Value error, ")
             if kind != "value_error" and "input" in err:
                 message += f" (got {err['input']!r})"
-        errors.append(ConfigError(file, message, key=key))
+        errors.append(ConfigError(file, message, key=key, loc=loc, type=kind))
     return errors
+
+
+def _loc_of(key: str) -> tuple[str | int, ...]:
+    """`command[2]` -> ("command", 2); `env.X` -> ("env", "X")."""
+    loc: list[str | int] = []
+    for part in key.split("."):
+        name, *indexes = part.replace("]", "").split("[")
+        loc.append(name)
+        loc.extend(int(i) for i in indexes)
+    return tuple(loc)
 
 
 def _with_defaults(data: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
@@ -136,7 +149,7 @@ def parse_declaration(
         try:
             kind = registry.get(backend)
         except UnknownBackend as exc:
-            errors.append(ConfigError(file, exc.args[0], key="backend"))
+            errors.append(ConfigError(file, exc.args[0], key="backend", loc=("backend",), type="enum"))
 
     options: BaseModel | None = None
     if kind is not None:
@@ -146,7 +159,7 @@ def parse_declaration(
         except ValidationError as exc:
             errors += pydantic_errors(file, exc, known=known)
     elif extra and backend is None:
-        errors.append(ConfigError(file, "required key is missing", key="backend"))
+        errors.append(ConfigError(file, "required key is missing", key="backend", loc=("backend",), type="missing"))
 
     if decl is not None and kind is not None and options is not None:
         # Expand every template once now, so a bad placeholder is a load error with its key
@@ -156,7 +169,7 @@ def parse_declaration(
             try:
                 kind.launch(options, ctx, decl.env)
             except PlaceholderError as exc:
-                errors.append(ConfigError(file, str(exc), key=exc.key))
+                errors.append(ConfigError(file, str(exc), key=exc.key, loc=_loc_of(exc.key)))
                 break
             except ValueError as exc:
                 errors.append(ConfigError(file, str(exc)))

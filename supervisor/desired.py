@@ -192,7 +192,7 @@ def resolve(
                     port = assign_port(iid, reserved)
                 except PortRangeExhausted as exc:
                     errors.setdefault(str(model.source), []).append(
-                        ConfigError(str(model.source), f"instance {iid}: {exc}", key="port"))
+                        ConfigError(str(model.source), f"instance {iid}: {exc}", key="port", loc=("port",), type="conflict"))
                     continue
             else:
                 port = instance_port(model.decl.port, gpus)
@@ -214,13 +214,15 @@ def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> 
     file = str(model.source)
     if model.name in catalog.models:
         other = catalog.owners[model.name]
-        return [ConfigError(file, f"model name {model.name!r} is already declared in {other}; names must be unique", key="name")]
+        return [ConfigError(file, f"model name {model.name!r} is already declared in {other}; names must be unique",
+                            key="name", loc=("name",), type="conflict")]
     problems = []
     if model.decl.port != "auto":
         for gpus in model.decl.gpu_sets():
             port = instance_port(model.decl.port, gpus)
             if not 1 <= port <= 65535:
-                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus)} would get port {port}, out of range", key="port"))
+                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus)} would get port {port}, out of range",
+                                            key="port", loc=("port",)))
             elif port in explicit:
                 owner = explicit[port]
                 problems.append(
@@ -229,6 +231,8 @@ def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> 
                         f"port {port} (instance {instance_id(model.name, gpus)}) is already declared by "
                         f"{owner} in {catalog.owners[owner.split('@')[0]]}",
                         key="port",
+                        loc=("port",),
+                        type="conflict",
                     )
                 )
     return problems

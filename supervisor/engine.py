@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 from . import confd
 from .backends.registry import Registry, default_registry
-from .declarations import ConfigError
+from .declarations import ConfigError, ModelSpec
 from .desired import Catalog, resolve
 from .events import EventBus
 from .instance import Instance, InstanceServices, PrestartCheck
@@ -61,6 +62,7 @@ class Engine:
             prestart=list(prestart or []),
         )
         self.catalog = Catalog()
+        self.parsed: dict[str, ModelSpec | list[ConfigError]] = {}  # the last read of conf.d/
         self.instances: dict[str, Instance] = {}
         self.removing: dict[str, Instance] = {}  # removed from the catalog, still stopping
         self.last_reload: dict[str, Any] | None = None
@@ -123,7 +125,18 @@ class Engine:
                 log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
                 return Plan()
             catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign)
+            self.parsed = parsed
             return self._apply(catalog, reason)
+
+    def check_candidate(self, path: Path, candidate: ModelSpec | None) -> list[ConfigError]:
+        """The conflicts (names, ports, GPUs) that writing `candidate` to `path` would cause."""
+        parsed = dict(self.parsed)
+        if candidate is None:
+            parsed.pop(str(path), None)
+        else:
+            parsed[str(path)] = candidate
+        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign)
+        return catalog.errors.get(str(path), [])
 
     def _apply(self, catalog: Catalog, reason: str) -> Plan:
         actual = {iid: inst.spec for iid, inst in self.instances.items()}

@@ -96,6 +96,12 @@ class PortAllocator:
                 return port
         raise PortRangeExhausted(f"no free port left in the automatic range {self.start}-{self.end}")
 
+    def dry_run(self) -> PortAllocator:
+        """A copy that assigns the same way but remembers nothing (for checking a candidate)."""
+        copy = PortAllocator(self.start, self.end, path=None, is_free=self.is_free)
+        copy.assigned = dict(self.assigned)
+        return copy
+
     def release_unused(self, live_ids: set[str]) -> None:
         """Forget assignments of instances that no longer exist, once the range runs short."""
         if len(self.assigned) > (self.end - self.start + 1) // 2:

@@ -11,7 +11,7 @@ import contextvars
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     restart: RestartDefaults = RestartDefaults()
     health: HealthDefaults = HealthDefaults()
     stop: StopDefaults = StopDefaults()
+    #: Where GPU facts come from: "auto" (NVML if it loads, else none), "nvml", "simulated"
+    #: (read from `gpu_simulated_file`, for demos and tests), or "none".
+    gpu_source: Literal["auto", "nvml", "simulated", "none"] = "auto"
+    gpu_simulated_file: Path | None = None
+    gpu_sample_interval: Annotated[float, Field(gt=0)] = 1.0
     api_token: SecretStr | None = None
     api_token_file: Path | None = None
 

@@ -31,8 +31,13 @@ GpuIndex = Annotated[int, Field(ge=0, le=1023)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+#: Names that are API paths (`GET /api/v1/models/status`): a model so named could not be
+#: addressed as `/api/v1/models/{name}`.
+RESERVED_NAMES = frozenset({"status", "supported", "start", "stop"})
+
+
 def is_valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))
+    return bool(NAME_RE.match(name)) and name not in RESERVED_NAMES
 
 
 class StrictModel(BaseModel):
@@ -124,7 +129,8 @@ class Declaration(StrictModel):
         if not is_valid_name(value):
             raise ValueError(
                 f"{value!r} is not a valid model name: use 1 to 64 letters, digits, '.', '_' or '-',"
-                " starting with a letter or digit"
+                " starting with a letter or digit" + (" (and not one of the reserved names "
+                + ", ".join(sorted(RESERVED_NAMES)) + ")" if value in RESERVED_NAMES else "")
             )
         return value
 

@@ -1,0 +1,288 @@
+"""Run-time control that edits the *declared* state: what the API's start/stop/put/delete do.
+
+An API start or stop is a change to a file in conf.d/, so what it did survives a restart of
+the supervisor and the files never disagree with what runs. Each edit:
+
+1. reads the model's file from disk (refusing to build on a file that currently has errors),
+2. computes the new document and validates it exactly like a file dropped by hand
+   (422 naming the field) and checks it against the other declarations (409 naming the
+   occupant of a port or GPU),
+3. writes it atomically (temp file, fsync, rename) and applies it at once through the
+   engine; the watcher then sees a directory that already matches.
+
+Edits are serialised (one lock for all of conf.d/: per file is not enough when two new
+models race for one port), so concurrent storms end in a state that matches the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import confd
+from .declarations import ConfigError, DeclarationInvalid, ModelSpec, parse_declaration
+from .engine import Engine
+from .instance import Instance
+from .spec import is_valid_name
+from .states import State
+
+#: After a stop or delete, how long beyond the instance's stop timeout we wait for it to go.
+STOP_MARGIN = 15.0
+
+
+class ControlError(Exception):
+    status = 400
+
+    def __init__(self, detail: Any, **extra: Any) -> None:
+        super().__init__(detail if isinstance(detail, str) else "invalid request")
+        self.detail = detail
+        self.extra = extra
+
+
+class NotFound(ControlError):
+    status = 404
+
+
+class Conflict(ControlError):
+    status = 409
+
+
+class Forbidden(ControlError):
+    status = 403
+
+
+class Invalid(ControlError):
+    """422 with FastAPI-shaped items: {"type", "loc", "msg"}, so old clients parse it."""
+
+    status = 422
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        super().__init__(items)
+
+
+class UpstreamFailed(ControlError):
+    """The backend itself failed to come up (a start with `wait`)."""
+
+    status = 502
+
+
+def invalid(loc: list[str | int], msg: str, type: str = "value_error") -> Invalid:
+    return Invalid([{"type": type, "loc": loc, "msg": msg}])
+
+
+def config_errors_to_items(errors: list[ConfigError], prefix: list[str | int]) -> list[dict[str, Any]]:
+    return [{"type": e.type, "loc": prefix + list(e.loc or ((e.key,) if e.key else ())), "msg": e.message}
+            for e in errors]
+
+
+def read_document(path: Path) -> dict[str, Any] | None:
+    """The TOML document in `path`, None if there is no such file (blocking)."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise Conflict(f"{path} cannot be read ({exc}); fix it by hand or replace it with PUT") from None
+
+
+def _gpu_entries(doc: dict[str, Any]) -> list[int | list[int]]:
+    gpus = doc.get("gpus", "none")
+    return list(gpus) if isinstance(gpus, list) else []
+
+
+class Controller:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = asyncio.Lock()
+
+    # -- reading ------------------------------------------------------------------------------
+    def check_name(self, name: str, loc: list[str | int]) -> None:
+        """422 before any path is built from a name that is not a valid model name."""
+        if not is_valid_name(name):
+            raise invalid(loc, f"{name!r} is not a valid model name (1-64 letters, digits, '.', '_', '-', "
+                               "starting with a letter or digit; not status, supported, start or stop)")
+
+    def model(self, name: str) -> ModelSpec:
+        self.check_name(name, ["path", "name"])
+        spec = self.engine.catalog.models.get(name)
+        if spec is None:
+            raise NotFound(f"Model '{name}' not found.")
+        return spec
+
+    def instances_of(self, name: str) -> list[Instance]:
+        return sorted(self.engine.model_instances(name), key=lambda i: i.spec.gpus)
+
+    def path_for(self, name: str) -> Path:
+        owner = self.engine.catalog.owners.get(name)
+        return Path(owner) if owner else self.engine.settings.conf_dir / f"{name}.toml"
+
+    # -- the original API: start / stop on a GPU ----------------------------------------------
+    async def start_on_gpu(self, name: str, model_type: str | None, gpu_id: int, config: dict[str, Any]) -> Instance:
+        self.check_name(name, ["body", "model_name"])
+        registry = self.engine.registry
+        if model_type is not None and model_type not in registry:
+            raise invalid(["body", "model_type"], f"unknown backend {model_type!r} (known: {', '.join(registry.names())})",
+                          "enum")
+        spec = self.engine.catalog.models.get(name)
+        if spec is not None:
+            if model_type is not None and model_type != spec.decl.backend:
+                raise Conflict(f"model '{name}' is declared with backend '{spec.decl.backend}' in {spec.source}, "
+                               f"not '{model_type}'")
+            if config:
+                raise invalid(["body", "config"], f"must be empty for model '{name}', which is already declared in "
+                                                  f"{spec.source}; change its declaration with PUT /api/v1/models/{name}")
+            if spec.decl.gpus == "none":
+                raise Conflict(f"model '{name}' runs without GPUs (gpus = \"none\" in {spec.source})")
+            current = self._instance_on(name, gpu_id)
+            if current is not None and spec.decl.enabled:
+                current.start("start requested through the API")
+                return current
+
+            def add_gpu(doc: dict[str, Any] | None) -> dict[str, Any]:
+                if doc is None:
+                    raise Conflict(f"{self.path_for(name)} disappeared; declare '{name}' again")
+                entries = _gpu_entries(doc)
+                if not any(gpu_id == e or (isinstance(e, list) and gpu_id in e) for e in entries):
+                    entries.append(gpu_id)
+                doc["gpus"] = entries
+                if doc.get("enabled") is False:
+                    doc["enabled"] = True
+                return doc
+
+            await self._edit(name, add_gpu, ["body", "config"], f"start {name} on GPU {gpu_id}")
+        else:
+            if model_type is None:
+                raise invalid(["body", "model_type"], f"required: model '{name}' is not declared yet "
+                                                      f"(known backends: {', '.join(registry.names())})", "missing")
+            doc = dict(config)
+            for key, value in (("name", name), ("backend", model_type)):
+                if key in doc and doc[key] != value:
+                    raise invalid(["body", "config", key], f"must be {value!r} (from the request) or left out")
+            if "gpus" in doc:
+                raise invalid(["body", "config", "gpus"], "is set from gpu_id; leave it out")
+            doc.update(name=name, backend=model_type, gpus=[gpu_id])
+
+            def create(existing: dict[str, Any] | None) -> dict[str, Any]:
+                if existing is not None:
+                    raise Conflict(f"{self.path_for(name)} already exists but does not declare a valid model '{name}'")
+                return doc
+
+            await self._edit(name, create, ["body", "config"], f"declare {name} on GPU {gpu_id}")
+        inst = self._instance_on(name, gpu_id)
+        if inst is None:  # the declaration is in force but this instance is not (should not happen)
+            raise Conflict(f"model '{name}' has no instance on GPU {gpu_id} after the change")
+        return inst
+
+    async def stop_on_gpu(self, name: str, model_type: str | None, gpu_id: int, instance_id: str | None) -> dict:
+        self.check_name(name, ["body", "model_name"])
+        spec = self.engine.catalog.models.get(name)
+        not_found = NotFound(f"Model '{name}' not found or not running on GPU {gpu_id}.")
+        if spec is None:
+            raise not_found
+        if model_type is not None and model_type != spec.decl.backend:
+            raise Conflict(f"model '{name}' is declared with backend '{spec.decl.backend}', not '{model_type}'")
+        inst = self.engine.instances.get(instance_id) if instance_id else self._instance_on(name, gpu_id)
+        if inst is None or inst.spec.model != name or gpu_id not in inst.spec.gpus:
+            raise not_found
+        gpus = list(inst.spec.gpus)
+
+        def remove_gpu(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None:
+                raise not_found
+            entries = _gpu_entries(doc)
+            doc["gpus"] = [e for e in entries if (list(e) if isinstance(e, list) else [e]) != gpus]
+            return doc
+
+        await self._edit(name, remove_gpu, ["body"], f"stop {name} on GPU {gpu_id}")
+        await self._wait_gone([inst])
+        return inst.snapshot()
+
+    # -- whole declarations -----------------------------------------------------------------------
+    async def put(self, name: str, document: dict[str, Any]) -> tuple[ModelSpec, bool]:
+        self.check_name(name, ["path", "name"])
+        if "name" in document and document["name"] != name:
+            raise invalid(["body", "name"], f"must be {name!r} (the name in the path) or left out")
+        document = {**document, "name": name}
+        created = name not in self.engine.catalog.models
+        spec = await self._edit(name, lambda _current: document, ["body"], f"put {name}", replace=True)
+        assert spec is not None
+        return spec, created
+
+    async def delete(self, name: str) -> list[str]:
+        self.model(name)
+        instances = self.instances_of(name)
+        await self._edit(name, lambda _current: None, ["body"], f"delete {name}", replace=True)
+        await self._wait_gone(instances)
+        return [inst.id for inst in instances]
+
+    async def set_enabled(self, name: str, enabled: bool) -> list[Instance]:
+        spec = self.model(name)
+        if spec.decl.enabled != enabled:
+            def toggle(doc: dict[str, Any] | None) -> dict[str, Any]:
+                if doc is None:
+                    raise NotFound(f"Model '{name}' not found.")
+                doc["enabled"] = enabled
+                return doc
+
+            await self._edit(name, toggle, ["body"], f"{'enable' if enabled else 'disable'} {name}")
+        instances = self.instances_of(name)
+        if enabled:
+            for inst in instances:
+                inst.start("start requested through the API")
+        else:
+            await asyncio.gather(*(asyncio.wait_for(inst.wait_state(State.STOPPED), inst.spec.stop.timeout + STOP_MARGIN)
+                                   for inst in instances), return_exceptions=True)
+        return instances
+
+    def restart(self, name: str) -> list[Instance]:
+        self.model(name)
+        instances = self.instances_of(name)
+        for inst in instances:
+            inst.restart("restart requested through the API")
+        return instances
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _instance_on(self, name: str, gpu_id: int) -> Instance | None:
+        for inst in self.engine.model_instances(name):
+            if gpu_id in inst.spec.gpus:
+                return inst
+        return None
+
+    async def _wait_gone(self, instances: list[Instance]) -> None:
+        waits = [asyncio.wait_for(asyncio.shield(inst.finished), inst.spec.stop.timeout + STOP_MARGIN)
+                 for inst in instances]
+        await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _edit(
+        self,
+        name: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        loc: list[str | int],
+        what: str,
+        replace: bool = False,
+    ) -> ModelSpec | None:
+        engine = self.engine
+        async with self._lock:
+            path = self.path_for(name)
+            errors = engine.catalog.errors.get(str(path))
+            if errors and not replace:
+                raise Conflict(f"{path} has errors ({'; '.join(e.message for e in errors)}); fix it or replace it "
+                               f"with PUT /api/v1/models/{name}")
+            current = None if replace and errors else await asyncio.to_thread(read_document, path)
+            new = change(current)
+            if new is None:
+                await asyncio.to_thread(path.unlink, True)
+            else:
+                try:
+                    candidate = parse_declaration(new, path, engine.registry, engine.defaults)
+                except DeclarationInvalid as exc:
+                    raise Invalid(config_errors_to_items(exc.errors, loc)) from None
+                conflicts = engine.check_candidate(path, candidate)
+                if conflicts:
+                    raise Conflict("; ".join(e.message for e in conflicts))
+                await asyncio.to_thread(confd.write_atomic, path, new)
+            await engine.reload(f"API: {what}")
+            return engine.catalog.models.get(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -37,25 +36,66 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine import ConfDirMissing
-    from .serve import serve_engine
+    from .ports import port_is_free
 
     settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level)
     _configure_logging(settings.log_level)
+    if not settings.conf_dir.is_dir():
+        print(f"model-supervisor: declaration directory {settings.conf_dir} does not exist", file=sys.stderr)
+        return 2
     try:
-        return _run(serve_engine(settings))
-    except ConfDirMissing as exc:
+        token = settings.token()
+    except Exception as exc:  # an unreadable token file
         print(f"model-supervisor: {exc}", file=sys.stderr)
         return 2
+    if not _is_loopback(settings.host) and not token and not args.insecure:
+        print(f"model-supervisor: refusing to serve the API on {settings.host} without a token: anyone who can "
+              "reach it could run commands as this user. Set MODEL_SUPERVISOR_API_TOKEN (or api_token_file), "
+              "bind 127.0.0.1, or pass --insecure if you really mean it.", file=sys.stderr)
+        return 2
+    if settings.port and not _can_bind(settings.host, settings.port):
+        print(f"model-supervisor: cannot listen on {settings.host}:{settings.port}: address already in use",
+              file=sys.stderr)
+        return 2
+    import signal
+
+    from .api.app import create_app
+
+    early: list[int] = []  # see create_app: signals that arrive before Sanic handles them
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda received, _frame: early.append(received))
+    app = create_app(settings, handle_sighup=True, early_signals=early)
+    app.run(host=settings.host, port=settings.port, single_process=True, motd=False, access_log=False)
+    logging.getLogger("supervisor.serve").info("all instances stopped; bye")
+    return 0
 
 
-def _run(coro) -> int:
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop ships with sanic
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _can_bind(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True  # let the server report it
+    family, *_, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            return False
+    return True
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -83,6 +123,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", type=Path, help="settings TOML file (also MODEL_SUPERVISOR_SETTINGS_FILE)")
+    p.add_argument("--url", help="API address (default http://HOST:PORT from the settings)")
+    p.add_argument("--token", help="bearer token (default: the settings' api_token / api_token_file)")
+
+
+def client_settings(args: argparse.Namespace) -> tuple[str, str | None]:
+    from .settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.settings)
+        token = args.token or settings.token()
+    except SettingsError as exc:
+        print(f"model-supervisor: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return args.url or f"http://{host}:{settings.port}", token
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-supervisor",
@@ -96,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="API bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default 6004)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without an API token")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors")
     _add_settings_flags(p)
     p.add_argument("dir", nargs="?", type=Path, help="declaration directory")
     p.set_defaults(func=cmd_validate)
+
+    from .cli_client import add_commands
+
+    add_commands(sub, _add_client_flags)
     return parser
 
 

@@ -176,7 +176,7 @@ class Controller:
             raise Conflict(f"model '{name}' has no instance on GPU {gpu_id} after the change")
         return inst
 
-    async def stop_on_gpu(self, name: str, model_type: str | None, gpu_id: int, instance_id: str | None) -> dict:
+    async def stop_on_gpu(self, name: str, model_type: str | None, gpu_id: int, instance_id: str | None) -> Instance:
         self.check_name(name, ["body", "model_name"])
         spec = self.engine.catalog.models.get(name)
         not_found = NotFound(f"Model '{name}' not found or not running on GPU {gpu_id}.")
@@ -198,7 +198,7 @@ class Controller:
 
         await self._edit(name, remove_gpu, ["body"], f"stop {name} on GPU {gpu_id}")
         await self._wait_gone([inst])
-        return inst.snapshot()
+        return inst
 
     # -- whole declarations -----------------------------------------------------------------------
     async def put(self, name: str, document: dict[str, Any]) -> tuple[ModelSpec, bool]:

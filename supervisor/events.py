@@ -28,6 +28,30 @@ class Event:
         return {"id": self.id, "type": self.type, "at": self.at, **self.data}
 
 
+class Subscription:
+    """Events after `last_id` (replayed from the history), then live ones, in order."""
+
+    def __init__(self, bus: EventBus, last_id: int | None, queue_size: int) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(queue_size)
+        self._backlog = deque(bus.since(last_id)) if last_id is not None else deque()
+        self._seen = self._backlog[-1].id if self._backlog else (last_id or 0)
+        bus._subscribers.add(self._queue)
+
+    async def get(self) -> Event:
+        """The next event. Safe to cancel (e.g. by a timeout): nothing is lost."""
+        if self._backlog:
+            return self._backlog.popleft()
+        while True:
+            event = await self._queue.get()
+            if event.id > self._seen:
+                self._seen = event.id
+                return event
+
+    def close(self) -> None:
+        self._bus._subscribers.discard(self._queue)
+
+
 class EventBus:
     def __init__(self, history: int = 5000, queue_size: int = 10000) -> None:
         self._ids = itertools.count(1)
@@ -45,22 +69,21 @@ class EventBus:
                 self._subscribers.discard(queue)
         return event
 
+    @property
+    def last_id(self) -> int:
+        return self.history[-1].id if self.history else 0
+
     def since(self, last_id: int) -> list[Event]:
         return [e for e in self.history if e.id > last_id]
 
+    def open(self, last_id: int | None = None) -> Subscription:
+        return Subscription(self, last_id, self._queue_size)
+
     async def subscribe(self, last_id: int | None = None) -> AsyncIterator[Event]:
         """Yield events as they happen; with `last_id`, first replay what came after it."""
-        queue: asyncio.Queue[Event] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(queue)
+        sub = self.open(last_id)
         try:
-            seen = 0
-            if last_id is not None:
-                for event in self.since(last_id):
-                    seen = event.id
-                    yield event
             while True:
-                event = await queue.get()
-                if event.id > seen:
-                    yield event
+                yield await sub.get()
         finally:
-            self._subscribers.discard(queue)
+            sub.close()

@@ -182,6 +182,11 @@ class Instance:
         return self._handle.pid if self._handle is not None else None
 
     @property
+    def desired(self) -> str:
+        """"running", "stopped" or "removed": where the instance is heading."""
+        return self._desired
+
+    @property
     def finished(self) -> asyncio.Future:
         return self._finished
 
@@ -272,6 +277,12 @@ class Instance:
                 self._dispatch(message)
             except Exception:  # a bug here must not orphan the instance's process
                 log.exception("%s: error handling %r", self.id, message)
+        while not self._inbox.empty():  # never leave a launched process without an owner
+            message = self._inbox.get_nowait()
+            if isinstance(message, Launched):
+                log.error("%s: a process (pid %s) was launched after removal; stopping it", self.id, message.handle.pid)
+                spec = self.running_spec or self.spec
+                await message.handle.stop(spec.stop.signum, spec.stop.timeout)
 
     def _dispatch(self, m: object) -> None:
         match m:
@@ -424,11 +435,10 @@ class Instance:
             if reason is not None:
                 raise LaunchError(reason)
             await asyncio.to_thread(self.log_file.mark, f"starting {spec.id}: {spec.launch.describe()}")
+            # From here on a process may exist that only this task knows about: the actor must
+            # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True
-            try:
-                handle = await runner.launch(spec.launch, self.log_file)
-            finally:
-                self._spawning = False
+            handle = await runner.launch(spec.launch, self.log_file)
         except LaunchError as exc:
             self._post(LaunchFailed(run, str(exc)))
             return
@@ -444,6 +454,7 @@ class Instance:
             self._helper(m.handle.stop(self.spec.stop.signum, self.spec.stop.timeout), "stop stale")
             return
         self._launch_task = None
+        self._spawning = False
         self._handle = m.handle
         spec = self.running_spec or self.spec
         self._watcher = self._helper(self._watch_exit(m.run, m.handle, spec), "watch exit")
@@ -460,6 +471,7 @@ class Instance:
         if m.run != self._run or self.state != State.STARTING:
             return
         self._launch_task = None
+        self._spawning = False
         self._end_run()
         if self._desired != "running":
             self._transition(State.STOPPED, f"launch abandoned: {m.reason}")

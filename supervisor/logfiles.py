@@ -57,6 +57,20 @@ class LogFile:
             found = found[1:]  # first line is probably cut
         return [line.decode("utf-8", "replace") for line in found[-lines:]]
 
+    def read_from(self, offset: int, limit: int = 1 << 16) -> tuple[bytes, int, int]:
+        """Up to `limit` bytes from `offset`; returns (data, new offset, inode). After a
+        copy-truncate rotation the file is shorter than `offset`: reading restarts at 0."""
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size < offset:
+                    offset = 0
+                f.seek(offset)
+                data = f.read(limit)
+                return data, offset + len(data), st.st_ino
+        except FileNotFoundError:
+            return b"", 0, 0
+
     def size(self) -> int:
         try:
             return self.path.stat().st_size

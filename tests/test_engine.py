@@ -338,3 +338,16 @@ async def test_missing_executable_is_a_clear_failure(engine: Engine, conf_dir: P
                            conf_dir)
     await inst.wait_state(State.FATAL, timeout=10)
     assert "could not start: command not found: '/nonexistent/bin/serve'" in inst.history[-1].reason
+
+
+async def test_removed_right_after_start_never_orphans_a_process(settings: Settings, conf_dir: Path) -> None:
+    """Regression: a stop handled between the spawn and the actor seeing it left the child behind."""
+    for attempt in range(15):
+        engine = Engine(settings)
+        write_decl(conf_dir, declaration("quick", ["sleep", "3600"]))
+        await engine.start()
+        await asyncio.sleep(attempt * 0.001)
+        await engine.shutdown()
+        inst = next(iter(engine.instances.values()))
+        assert inst.state == State.STOPPED
+        assert inst.pid is None

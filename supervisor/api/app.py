@@ -1,0 +1,128 @@
+"""The Sanic app: built by a factory so tests can hand it their own engine.
+
+One process only (`single_process=True`): child processes, NVML and the Docker client must
+live in exactly one process, and Sanic's default worker model would start one supervisor per
+worker. The engine starts in `before_server_start` and is shut down in `before_server_stop`,
+while the loop still runs (Sanic cancels its own registered tasks before that listener, so
+the engine's tasks are not registered with Sanic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import signal
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse
+
+from .. import __version__
+from ..control import Controller
+from ..engine import Engine
+from ..gpu_tracker import GpuTracker
+from ..settings import Settings
+from . import docs, errors
+from .routes import gpus, models, processes, system
+from .schemas import components
+
+log = logging.getLogger(__name__)
+
+_names = itertools.count(1)
+
+#: Reachable without the bearer token: health checks and the (static) API documentation.
+PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/docs")
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    gpus_tracker: GpuTracker | None = None,
+    *,
+    manage_engine: bool = True,
+    handle_sighup: bool = False,
+    early_signals: list[int] | None = None,
+) -> Sanic:
+    """Build the app. With `manage_engine` the server's lifecycle starts and stops the engine."""
+    n = next(_names)
+    app = Sanic("model_supervisor" if n == 1 else f"model_supervisor_{n}", configure_logging=False)
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0
+    # Sanic's "touchup" rewrites its HTTP classes in place at startup; a second app in one
+    # process (the tests build many) then fails with KeyError 'http1_request_header'.
+    app.config.TOUCHUP = False
+    app.config.OAS_AUTODOC = False
+    docs.configure(app)
+    app.ext.openapi.describe(
+        "model-supervisor API",
+        version=__version__,
+        description="Control and observe supervised model-inference backends. Errors are JSON with `detail`.",
+    )
+    spec = {"components": {"schemas": components()}}
+    token = settings.token()
+    if token:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+    app.ext.openapi.raw(spec)
+
+    engine = engine or Engine(settings)
+    tracker = gpus_tracker or GpuTracker(engine, settings)
+    app.ctx.settings = settings
+    app.ctx.engine = engine
+    app.ctx.controller = Controller(engine)
+    app.ctx.gpus = tracker
+    app.ctx.token = token
+    app.ctx.closing = asyncio.Event()
+
+    errors.install(app)
+    docs.install(app)
+    for bp in (system.bp, gpus.bp, processes.bp, models.bp):
+        app.blueprint(bp)
+    system.install_root(app)
+
+    @app.on_request
+    async def require_token(request: Request) -> HTTPResponse | None:
+        expected = request.app.ctx.token
+        if not expected or request.path == "/" or request.path.startswith(PUBLIC_PATHS):
+            return None
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return None
+        return errors.error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                     headers={"WWW-Authenticate": 'Bearer realm="model-supervisor"'})
+
+    @app.before_server_start
+    async def start(app: Sanic, _loop: Any = None) -> None:
+        app.ctx.closing = asyncio.Event()
+        if handle_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, engine)
+        if manage_engine:
+            await engine.start(watch=True)
+        await tracker.start()
+
+    @app.after_server_start
+    async def honour_early_signals(app: Sanic, _loop: Any = None) -> None:
+        # Sanic installs its SIGINT/SIGTERM handlers only after before_server_start, where the
+        # engine already spawned children; `serve` records signals that came in meanwhile.
+        if early_signals:
+            log.info("received %s during start-up", signal.Signals(early_signals[0]).name)
+            app.stop()
+
+    @app.before_server_stop
+    async def stop(app: Sanic, _loop: Any = None) -> None:
+        app.ctx.closing.set()
+        log.info("server stopping: stopping every instance")
+        if handle_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if manage_engine:
+            await engine.shutdown()
+        await tracker.stop()
+
+    return app
+
+
+def _on_sighup(engine: Engine) -> None:
+    log.info("received SIGHUP: re-reading %s", engine.settings.conf_dir)
+    engine.request_reload("SIGHUP")

@@ -1,0 +1,62 @@
+"""DELETE /api/v1/processes/{pid}: kill a stray GPU process, safely."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+from sanic_ext import openapi
+from sanic_ext.extensions.openapi.definitions import Parameter
+
+from ... import kill
+from ...control import Forbidden, NotFound
+from ...procscan import scan
+from ..errors import parse_bool, parse_int
+from ..schemas import KillProcessResponse
+from . import responses
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("processes", url_prefix="/api/v1")
+
+#: SIGTERM first; SIGKILL if the process is still there after this many seconds.
+KILL_GRACE = 5.0
+
+
+@bp.delete("/processes/<pid>")
+@openapi.definition(
+    summary="Kill a process by its PID",
+    description="Allowed for a process of a supervised instance (which then restarts under its policy) or a "
+                "process using a GPU. Refused (403) for pid <= 1, the supervisor itself, its process group and "
+                "its ancestors, always; and for any other process unless force=true. SIGTERM, then SIGKILL after "
+                f"{KILL_GRACE:g} s. Answers once the process is gone.",
+    tag="GPU and processes",
+    parameter=[Parameter("pid", {"type": "integer"}, "path", required=True),
+               Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway")],
+    response=responses({200: (KillProcessResponse, "the process is gone")}, 403, 404, 422),
+)
+async def kill_process(request: Request, pid: str) -> HTTPResponse:
+    target = parse_int(pid, ["path", "pid"])
+    force = parse_bool(request.args.get("force"), ["query", "force"])
+    engine = request.app.ctx.engine
+    table = await asyncio.to_thread(scan)
+    if target > 1 and target not in table:
+        raise NotFound("Process not found")
+    instance_pids = {iid: inst.pid for iid, inst in engine.instances.items() if inst.pid is not None}
+    facts = kill.facts_for(target, table, instance_pids, request.app.ctx.gpus.gpu_pids())
+    verdict = kill.judge(facts, force)
+    if not verdict.allowed:
+        raise Forbidden(verdict.reason)
+    log.warning("killing pid %s through the API: %s", target, verdict.reason)
+    try:
+        how = await kill.terminate(target, KILL_GRACE)
+    except ProcessLookupError:
+        raise NotFound("Process not found") from None
+    except PermissionError:
+        raise Forbidden("Permission denied") from None
+    message = f"{verdict.reason}; " + ("exited after SIGTERM" if how == "terminated" else
+                                       f"SIGKILLed after {KILL_GRACE:g} s")
+    return json_response({"pid": target, "status": "killed", "message": message, "instance_id": verdict.instance})

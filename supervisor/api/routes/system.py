@@ -1,0 +1,165 @@
+"""Health, configuration errors, reload, the event stream and instance logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+
+from sanic import Blueprint, Request, Sanic
+from sanic.response import HTTPResponse, text
+from sanic.response import json as json_response
+from sanic_ext import openapi
+from sanic_ext.extensions.openapi.definitions import Parameter
+
+from ... import __version__
+from ...control import NotFound
+from ...logfiles import LogFile
+from ..errors import error_response, parse_bool, parse_int
+from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
+from . import responses
+
+bp = Blueprint("system", url_prefix="/api/v1")
+
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@(cpu|gpu\d+(-\d+)*)$")
+HEARTBEAT = 15.0
+FOLLOW_POLL = 0.2  # a followed log is checked for growth this often
+
+
+def health_body(app: Sanic) -> dict:
+    engine = app.ctx.engine
+    states = Counter(inst.state.value for inst in engine.instances.values())
+    snapshot = app.ctx.gpus.snapshot()
+    return {
+        "status": "ok",
+        "version": __version__,
+        "instances": dict(states),
+        "config_errors": len(engine.config_errors()),
+        "gpu_source": snapshot.source,
+        "gpu_count": len(snapshot.devices),
+        "gpu_reason": snapshot.reason,
+    }
+
+
+def install_root(app: Sanic) -> None:
+    @app.get("/", name="root")
+    @openapi.definition(summary="Health check (the old tool's welcome answer)", tag="Health Check",
+                        response=responses({200: (Welcome, "ok")}))
+    async def root(request: Request) -> HTTPResponse:
+        return json_response({"status": "ok", "message": "Welcome to the Model Inference Client API"})
+
+    @app.get("/healthz", name="healthz")
+    @openapi.definition(summary="Liveness of the supervisor, counts by state, GPU source and its reason",
+                        tag="Health Check", response=responses({200: (Health, "ok")}))
+    async def healthz(request: Request) -> HTTPResponse:
+        return json_response(health_body(request.app))
+
+
+@bp.get("/healthz")
+@openapi.definition(summary="Same as /healthz", tag="Health Check", response=responses({200: (Health, "ok")}))
+async def healthz_v1(request: Request) -> HTTPResponse:
+    return json_response(health_body(request.app))
+
+
+@bp.get("/config/errors")
+@openapi.definition(summary="Declaration files that do not load, and why", tag="Configuration",
+                    response=responses({200: ([ConfigErrorItem], "every error of every broken file")}))
+async def config_errors(request: Request) -> HTTPResponse:
+    return json_response(request.app.ctx.engine.config_errors())
+
+
+@bp.post("/reload")
+@openapi.definition(summary="Re-read conf.d/ now (the same path as SIGHUP; the watcher does this by itself)",
+                    tag="Configuration", response=responses({202: (ReloadResult, "re-read requested")}))
+async def reload(request: Request) -> HTTPResponse:
+    engine = request.app.ctx.engine
+    engine.request_reload("API reload")
+    return json_response({"requested": True, "last_reload": engine.last_reload}, status=202)
+
+
+@bp.get("/instances/<instance_id:str>/logs")
+@openapi.definition(
+    summary="The last lines of an instance's log file",
+    tag="Instances",
+    parameter=[Parameter("tail", {"type": "integer", "minimum": 1, "maximum": 100000}, "query",
+                         description="how many lines (default 100)"),
+               Parameter("follow", {"type": "boolean"}, "query",
+                         description="keep streaming what is appended (across rotation) until the client leaves")],
+    response=responses({200: (None, "log lines, oldest first")}, 404, 422),
+)
+async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | None:
+    tail = parse_int(request.args.get("tail", "100"), ["query", "tail"])
+    follow = parse_bool(request.args.get("follow"), ["query", "follow"])
+    if not 1 <= tail <= 100_000:
+        return error_response(422, [{"type": "less_than_equal", "loc": ["query", "tail"], "msg": "tail must be 1-100000"}])
+    engine = request.app.ctx.engine
+    if not INSTANCE_ID.match(instance_id):
+        raise NotFound(f"no instance {instance_id!r}")
+    inst = engine.instances.get(instance_id) or engine.removing.get(instance_id)
+    log_file = inst.log_file if inst else LogFile(engine.settings.state_dir / "logs" / f"{instance_id}.log")
+    if inst is None and not log_file.path.exists():
+        raise NotFound(f"no instance {instance_id!r}")
+    if not follow:
+        lines = await asyncio.to_thread(log_file.tail, tail)
+        return text("".join(line + "\n" for line in lines))
+    return await _follow(request, log_file, tail)
+
+
+async def _follow(request: Request, log_file: LogFile, tail: int) -> None:
+    closing: asyncio.Event = request.app.ctx.closing
+    response = await request.respond(content_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
+    offset = await asyncio.to_thread(log_file.size)
+    lines = await asyncio.to_thread(log_file.tail, tail)
+    await response.send("".join(line + "\n" for line in lines))
+    inode = None
+    while not closing.is_set() and not request.transport.is_closing():
+        data, new_offset, new_inode = await asyncio.to_thread(log_file.read_from, offset)
+        if inode is not None and new_inode != inode:  # replaced (rename rotation): start over
+            data, new_offset, new_inode = await asyncio.to_thread(log_file.read_from, 0)
+        inode, offset = new_inode, new_offset
+        if data:
+            await response.send(data)
+            continue
+        try:
+            await asyncio.wait_for(closing.wait(), FOLLOW_POLL)
+        except asyncio.TimeoutError:
+            pass
+    await response.eof()
+
+
+@bp.get("/events")
+@openapi.definition(
+    summary="Server-sent events: state transitions, configuration changes (resume with Last-Event-ID)",
+    tag="Events",
+    parameter=[Parameter("last_event_id", {"type": "integer", "minimum": 0}, "query",
+                         description="resume after this event id (the Last-Event-ID header also works)")],
+    response=responses({200: ({"type": "string"}, "text/event-stream")}, 422),
+)
+async def events(request: Request) -> HTTPResponse | None:
+    raw = request.headers.get("last-event-id") or request.args.get("last_event_id")
+    last_id = parse_int(raw, ["query", "last_event_id"]) if raw else None
+    bus = request.app.ctx.engine.bus
+    closing: asyncio.Event = request.app.ctx.closing
+    response = await request.respond(content_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.send(": connected\nretry: 1000\n\n")
+    sub = bus.open(last_id)
+    stop = asyncio.ensure_future(closing.wait())
+    try:
+        while not request.transport.is_closing():
+            nxt = asyncio.ensure_future(sub.get())
+            done, _ = await asyncio.wait({nxt, stop}, timeout=HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                nxt.cancel()
+                if stop in done:
+                    break
+                await response.send(": keep-alive\n\n")
+                continue
+            event = nxt.result()
+            await response.send(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.as_dict())}\n\n")
+    finally:
+        stop.cancel()
+        sub.close()
+    await response.eof()
+    return None

@@ -60,14 +60,14 @@ def create_app(
         version=__version__,
         description="Control and observe supervised model-inference backends. Errors are JSON with `detail`.",
     )
-    spec = {"components": {"schemas": components()}}
+    engine = engine or Engine(settings)
+    spec = {"components": {"schemas": components(engine.registry.names())}}
     token = settings.token()
     if token:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
     app.ext.openapi.raw(spec)
 
-    engine = engine or Engine(settings)
     tracker = gpus_tracker or GpuTracker(engine, settings)
     app.ctx.settings = settings
     app.ctx.engine = engine

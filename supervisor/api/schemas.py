@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from ..spec import NAME_PATTERN
+
 # -- the original contract -------------------------------------------------------------------
 
 
@@ -48,15 +50,18 @@ class KillProcessResponse(BaseModel):
     instance_id: str | None = Field(None, description="the supervised instance it belonged to (it will restart)")
 
 
+NAME_SCHEMA = {"pattern": NAME_PATTERN, "maxLength": 64}
+
+
 class StartRequest(BaseModel):
-    model_name: str
+    model_name: str = Field(json_schema_extra=NAME_SCHEMA)
     model_type: str | None = Field(None, description="a registered backend kind; needed for a model not declared yet")
     gpu_id: int = Field(ge=0)
     config: dict[str, Any] = Field(default_factory=dict, description="the declaration of a new model (TOML keys)")
 
 
 class StopRequest(BaseModel):
-    model_name: str
+    model_name: str = Field(json_schema_extra=NAME_SCHEMA)
     model_type: str | None = None
     gpu_id: int = Field(ge=0)
     instance_id: str | None = None
@@ -189,13 +194,13 @@ def to_openapi30(schema: Any) -> Any:
         return [to_openapi30(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: to_openapi30(v) for k, v in schema.items()}
+    out = dict(schema)
     any_of = out.get("anyOf")
-    if isinstance(any_of, list) and any(s == {"type": "null"} for s in any_of):
+    if isinstance(any_of, list) and {"type": "null"} in any_of:
         rest = [s for s in any_of if s != {"type": "null"}]
         del out["anyOf"]
         if len(rest) == 1 and "$ref" not in rest[0]:
-            out.update(rest[0])
+            out = {**rest[0], **out}
         elif len(rest) == 1:
             out["allOf"] = rest
         else:
@@ -203,19 +208,20 @@ def to_openapi30(schema: Any) -> Any:
         out["nullable"] = True
     if "const" in out:
         out["enum"] = [out.pop("const")]
-    if out.get("type") == "null":
-        out.pop("type")
-        out["nullable"] = True
-    return out
+    return {k: to_openapi30(v) for k, v in out.items()}
 
 
-def components() -> dict[str, Any]:
+def components(backends: list[str] | None = None) -> dict[str, Any]:
+    """Every model as an OpenAPI 3.0 schema; `backends` (the registered kinds) become enums."""
     _, defs = models_json_schema([(m, "validation") for m in COMPONENTS], ref_template="#/components/schemas/{model}")
     schemas = {name: to_openapi30(schema) for name, schema in defs["$defs"].items()}
     # Responses are produced by us, so the serialisation view is what a client sees.
     _, out_defs = models_json_schema([(m, "serialization") for m in COMPONENTS], ref_template="#/components/schemas/{model}")
     for name, schema in out_defs["$defs"].items():
         schemas.setdefault(name, to_openapi30(schema))
+    if backends:
+        schemas["Declaration"]["properties"]["backend"]["enum"] = list(backends)
+        schemas["StartRequest"]["properties"]["model_type"]["enum"] = [*backends, None]
     return schemas
 
 

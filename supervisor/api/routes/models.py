@@ -15,6 +15,7 @@ from sanic_ext import openapi
 from sanic_ext.extensions.openapi.definitions import Parameter
 
 from ...control import UpstreamFailed
+from ...spec import NAME_PATTERN
 from ...states import State
 from ..errors import parse_body, parse_bool, parse_int
 from ..schemas import (
@@ -33,7 +34,8 @@ bp = Blueprint("models", url_prefix="/api/v1")
 
 TAG = "Model Management"
 WAIT_DEFAULT = 600.0
-NAME = Parameter("name", {"type": "string"}, "path", required=True)
+NAME_SCHEMA = {"type": "string", "pattern": NAME_PATTERN, "maxLength": 64}
+NAME = Parameter("name", NAME_SCHEMA, "path", required=True)
 WAIT = [Parameter("wait", {"type": "boolean"}, "query", description="answer once RUNNING, failed, or timed out"),
         Parameter("timeout", {"type": "integer", "minimum": 1, "maximum": 3600}, "query",
                   description=f"seconds to wait (default {WAIT_DEFAULT:g})")]
@@ -104,7 +106,7 @@ async def all_status(request: Request) -> HTTPResponse:
 
 @bp.get("/models/status/<model_name:str>")
 @openapi.definition(summary="Get status of a specific model", tag=TAG,
-                    parameter=[Parameter("model_name", {"type": "string"}, "path", required=True)],
+                    parameter=[Parameter("model_name", NAME_SCHEMA, "path", required=True)],
                     response=responses({200: ([ModelStatusItem], "one item per instance")}, 404, 422))
 async def model_status(request: Request, model_name: str) -> HTTPResponse:
     controller = request.app.ctx.controller

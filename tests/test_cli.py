@@ -1,0 +1,214 @@
+"""The CLI client against a real `serve` process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import PY, REPO, alive, declaration, demo_cmd, free_port, free_range, write_decl
+
+TCP = {"type": "tcp", "start_interval": 0.05}
+
+
+class Served:
+    def __init__(self, tmp_path: Path, token: str | None = None) -> None:
+        self.conf = tmp_path / "conf.d"
+        self.state = tmp_path / "state"
+        self.conf.mkdir()
+        self.port = free_port()
+        low, high = free_range()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
+        self.env.update(MODEL_SUPERVISOR_PORT=str(self.port), MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}")
+        if token:
+            self.env["MODEL_SUPERVISOR_API_TOKEN"] = token
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [PY, "-m", "supervisor", "serve", "--conf-dir", str(self.conf), "--state-dir", str(self.state)],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
+                return
+            except OSError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "serve did not come up"
+                time.sleep(0.1)
+
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "supervisor", *args], cwd=REPO, env=env or self.env, capture_output=True,
+                              text=True, timeout=120)
+
+    def wait_state(self, instance: str, state: str, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.cli("status", "--json")
+            items = {i["instance_id"]: i for i in json.loads(out.stdout)["instances"]} if out.returncode == 0 else {}
+            if instance in items and items[instance]["state"] == state:
+                return items[instance]
+            assert time.monotonic() < deadline, f"{instance} never reached {state}: {items.get(instance)}"
+            time.sleep(0.1)
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                out, _ = self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                out, _ = self.proc.communicate()
+            return out
+        return self.proc.communicate()[0]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path)
+    try:
+        yield s
+    finally:
+        if s.proc is not None:
+            s.stop()
+
+
+def test_status_start_stop_restart_logs_reload(served: Served) -> None:
+    write_decl(served.conf, declaration("web", demo_cmd("--name", "web"), health=TCP))
+    served.start()
+    served.wait_state("web@cpu", "RUNNING")
+    out = served.cli("status")
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split() == ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "UPTIME", "RESTARTS", "REASON"]
+    assert row.split()[:2] == ["web@cpu", "RUNNING"]
+    # columns are aligned: every row starts its STATE where the header does
+    assert row.index("RUNNING") == header.index("STATE")
+
+    out = served.cli("start", "gpu-model", "--gpu", "1", "--type", "process", "--wait",
+                     "--config", json.dumps({"command": demo_cmd(), "health": TCP}))
+    assert out.returncode == 0, out.stderr
+    assert "gpu-model@gpu1" in out.stdout and "RUNNING" in out.stdout
+    assert tomllib.loads((served.conf / "gpu-model.toml").read_text())["gpus"] == [1]
+
+    pid = served.wait_state("web@cpu", "RUNNING")["pid"]
+    out = served.cli("restart", "web")
+    assert out.returncode == 0
+    deadline = time.monotonic() + 20
+    while served.wait_state("web@cpu", "RUNNING")["pid"] == pid:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    out = served.cli("logs", "web@cpu", "-n", "50")
+    assert out.returncode == 0 and "web listening on" in out.stdout
+
+    out = served.cli("stop", "gpu-model", "--gpu", "1")
+    assert out.returncode == 0 and "STOPPED" in out.stdout
+    assert tomllib.loads((served.conf / "gpu-model.toml").read_text())["gpus"] == []
+
+    out = served.cli("stop", "web")
+    assert out.returncode == 0 and "STOPPED" in out.stdout
+    out = served.cli("start", "web")
+    assert out.returncode == 0
+    served.wait_state("web@cpu", "RUNNING")
+
+    write_decl(served.conf, declaration("late", ["sleep", "3600"]))
+    assert served.cli("reload").returncode == 0
+    served.wait_state("late@cpu", "RUNNING")
+
+
+def test_failures_exit_non_zero_with_the_servers_message(served: Served) -> None:
+    served.start()
+    out = served.cli("stop", "ghost", "--gpu", "0")
+    assert out.returncode == 1
+    assert "Model 'ghost' not found or not running on GPU 0. (HTTP 404)" in out.stderr
+    out = served.cli("kill", "1")
+    assert out.returncode == 1 and "never a valid target" in out.stderr and "HTTP 403" in out.stderr
+    out = served.cli("start", "x", "--gpu", "0")
+    assert out.returncode == 1 and "body.model_type: required" in out.stderr
+    out = served.cli("logs", "nope@cpu")
+    assert out.returncode == 1 and "HTTP 404" in out.stderr
+    out = served.cli("status", "--url", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 1 and "cannot reach the supervisor" in out.stderr
+
+
+def test_gpus_without_a_driver(served: Served) -> None:
+    served.start()
+    out = served.cli("gpus")
+    assert out.returncode == 0 and out.stdout.startswith("no GPUs (")
+    out = served.cli("gpus", "--json")
+    assert json.loads(out.stdout) == []
+
+
+def test_logs_follow_streams_new_lines(served: Served) -> None:
+    write_decl(served.conf, declaration("chatty", demo_cmd(), health=TCP))
+    served.start()
+    port = served.wait_state("chatty@cpu", "RUNNING")["port"]
+    follower = subprocess.Popen([PY, "-m", "supervisor", "logs", "chatty@cpu", "-f", "-n", "1"], cwd=REPO,
+                                env=served.env, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        body = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=b'{"inputs": [21]}', method="POST")
+        urllib.request.urlopen(body, timeout=5).read()  # the server logs "POST /v1/predict"
+        deadline = time.monotonic() + 10
+        seen = ""
+        while "POST /v1/predict" not in seen:
+            assert time.monotonic() < deadline, seen
+            seen += follower.stdout.readline()
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=10)
+
+
+def test_token_from_settings(tmp_path: Path) -> None:
+    s = Served(tmp_path, token="t0ken")
+    try:
+        s.start()
+        assert s.cli("status").returncode == 0  # the CLI reads the same settings
+        env = {k: v for k, v in s.env.items() if k != "MODEL_SUPERVISOR_API_TOKEN"}
+        out = s.cli("status", env=env)
+        assert out.returncode == 1 and "HTTP 401" in out.stderr
+    finally:
+        s.stop()
+
+
+def test_non_loopback_without_token_refuses_to_start(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    out = subprocess.run([PY, "-m", "supervisor", "serve", "--conf-dir", str(tmp_path / "conf.d"), "--state-dir",
+                          str(tmp_path / "state"), "--host", "0.0.0.0", "--port", str(free_port())],
+                         cwd=REPO, capture_output=True, text=True, timeout=30,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")})
+    assert out.returncode == 2
+    assert "refusing to serve the API on 0.0.0.0 without a token" in out.stderr and "--insecure" in out.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "conf.d").mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = subprocess.run([PY, "-m", "supervisor", "serve", "--conf-dir", str(tmp_path / "conf.d"), "--state-dir",
+                              str(tmp_path / "state"), "--port", str(port)], cwd=REPO, capture_output=True, text=True,
+                             timeout=30)
+    assert out.returncode == 2 and "address already in use" in out.stderr
+
+
+def test_no_child_left_after_serve_stops(served: Served) -> None:
+    write_decl(served.conf, declaration("a", demo_cmd(), health=TCP))
+    served.start()
+    pid = served.wait_state("a@cpu", "RUNNING")["pid"]
+    out = served.stop()
+    assert served.proc.returncode == 0, out
+    assert not alive(pid)

@@ -33,6 +33,7 @@ class GpuTracker:
         self.monitor: GpuMonitor | None = None
         self.owners: dict[int, str] = {}  # GPU pid -> instance id, as of the last attribution
         self.attributed: GpuSnapshot = NOT_STARTED
+        self.version = 0  # bumped after every attribution (views cache per version)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
         self._task: asyncio.Task | None = None
@@ -80,6 +81,7 @@ class GpuTracker:
             roots = {iid: inst.pid for iid, inst in self.engine.instances.items() if inst.pid is not None}
             self.owners = {pid: owner for pid in pids if (owner := owner_of(pid, table, roots)) is not None}
             self.attributed = snapshot
+            self.version += 1
         except Exception:
             log.exception("GPU attribution failed")
         finally:

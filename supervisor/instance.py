@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -151,6 +152,10 @@ class Instance:
         self.last_error: str | None = None
         self.last_probe: str | None = None
         self.ready_at: datetime | None = None
+        self.ready_monotonic: float | None = None  # the same moment on the monotonic clock
+        #: Bumped whenever anything `snapshot()` shows changes (except the uptime clock), so
+        #: views can cache what they render per instance.
+        self.revision = 0
         self._desired = "running" if spec.enabled else "stopped"  # "running" | "stopped" | "removed"
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._run = 0
@@ -238,6 +243,11 @@ class Instance:
     async def wait_state(self, *states: State, timeout: float | None = None) -> None:
         await self.wait_for(lambda i: i.state in states, timeout)
 
+    def uptime(self, now: datetime | None = None) -> float | None:
+        if self.state != State.RUNNING or self.ready_at is None:
+            return None
+        return ((now or utcnow()) - self.ready_at).total_seconds()
+
     def snapshot(self) -> dict[str, Any]:
         now = utcnow()
         last = self.history[-1] if self.history else None
@@ -253,7 +263,7 @@ class Instance:
             "pid": self.pid,
             "restarts": self.restarts,
             "consecutive_failures": self.failures,
-            "uptime": (now - self.ready_at).total_seconds() if self.state == State.RUNNING and self.ready_at else None,
+            "uptime": self.uptime(now),
             "state_since": self.state_since.isoformat(),
             "created_at": self.created_at.isoformat(),
             "reason": last.reason if last else None,
@@ -285,6 +295,7 @@ class Instance:
                 await message.handle.stop(spec.stop.signum, spec.stop.timeout)
 
     def _dispatch(self, m: object) -> None:
+        self.revision += 1
         match m:
             case StartIntent():
                 self._on_start(m.reason)
@@ -512,6 +523,7 @@ class Instance:
 
     def _become_ready(self, reason: str) -> None:
         self.ready_at = utcnow()
+        self.ready_monotonic = time.monotonic()
         self._transition(State.RUNNING, reason)
         self._arm((self.running_spec or self.spec).restart.min_uptime, "uptime")
 

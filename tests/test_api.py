@@ -382,3 +382,25 @@ class _OtherKind(ProcessKind):
     """A second registered kind, to provoke a backend mismatch."""
 
     name = "other"
+
+
+async def test_status_reflects_every_change_at_once(api: Api, conf_dir: Path) -> None:
+    """The status list is cached per instance: it must still never show a stale state."""
+    write_decl(conf_dir, declaration("fresh", demo_cmd(), health=TCP))
+    await api.engine.reload("test")
+    inst = api.engine.instances["fresh@cpu"]
+    await inst.wait_state(State.RUNNING, timeout=10)
+    first = (await api.get("/api/v1/models/status")).json()[0]
+    await asyncio.sleep(0.05)
+    second = (await api.get("/api/v1/models/status")).json()[0]
+    assert second["uptime"] > first["uptime"] and second["pid"] == first["pid"] == inst.pid
+    await inst.stop()
+    after = (await api.get("/api/v1/models/status")).json()[0]
+    assert after["state"] == "STOPPED" and after["pid"] is None and after["uptime"] is None
+    await inst.start()
+    await inst.wait_state(State.RUNNING, timeout=10)
+    again = (await api.get("/api/v1/models/status")).json()[0]
+    assert again["state"] == "RUNNING" and again["pid"] == inst.pid != first["pid"]
+    (conf_dir / "fresh.toml").unlink()
+    await api.engine.reload("test")
+    assert (await api.get("/api/v1/models/status")).json() == []

@@ -27,6 +27,7 @@ from ..settings import Settings
 from . import docs, errors
 from .routes import gpus, models, processes, system
 from .schemas import components
+from .views import StatusCache
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def create_app(
     app.ctx.engine = engine
     app.ctx.controller = Controller(engine)
     app.ctx.gpus = tracker
+    app.ctx.status_cache = StatusCache()
     app.ctx.token = token
     app.ctx.closing = asyncio.Event()
 

@@ -27,7 +27,7 @@ from ..schemas import (
     StartRequest,
     StopRequest,
 )
-from ..views import instance_info, status_item
+from ..views import instance_info
 from . import json_body, responses
 
 bp = Blueprint("models", url_prefix="/api/v1")
@@ -41,9 +41,9 @@ WAIT = [Parameter("wait", {"type": "boolean"}, "query", description="answer once
                   description=f"seconds to wait (default {WAIT_DEFAULT:g})")]
 
 
-def _status_items(request: Request, instances) -> list[dict]:
-    gpus = request.app.ctx.gpus
-    return [status_item(inst, gpus.instance_gpu(inst.id)) for inst in instances]
+def _status_response(request: Request, instances) -> HTTPResponse:
+    body = request.app.ctx.status_cache.render(instances, request.app.ctx.gpus)
+    return HTTPResponse(body, content_type="application/json")
 
 
 @bp.post("/models/start")
@@ -101,7 +101,7 @@ async def stop_model(request: Request) -> HTTPResponse:
                     response=responses({200: ([ModelStatusItem], "one item per instance")}))
 async def all_status(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
-    return json_response(_status_items(request, [engine.instances[i] for i in sorted(engine.instances)]))
+    return _status_response(request, [engine.instances[i] for i in sorted(engine.instances)])
 
 
 @bp.get("/models/status/<model_name:str>")
@@ -111,7 +111,7 @@ async def all_status(request: Request) -> HTTPResponse:
 async def model_status(request: Request, model_name: str) -> HTTPResponse:
     controller = request.app.ctx.controller
     controller.model(model_name)
-    return json_response(_status_items(request, controller.instances_of(model_name)))
+    return _status_response(request, controller.instances_of(model_name))
 
 
 @bp.get("/models/supported")

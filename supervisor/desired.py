@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.base import LaunchContext, ProcessLaunch
+from .backends.base import LaunchContext, LaunchPlan
 from .declarations import ConfigError, ModelSpec
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 
@@ -45,7 +45,7 @@ class InstanceSpec:
     port: int  # 0: the instance listens on nothing (auto port, no {port}, no health check)
     uses_port: bool  # checked for a holder before each start
     enabled: bool
-    launch: ProcessLaunch
+    launch: LaunchPlan
     health: ResolvedHealth
     restart: RestartSpec
     stop: StopSpec

@@ -25,6 +25,7 @@ from .ports import PortAllocator, describe_holder, port_is_free
 from .procscan import ProcessTable
 from .records import RunRecords
 from .runners.base import Runner
+from .runners.docker import DockerRunner, scope_of
 from .runners.process import ProcessRunner
 from .settings import Settings
 from .states import utcnow
@@ -50,8 +51,11 @@ class Engine:
         self.defaults = settings.defaults()
         self.bus = EventBus()
         self.table = ProcessTable()
-        self.runners: dict[str, Runner] = runners or {"process": ProcessRunner(self.table)}
         state_dir = settings.state_dir
+        self.runners: dict[str, Runner] = runners or {
+            "process": ProcessRunner(self.table),
+            "docker": DockerRunner(scope_of(state_dir)),
+        }
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
         self.services = InstanceServices(
             runners=self.runners,
@@ -113,6 +117,8 @@ class Engine:
                 log.info("stopping %d instance(s)", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
+        for runner in self.runners.values():
+            await runner.close()
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reload(self, reason: str = "reload") -> Plan:

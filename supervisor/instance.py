@@ -435,21 +435,19 @@ class Instance:
                     pass
             for check in self.services.prestart:
                 await check(self, spec)
-            if spec.uses_port:
-                holder = await self.services.port_holder(spec.port)
-                if holder is not None:
-                    raise LaunchError(f"port {spec.port} is already in use by {holder}")
             runner = self.services.runners.get(spec.launch.runner)
             if runner is None:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
-            reason = runner.unavailable_reason()
-            if reason is not None:
-                raise LaunchError(reason)
+            # A run of ours that survived a supervisor restart holds the port legitimately.
+            if spec.uses_port and not await runner.adoptable(spec.launch, spec.id):
+                holder = await self.services.port_holder(spec.port)
+                if holder is not None:
+                    raise LaunchError(f"port {spec.port} is already in use by {holder}")
             await asyncio.to_thread(self.log_file.mark, f"starting {spec.id}: {spec.launch.describe()}")
             # From here on a process may exist that only this task knows about: the actor must
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True
-            handle = await runner.launch(spec.launch, self.log_file)
+            handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
         except LaunchError as exc:
             self._post(LaunchFailed(run, str(exc)))
             return

@@ -107,6 +107,46 @@ class ProcessLaunch:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerLaunch:
+    """Run `image` as a Docker container bound to the instance's GPUs (device requests).
+
+    Ports are (host address, host port, container port) triples published on the host; with
+    `network = "host"` nothing is published (the server binds host ports itself).
+    """
+
+    image: str
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    gpus: tuple[int, ...] = ()
+    network: str = "bridge"
+    ports: tuple[tuple[str, int, int], ...] = ()
+    volumes: tuple[tuple[str, str, str], ...] = ()  # (host path, container path, "rw" | "ro")
+    shm_size: str | None = None
+    ipc_mode: str | None = None
+    user: str | None = None
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard)
+    workdir: str | None = None
+    pull: str = "missing"  # "missing" | "never" | "always"
+    runner: ClassVar[str] = "docker"
+
+    def fingerprint(self) -> dict:
+        return {
+            "runner": self.runner, "image": self.image, "command": self.command, "entrypoint": self.entrypoint,
+            "env": dict(self.env), "gpus": list(self.gpus), "network": self.network,
+            "ports": [list(p) for p in self.ports], "volumes": [list(v) for v in self.volumes],
+            "shm_size": self.shm_size, "ipc_mode": self.ipc_mode, "user": self.user,
+            "ulimits": [list(u) for u in self.ulimits], "workdir": self.workdir,
+        }
+
+    def describe(self) -> str:
+        return f"docker {self.image}" + (" " + " ".join(self.command) if self.command else "")
+
+
+LaunchPlan = ProcessLaunch | ContainerLaunch
+
+
+@dataclass(frozen=True, slots=True)
 class DefaultHealth:
     type: HealthType
     path: str | None = None
@@ -131,7 +171,7 @@ class BackendKind(ABC):
     def default_health(self, options: BaseModel) -> DefaultHealth: ...
 
     @abstractmethod
-    def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
+    def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:
         """The plan for one instance. `env` is the declaration's `env` table, unexpanded."""
 
     def listens(self, options: BaseModel, env: dict[str, str]) -> bool:

@@ -70,9 +70,10 @@ class Registry:
 
 
 def builtin_kinds() -> list[BackendKind]:
+    from .docker import DockerKind
     from .process import ProcessKind
 
-    return [ProcessKind()]
+    return [ProcessKind(), DockerKind()]
 
 
 def default_registry(load_plugins: bool = True) -> Registry:

@@ -37,6 +37,13 @@ class RunHandle(Protocol):
 class Runner(Protocol):
     name: str
 
-    async def launch(self, plan, log: LogFile) -> RunHandle: ...
+    async def launch(self, plan, log: LogFile, instance_id: str = "", stop_signal: int = 15) -> RunHandle:
+        """Start (or adopt) the run; raises LaunchError with a reason a user can act on."""
 
-    def unavailable_reason(self) -> str | None: ...
+    async def adoptable(self, plan, instance_id: str) -> bool:
+        """True if a run of this plan survived a supervisor restart and `launch` will adopt it."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why this runner cannot be used, as far as it last knew (None: usable)."""
+
+    async def close(self) -> None: ...

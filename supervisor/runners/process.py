@@ -159,7 +159,13 @@ class ProcessRunner:
     def unavailable_reason(self) -> str | None:
         return None
 
-    async def launch(self, plan: ProcessLaunch, log_file: LogFile) -> ProcessHandle:
+    async def close(self) -> None:
+        pass
+
+    async def adoptable(self, plan: ProcessLaunch, instance_id: str) -> bool:
+        return False
+
+    async def launch(self, plan: ProcessLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15) -> ProcessHandle:
         env = dict(os.environ)
         env.update(plan.env)
         fd = log_file.open_for_child()

@@ -23,6 +23,9 @@ from .declarations import ConfigError, ModelSpec
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 
 
+DEFAULT_WORK_ROOT = Path("state") / "work"
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedHealth:
     type: str  # "http" | "tcp" | "none"
@@ -44,6 +47,7 @@ class InstanceSpec:
     gpus: tuple[int, ...]
     port: int  # 0: the instance listens on nothing (auto port, no {port}, no health check)
     uses_port: bool  # checked for a holder before each start
+    extra_ports: tuple[tuple[str, int], ...]  # more ports the backend kind asked for, by name
     enabled: bool
     launch: LaunchPlan
     health: ResolvedHealth
@@ -69,10 +73,12 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int) -> InstanceSpec:
+def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
+                  extra_ports: tuple[tuple[str, int], ...] = (), work_root: Path = DEFAULT_WORK_ROOT) -> InstanceSpec:
     decl = model.decl
     iid = instance_id(decl.name, gpus)
-    ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent)
+    ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
+                        work_dir=work_root / iid)
     launch = model.kind.launch(model.options, ctx, decl.env)
     default = model.kind.default_health(model.options)
     h = decl.health
@@ -104,6 +110,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int) -> Instanc
         backend=decl.backend,
         gpus=gpus,
         port=port,
+        extra_ports=extra_ports,
         uses_port=port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env)),
         enabled=decl.enabled,
         launch=launch,
@@ -144,6 +151,7 @@ def resolve(
     parsed: dict[str, ModelSpec | list[ConfigError]],
     previous: Catalog,
     assign_port: PortAssigner,
+    work_root: Path = DEFAULT_WORK_ROOT,
 ) -> Catalog:
     """Settle names and ports across files and expand every model into its instances.
 
@@ -196,7 +204,14 @@ def resolve(
                     continue
             else:
                 port = instance_port(model.decl.port, gpus)
-            catalog.instances[iid] = make_instance(model, gpus, port)
+            try:
+                extra = tuple((name, assign_port(f"{iid}#{name}", reserved))
+                              for name in model.kind.extra_ports(model.options))
+            except PortRangeExhausted as exc:
+                errors.setdefault(str(model.source), []).append(
+                    ConfigError(str(model.source), f"instance {iid}: {exc}", key="port", loc=("port",), type="conflict"))
+                continue
+            catalog.instances[iid] = make_instance(model, gpus, port, extra, work_root)
     catalog.errors = {f: e for f, e in errors.items() if e}
     return catalog
 

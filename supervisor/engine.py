@@ -57,6 +57,7 @@ class Engine:
             "docker": DockerRunner(scope_of(state_dir)),
         }
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
+        self.work_root = state_dir.absolute() / "work"  # per-instance generated files
         self.services = InstanceServices(
             runners=self.runners,
             bus=self.bus,
@@ -130,7 +131,7 @@ class Engine:
             except FileNotFoundError:
                 log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
                 return Plan()
-            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign)
+            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root)
             self.parsed = parsed
             return self._apply(catalog, reason)
 
@@ -141,7 +142,7 @@ class Engine:
             parsed.pop(str(path), None)
         else:
             parsed[str(path)] = candidate
-        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign)
+        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root)
         return catalog.errors.get(str(path), [])
 
     def _apply(self, catalog: Catalog, reason: str) -> Plan:

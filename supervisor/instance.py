@@ -440,9 +440,15 @@ class Instance:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
             # A run of ours that survived a supervisor restart holds the port legitimately.
             if spec.uses_port and not await runner.adoptable(spec.launch, spec.id):
-                holder = await self.services.port_holder(spec.port)
-                if holder is not None:
-                    raise LaunchError(f"port {spec.port} is already in use by {holder}")
+                for port in [spec.port, *(p for _, p in spec.extra_ports)]:
+                    holder = await self.services.port_holder(port)
+                    if holder is not None:
+                        raise LaunchError(f"port {port} is already in use by {holder}")
+            for step in spec.launch.prepare:
+                try:
+                    await asyncio.to_thread(step.run)
+                except (ValueError, OSError) as exc:
+                    raise LaunchError(f"preparing the launch failed: {exc}") from None
             await asyncio.to_thread(self.log_file.mark, f"starting {spec.id}: {spec.launch.describe()}")
             # From here on a process may exist that only this task knows about: the actor must
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.

@@ -28,7 +28,8 @@ class Plan:
 
 
 def _resources(spec: InstanceSpec) -> set[tuple[str, int]]:
-    return {("gpu", g) for g in spec.gpus} | ({("port", spec.port)} if spec.port else set())
+    ports = ([spec.port] if spec.port else []) + [port for _, port in spec.extra_ports]
+    return {("gpu", g) for g in spec.gpus} | {("port", p) for p in ports}
 
 
 def plan(desired: Mapping[str, InstanceSpec], actual: Mapping[str, InstanceSpec]) -> Plan:

@@ -103,9 +103,10 @@ class PortAllocator:
         return copy
 
     def release_unused(self, live_ids: set[str]) -> None:
-        """Forget assignments of instances that no longer exist, once the range runs short."""
+        """Forget assignments of instances that no longer exist, once the range runs short.
+        Keys are instance ids, or "<instance id>#<name>" for a kind's extra ports."""
         if len(self.assigned) > (self.end - self.start + 1) // 2:
-            self.assigned = {i: p for i, p in self.assigned.items() if i in live_ids}
+            self.assigned = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
             self._save()
 
     def _save(self) -> None:

@@ -14,7 +14,7 @@ HEALTH = ResolvedHealth("none", None, 1, 1, 1, 1, 1)
 
 def spec(iid: str, gpus=(), port=1000, launch="a", policy="p") -> InstanceSpec:
     return InstanceSpec(
-        id=iid, model=iid.split("@")[0], backend="process", gpus=tuple(gpus), port=port, uses_port=True,
+        id=iid, model=iid.split("@")[0], backend="process", gpus=tuple(gpus), port=port, uses_port=True, extra_ports=(),
         enabled=True, launch=ProcessLaunch(("x",)), health=HEALTH, restart=RestartSpec(), stop=StopSpec(),
         source=Path("f.toml"), launch_hash=launch, policy_hash=policy,
     )

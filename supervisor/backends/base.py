@@ -11,7 +11,7 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -28,9 +28,18 @@ class LaunchContext:
     port: int
     here: Path  # directory of the declaration file: relative paths are resolved against it
     python: str = sys.executable
+    #: More ports the kind asked for (`extra_ports`), by name: placeholders `{port_<name>}`.
+    extra_ports: tuple[tuple[str, int], ...] = ()
+    #: A directory of the supervisor's own for this instance (generated files live there).
+    work_dir: Path = Path("state/work/unknown")
+
+    def port_of(self, name: str) -> int:
+        return dict(self.extra_ports)[name]
 
     def placeholders(self) -> dict[str, str]:
         return {
+            **{f"port_{name}": str(port) for name, port in self.extra_ports},
+            "work_dir": str(self.work_dir),
             "port": str(self.port),
             "gpus": ",".join(str(g) for g in self.gpus),
             "gpu_count": str(len(self.gpus)),
@@ -90,6 +99,14 @@ def instance_env(ctx: LaunchContext, declared: dict[str, str]) -> dict[str, str]
     return env
 
 
+class PrepareStep(Protocol):
+    """Work done (in a thread) right before each launch, e.g. generating config files into the
+    instance's work dir. A frozen dataclass: its fields are part of the plan's fingerprint.
+    Raises ValueError or OSError with a message a user can act on (a failed start)."""
+
+    def run(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessLaunch:
     """Run `argv` (no shell) in `cwd` with the supervisor's environment plus `env`."""
@@ -97,10 +114,12 @@ class ProcessLaunch:
     argv: tuple[str, ...]
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    prepare: tuple[PrepareStep, ...] = ()
     runner: ClassVar[str] = "process"
 
     def fingerprint(self) -> dict:
-        return {"runner": self.runner, "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.env)}
+        return {"runner": self.runner, "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.env),
+                "prepare": [repr(step) for step in self.prepare]}
 
     def describe(self) -> str:
         return " ".join(self.argv)
@@ -128,6 +147,7 @@ class ContainerLaunch:
     ulimits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard)
     workdir: str | None = None
     pull: str = "missing"  # "missing" | "never" | "always"
+    prepare: tuple[PrepareStep, ...] = ()
     runner: ClassVar[str] = "docker"
 
     def fingerprint(self) -> dict:
@@ -137,6 +157,7 @@ class ContainerLaunch:
             "ports": [list(p) for p in self.ports], "volumes": [list(v) for v in self.volumes],
             "shm_size": self.shm_size, "ipc_mode": self.ipc_mode, "user": self.user,
             "ulimits": [list(u) for u in self.ulimits], "workdir": self.workdir,
+            "prepare": [repr(step) for step in self.prepare],
         }
 
     def describe(self) -> str:
@@ -173,6 +194,11 @@ class BackendKind(ABC):
     @abstractmethod
     def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:
         """The plan for one instance. `env` is the declaration's `env` table, unexpanded."""
+
+    def extra_ports(self, options: BaseModel) -> tuple[str, ...]:
+        """Names of more ports each instance needs beyond `{port}` (e.g. Triton's grpc and
+        metrics): each gets an automatic port of its own, as `{port_<name>}`."""
+        return ()
 
     def listens(self, options: BaseModel, env: dict[str, str]) -> bool:
         """Whether the backend binds its `{port}`: if so the port is checked before each start."""

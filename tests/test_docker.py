@@ -97,8 +97,9 @@ async def test_docker_kill_is_noticed_and_restarted_with_backoff(engine: Engine,
     await inst.wait_for(lambda i: i.state == State.RUNNING and i.restarts == 1, timeout=30)
     backoff, starting = [t for t in inst.history if t.to_state in (State.BACKOFF, State.STARTING)][-2:]
     assert (starting.at - backoff.at).total_seconds() >= 0.29
+    await wait_until(lambda: len(containers_of(client, "killed@cpu")) == 1)  # the dead one is removed
     (again,) = containers_of(client, "killed@cpu")
-    assert again.id != container.id
+    assert again.id != container.id and inst.pid == again.attrs["State"]["Pid"]
 
 
 async def test_stop_uses_the_stop_timeout(engine: Engine, conf_dir: Path, client: Any) -> None:
@@ -127,7 +128,8 @@ async def test_bad_image_is_reported_and_leaves_nothing(engine: Engine, conf_dir
     failure = noexec.history[-1]
     assert "exit code 127" in failure.reason
     assert any("no-such-program" in line for line in failure.log_tail), failure.log_tail
-    assert containers_of(client, "ghost@cpu") == [] and containers_of(client, "noexec@cpu") == []
+    assert containers_of(client, "ghost@cpu") == []
+    await wait_until(lambda: containers_of(client, "noexec@cpu") == [])  # the dead one is removed
 
 
 async def test_gpu_request_without_nvidia_runtime_fails_cleanly(engine: Engine, conf_dir: Path, client: Any) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from ..backends.base import ContainerLaunch
@@ -66,6 +67,18 @@ def _explain(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _timestamp(rfc3339: str | None) -> float | None:
+    """Docker's StartedAt ("2026-11-27T10:00:00.123456789Z") as a UNIX time, or None."""
+    if not rfc3339 or rfc3339.startswith("0001-"):
+        return None
+    main, _, frac = rfc3339.rstrip("Z").partition(".")
+    try:
+        seconds = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+    return seconds + (float("0." + frac[:6]) if frac else 0.0) - 0.001
+
+
 def _status_from_code(code: int | None) -> ExitStatus:
     if code is None or code < 0:
         return ExitStatus()
@@ -81,6 +94,14 @@ class _Started:
     pid: int | None
     adopted: bool
     started_at: str | None
+    running: bool = True
+    exit_code: int | None = None
+
+    @classmethod
+    def from_attrs(cls, container_id: str, name: str, adopted: bool, attrs: dict) -> _Started:
+        state = attrs.get("State", {})
+        return cls(container_id, name, state.get("Pid") or None, adopted, state.get("StartedAt"),
+                   bool(state.get("Running")), state.get("ExitCode"))
 
 
 class DockerHandle:
@@ -119,9 +140,11 @@ class DockerHandle:
         return await self.wait()
 
     async def cleanup(self, signum: int, timeout: float) -> None:
-        """After the container exited by itself: remove it so its name is free."""
+        """After the container exited by itself: remove it, in the background (a restart
+        need not wait: the next launch removes a leftover of the same name itself)."""
         if not self._stopping:
-            await self.runner.forget(self)
+            await self.runner.flush_logs(self)
+            self.runner.forget_later(self)
 
     def record(self) -> dict:
         return {"kind": "docker", "container": self.container_id, "name": self.name, "pid": self.pid}
@@ -143,6 +166,8 @@ class DockerRunner:
         self._closing = threading.Event()
         self._reason: str | None = None
         self._log_threads: dict[str, threading.Thread] = {}
+        self._background: set[asyncio.Task] = set()
+        self._removing: dict[str, asyncio.Task] = {}  # container name -> its removal under way
 
     # -- plumbing ------------------------------------------------------------------------------
     def _client(self) -> Any:
@@ -186,27 +211,33 @@ class DockerRunner:
             return False
 
     def _adoptable_sync(self, plan: ContainerLaunch, instance_id: str) -> bool:
-        if self._ping() is not None:
-            return False
         state = self._client().api.inspect_container(container_name(self.scope, instance_id))
         labels = state.get("Config", {}).get("Labels") or {}
         return bool(state.get("State", {}).get("Running")) and labels.get(LABEL_HASH) == plan_hash(plan)
 
     async def launch(self, plan: ContainerLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15) -> DockerHandle:
         self._loop = asyncio.get_running_loop()
-        reason = await self.check()
-        if reason is not None:
-            raise LaunchError(reason)
         await self._ensure_events()
-        info = await self.call(self._launch_sync, plan, instance_id, stop_signal)
+        removal = self._removing.pop(container_name(self.scope, instance_id), None)
+        if removal is not None:  # the previous run's container must be gone before we reuse its name
+            await asyncio.gather(removal, return_exceptions=True)
+        try:
+            info = await self.call(self._launch_sync, plan, instance_id, stop_signal)
+        except LaunchError:
+            raise
+        except ImportError:
+            raise LaunchError("the docker Python package is not installed") from None
+        except Exception as exc:  # no daemon, or a daemon error: the reason is the failure
+            self._reason = f"Docker daemon not reachable: {_explain(exc)}"
+            self._local.client = None
+            raise LaunchError(self._reason) from None
+        self._reason = None
         handle = DockerHandle(self, info, stop_signal)
         self._handles[info.id] = handle
         if info.id in self._early_deaths:
             handle._exited(_status_from_code(self._early_deaths.pop(info.id)))
-        else:  # it may have died before the events stream saw it as ours
-            state = await self.call(self._state, info.id)
-            if state is not None and not state.get("Running", False):
-                handle._exited(_status_from_code(state.get("ExitCode")))
+        elif not info.running:  # it died before the events stream saw it as ours
+            handle._exited(_status_from_code(info.exit_code))
         self._follow_logs(info, log_file)
         if info.adopted:
             log.info("%s: adopted running container %s (%s)", instance_id, info.name, info.id[:12])
@@ -223,13 +254,10 @@ class DockerRunner:
             existing = client.containers.get(name)
         except docker.errors.NotFound:
             existing = None
-        except Exception as exc:
-            raise LaunchError(f"Docker daemon error: {_explain(exc)}") from None
         if existing is not None:
             labels = existing.labels or {}
-            if existing.status == "running" and labels.get(LABEL_HASH) == want:
-                state = existing.attrs.get("State", {})
-                return _Started(existing.id, name, state.get("Pid") or None, True, state.get("StartedAt"))
+            if labels.get(LABEL_HASH) == want and existing.status == "running":
+                return _Started.from_attrs(existing.id, name, True, existing.attrs)
             log.info("removing stale container %s (status %s, spec %s)", name, existing.status,
                      "changed" if labels.get(LABEL_HASH) != want else "same")
             with contextlib.suppress(docker.errors.NotFound):
@@ -273,8 +301,7 @@ class DockerRunner:
                 container.remove(force=True)
             raise LaunchError(f"container failed to start: {_explain(exc)}") from None
         container.reload()
-        state = container.attrs.get("State", {})
-        return _Started(container.id, name, state.get("Pid") or None, False, state.get("StartedAt"))
+        return _Started.from_attrs(container.id, name, False, container.attrs)
 
     def _ensure_image(self, client: Any, plan: ContainerLaunch) -> None:
         import docker
@@ -339,11 +366,22 @@ class DockerRunner:
         with contextlib.suppress(docker.errors.NotFound):
             self._client().api.remove_container(container_id, force=True)
 
+    def forget_later(self, handle: DockerHandle) -> None:
+        task = asyncio.ensure_future(self.forget(handle))
+        self._background.add(task)
+        self._removing[handle.name] = task
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t, n=handle.name: self._removing.pop(n) if self._removing.get(n) is t else None)
+
+    async def flush_logs(self, handle: DockerHandle) -> None:
+        """Let the container's last lines (often why it died) reach the log file."""
+        thread = self._log_threads.get(handle.container_id)
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 2.0)
+
     async def forget(self, handle: DockerHandle) -> None:
         self._handles.pop(handle.container_id, None)
-        thread = self._log_threads.get(handle.container_id)
-        if thread is not None:  # let the last lines (often the reason it died) reach the log
-            await asyncio.get_running_loop().run_in_executor(None, thread.join, 2.0)
+        await self.flush_logs(handle)
         try:
             await self.call(self._remove_sync, handle.container_id)
         except Exception as exc:
@@ -409,7 +447,8 @@ class DockerRunner:
 
     # -- logs -------------------------------------------------------------------------------------
     def _follow_logs(self, info: _Started, log_file: LogFile) -> None:
-        since = int(time.time()) if info.adopted else None
+        # From this run's start only: a restarted (or adopted) container has older output.
+        since = time.time() if info.adopted else _timestamp(info.started_at)
         thread = threading.Thread(target=self._copy_logs, args=(info.id, log_file, since),
                                   name=f"docker-logs-{info.name}", daemon=True)
         self._log_threads[info.id] = thread
@@ -435,6 +474,8 @@ class DockerRunner:
 
     # -- shutdown ---------------------------------------------------------------------------------
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         self._closing.set()
         stream = self._events_stream
         if stream is not None:

@@ -37,6 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 PEERS_ADD_MS = {"supervisord": 160.0, "circus": 91.0}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def toml(name: str, arg: str = "3600") -> str:
     return f'name = "{name}"\nbackend = "process"\ncommand = ["sleep", "{arg}"]\n[stop]\ntimeout = 2.0\n'
 
@@ -50,8 +58,10 @@ def drop(conf: Path, name: str, text: str) -> None:
 class Serve:
     def __init__(self, conf: Path, state: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
+        self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state)],
+            [sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
+             "--port", str(self.port)],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         self.ps = psutil.Process(self.proc.pid)
@@ -117,8 +127,8 @@ def measure(samples: int, burst: int) -> dict:
     serve = Serve(conf, state)
     add_child, add_running, edit_child, edit_running, delete_gone = [], [], [], [], []
     try:
-        serve.wait_line("supervising 0 instance(s)")
-        time.sleep(1.5)  # the watcher is live after its first tick
+        serve.wait_line("Starting worker")  # Sanic: the engine and its watcher are up
+        time.sleep(0.5)
         for i in range(samples):
             name = f"s{i:03d}"
             before = serve.children()

@@ -50,9 +50,42 @@ def read_file(path: Path, registry: Registry, defaults: Defaults) -> ModelSpec |
         return exc.errors
 
 
-def read_dir(conf_dir: Path, registry: Registry, defaults: Defaults) -> dict[str, ModelSpec | list[ConfigError]]:
-    """Parse every declaration file; raises FileNotFoundError if the directory is missing."""
-    return {str(path): read_file(path, registry, defaults) for path in declaration_files(conf_dir)}
+Signature = tuple[int, int, int, int]
+ParseCache = dict[str, tuple[Signature, "ModelSpec | list[ConfigError]"]]
+
+
+def signature(path: Path) -> Signature | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+
+def read_dir(conf_dir: Path, registry: Registry, defaults: Defaults,
+             cache: ParseCache | None = None) -> dict[str, ModelSpec | list[ConfigError]]:
+    """Parse every declaration file; raises FileNotFoundError if the directory is missing.
+
+    With `cache`, a file whose stat signature (mtime, ctime, size, inode) is unchanged is not
+    read again: the periodic full resync then costs a stat per file, not a parse.
+    """
+    out: dict[str, ModelSpec | list[ConfigError]] = {}
+    seen = set()
+    for path in declaration_files(conf_dir):
+        key = str(path)
+        seen.add(key)
+        sig = signature(path) if cache is not None else None
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None and sig is not None and cached[0] == sig:
+            out[key] = cached[1]
+            continue
+        out[key] = read_file(path, registry, defaults)
+        if cache is not None and sig is not None:
+            cache[key] = (sig, out[key])
+    if cache is not None:
+        for key in set(cache) - seen:
+            del cache[key]
+    return out
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:

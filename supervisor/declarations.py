@@ -164,7 +164,7 @@ def parse_declaration(
     if decl is not None and kind is not None and options is not None:
         # Expand every template once now, so a bad placeholder is a load error with its key
         # instead of a launch failure discovered later in a crash loop.
-        for gpus in decl.gpu_sets() or [()]:  # a model with no instance is still checked
+        for gpus in decl.sample_gpu_sets() or [()]:  # a model with no instance is still checked
             extra = tuple((name, 1) for name in kind.extra_ports(options))
             ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=extra)
             try:

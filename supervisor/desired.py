@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .backends.base import LaunchContext, LaunchPlan
 from .declarations import ConfigError, ModelSpec
+from .placement import NO_FACTS, Claim, GpuClaims, GpuFacts, PlacementError, check_exists, place
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 
 
@@ -131,6 +132,8 @@ class Catalog:
     instances: dict[str, InstanceSpec] = field(default_factory=dict)  # by instance id
     errors: dict[str, list[ConfigError]] = field(default_factory=dict)  # by file
     owners: dict[str, str] = field(default_factory=dict)  # model name -> file
+    gpu_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # model name -> one set per instance
+    placements: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "<model>#<n>" -> GPUs (gpus = "auto")
 
     def model_of_file(self, file: str) -> ModelSpec | None:
         for model in self.models.values():
@@ -152,11 +155,13 @@ def resolve(
     previous: Catalog,
     assign_port: PortAssigner,
     work_root: Path = DEFAULT_WORK_ROOT,
+    facts: GpuFacts = NO_FACTS,
 ) -> Catalog:
-    """Settle names and ports across files and expand every model into its instances.
+    """Settle names, ports and GPUs across files and expand every model into its instances.
 
     `parsed` maps each file present now to its fresh parse (a spec, or its errors). Files
-    absent from it were deleted: their models go. `previous` is the catalog in force.
+    absent from it were deleted: their models go. `previous` is the catalog in force (its
+    owners keep their names, ports and GPUs; its placements stay where they are).
     """
     errors: dict[str, list[ConfigError]] = {f: list(e) for f, e in parsed.items() if isinstance(e, list)}
     last_good = {str(m.source): m for m in previous.models.values()}
@@ -176,22 +181,34 @@ def resolve(
 
     catalog = Catalog()
     explicit: dict[int, str] = {}  # port -> instance id claiming it
+    claims = GpuClaims()
     for file in incumbents + newcomers:
         for model in candidates(file):
-            problems = _conflicts(model, catalog, explicit)
+            try:
+                sets = _gpu_sets(model, facts, claims, previous.placements)
+                problems = _conflicts(model, sets, catalog, explicit, claims)
+            except PlacementError as exc:
+                problems = [ConfigError(file, str(exc), key="gpus", loc=("gpus",), type="conflict")]
             if not problems:
                 catalog.models[model.name] = model
                 catalog.owners[model.name] = file
-                for gpus in model.decl.gpu_sets():
-                    if model.decl.port != "auto":
-                        explicit[instance_port(model.decl.port, gpus)] = instance_id(model.name, gpus)
+                catalog.gpu_sets[model.name] = sets
+                decl = model.decl
+                for replica, gpus in enumerate(sets):
+                    iid = instance_id(model.name, gpus)
+                    if decl.port != "auto":
+                        explicit[instance_port(decl.port, gpus)] = iid
+                    if gpus:
+                        claims.add(gpus, Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
+                    if decl.gpus == "auto":
+                        catalog.placements[f"{model.name}#{replica}"] = gpus
                 break
             if model is parsed[file]:
                 errors.setdefault(file, []).extend(problems)
 
     reserved = set(explicit)
     for model in catalog.models.values():
-        for gpus in model.decl.gpu_sets():
+        for gpus in catalog.gpu_sets[model.name]:
             iid = instance_id(model.name, gpus)
             if model.decl.port == "auto" and not _listens(model):
                 port = 0  # nothing listens: do not spend a port of the range on it
@@ -216,6 +233,26 @@ def resolve(
     return catalog
 
 
+def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims,
+              sticky: dict[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
+    decl = model.decl
+    if decl.gpus != "auto":
+        sets = decl.gpu_sets()
+        for gpus in sets:
+            check_exists(gpus, facts)
+        return sets
+    sets: list[tuple[int, ...]] = []
+    trial = GpuClaims()  # this model's own instances may not land on one another's GPUs
+    trial.by_gpu = {g: list(c) for g, c in claims.by_gpu.items()}
+    for replica in range(decl.instances):
+        gpus = place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial,
+                     sticky.get(f"{model.name}#{replica}"))
+        trial.add(gpus, Claim(instance_id(model.name, gpus), str(model.source), decl.share_gpus,
+                              decl.min_free_memory_mb))
+        sets.append(gpus)
+    return sets
+
+
 def _listens(model: ModelSpec) -> bool:
     health = model.decl.health.type or model.kind.default_health(model.options).type
     return health != "none" or model.kind.listens(model.options, model.decl.env)
@@ -225,7 +262,8 @@ def _name_of(model: ModelSpec | None) -> str | None:
     return model.name if model is not None else None
 
 
-def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> list[ConfigError]:
+def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, explicit: dict[int, str],
+               claims: GpuClaims) -> list[ConfigError]:
     file = str(model.source)
     if model.name in catalog.models:
         other = catalog.owners[model.name]
@@ -233,7 +271,7 @@ def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> 
                             key="name", loc=("name",), type="conflict")]
     problems = []
     if model.decl.port != "auto":
-        for gpus in model.decl.gpu_sets():
+        for gpus in sets:
             port = instance_port(model.decl.port, gpus)
             if not 1 <= port <= 65535:
                 problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus)} would get port {port}, out of range",
@@ -250,4 +288,14 @@ def _conflicts(model: ModelSpec, catalog: Catalog, explicit: dict[int, str]) -> 
                         type="conflict",
                     )
                 )
+    for gpus in sets:
+        held = claims.blocking(gpus, model.decl.share_gpus)
+        if held is not None:
+            gpu, claim = held
+            problems.append(ConfigError(
+                file,
+                f"GPU {gpu} is already held by instance {claim.instance} ({claim.file}); an instance holds its GPUs "
+                "alone unless every instance on it sets share_gpus = true",
+                key="gpus", loc=("gpus",), type="conflict"))
+            break
     return problems

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import json
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .declarations import ConfigError, ModelSpec
 from .desired import Catalog, resolve
 from .events import EventBus
 from .instance import Instance, InstanceServices, PrestartCheck
+from .placement import NO_FACTS, GpuFacts
 from .plan import Plan, plan
 from .ports import PortAllocator, describe_holder, port_is_free
 from .procscan import ProcessTable
@@ -66,8 +69,12 @@ class Engine:
             port_holder=self._port_holder,
             prestart=list(prestart or []),
         )
-        self.catalog = Catalog()
+        self.catalog = Catalog(placements=self._load_placements())
+        #: What placement may know about the GPUs; the GPU tracker replaces this when it starts.
+        self.gpu_facts: Callable[[], GpuFacts] = lambda: NO_FACTS
         self.parsed: dict[str, ModelSpec | list[ConfigError]] = {}  # the last read of conf.d/
+        self._parse_cache: confd.ParseCache = {}
+        self._last_inputs: tuple[dict[str, ModelSpec | list[ConfigError]], frozenset[int] | None] | None = None
         self.instances: dict[str, Instance] = {}
         self.removing: dict[str, Instance] = {}  # removed from the catalog, still stopping
         self.last_reload: dict[str, Any] | None = None
@@ -127,13 +134,28 @@ class Engine:
             if self._closing:
                 return Plan()
             try:
-                parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults)
+                parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults,
+                                                 self._parse_cache)
             except FileNotFoundError:
                 log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
                 return Plan()
-            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root)
+            facts = self.gpu_facts()
+            if self._unchanged(parsed, facts):
+                return Plan()  # a resync that found nothing new: nothing to settle again
+            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts)
+            self._last_inputs = (dict(parsed), facts.known)
             self.parsed = parsed
+            if catalog.placements != self.catalog.placements:
+                await asyncio.to_thread(self._save_placements, catalog.placements)
             return self._apply(catalog, reason)
+
+    def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], facts: GpuFacts) -> bool:
+        """Same parse results (the very same objects), same GPUs, and nothing waiting on either."""
+        if self._last_inputs is None or self.catalog.errors:
+            return False
+        last_parsed, last_known = self._last_inputs
+        return (last_known == facts.known and last_parsed.keys() == parsed.keys()
+                and all(parsed[k] is last_parsed[k] for k in parsed))
 
     def check_candidate(self, path: Path, candidate: ModelSpec | None) -> list[ConfigError]:
         """The conflicts (names, ports, GPUs) that writing `candidate` to `path` would cause."""
@@ -142,7 +164,7 @@ class Engine:
             parsed.pop(str(path), None)
         else:
             parsed[str(path)] = candidate
-        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root)
+        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts())
         return catalog.errors.get(str(path), [])
 
     def _apply(self, catalog: Catalog, reason: str) -> Plan:
@@ -185,6 +207,23 @@ class Engine:
             self.bus.publish("reconcile", self.last_reload)
         self.ports.release_unused(set(self.instances))
         return steps
+
+    def _load_placements(self) -> dict[str, tuple[int, ...]]:
+        path = self.settings.state_dir / "placements.json"
+        try:
+            return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, OSError, AttributeError, TypeError) as exc:
+            log.warning("ignoring unreadable GPU placements in %s: %s", path, exc)
+            return {}
+
+    def _save_placements(self, placements: dict[str, tuple[int, ...]]) -> None:
+        path = self.settings.state_dir / "placements.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".placements.json.tmp")
+        tmp.write_text(json.dumps({k: list(v) for k, v in sorted(placements.items())}, indent=1))
+        os.replace(tmp, path)
 
     def _removed(self, iid: str, inst: Instance) -> None:
         if self.removing.get(iid) is inst:

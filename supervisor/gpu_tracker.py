@@ -1,29 +1,64 @@
-"""GPU truth joined with the engine: which instance owns which GPU process, and strays.
+"""GPU truth joined with the engine: ownership of GPU processes, strays, GPU-gated restarts.
 
-The GPU monitor samples in its own thread; after each sample this tracker (on the event
+The GPU monitor samples in its own thread. After each sample, this tracker (on the event
 loop) scans /proc in a thread and attributes every GPU process to the instance whose process
-tree holds it. API handlers and metrics read the results (`gpu_infos`, `instance_gpu`)
-and never wait for NVML or a scan.
+tree (or container) holds it; the rest are strays, reported and, where the policy says so,
+killed. API handlers and metrics read the results and never wait for NVML or a scan.
+
+Before an instance is (re)started on its GPUs, `gate` waits until the processes of its
+previous run are gone from them and their memory is free again, up to
+`gpu_release_timeout`: restarting into memory a dead worker still holds is the OOM loop
+this exists to prevent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
+from . import kill
+from .desired import InstanceSpec
 from .engine import Engine
 from .gpu.model import GpuSnapshot
-from .gpu.monitor import GpuMonitor
+from .gpu.monitor import GpuMonitor, GpuMonitorStopped
 from .gpu.sources import GpuUnavailable, NoGpuSource, open_source
+from .instance import Instance
 from .kill import owner_of
+from .placement import GpuFacts
 from .procscan import ProcInfo, scan
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+FIRST_SAMPLE_TIMEOUT = 10.0
+
 NOT_STARTED = GpuSnapshot(source="none", devices=(), reason="GPU monitoring has not started", sampled_at=None,
                           sample_seconds=None, simulated=False)
+
+
+@dataclass
+class _Stray:
+    pid: int
+    gpu: int
+    name: str | None
+    user: str | None
+    memory_mib: int | None
+    first_seen: float
+    action: str = "reported"  # "reported" | "allowed" | "killing" | "killed" | "kill failed"
+
+
+@dataclass
+class _LastRun:
+    """What an instance's processes held, per GPU, when last seen."""
+
+    pids: set[int]
+    memory_mib: dict[int, int]
 
 
 class GpuTracker:
@@ -32,12 +67,16 @@ class GpuTracker:
         self.settings = settings
         self.monitor: GpuMonitor | None = None
         self.owners: dict[int, str] = {}  # GPU pid -> instance id, as of the last attribution
-        self.attributed: GpuSnapshot = NOT_STARTED
+        self.attributed: GpuSnapshot = NOT_STARTED  # the sample `owners` belongs to
         self.version = 0  # bumped after every attribution (views cache per version)
+        self.stray_list: dict[tuple[int, int], _Stray] = {}  # (gpu, pid) -> stray
+        self.last_run: dict[str, _LastRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
-        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        engine.services.prestart.append(self.gate)
 
+    # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
@@ -48,21 +87,47 @@ class GpuTracker:
             source, reason = NoGpuSource(exc.reason), exc.reason
         if reason:
             log.info("GPU monitoring: %s", reason)
-        self.monitor = GpuMonitor(source, self.settings.gpu_sample_interval)
+        # Nothing to sample without a source: one sample, then none (no wake-ups for nothing).
+        interval = self.settings.gpu_sample_interval if source.name != "none" else 24 * 3600.0
+        self.monitor = GpuMonitor(source, interval)
         self.monitor.add_listener(self._on_sample_thread)
         await asyncio.to_thread(self.monitor.start)
+        if source.name != "none":  # placement and GPU checks need a first sample
+            try:
+                await self.monitor.wait_for_sample(timeout=FIRST_SAMPLE_TIMEOUT)
+            except (asyncio.TimeoutError, GpuMonitorStopped):
+                log.warning("no GPU sample within %s s; GPU checks wait for one", FIRST_SAMPLE_TIMEOUT)
+        self.engine.gpu_facts = self.facts
 
     async def stop(self) -> None:
         if self.monitor is not None:
             await asyncio.to_thread(self.monitor.stop)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def snapshot(self) -> GpuSnapshot:
         return self.monitor.snapshot() if self.monitor is not None else NOT_STARTED
 
-    # -- attribution -----------------------------------------------------------------------------
+    def _view(self) -> GpuSnapshot:
+        """The sample the ownership data belongs to (views never mix two samples)."""
+        return self.attributed if self.attributed is not NOT_STARTED else self.snapshot()
+
+    def facts(self) -> GpuFacts:
+        """What placement may know about the GPUs (see `supervisor.placement`)."""
+        snap = self._view()
+        if snap.source == "none" or snap.sampled_at is None:
+            return GpuFacts.unknown(snap.reason or "no GPU sample yet")
+        used: dict[str, dict[int, int]] = {}
+        for d in snap.devices:
+            for p in d.processes:
+                owner = self.owners.get(p.pid)
+                if owner is not None and p.used_memory_mib:
+                    per_gpu = used.setdefault(owner, {})
+                    per_gpu[d.index] = per_gpu.get(d.index, 0) + p.used_memory_mib
+        return GpuFacts(frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices}, used)
+
+    # -- attribution and strays --------------------------------------------------------------------
     def _on_sample_thread(self, snapshot: GpuSnapshot) -> None:
         """Runs in the sampler thread: hand over to the loop."""
         if self._loop is not None and not self._loop.is_closed():
@@ -72,30 +137,140 @@ class GpuTracker:
         if self._pending:
             return  # one attribution at a time; the next sample catches up
         self._pending = True
-        self._task = asyncio.ensure_future(self._attribute(snapshot))
+        self._spawn(self._attribute(snapshot))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _attribute(self, snapshot: GpuSnapshot) -> None:
         try:
             pids = snapshot.pids()
-            table: dict[int, ProcInfo] = await asyncio.to_thread(scan) if pids else {}
             roots = {iid: inst.pid for iid, inst in self.engine.instances.items() if inst.pid is not None}
-            self.owners = {pid: owner for pid in pids if (owner := owner_of(pid, table, roots)) is not None}
+            table: dict[int, ProcInfo] = await asyncio.to_thread(scan) if pids else {}
+            owners = {pid: owner for pid in pids if (owner := owner_of(pid, table, roots)) is not None}
+            self.owners = owners
             self.attributed = snapshot
             self.version += 1
+            self._remember_runs(snapshot)
+            await self._handle_strays(snapshot, table)
         except Exception:
             log.exception("GPU attribution failed")
         finally:
             self._pending = False
 
+    def _remember_runs(self, snapshot: GpuSnapshot) -> None:
+        seen: dict[str, _LastRun] = {}
+        for d in snapshot.devices:
+            for p in d.processes:
+                owner = self.owners.get(p.pid)
+                if owner is not None:
+                    run = seen.setdefault(owner, _LastRun(set(), {}))
+                    run.pids.add(p.pid)
+                    run.memory_mib[d.index] = run.memory_mib.get(d.index, 0) + (p.used_memory_mib or 0)
+        self.last_run.update(seen)  # kept after the run ends: the gate needs it then
+
+    async def _handle_strays(self, snapshot: GpuSnapshot, table: dict[int, ProcInfo]) -> None:
+        s = self.settings
+        now = time.monotonic()
+        current = {(d.index, p.pid): p for d in snapshot.devices for p in d.processes if p.pid not in self.owners}
+        for key in list(self.stray_list):
+            if key not in current:
+                del self.stray_list[key]
+        new = [key for key in current if key not in self.stray_list]
+        users = await asyncio.to_thread(_users, [pid for _, pid in new]) if new else {}
+        for gpu, pid in new:
+            p = current[(gpu, pid)]
+            stray = _Stray(pid, gpu, p.name, users.get(pid), p.used_memory_mib, now)
+            allowed = (p.name and os.path.basename(p.name) in s.strays_allow_names) or (
+                stray.user is not None and stray.user in s.strays_allow_users)
+            stray.action = "allowed" if allowed else "reported"
+            self.stray_list[(gpu, pid)] = stray
+            log.warning("stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no instance%s",
+                        pid, p.name or "?", stray.user or "?", gpu, p.used_memory_mib,
+                        " (allow-listed)" if allowed else "")
+            self.engine.bus.publish("stray", {"pid": pid, "gpu": gpu, "name": p.name, "user": stray.user,
+                                              "memory_mib": p.used_memory_mib, "allowed": bool(allowed)})
+        for stray in self.stray_list.values():
+            policy = s.strays_per_gpu.get(stray.gpu, s.strays)
+            if policy == "kill" and stray.action == "reported" and now - stray.first_seen >= s.strays_kill_after:
+                for other in self.stray_list.values():  # one process may hold several GPUs
+                    if other.pid == stray.pid and other.action == "reported":
+                        other.action = "killing"
+                self._spawn(self._kill_stray(stray, table))
+
+    async def _kill_stray(self, stray: _Stray, table: dict[int, ProcInfo]) -> None:
+        facts = kill.facts_for(stray.pid, table, {}, {stray.pid})
+        verdict = kill.judge(facts, force=False)
+        if not verdict.allowed:
+            log.error("not killing stray pid %s: %s", stray.pid, verdict.reason)
+            stray.action = "kill refused"
+            return
+        log.warning("killing stray GPU process pid %s (%s) on GPU %s (strays = \"kill\")", stray.pid, stray.name, stray.gpu)
+        try:
+            how = await kill.terminate(stray.pid, 5.0)
+            for other in self.stray_list.values():
+                if other.pid == stray.pid:
+                    other.action = "killed"
+            self.engine.bus.publish("stray_killed", {"pid": stray.pid, "gpu": stray.gpu, "how": how})
+        except (ProcessLookupError, PermissionError) as exc:
+            stray.action = "kill failed"
+            log.error("killing stray pid %s failed: %s", stray.pid, exc)
+
+    # -- GPU-gated restart ---------------------------------------------------------------------------
+    async def gate(self, inst: Instance, spec: InstanceSpec) -> None:
+        """Before a start on GPUs: wait until the previous run's processes and memory are gone."""
+        last = self.last_run.pop(spec.id, None)
+        if last is None or not spec.gpus or self.monitor is None:
+            return
+        timeout = self.settings.gpu_release_timeout
+        deadline = time.monotonic() + timeout
+        snap = self.snapshot()
+        began = time.monotonic()
+        while True:
+            holding = self._still_held(snap, spec.gpus, last)
+            if not holding:
+                waited = time.monotonic() - began
+                if waited > 0.01:
+                    log.info("%s: GPU memory of the previous run released after %.2f s", spec.id, waited)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("%s: starting anyway after %g s; still held on its GPUs: %s", spec.id, timeout,
+                            "; ".join(holding))
+                return
+            log.info("%s: waiting for GPU memory of the previous run to be released (%s)", spec.id, "; ".join(holding))
+            try:
+                snap = await self.monitor.wait_for_sample(after=snap.sampled_at, timeout=remaining)
+            except (asyncio.TimeoutError, GpuMonitorStopped):
+                continue
+
+    @staticmethod
+    def _still_held(snap: GpuSnapshot, gpus: tuple[int, ...], last: _LastRun) -> list[str]:
+        held = []
+        for gpu in gpus:
+            device = snap.device(gpu)
+            if device is None:
+                continue
+            lingering = [p for p in device.processes if p.pid in last.pids]
+            if lingering:
+                held.append(f"GPU {gpu}: pid " + ", ".join(f"{p.pid} ({p.used_memory_mib} MiB)" for p in lingering))
+                continue
+            need = last.memory_mib.get(gpu, 0)
+            free = device.memory_free_mib
+            if need and free is not None and free < need:
+                others = ", ".join(f"pid {p.pid} {p.name or '?'} {p.used_memory_mib} MiB" for p in device.processes)
+                held.append(f"GPU {gpu}: {free} MiB free of the {need} MiB the previous run held"
+                            + (f" (in use: {others})" if others else ""))
+        return held
+
+    # -- views ---------------------------------------------------------------------------------------
     def gpu_pids(self) -> set[int]:
         return set(self.snapshot().pids())
 
-    def owner(self, pid: int) -> str | None:
-        return self.owners.get(pid)
-
-    # -- views -------------------------------------------------------------------------------------
     def gpu_infos(self) -> list[dict[str, Any]]:
-        snap = self.snapshot()
+        snap = self._view()
         sampled = snap.sampled_at.isoformat() if snap.sampled_at else None
         out = []
         for d in snap.devices:
@@ -128,7 +303,7 @@ class GpuTracker:
         procs = []
         total = 0
         known = False
-        for d in self.snapshot().devices:
+        for d in self._view().devices:
             for p in d.processes:
                 if self.owners.get(p.pid) == instance_id:
                     procs.append({"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
@@ -139,9 +314,17 @@ class GpuTracker:
         return {"memory_mib": total if known else (0 if not procs else None), "processes": procs}
 
     def strays(self) -> list[dict[str, Any]]:
-        out = []
-        for d in self.snapshot().devices:
-            for p in d.processes:
-                if p.pid not in self.owners:
-                    out.append({"gpu": d.index, "pid": p.pid, "name": p.name, "gpu_memory_usage": p.used_memory_mib})
-        return out
+        policy = self.settings
+        return [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,
+                 "policy": policy.strays_per_gpu.get(s.gpu, policy.strays), "action": s.action}
+                for s in sorted(self.stray_list.values(), key=lambda s: (s.gpu, s.pid))]
+
+
+def _users(pids: list[int]) -> dict[int, str | None]:
+    out: dict[int, str | None] = {}
+    for pid in pids:
+        try:
+            out[pid] = psutil.Process(pid).username()
+        except (psutil.Error, KeyError):
+            out[pid] = None
+    return out

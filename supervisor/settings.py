@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     gpu_source: Literal["auto", "nvml", "simulated", "none"] = "auto"
     gpu_simulated_file: Path | None = None
     gpu_sample_interval: Annotated[float, Field(gt=0)] = 1.0
+    #: GPU processes that belong to no instance: "report" them, or "kill" them (after
+    #: `strays_kill_after` seconds), per GPU with `strays_per_gpu = {3 = "kill"}`.
+    strays: Literal["report", "kill"] = "report"
+    strays_per_gpu: dict[int, Literal["report", "kill"]] = {}
+    strays_allow_names: list[str] = []  # process names never killed (e.g. "Xorg")
+    strays_allow_users: list[str] = []  # users whose processes are never killed
+    strays_kill_after: Annotated[float, Field(ge=0)] = 30.0
+    #: Before a restart on a GPU, wait this long for the previous run's memory to be released.
+    gpu_release_timeout: Annotated[float, Field(ge=0)] = 60.0
     api_token: SecretStr | None = None
     api_token_file: Path | None = None
 

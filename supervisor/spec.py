@@ -116,7 +116,14 @@ class Declaration(StrictModel):
     backend: str
     description: str = ""
     enabled: bool = True
-    gpus: list[GpuEntry] | Literal["none"] = "none"
+    gpus: list[GpuEntry] | Literal["none", "auto"] = "none"
+    #: With gpus = "auto": how many instances, how many GPUs each, and the free memory (MiB)
+    #: a GPU needs to be chosen (counting what other declared instances will still need).
+    instances: Annotated[int, Field(ge=1, le=1024)] = 1
+    gpus_per_instance: Annotated[int, Field(ge=1, le=64)] = 1
+    min_free_memory_mb: Annotated[int, Field(ge=0)] = 0
+    #: By default an instance holds its GPUs alone; instances that all set this may share one.
+    share_gpus: bool = False
     port: Port | Literal["auto"] = "auto"
     env: dict[str, str] = {}
     restart: RestartSpec = RestartSpec()
@@ -139,9 +146,9 @@ class Declaration(StrictModel):
     def _gpu_sets_are_disjoint(cls, value: object) -> object:
         # Checked by hand before the type check: a union's default errors list every
         # alternative ("should be a list", "should be 'none'") and bury the real problem.
-        if value == "none":
+        if value in ("none", "auto"):
             return value
-        shape = 'a list of GPU indices (e.g. [0, 2]; [[0, 1]] for one instance on two GPUs) or "none"'
+        shape = 'a list of GPU indices (e.g. [0, 2]; [[0, 1]] for one instance on two GPUs), "auto" or "none"'
         if not isinstance(value, list):
             raise ValueError(f"must be {shape}, got {value!r}")
         seen: set[int] = set()
@@ -174,11 +181,28 @@ class Declaration(StrictModel):
                 raise ValueError(f"{key} is set by the supervisor from `gpus`; remove it from env")
         return value
 
+    @model_validator(mode="after")
+    def _auto_only_keys(self) -> Declaration:
+        if self.gpus != "auto":
+            for key in ("instances", "gpus_per_instance"):
+                if key in self.model_fields_set:
+                    raise ValueError(f'{key} only applies with gpus = "auto" (list the GPUs of each instance instead)')
+        return self
+
     def gpu_sets(self) -> list[tuple[int, ...]]:
-        """One tuple per instance; `()` is the single CPU-only instance of `gpus = "none"`."""
+        """One tuple per instance; `()` is the single CPU-only instance of `gpus = "none"`.
+        With `gpus = "auto"` the GPUs are chosen at run time (`supervisor.placement`)."""
+        if self.gpus == "auto":
+            raise ValueError('gpus = "auto": the GPU sets come from placement')
         if self.gpus == "none":
             return [()]
         return [(entry,) if isinstance(entry, int) else tuple(entry) for entry in self.gpus]
+
+    def sample_gpu_sets(self) -> list[tuple[int, ...]]:
+        """GPU sets of the right shape, for checking a declaration before any placement."""
+        if self.gpus == "auto":
+            return [tuple(range(self.gpus_per_instance))] * self.instances
+        return self.gpu_sets()
 
 
 #: Keys of `Declaration`; every other top-level key belongs to the backend kind.

@@ -100,9 +100,9 @@ def create_app(
         app.ctx.closing = asyncio.Event()
         if handle_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, engine)
+        await tracker.start()  # first: GPU checks and placement need the first sample
         if manage_engine:
             await engine.start(watch=True)
-        await tracker.start()
 
     @app.after_server_start
     async def honour_early_signals(app: Sanic, _loop: Any = None) -> None:

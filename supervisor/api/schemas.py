@@ -43,6 +43,16 @@ class GPUInfo(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict, description="fields the driver could not provide, and why")
 
 
+class StrayProcess(BaseModel):
+    pid: int
+    gpu: int
+    name: str | None = None
+    user: str | None = None
+    gpu_memory_usage: int | None = None
+    policy: str = Field(description='"report" or "kill"')
+    action: str = Field(description="reported, allowed (allow-listed), killing, killed, kill refused, kill failed")
+
+
 class KillProcessResponse(BaseModel):
     pid: int
     status: str = Field(description='"killed" once the process is gone')
@@ -181,7 +191,7 @@ class ErrorBody(BaseModel):
 
 
 COMPONENTS = [
-    GPUProcess, GPUInfo, KillProcessResponse, StartRequest, StopRequest, ModelInstanceInfo, ModelStatusItem,
+    GPUProcess, GPUInfo, StrayProcess, KillProcessResponse, StartRequest, StopRequest, ModelInstanceInfo, ModelStatusItem,
     ConfigErrorItem, ModelSummary, Declaration, DeleteResult, ReloadResult, Health, Welcome, ValidationErrorItem,
     ValidationErrorBody, ErrorBody,
 ]

@@ -70,10 +70,14 @@ class Registry:
 
 
 def builtin_kinds() -> list[BackendKind]:
+    from .comfyui import ComfyUIKind
     from .docker import DockerKind
     from .process import ProcessKind
+    from .textgen import TextgenKind
+    from .triton import TritonKind
+    from .vllm import VllmKind
 
-    return [ProcessKind(), DockerKind()]
+    return [ProcessKind(), DockerKind(), TritonKind(), ComfyUIKind(), VllmKind(), TextgenKind()]
 
 
 def default_registry(load_plugins: bool = True) -> Registry:

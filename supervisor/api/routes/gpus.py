@@ -7,7 +7,7 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from ..schemas import GPUInfo
+from ..schemas import GPUInfo, StrayProcess
 from . import responses
 
 bp = Blueprint("gpus", url_prefix="/api/v1")
@@ -24,3 +24,14 @@ bp = Blueprint("gpus", url_prefix="/api/v1")
 )
 async def list_gpus(request: Request) -> HTTPResponse:
     return json_response(request.app.ctx.gpus.gpu_infos())
+
+
+@bp.get("/gpus/strays")
+@openapi.definition(
+    summary="GPU processes that belong to no supervised instance",
+    description="With the policy (report or kill) that applies on their GPU and what was done about them.",
+    tag="GPU and processes",
+    response=responses({200: ([StrayProcess], "strays, by GPU")}),
+)
+async def list_strays(request: Request) -> HTTPResponse:
+    return json_response(request.app.ctx.gpus.strays())

@@ -1,0 +1,83 @@
+"""The `textgen` preset: oobabooga's text-generation-webui serving its OpenAI-compatible API.
+
+    python server.py --api --api-port {port} --nowebui [--model M] [extra args]
+
+Flags as read in the project's `modules/shared.py` (argparse) and `modules/api/script.py`
+(`run_server`): without `--listen` the API binds 127.0.0.1 only (`--listen-host` is ignored
+unless `--listen` is given, so it is not passed); `--nowebui` starts the API alone, after the
+model is loaded (server.py), so the API answering means the model is ready. With
+`webui = true` the Gradio UI runs too, on its own port (`--listen-port {port_ui}`), also bound
+to 127.0.0.1 unless `listen = true`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from ..spec import StrictModel
+from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from .preset import NonEmpty, executable, expand_all, local_path, reject_flags
+
+OWNED_FLAGS = {
+    "--api-port": "port",
+    "--listen-port": "webui (the ui port)",
+    "--nowebui": "webui",
+    "--listen": "listen",
+    "--listen-host": "listen",
+    "--model": "model",
+}
+
+TextgenArg = Annotated[str, AfterValidator(reject_flags(OWNED_FLAGS))]
+
+
+class TextgenOptions(StrictModel):
+    #: The text-generation-webui checkout (the directory with server.py); relative to this file.
+    textgen_path: NonEmpty
+    #: Its interpreter (usually installer_files/env/bin/python or a venv's); bare name: PATH.
+    python: NonEmpty = "python3"
+    #: The model to load at start (a name under its models directory); default: none.
+    model: NonEmpty | None = None
+    #: Also serve the Gradio UI, on an extra automatic port `{port_ui}`.
+    webui: bool = False
+    #: Listen on every interface (text-generation-webui's --listen) instead of 127.0.0.1.
+    listen: bool = False
+    extra_args: list[TextgenArg] = []
+
+
+def _uses_api_key(options: TextgenOptions) -> bool:
+    return any(arg.split("=", 1)[0] == "--api-key" for arg in options.extra_args)
+
+
+class TextgenKind(BackendKind):
+    name = "textgen"
+    options_model = TextgenOptions
+
+    def default_health(self, options: TextgenOptions) -> DefaultHealth:  # type: ignore[override]
+        # Every API route checks --api-key, and the probe sends no key: with a key, readiness is
+        # the API port accepting connections (it opens only after the model is loaded).
+        if _uses_api_key(options):
+            return DefaultHealth("tcp")
+        return DefaultHealth("http", "/v1/models")
+
+    def extra_ports(self, options: TextgenOptions) -> tuple[str, ...]:  # type: ignore[override]
+        return ("ui",) if options.webui else ()
+
+    def listens(self, options: TextgenOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+        return True
+
+    def launch(self, options: TextgenOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+        argv = [executable(options.python, ctx, "python"), "server.py", "--api", "--api-port", str(ctx.port)]
+        argv += ["--listen-port", str(ctx.port_of("ui"))] if options.webui else ["--nowebui"]
+        if options.listen:
+            argv.append("--listen")
+        if options.model is not None:
+            argv += ["--model", expand(options.model, ctx, "model")]
+        argv += expand_all(options.extra_args, ctx, "extra_args")
+        environment = instance_env(ctx, env)
+        # OPENEDAI_PORT, when set, wins over --api-port (modules/api/script.py): one inherited
+        # from the supervisor's environment would move the API away from {port}.
+        environment["OPENEDAI_PORT"] = str(ctx.port)
+        return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.textgen_path, ctx, "textgen_path"),
+                             env=tuple(sorted(environment.items())))

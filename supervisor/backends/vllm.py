@@ -1,0 +1,65 @@
+"""The `vllm` preset: `vllm serve MODEL --host HOST --port {port} --tensor-parallel-size N`.
+
+N is the number of GPUs of the instance (`gpus = [[0, 1]]` -> 2), so tensor parallelism
+always matches the GPUs the supervisor gave it; a CPU-only instance gets no such flag.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from ..spec import StrictModel
+from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from .preset import BindAddress, NonEmpty, executable, expand_all, reject_flags
+
+OWNED_FLAGS = {
+    "--host": "host",
+    "--port": "port",
+    "--tensor-parallel-size": "gpus (the instance's GPU count)",
+    "-tp": "gpus (the instance's GPU count)",
+    "--model": "model",
+    "--served-model-name": "served_model_name",
+}
+
+VllmArg = Annotated[str, AfterValidator(reject_flags(OWNED_FLAGS))]
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class VllmOptions(StrictModel):
+    #: A Hugging Face id ("Qwen/Qwen2.5-7B-Instruct") or a local directory. Only values that
+    #: start with / ./ ../ or ~ are paths (relative to the declaration file): "org/name" is an id.
+    model: NonEmpty
+    #: The `vllm` program; a bare name is looked up on PATH, a path is relative to this file.
+    vllm: NonEmpty = "vllm"
+    host: BindAddress = "127.0.0.1"
+    #: The name clients use in requests; default: vLLM's (the model id or path).
+    served_model_name: NonEmpty | None = None
+    extra_args: list[VllmArg] = []
+
+
+class VllmKind(BackendKind):
+    name = "vllm"
+    options_model = VllmOptions
+
+    def default_health(self, options: VllmOptions) -> DefaultHealth:  # type: ignore[override]
+        # vLLM's API server only starts answering once the engine has loaded the weights.
+        return DefaultHealth("http", "/health")
+
+    def listens(self, options: VllmOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+        return True
+
+    def launch(self, options: VllmOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+        model = expand(options.model, ctx, "model")
+        if model.startswith(_PATH_PREFIXES):
+            model = ctx.resolve_path(model)
+        argv = [executable(options.vllm, ctx, "vllm"), "serve", model,
+                "--host", options.host, "--port", str(ctx.port)]
+        if ctx.gpus:
+            argv += ["--tensor-parallel-size", str(len(ctx.gpus))]
+        if options.served_model_name is not None:
+            argv += ["--served-model-name", expand(options.served_model_name, ctx, "served_model_name")]
+        argv += expand_all(options.extra_args, ctx, "extra_args")
+        return ProcessLaunch(argv=tuple(argv), env=tuple(sorted(instance_env(ctx, env).items())))

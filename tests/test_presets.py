@@ -1,0 +1,754 @@
+"""The backend presets (triton, comfyui, vllm, textgen) as users get them: declarations written
+as TOML files, loaded and resolved the real way, and the exact plan each instance runs.
+
+The servers themselves are not installed here, so the end-to-end tests run tiny stand-ins
+(stdlib HTTP servers answering the preset's readiness path) through a real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from supervisor.backends.base import ContainerLaunch, ProcessLaunch
+from supervisor.backends.registry import default_registry
+from supervisor.backends.triton import DEFAULT_IMAGE, TritonRepositoryOverlay
+from supervisor.confd import read_dir
+from supervisor.declarations import Defaults
+from supervisor.desired import Catalog, InstanceSpec, resolve
+from supervisor.engine import Engine
+from supervisor.ports import PortAllocator
+from supervisor.states import State
+
+from .conftest import PY, alive, wait_until
+
+REGISTRY = default_registry(load_plugins=False)
+AUTO_START = 30000  # first automatic port: extra ports (grpc, metrics, ui) come from here
+
+
+def load(conf_dir: Path, work_root: Path) -> Catalog:
+    parsed = read_dir(conf_dir, REGISTRY, Defaults())
+    ports = PortAllocator(AUTO_START, AUTO_START + 999, is_free=lambda _p: True)
+    return resolve(parsed, Catalog(), ports.assign, work_root)
+
+
+def instances(tmp_path: Path, text: str) -> dict[str, InstanceSpec]:
+    """Load one declaration (which must be valid) and return its instances by id."""
+    conf = tmp_path / "conf.d"
+    conf.mkdir(exist_ok=True)
+    (conf / "decl.toml").write_text(textwrap.dedent(text))
+    catalog = load(conf, tmp_path / "work")
+    assert not catalog.errors, catalog.errors
+    return catalog.instances
+
+
+def errors(tmp_path: Path, text: str) -> list[tuple[str | None, str]]:
+    conf = tmp_path / "conf.d"
+    conf.mkdir(exist_ok=True)
+    path = conf / "bad.toml"
+    path.write_text(textwrap.dedent(text))
+    catalog = load(conf, tmp_path / "work")
+    return [(e.key, e.message) for e in catalog.errors.get(str(path), [])]
+
+
+def env_of(plan: ProcessLaunch | ContainerLaunch) -> dict[str, str]:
+    return dict(plan.env)
+
+
+def gpu_env(visible: str) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": visible or "void"}
+
+
+def assert_env(plan: ProcessLaunch, expected: dict[str, str]) -> None:
+    env = env_of(plan)
+    assert {k: env.get(k) for k in expected} == expected
+
+
+# --- triton ---------------------------------------------------------------------------------
+
+
+def test_triton_docker_single_gpu_exact_container(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "MAM"
+        backend = "triton"
+        gpus = [3]
+        port = 9000
+        model_repository = "repo"
+    """).values()
+    repo = str((tmp_path / "conf.d" / "repo").resolve())
+    overlay = str(tmp_path / "work" / "MAM@gpu3" / "model_repository")
+    grpc, metrics = dict(inst.extra_ports)["grpc"], dict(inst.extra_ports)["metrics"]
+    assert inst.port == 9003 and {grpc, metrics} == {AUTO_START, AUTO_START + 1}
+    assert inst.launch == ContainerLaunch(
+        image=DEFAULT_IMAGE,
+        command=("tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=MAM"),
+        env=(("CUDA_DEVICE_ORDER", "PCI_BUS_ID"), ("MODEL_SUPERVISOR_INSTANCE", "MAM@gpu3"),
+             ("MODEL_SUPERVISOR_PORT", "9003"), ("NVIDIA_VISIBLE_DEVICES", "3")),
+        gpus=(3,),
+        network="bridge",
+        # weakness 15: published on 127.0.0.1 only
+        ports=(("127.0.0.1", 9003, 8000), ("127.0.0.1", grpc, 8001), ("127.0.0.1", metrics, 8002)),
+        volumes=((repo, repo, "ro"), (overlay, "/models", "ro")),
+        shm_size="2g",
+        prepare=(TritonRepositoryOverlay(repository=repo, overlay=overlay, models=(("MAM", 1),), gpus=(0,),
+                                         instance="MAM@gpu3"),),
+    )
+    assert (inst.health.type, inst.health.path) == ("http", "/v2/health/ready")  # weakness 29
+    assert inst.uses_port
+
+
+def test_triton_docker_tensor_parallel_gpus_are_renumbered_for_the_server(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "MAM"
+        backend = "triton"
+        gpus = [[2, 3]]
+        model_repository = "/srv/triton"
+        models = ["MAM", "FastFitAll"]
+        instances_per_gpu = {MAM = 8}
+        bind_address = "0.0.0.0"
+        shm_size = "8g"
+        ipc = "host"
+        user = "1000:1000"
+        pull = "never"
+        image = "registry.local/triton:{name}"
+        volumes = ["cache:/cache", "/data:/data:ro"]
+        ulimits = {memlock = -1, stack = 67108864}
+        extra_args = ["--log-verbose=1", "--id={instance}"]
+    """).values()
+    plan = inst.launch
+    assert isinstance(plan, ContainerLaunch)
+    assert plan.image == "registry.local/triton:MAM"
+    assert plan.command == ("tritonserver", "--model-repository=/models", "--model-control-mode=explicit",
+                            "--load-model=MAM", "--load-model=FastFitAll", "--log-verbose=1", "--id=MAM@gpu2-3")
+    assert plan.gpus == (2, 3)  # the device request: host GPUs
+    (step,) = plan.prepare
+    assert step.gpus == (0, 1)  # config.pbtxt: the same GPUs as the container numbers them
+    assert step.models == (("MAM", 8), ("FastFitAll", 1))
+    assert env_of(plan)["NVIDIA_VISIBLE_DEVICES"] == "2,3" and "CUDA_VISIBLE_DEVICES" not in env_of(plan)
+    assert [p[0] for p in plan.ports] == ["0.0.0.0"] * 3
+    assert plan.volumes[:2] == ((str(tmp_path / "conf.d" / "cache"), "/cache", "rw"), ("/data", "/data", "ro"))
+    assert plan.volumes[2] == ("/srv/triton", "/srv/triton", "ro")
+    assert (plan.shm_size, plan.ipc_mode, plan.user, plan.pull) == ("8g", "host", "1000:1000", "never")
+    assert plan.ulimits == (("memlock", -1, -1), ("stack", 67108864, 67108864))
+
+
+def test_triton_docker_host_network_binds_the_ports_itself(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "MAM"
+        backend = "triton"
+        gpus = [0]
+        port = 9000
+        network = "host"
+        model_repository = "/srv/triton"
+    """).values()
+    grpc, metrics = dict(inst.extra_ports)["grpc"], dict(inst.extra_ports)["metrics"]
+    assert inst.launch.ports == ()
+    assert inst.launch.network == "host"
+    assert inst.launch.command == (
+        "tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=MAM",
+        "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
+
+
+def test_triton_process_mode(tmp_path: Path) -> None:
+    found = instances(tmp_path, """
+        name = "MAM"
+        backend = "triton"
+        mode = "process"
+        tritonserver = "/opt/tritonserver/bin/tritonserver"
+        gpus = [[0, 1], [4]]
+        port = 9000
+        model_repository = "repo"
+        instances_per_gpu = 2
+    """)
+    tp, single = found["MAM@gpu0-1"], found["MAM@gpu4"]
+    overlay = str(tmp_path / "work" / "MAM@gpu0-1" / "model_repository")
+    grpc, metrics = dict(tp.extra_ports)["grpc"], dict(tp.extra_ports)["metrics"]
+    assert tp.launch.argv == (
+        "/opt/tritonserver/bin/tritonserver", f"--model-repository={overlay}", "--model-control-mode=explicit",
+        "--load-model=MAM", "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
+    assert tp.launch.cwd is None
+    assert_env(tp.launch, gpu_env("0,1"))
+    # CUDA_VISIBLE_DEVICES=0,1 renumbers them 0..1 for the server: config.pbtxt says 0, 1
+    assert tp.launch.prepare[0].gpus == (0, 1) and tp.launch.prepare[0].models == (("MAM", 2),)
+    assert_env(single.launch, gpu_env("4"))
+    assert single.port == 9004 and single.launch.prepare[0].gpus == (0,)
+    assert single.launch.prepare[0].overlay == str(tmp_path / "work" / "MAM@gpu4" / "model_repository")
+
+
+def test_triton_cpu_only_instance(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "cpu-model"
+        backend = "triton"
+        mode = "process"
+        model_repository = "/srv/triton"
+    """).values()
+    assert inst.id == "cpu-model@cpu" and inst.port == AUTO_START
+    assert inst.launch.argv[0] == "tritonserver"
+    assert_env(inst.launch, gpu_env(""))
+    assert inst.launch.prepare[0].gpus == ()
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ('name = "m"\nbackend = "triton"\n', "model_repository", "required key is missing"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nmodels = ["ok", "../x"]\n', "models[1]",
+     "not a valid model name"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nmodels = ["a", "a"]\n', "models", "listed twice"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nmodels = []\n', "models", "at least 1"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nextra_args = ["-v", "--http-port=1"]\n',
+     "extra_args[1]", "--http-port is set by the supervisor"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nextra_args = ["--load-model", "x"]\n',
+     "extra_args[0]", "--load-model is set by the supervisor (from models)"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\ninstances_per_gpu = {other = 2}\n',
+     "instances_per_gpu", "'other' is not one of the models loaded (m)"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\ninstances_per_gpu = 0\n', "instances_per_gpu",
+     "must be a number of instances (>= 1) or a table of them by model, e.g. {MAM = 8, FastFitAll = 1}; got 0"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\ninstances_per_gpu = {m = 1.5}\n',
+     "instances_per_gpu", "got 1.5 for 'm'"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\ninstances_per_gpu = {"a/b" = 1}\n',
+     "instances_per_gpu", "'a/b' is not a valid model name"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nmode = "process"\nimage = "x"\n', "image",
+     'image applies to mode = "docker" only'),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\ntritonserver = "/bin/t"\n', "tritonserver",
+     'tritonserver applies to mode = "process" only'),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nbind_address = "10.1.2.3"\n', "bind_address",
+     "checks readiness on 127.0.0.1"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nshm_size = "2 GB"\n', "shm_size", "not a size"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nvolumes = ["a:b"]\n', "volumes",
+     "container path must be absolute"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nulimits = {bogus = 1}\n', "ulimits", "unknown ulimit"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "/r"\nvolumes = ["/a:/a", "/x:/models"]\n', "volumes[1]",
+     "'/x:/models' collides with the model repository mounts"),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nnetwork = "none"\n', "network", ""),
+    ('name = "m"\nbackend = "triton"\nmodel_repository = "r"\nextra_args = ["{nope}"]\n', "extra_args[0]",
+     "unknown placeholder {nope}"),
+], ids=["missing-repository", "bad-model-name", "duplicate-model", "no-models", "owned-port-flag",
+        "owned-load-model", "instances-of-unknown-model", "zero-instances", "fractional-instances",
+        "bad-name-in-instances", "docker-key-in-process-mode",
+        "process-key-in-docker-mode", "unreachable-bind-address", "bad-shm-size", "bad-volume", "bad-ulimit",
+        "volume-on-models",
+        "no-network", "unknown-placeholder"])
+def test_triton_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    found = errors(tmp_path, text)
+    assert any(k == key and words in message for k, message in found), found
+
+
+# --- triton: the overlay repository, built for real -----------------------------------------
+
+TEMPLATE = """\
+name: "MAM"
+backend: "python"
+max_batch_size: 8
+instance_group [
+  {
+    count: 2  # whatever the template said
+    kind: KIND_GPU
+    gpus: [ 0 ]
+  }
+]
+input [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+"""
+
+GENERATED = """\
+name: "MAM"
+backend: "python"
+max_batch_size: 8
+input [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+
+# instance_group generated by model-supervisor for MAM@gpu2-3
+instance_group [
+  {
+    count: 8
+    kind: KIND_GPU
+    gpus: [ 0, 1 ]
+  }
+]
+"""
+
+
+def make_repository(root: Path) -> Path:
+    repo = root / "repo"
+    (repo / "MAM" / "1").mkdir(parents=True)
+    (repo / "MAM" / "1" / "model.py").write_text("# the model\n")
+    (repo / "MAM" / "2").mkdir()
+    (repo / "MAM" / "labels.txt").write_text("cat\ndog\n")
+    (repo / "MAM" / "config.pbtxt.template").write_text(TEMPLATE)
+    (repo / "MAM" / "config.pbtxt").write_text("# an old generated file, ignored when a template exists\n")
+    (repo / "FastFitAll" / "1").mkdir(parents=True)
+    (repo / "FastFitAll" / "config.pbtxt").write_text('name: "FastFitAll"\nbackend: "onnxruntime"\n')
+    (repo / "Other" / "1").mkdir(parents=True)
+    return repo
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under `root` with its kind, mtime and content (or link target)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            out[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_dir():
+            out[str(path.relative_to(root))] = ("dir", st.st_mtime_ns)
+        else:
+            out[str(path.relative_to(root))] = ("file", st.st_mtime_ns, path.read_bytes())
+    return out
+
+
+def layout(root: Path) -> dict[str, tuple]:
+    """`tree` without the times: what a rebuild must reproduce exactly."""
+    return {k: (v[0], v[-1]) if v[0] != "dir" else ("dir",) for k, v in tree(root).items()}
+
+
+def overlay_step(tmp_path: Path, models: str = '["MAM", "FastFitAll"]') -> TritonRepositoryOverlay:
+    (inst,) = instances(tmp_path, f"""
+        name = "MAM"
+        backend = "triton"
+        gpus = [[2, 3]]
+        model_repository = "../repo"
+        models = {models}
+        instances_per_gpu = {{MAM = 8}}
+    """).values()
+    (step,) = inst.launch.prepare
+    return step
+
+
+def test_triton_overlay_repository(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    before = tree(repo)
+    step = overlay_step(tmp_path)
+    step.run()
+    overlay = Path(step.overlay)
+    assert overlay == tmp_path / "work" / "MAM@gpu2-3" / "model_repository"
+    assert sorted(p.name for p in overlay.iterdir()) == ["FastFitAll", "MAM"]  # only the listed models
+    mam = overlay / "MAM"
+    assert sorted(p.name for p in mam.iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    config = (mam / "config.pbtxt")
+    assert not config.is_symlink() and config.read_text() == GENERATED
+    assert config.read_text().count("instance_group [") == 1  # weakness 26: no duplicate block
+    for name in ("1", "2", "labels.txt"):
+        assert (mam / name).is_symlink() and os.readlink(mam / name) == str(repo / "MAM" / name)
+    assert (mam / "1" / "model.py").read_text() == "# the model\n"
+    # no template: the original config.pbtxt is used as it is
+    fast = overlay / "FastFitAll"
+    assert sorted(p.name for p in fast.iterdir()) == ["1", "config.pbtxt"]
+    assert os.readlink(fast / "config.pbtxt") == str(repo / "FastFitAll" / "config.pbtxt")
+    assert tree(repo) == before  # the user's repository is untouched
+
+
+def test_triton_overlay_rebuild_is_idempotent_and_drops_stale_entries(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    step = overlay_step(tmp_path)
+    step.run()
+    overlay = Path(step.overlay)
+    first = layout(overlay)
+    step.run()
+    assert layout(overlay) == first
+    assert (overlay / "MAM" / "config.pbtxt").read_text() == GENERATED
+    # a version directory removed from the repository and a model no longer listed disappear
+    (repo / "MAM" / "2").rmdir()
+    overlay_step(tmp_path, '["MAM"]').run()
+    assert sorted(p.name for p in overlay.iterdir()) == ["MAM"]
+    assert sorted(p.name for p in (overlay / "MAM").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+
+
+def test_triton_overlay_missing_model_fails_the_launch(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    before = tree(repo)
+    step = overlay_step(tmp_path, '["MAM", "Ghost"]')
+    with pytest.raises(ValueError, match=r"model 'Ghost' has no directory in .*repo \(it has: FastFitAll, MAM, Other\)"):
+        step.run()
+    assert not Path(step.overlay).exists()
+    assert tree(repo) == before
+
+
+def test_triton_overlay_missing_repository(tmp_path: Path) -> None:
+    step = overlay_step(tmp_path)
+    with pytest.raises(ValueError, match="model_repository .* is not a directory"):
+        step.run()
+
+
+def test_triton_overlay_cpu_instance_and_bad_template(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    step = TritonRepositoryOverlay(str(repo), str(tmp_path / "ov"), (("MAM", 3),), (), "MAM@cpu")
+    step.run()
+    text = (tmp_path / "ov" / "MAM" / "config.pbtxt").read_text()
+    assert text.endswith("instance_group [\n  {\n    count: 3\n    kind: KIND_CPU\n  }\n]\n")
+    (repo / "MAM" / "config.pbtxt.template").write_text('name: "MAM"\ninstance_group [ { count: 1 }\n')
+    with pytest.raises(ValueError, match="config.pbtxt.template: cannot read the instance_group on line 2"):
+        step.run()
+    assert (tmp_path / "ov" / "MAM" / "config.pbtxt").read_text() == text  # nothing half-written
+
+
+# --- comfyui --------------------------------------------------------------------------------
+
+
+def test_comfyui_single_gpu(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        gpus = [1]
+        port = 9100
+        comfyui_path = "/opt/ComfyUI"
+        python = "/opt/ComfyUI/venv/bin/python"
+    """).values()
+    assert inst.launch.argv == ("/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "9101")
+    assert inst.launch.cwd == "/opt/ComfyUI"
+    assert_env(inst.launch, {**gpu_env("1"), "MODEL_SUPERVISOR_PORT": "9101"})
+    assert (inst.health.type, inst.health.path) == ("http", "/system_stats")
+
+
+def test_comfyui_relative_paths_cpu_only_and_placeholders(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        port = 9100
+        comfyui_path = "../ComfyUI"
+        python = "venv/bin/python"
+        listen = "0.0.0.0"
+        extra_args = ["--output-directory", "{here}/out/{instance}", "--preview-size={port}"]
+    """).values()
+    conf = tmp_path / "conf.d"
+    assert inst.launch.argv == (str(conf / "venv" / "bin" / "python"), "main.py", "--listen", "0.0.0.0",
+                                "--port", "9100", "--cpu", "--output-directory", f"{conf}/out/faces@cpu",
+                                "--preview-size=9100")
+    assert inst.launch.cwd == str(tmp_path / "ComfyUI")
+    assert_env(inst.launch, gpu_env(""))
+
+
+def test_comfyui_default_interpreter_is_python3_from_path(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        gpus = [[0, 1]]
+        comfyui_path = "/opt/ComfyUI"
+    """).values()
+    assert inst.launch.argv[:2] == ("python3", "main.py") and "--cpu" not in inst.launch.argv
+    assert_env(inst.launch, gpu_env("0,1"))
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ('name = "m"\nbackend = "comfyui"\n', "comfyui_path", "required key is missing"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--lowvram", "--port", "1"]\n',
+     "extra_args[1]", "--port is set by the supervisor"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--cuda-device=1"]\n',
+     "extra_args[0]", "--cuda-device is set by the supervisor (from gpus)"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nlisten = "10.0.0.1"\n', "listen",
+     "checks readiness on 127.0.0.1"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nlisten = "localhost"\n', "listen", "not an IP address"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\npython = ""\n', "python", "at least 1"),
+], ids=["missing-path", "owned-port", "owned-cuda-device", "unreachable-listen", "listen-not-ip", "empty-python"])
+def test_comfyui_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    found = errors(tmp_path, text)
+    assert any(k == key and words in message for k, message in found), found
+
+
+# --- vllm -----------------------------------------------------------------------------------
+
+
+def test_vllm_single_gpu(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "qwen"
+        backend = "vllm"
+        gpus = [0]
+        port = 9200
+        model = "Qwen/Qwen2.5-7B-Instruct"
+    """).values()
+    assert inst.launch.argv == ("vllm", "serve", "Qwen/Qwen2.5-7B-Instruct", "--host", "127.0.0.1",
+                                "--port", "9200", "--tensor-parallel-size", "1")
+    assert inst.launch.cwd is None
+    assert_env(inst.launch, gpu_env("0"))
+    assert (inst.health.type, inst.health.path) == ("http", "/health")
+
+
+def test_vllm_tensor_parallel_follows_the_instance_gpus(tmp_path: Path) -> None:
+    found = instances(tmp_path, """
+        name = "llama"
+        backend = "vllm"
+        gpus = [[0, 1], [2, 3, 4, 5]]
+        port = 9200
+        model = "./weights/llama"
+        vllm = "/opt/vllm/bin/vllm"
+        host = "0.0.0.0"
+        served_model_name = "{name}"
+        extra_args = ["--max-model-len", "8192", "--download-dir={here}/hf"]
+    """)
+    conf = tmp_path / "conf.d"
+    a, b = found["llama@gpu0-1"], found["llama@gpu2-3-4-5"]
+    assert a.launch.argv == ("/opt/vllm/bin/vllm", "serve", str(conf / "weights" / "llama"), "--host", "0.0.0.0",
+                             "--port", "9200", "--tensor-parallel-size", "2", "--served-model-name", "llama",
+                             "--max-model-len", "8192", f"--download-dir={conf}/hf")
+    assert_env(a.launch, gpu_env("0,1"))
+    assert b.launch.argv[5:9] == ("--port", "9202", "--tensor-parallel-size", "4")
+    assert_env(b.launch, gpu_env("2,3,4,5"))
+
+
+def test_vllm_cpu_only_has_no_tensor_parallel_flag(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "tiny"
+        backend = "vllm"
+        model = "facebook/opt-125m"
+        env = { VLLM_CPU_KVCACHE_SPACE = "4" }
+    """).values()
+    assert inst.launch.argv == ("vllm", "serve", "facebook/opt-125m", "--host", "127.0.0.1", "--port", str(AUTO_START))
+    assert_env(inst.launch, {**gpu_env(""), "VLLM_CPU_KVCACHE_SPACE": "4"})
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ('name = "m"\nbackend = "vllm"\n', "model", "required key is missing"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--tensor-parallel-size=2"]\n', "extra_args[0]",
+     "--tensor-parallel-size is set by the supervisor (from gpus"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--dtype", "half", "-tp", "2"]\n', "extra_args[2]",
+     "-tp is set by the supervisor"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--tensor_parallel_size", "2"]\n', "extra_args[0]",
+     "--tensor-parallel-size is set by the supervisor"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--port", "1"]\n', "extra_args[0]",
+     "--port is set by the supervisor (from port)"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nhost = "192.168.1.2"\n', "host", "checks readiness on 127.0.0.1"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nserved_model_name = "{oops}"\n', "served_model_name",
+     "unknown placeholder {oops}"),
+], ids=["missing-model", "owned-tp", "owned-tp-short", "owned-tp-underscore", "owned-port", "unreachable-host",
+        "unknown-placeholder"])
+def test_vllm_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    found = errors(tmp_path, text)
+    assert any(k == key and words in message for k, message in found), found
+
+
+# --- textgen --------------------------------------------------------------------------------
+
+
+def test_textgen_api_only(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "chat"
+        backend = "textgen"
+        gpus = [[0, 1]]
+        port = 9300
+        textgen_path = "/opt/text-generation-webui"
+        model = "Qwen2.5-7B-Instruct-Q4_K_M.gguf"
+        extra_args = ["--ctx-size", "8192"]
+    """).values()
+    assert inst.launch.argv == ("python3", "server.py", "--api", "--api-port", "9300", "--nowebui",
+                                "--model", "Qwen2.5-7B-Instruct-Q4_K_M.gguf", "--ctx-size", "8192")
+    assert inst.launch.cwd == "/opt/text-generation-webui"
+    assert_env(inst.launch, {**gpu_env("0,1"), "OPENEDAI_PORT": "9300"})
+    assert (inst.health.type, inst.health.path) == ("http", "/v1/models")
+    assert inst.extra_ports == ()
+
+
+def test_textgen_with_web_ui_gets_a_second_port(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "chat"
+        backend = "textgen"
+        textgen_path = "tgw"
+        python = "{python}"
+        webui = true
+        listen = true
+        extra_args = ["--api-key", "secret-{name}"]
+    """).values()
+    ui = dict(inst.extra_ports)["ui"]
+    assert {inst.port, ui} == {AUTO_START, AUTO_START + 1}
+    assert inst.launch.argv == (sys.executable, "server.py", "--api", "--api-port", str(inst.port),
+                                "--listen-port", str(ui), "--listen", "--api-key", "secret-chat")
+    assert inst.launch.cwd == str(tmp_path / "conf.d" / "tgw")
+    assert_env(inst.launch, gpu_env(""))
+    assert inst.health.type == "tcp"  # every API route wants the key; the probe has none
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ('name = "m"\nbackend = "textgen"\n', "textgen_path", "required key is missing"),
+    ('name = "m"\nbackend = "textgen"\ntextgen_path = "t"\nextra_args = ["--api-port", "5000"]\n', "extra_args[0]",
+     "--api-port is set by the supervisor (from port)"),
+    ('name = "m"\nbackend = "textgen"\ntextgen_path = "t"\nextra_args = ["--listen-host=0.0.0.0"]\n',
+     "extra_args[0]", "--listen-host is set by the supervisor (from listen)"),
+    ('name = "m"\nbackend = "textgen"\ntextgen_path = "t"\nextra_args = ["--model", "x"]\n', "extra_args[0]",
+     "--model is set by the supervisor (from model)"),
+    ('name = "m"\nbackend = "textgen"\ntextgen_path = "t"\nwebui = "yes"\n', "webui", "valid boolean"),
+], ids=["missing-path", "owned-api-port", "owned-listen-host", "owned-model", "webui-not-bool"])
+def test_textgen_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    found = errors(tmp_path, text)
+    assert any(k == key and words in message for k, message in found), found
+
+
+# --- end to end: stand-ins for the real servers, run by a real engine ------------------------
+
+FAKE_SERVER = """
+import json, os, signal, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+args = sys.argv[1:]
+
+
+def value(flag):  # `--flag value` or `--flag=value`
+    for i, arg in enumerate(args):
+        if arg == flag:
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    raise SystemExit(f"no {flag} in {args}")
+
+
+port = int(value(os.environ["FAKE_PORT_FLAG"]))
+host = value(os.environ["FAKE_HOST_FLAG"]) if os.environ.get("FAKE_HOST_FLAG") else "127.0.0.1"
+keys = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "MODEL_SUPERVISOR_INSTANCE", "OPENEDAI_PORT"]
+record = {"argv": sys.argv, "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}
+repository = [a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")]
+if repository:  # the triton stand-in reports what the overlay holds when it starts
+    record["overlay"] = sorted(
+        os.path.join(d, f)[len(repository[0]) + 1:] for d, _, fs in os.walk(repository[0], followlinks=True) for f in fs)
+with open(os.environ["FAKE_RECORD"] + ".tmp", "w") as f:
+    json.dump(record, f)
+os.replace(os.environ["FAKE_RECORD"] + ".tmp", os.environ["FAKE_RECORD"])
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == os.environ["FAKE_READY_PATH"]
+        body = json.dumps({"ok": ok}).encode()
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *a):
+        print(fmt % a, flush=True)
+
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+ThreadingHTTPServer((host, port), Handler).serve_forever(poll_interval=0.1)
+"""
+
+
+def write_program(path: Path) -> Path:
+    """The stand-in as an executable script (a shebang line to this interpreter)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{PY}\n{FAKE_SERVER}")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def fake_env(record: Path, port_flag: str, ready_path: str, host_flag: str | None = None) -> str:
+    env = {"FAKE_RECORD": str(record), "FAKE_PORT_FLAG": port_flag, "FAKE_READY_PATH": ready_path}
+    if host_flag:
+        env["FAKE_HOST_FLAG"] = host_flag
+    return "env = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }"
+
+
+FAST = """
+[health]
+start_interval = 0.1
+[restart]
+initial_delay = 0.0
+jitter = 0.0
+"""
+
+
+async def run_until_running(engine: Engine, conf_dir: Path, text: str, iid: str) -> dict:
+    (conf_dir / "decl.toml").write_text(textwrap.dedent(text) + FAST)
+    await engine.start()
+    inst = engine.instances[iid]
+    try:
+        await inst.wait_state(State.RUNNING, timeout=20)
+    except TimeoutError:
+        raise AssertionError(f"{iid} never ran: {[(t.to_state, t.reason) for t in inst.history]}") from None
+    pid = inst.pid
+    assert pid is not None and alive(pid)
+    record_path = Path(dict(inst.spec.launch.env)["FAKE_RECORD"])
+    await wait_until(record_path.exists)
+    record = json.loads(record_path.read_text())
+    record["port"] = inst.spec.port
+    await inst.stop("test over")
+    assert inst.state == State.STOPPED and not alive(pid)
+    return record
+
+
+async def test_comfyui_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    comfy = tmp_path / "ComfyUI"
+    write_program(comfy / "main.py")
+    record = await run_until_running(engine, conf_dir, f"""
+        name = "faces"
+        backend = "comfyui"
+        gpus = [[1, 3]]
+        comfyui_path = "{comfy}"
+        python = "{{python}}"
+        {fake_env(tmp_path / "record.json", "--port", "/system_stats", "--listen")}
+    """, "faces@gpu1-3")
+    assert record["argv"] == ["main.py", "--listen", "127.0.0.1", "--port", str(record["port"])]
+    assert record["cwd"] == str(comfy)
+    assert record["env"]["CUDA_VISIBLE_DEVICES"] == "1,3" and record["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+async def test_vllm_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    vllm = write_program(tmp_path / "bin" / "vllm")
+    record = await run_until_running(engine, conf_dir, f"""
+        name = "qwen"
+        backend = "vllm"
+        gpus = [[0, 1]]
+        model = "Qwen/Qwen2.5-0.5B"
+        vllm = "{vllm}"
+        {fake_env(tmp_path / "record.json", "--port", "/health", "--host")}
+    """, "qwen@gpu0-1")
+    assert record["argv"] == [str(vllm), "serve", "Qwen/Qwen2.5-0.5B", "--host", "127.0.0.1",
+                              "--port", str(record["port"]), "--tensor-parallel-size", "2"]
+    assert record["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+async def test_textgen_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    tgw = tmp_path / "text-generation-webui"
+    write_program(tgw / "server.py")
+    record = await run_until_running(engine, conf_dir, f"""
+        name = "chat"
+        backend = "textgen"
+        gpus = [2]
+        textgen_path = "{tgw}"
+        python = "{{python}}"
+        {fake_env(tmp_path / "record.json", "--api-port", "/v1/models")}
+    """, "chat@gpu2")
+    assert record["argv"] == ["server.py", "--api", "--api-port", str(record["port"]), "--nowebui"]
+    assert record["cwd"] == str(tgw)
+    assert record["env"]["CUDA_VISIBLE_DEVICES"] == "2" and record["env"]["OPENEDAI_PORT"] == str(record["port"])
+
+
+async def test_triton_process_mode_runs_with_its_overlay(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    before = tree(repo)
+    server = write_program(tmp_path / "bin" / "tritonserver")
+    record = await run_until_running(engine, conf_dir, f"""
+        name = "MAM"
+        backend = "triton"
+        mode = "process"
+        tritonserver = "{server}"
+        gpus = [[2, 3]]
+        model_repository = "{repo}"
+        instances_per_gpu = 8
+        {fake_env(tmp_path / "record.json", "--http-port", "/v2/health/ready", "--http-address")}
+    """, "MAM@gpu2-3")
+    # the prepare step ran before the launch: the server found the generated config
+    assert record["overlay"] == ["MAM/1/model.py", "MAM/config.pbtxt", "MAM/labels.txt"]
+    overlay = tmp_path / "state" / "work" / "MAM@gpu2-3" / "model_repository"
+    assert (overlay / "MAM" / "config.pbtxt").read_text() == GENERATED
+    assert record["env"]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert tree(repo) == before
+
+
+async def test_triton_missing_model_directory_is_a_failed_start(engine: Engine, conf_dir: Path,
+                                                                tmp_path: Path) -> None:
+    repo = make_repository(tmp_path)
+    (conf_dir / "decl.toml").write_text(textwrap.dedent(f"""
+        name = "Ghost"
+        backend = "triton"
+        mode = "process"
+        tritonserver = "/nonexistent/tritonserver"
+        model_repository = "{repo}"
+    """) + FAST)
+    await engine.start()
+    inst = engine.instances["Ghost@cpu"]
+    await inst.wait_state(State.BACKOFF, State.FATAL, timeout=10)
+    reason = next(t.reason for t in inst.history if t.to_state in (State.BACKOFF, State.FATAL))
+    assert "preparing the launch failed: model 'Ghost' has no directory in" in reason, reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, handle_sighup=True, early_signals=early)
     app.run(host=settings.host, port=settings.port, single_process=True, motd=False, access_log=False)
     logging.getLogger("supervisor.serve").info("all instances stopped; bye")
-    return 0
+    # Every instance is stopped and every file closed: skip the interpreter's teardown of a
+    # few hundred modules and idle pool threads (about 130 ms), so a service manager waiting
+    # for us sees the exit as soon as the work is done.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _is_loopback(host: str) -> bool:

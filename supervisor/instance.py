@@ -449,7 +449,6 @@ class Instance:
                     await asyncio.to_thread(step.run)
                 except (ValueError, OSError) as exc:
                     raise LaunchError(f"preparing the launch failed: {exc}") from None
-            await asyncio.to_thread(self.log_file.mark, f"starting {spec.id}: {spec.launch.describe()}")
             # From here on a process may exist that only this task knows about: the actor must
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True

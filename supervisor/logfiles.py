@@ -28,12 +28,16 @@ class LogFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
+    @staticmethod
+    def marker(text: str) -> bytes:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return f"[model-supervisor {stamp}] {text}\n".encode()
+
     def mark(self, text: str) -> None:
         """Append one supervisor line, so a reader sees where each run begins and ends."""
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         fd = self.open_for_child()
         try:
-            os.write(fd, f"[model-supervisor {stamp}] {text}\n".encode())
+            os.write(fd, self.marker(text))
         finally:
             os.close(fd)
 

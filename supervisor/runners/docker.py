@@ -222,7 +222,7 @@ class DockerRunner:
         if removal is not None:  # the previous run's container must be gone before we reuse its name
             await asyncio.gather(removal, return_exceptions=True)
         try:
-            info = await self.call(self._launch_sync, plan, instance_id, stop_signal)
+            info = await self.call(self._launch_sync, plan, instance_id, stop_signal, log_file)
         except LaunchError:
             raise
         except ImportError:
@@ -243,13 +243,14 @@ class DockerRunner:
             log.info("%s: adopted running container %s (%s)", instance_id, info.name, info.id[:12])
         return handle
 
-    def _launch_sync(self, plan: ContainerLaunch, instance_id: str, stop_signal: int) -> _Started:
+    def _launch_sync(self, plan: ContainerLaunch, instance_id: str, stop_signal: int, log_file: LogFile) -> _Started:
         import docker
         from docker.types import DeviceRequest, Ulimit
 
         client = self._client()
         name = container_name(self.scope, instance_id)
         want = plan_hash(plan)
+        log_file.mark(f"starting {instance_id}: {plan.describe()}")
         try:
             existing = client.containers.get(name)
         except docker.errors.NotFound:

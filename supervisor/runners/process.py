@@ -170,6 +170,9 @@ class ProcessRunner:
         env.update(plan.env)
         fd = log_file.open_for_child()
         try:
+            # The run's first line, through the very descriptor the child inherits: no extra
+            # open, and it lands before anything the child writes.
+            os.write(fd, log_file.marker(f"starting {instance_id}: {plan.describe()}"))
             popen = subprocess.Popen(
                 plan.argv,
                 cwd=plan.cwd,

@@ -36,9 +36,10 @@ def _status_table(items: list[dict[str, Any]]) -> str:
     for it in items:
         gpus = ",".join(str(g) for g in it["gpu_ids"]) or "-"
         reason = it.get("last_error") if it["state"] in ("BACKOFF", "FATAL") else it.get("reason")
+        mem = it.get("gpu_memory_mib")
         rows.append([it["instance_id"], it["state"], it["pid"] or "-", it["port"] or "-", gpus,
-                     _uptime(it.get("uptime")), it["restarts"], (reason or "")[:100]])
-    return table(rows, ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "UPTIME", "RESTARTS", "REASON"])
+                     f"{mem} MiB" if mem else "-", _uptime(it.get("uptime")), it["restarts"], (reason or "")[:100]])
+    return table(rows, ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "GPU MEM", "UPTIME", "RESTARTS", "REASON"])
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from .gpu.model import GpuSnapshot
 from .gpu.monitor import GpuMonitor, GpuMonitorStopped
 from .gpu.sources import GpuUnavailable, NoGpuSource, open_source
 from .instance import Instance
-from .kill import owner_of
+from .kill import owners_of
 from .placement import GpuFacts
 from .procscan import ProcInfo, scan
 from .settings import Settings
@@ -148,8 +148,7 @@ class GpuTracker:
         try:
             pids = snapshot.pids()
             roots = {iid: inst.pid for iid, inst in self.engine.instances.items() if inst.pid is not None}
-            table: dict[int, ProcInfo] = await asyncio.to_thread(scan) if pids else {}
-            owners = {pid: owner for pid in pids if (owner := owner_of(pid, table, roots)) is not None}
+            table, owners = await asyncio.to_thread(_scan_owners, pids, roots) if pids else ({}, {})
             self.owners = owners
             self.attributed = snapshot
             self.version += 1
@@ -328,3 +327,9 @@ def _users(pids: list[int]) -> dict[int, str | None]:
         except (psutil.Error, KeyError):
             out[pid] = None
     return out
+
+
+def _scan_owners(pids: frozenset[int], roots: dict[str, int]) -> tuple[dict[int, ProcInfo], dict[int, str]]:
+    """In a thread: the process table, and which instance owns each GPU pid."""
+    table = scan()
+    return table, owners_of(pids, table, roots)

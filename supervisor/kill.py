@@ -65,10 +65,29 @@ def ancestors(pid: int, table: dict[int, ProcInfo]) -> frozenset[int]:
 
 def owner_of(pid: int, table: dict[int, ProcInfo], instance_pids: dict[str, int]) -> str | None:
     """The instance whose process tree (descendants or process group) contains `pid`."""
-    for iid, root in instance_pids.items():
-        if pid == root or pid in tree(table, root, root):
-            return iid
-    return None
+    return owners_of([pid], table, instance_pids).get(pid)
+
+
+def owners_of(pids: list[int] | set[int] | frozenset[int], table: dict[int, ProcInfo],
+              instance_pids: dict[str, int]) -> dict[int, str]:
+    """For each pid, the instance that owns it: walks up from the pid through its parents,
+    and its process group, to an instance's main process. O(depth) per pid, not O(table)."""
+    roots = {root: iid for iid, root in instance_pids.items()}
+    owners: dict[int, str] = {}
+    for pid in pids:
+        current, hops = pid, 0
+        while current > 1 and hops < 64:
+            if current in roots:
+                owners[pid] = roots[current]
+                break
+            info = table.get(current)
+            if info is None:
+                break
+            if info.pgid in roots:  # a member of an instance's group whose parent already died
+                owners[pid] = roots[info.pgid]
+                break
+            current, hops = info.ppid, hops + 1
+    return owners
 
 
 async def terminate(pid: int, grace: float) -> str:

@@ -89,7 +89,7 @@ def test_status_start_stop_restart_logs_reload(served: Served) -> None:
     out = served.cli("status")
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.splitlines()[:2]
-    assert header.split() == ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "UPTIME", "RESTARTS", "REASON"]
+    assert header.split() == ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "GPU", "MEM", "UPTIME", "RESTARTS", "REASON"]
     assert row.split()[:2] == ["web@cpu", "RUNNING"]
     # columns are aligned: every row starts its STATE where the header does
     assert row.index("RUNNING") == header.index("STATE")

@@ -322,3 +322,20 @@ async def test_watcher_ignores_non_declarations(tmp_path: Path) -> None:
     finally:
         watcher.stop()
         await asyncio.wait_for(task, 5)
+
+
+async def test_resync_of_an_unchanged_directory_parses_nothing(live: Engine, conf_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic safety-net resync costs a stat per file, not a parse (idle CPU)."""
+    from supervisor import confd
+
+    path = write_decl(conf_dir, declaration("cached", SLEEP))
+    await running(live, "cached@cpu")
+    parsed: list[str] = []
+    real = confd.read_file
+    monkeypatch.setattr(confd, "read_file", lambda p, *a: parsed.append(p.name) or real(p, *a))
+    steps = await live.reload("resync")
+    assert parsed == [] and steps.empty
+    path.write_text(path.read_text() + "\n# touched\n")
+    await live.reload("resync")
+    assert parsed == ["cached.toml"]

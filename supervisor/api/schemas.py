@@ -168,6 +168,7 @@ class Health(BaseModel):
     gpu_source: str
     gpu_count: int
     gpu_reason: str | None = None
+    gpu_sample_ms: float | None = Field(None, description="CPU time the last GPU sample took")
 
 
 class Welcome(BaseModel):

@@ -56,15 +56,15 @@ def write_gpus(path: Path, processes: dict[int, list[tuple[int, int]]]) -> None:
     os.replace(tmp, path)
 
 
-def wrk(url: str, seconds: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", url], capture_output=True, text=True,
-                         check=True).stdout
+def wrk(url: str, seconds: int, connections: int = 4) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True,
+                         text=True, check=True).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return {"tool": "wrk -t1 -c4", "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+    return {"tool": f"wrk -t1 -c{connections}", "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50_ms": ms("50"), "p99_ms": ms("99")}
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ class Engine:
         self._background: list[asyncio.Task] = []
         self._closing = False
         self.watcher: ConfWatcher | None = None
+        #: Called with the duration of every reload (metrics).
+        self.on_reconcile: Callable[[float], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, watch: bool = False) -> Plan:
@@ -131,23 +134,32 @@ class Engine:
     # -- reconcile ---------------------------------------------------------------------------
     async def reload(self, reason: str = "reload") -> Plan:
         async with self._lock:
-            if self._closing:
-                return Plan()
+            began = time.perf_counter()
             try:
-                parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults,
-                                                 self._parse_cache)
-            except FileNotFoundError:
-                log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
-                return Plan()
-            facts = self.gpu_facts()
-            if self._unchanged(parsed, facts):
-                return Plan()  # a resync that found nothing new: nothing to settle again
-            catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts)
-            self._last_inputs = (dict(parsed), facts.known)
-            self.parsed = parsed
-            if catalog.placements != self.catalog.placements:
-                await asyncio.to_thread(self._save_placements, catalog.placements)
-            return self._apply(catalog, reason)
+                return await self._reload(reason)
+            finally:
+                if self.on_reconcile is not None:
+                    self.on_reconcile(time.perf_counter() - began)
+
+    async def _reload(self, reason: str) -> Plan:
+        """One reload; the caller holds the lock."""
+        if self._closing:
+            return Plan()
+        try:
+            parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults,
+                                             self._parse_cache)
+        except FileNotFoundError:
+            log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
+            return Plan()
+        facts = self.gpu_facts()
+        if self._unchanged(parsed, facts):
+            return Plan()  # a resync that found nothing new: nothing to settle again
+        catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts)
+        self._last_inputs = (dict(parsed), facts.known)
+        self.parsed = parsed
+        if catalog.placements != self.catalog.placements:
+            await asyncio.to_thread(self._save_placements, catalog.placements)
+        return self._apply(catalog, reason)
 
     def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], facts: GpuFacts) -> bool:
         """Same parse results (the very same objects), same GPUs, and nothing waiting on either."""

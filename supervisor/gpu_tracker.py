@@ -312,6 +312,16 @@ class GpuTracker:
                         known = True
         return {"memory_mib": total if known else (0 if not procs else None), "processes": procs}
 
+    def memory_by_instance(self) -> dict[str, int]:
+        """MiB of GPU memory each instance's processes use, from one pass over the sample."""
+        out: dict[str, int] = {}
+        for d in self._view().devices:
+            for p in d.processes:
+                owner = self.owners.get(p.pid)
+                if owner is not None and p.used_memory_mib:
+                    out[owner] = out.get(owner, 0) + p.used_memory_mib
+        return out
+
     def strays(self) -> list[dict[str, Any]]:
         policy = self.settings
         return [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,

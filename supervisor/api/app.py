@@ -23,9 +23,10 @@ from .. import __version__
 from ..control import Controller
 from ..engine import Engine
 from ..gpu_tracker import GpuTracker
+from ..metrics import Metrics
 from ..settings import Settings
 from . import docs, errors
-from .routes import gpus, models, processes, system
+from .routes import dashboard, gpus, models, processes, system
 from .schemas import components
 from .views import StatusCache
 
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 
 _names = itertools.count(1)
 
-#: Reachable without the bearer token: health checks and the (static) API documentation.
-PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/docs")
+#: Reachable without the bearer token: health checks, the (static) API documentation and the
+#: dashboard's static files (the page holds no data; its API calls carry the token).
+PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/docs", "/ui/")
 
 
 def create_app(
@@ -81,12 +83,15 @@ def create_app(
     app.ctx.controller = Controller(engine)
     app.ctx.gpus = tracker
     app.ctx.status_cache = StatusCache()
+    app.ctx.metrics = Metrics()
+    app.ctx.metrics.attach(engine, tracker)
+    engine.on_reconcile = app.ctx.metrics.reconcile_seconds.observe
     app.ctx.token = token
     app.ctx.closing = asyncio.Event()
 
     errors.install(app)
     docs.install(app)
-    for bp in (system.bp, gpus.bp, processes.bp, models.bp):
+    for bp in (system.bp, gpus.bp, processes.bp, models.bp, dashboard.bp):
         app.blueprint(bp)
     system.install_root(app)
 
@@ -100,6 +105,11 @@ def create_app(
             return None
         return errors.error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                                      headers={"WWW-Authenticate": 'Bearer realm="model-supervisor"'})
+
+    @app.on_response
+    async def count_request(request: Request, response: HTTPResponse) -> None:
+        route = request.route.path if request.route is not None else "unmatched"
+        request.app.ctx.metrics.count_request("/" + route.lstrip("/"), request.method, response.status)
 
     @app.before_server_start
     async def start(app: Sanic, _loop: Any = None) -> None:

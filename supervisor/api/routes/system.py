@@ -8,6 +8,7 @@ import re
 from collections import Counter
 
 from sanic import Blueprint, Request, Sanic
+from prometheus_client import CONTENT_TYPE_LATEST
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 from sanic_ext import openapi
@@ -18,7 +19,7 @@ from ...control import NotFound
 from ...logfiles import LogFile
 from ..errors import error_response, parse_bool, parse_int
 from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
-from . import responses
+from . import dashboard, responses
 
 bp = Blueprint("system", url_prefix="/api/v1")
 
@@ -48,7 +49,17 @@ def install_root(app: Sanic) -> None:
     @openapi.definition(summary="Health check (the old tool's welcome answer)", tag="Health Check",
                         response=responses({200: (Welcome, "ok")}))
     async def root(request: Request) -> HTTPResponse:
-        return json_response({"status": "ok", "message": "Welcome to the Model Inference Client API"})
+        if dashboard.wants_html(request):  # a browser gets the dashboard; API clients the old JSON
+            return await dashboard.page(request)
+        return json_response({"status": "ok", "message": "Welcome to the Model Inference Client API"},
+                             headers={"Vary": "Accept"})
+
+    @app.get("/metrics", name="metrics")
+    @openapi.definition(summary="Prometheus metrics: instances, GPUs, the supervisor", tag="Health Check",
+                        response=responses({200: ({"type": "string"}, "Prometheus text format")}))
+    async def metrics(request: Request) -> HTTPResponse:
+        body = request.app.ctx.metrics.render()
+        return HTTPResponse(body, content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", name="healthz")
     @openapi.definition(summary="Liveness of the supervisor, counts by state, GPU source and its reason",

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""GET /metrics with 200 instances and 8 simulated GPUs (their pids as GPU processes).
+
+Prints JSON: requests/s, p50/p99 latency of back-to-back scrapes on one connection (wrk, or a
+Python client), response size.
+Target (issue #7): p99 under 10 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import tomli_w
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import GPUS, call, free_port, python_load, wrk, write_gpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+INSTANCES = 200
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="metrics-bench-"))
+    conf = work / "conf.d"
+    conf.mkdir()
+    sim = work / "gpus.toml"
+    write_gpus(sim, {})
+    for i in range(INSTANCES):
+        (conf / f"m{i:03d}.toml").write_text(tomli_w.dumps({
+            "name": f"m{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
+            "share_gpus": True}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
+    env.update(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(sim))
+    serve = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir",
+                              str(work / "state"), "--port", str(port), "--log-level", "WARNING"],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                items = call(base, "GET", "/api/v1/models/status")
+                if len(items) == INSTANCES and all(i["pid"] for i in items):
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("serve did not start the instances")
+            time.sleep(0.2)
+        by_gpu: dict[int, list[tuple[int, int]]] = {}
+        for item in items[:100]:
+            by_gpu.setdefault(item["gpu_id"], []).append((item["pid"], 2048))
+        write_gpus(sim, by_gpu)
+        time.sleep(2.5)
+        url = base + "/metrics"
+        body = urllib.request.urlopen(url).read()
+        # One connection, as a Prometheus server scrapes a target: one scrape at a time.
+        load = wrk(url, 10, connections=1) if shutil.which("wrk") else python_load(url, 10)
+        print(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "instances": INSTANCES, "gpus": GPUS, "gpu_processes": 100,
+            "response_bytes": len(body), "samples": sum(1 for line in body.splitlines() if not line.startswith(b"#")),
+            **load,
+            "target": "p99 < 10 ms",
+            "meets_target": load["p99_ms"] < 10,
+        }, indent=2))
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

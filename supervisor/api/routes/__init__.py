@@ -20,11 +20,15 @@ ERRORS: dict[int, tuple[type[BaseModel], str]] = {
 
 
 def responses(ok: dict[int, tuple[Any, str]], *error_codes: int) -> list[Response]:
-    """`ok` maps status -> (model, [model], dict schema or None, description)."""
+    """`ok` maps status -> (body, description); body: a model, [model], a JSON schema dict,
+    (media type, schema) or None for text/plain."""
     out = []
     for status, (body, description) in ok.items():
         if body is None:
             out.append(Response({"text/plain": {"type": "string"}}, status=status, description=description))
+            continue
+        if isinstance(body, tuple):  # (media type, schema)
+            out.append(Response({body[0]: body[1]}, status=status, description=description))
             continue
         if isinstance(body, list):
             schema = array_of(body[0])

@@ -56,7 +56,7 @@ def install_root(app: Sanic) -> None:
 
     @app.get("/metrics", name="metrics")
     @openapi.definition(summary="Prometheus metrics: instances, GPUs, the supervisor", tag="Health Check",
-                        response=responses({200: ({"type": "string"}, "Prometheus text format")}))
+                        response=responses({200: (None, "Prometheus text format")}))
     async def metrics(request: Request) -> HTTPResponse:
         body = request.app.ctx.metrics.render()
         return HTTPResponse(body, content_type=CONTENT_TYPE_LATEST)
@@ -146,7 +146,7 @@ async def _follow(request: Request, log_file: LogFile, tail: int) -> None:
     tag="Events",
     parameter=[Parameter("last_event_id", {"type": "integer", "minimum": 0}, "query",
                          description="resume after this event id (the Last-Event-ID header also works)")],
-    response=responses({200: ({"type": "string"}, "text/event-stream")}, 422),
+    response=responses({200: (("text/event-stream", {"type": "string"}), "one event per message")}, 422),
 )
 async def events(request: Request) -> HTTPResponse | None:
     raw = request.headers.get("last-event-id") or request.args.get("last_event_id")

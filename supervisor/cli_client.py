@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -44,6 +46,7 @@ def _status_table(items: list[dict[str, Any]]) -> str:
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     path = f"/api/v1/models/status/{args.name}" if args.name else "/api/v1/models/status"
+    changes = _watch_events(client) if args.watch else None
     while True:
         items = client.call("GET", path)
         errors = client.call("GET", "/api/v1/config/errors")
@@ -58,10 +61,34 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
                 for e in errors:
                     where = f"{e['file']}:{e['line']}" if e.get("line") else e["file"]
                     print(f"  {where}: {e['key'] + ': ' if e.get('key') else ''}{e['message']}")
-        if not args.watch:
+        if changes is None:
             return 0
         sys.stdout.flush()
-        time.sleep(args.interval)
+        # Redraw on the next state change (from the event stream), or after `interval` for the uptimes.
+        try:
+            changes.get(timeout=args.interval)
+            time.sleep(0.1)  # let a burst of transitions settle into one redraw
+            while not changes.empty():
+                changes.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def _watch_events(client: Client) -> queue.Queue:
+    """A queue that receives a token for every state or configuration event."""
+    changes: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            for chunk in client.stream("/api/v1/events"):
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    if line.startswith("event:") and line.split(":", 1)[1].strip() != "gpu":
+                        changes.put(line)
+        except ApiError:
+            pass
+
+    threading.Thread(target=read, name="events", daemon=True).start()
+    return changes
 
 
 def _print_infos(infos: list[dict[str, Any]] | dict[str, Any], as_json: bool) -> None:

@@ -59,9 +59,13 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._queue_size = queue_size
 
-    def publish(self, type: str, data: dict[str, Any]) -> Event:
+    def publish(self, type: str, data: dict[str, Any], keep: bool = True) -> Event:
+        """Send `data` to every subscriber. `keep=False` is for frequent, superseded events (GPU
+        samples): they get an id but stay out of the history, which keeps its room for the
+        transitions a reconnecting client must not miss."""
         event = Event(next(self._ids), type, data)
-        self.history.append(event)
+        if keep:
+            self.history.append(event)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

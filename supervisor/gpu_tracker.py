@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,10 +155,25 @@ class GpuTracker:
             self.version += 1
             self._remember_runs(snapshot)
             await self._handle_strays(snapshot, table)
+            self._publish_sample(snapshot)
         except Exception:
             log.exception("GPU attribution failed")
         finally:
             self._pending = False
+
+    def _publish_sample(self, snapshot: GpuSnapshot) -> None:
+        """A summary of the sample for event-stream clients (the dashboard), not kept in history."""
+        if not snapshot.devices:
+            return
+        strays = Counter(gpu for gpu, _pid in self.stray_list)
+        self.engine.bus.publish("gpu", {
+            "sampled_at": snapshot.sampled_at.isoformat() if snapshot.sampled_at else None,
+            "simulated": snapshot.simulated,
+            "gpus": [{"id": d.index, "memory_used": d.memory_used_mib, "memory_total": d.memory_total_mib,
+                      "utilization": d.utilization_percent, "power_draw": d.power_draw_w,
+                      "temperature": d.temperature_c, "processes": len(d.processes), "strays": strays.get(d.index, 0)}
+                     for d in snapshot.devices],
+        }, keep=False)
 
     def _remember_runs(self, snapshot: GpuSnapshot) -> None:
         seen: dict[str, _LastRun] = {}

@@ -404,3 +404,33 @@ async def test_status_reflects_every_change_at_once(api: Api, conf_dir: Path) ->
     (conf_dir / "fresh.toml").unlink()
     await api.engine.reload("test")
     assert (await api.get("/api/v1/models/status")).json() == []
+
+
+async def test_sse_reconnect_with_last_id_misses_no_transition(api: Api, conf_dir: Path) -> None:
+    """Transitions that happen while the client is away are replayed, in order, none twice."""
+    write_decl(conf_dir, declaration("flip", ["sleep", "3600"]))
+    await api.engine.reload("test")
+    inst = api.engine.instances["flip@cpu"]
+    await inst.wait_state(State.RUNNING, timeout=10)
+    received: list[dict] = []
+
+    async def read_until(resp, stop) -> None:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                received.append(json.loads(line[6:]))
+                if stop(received[-1]):
+                    return
+
+    async with api.client.stream("GET", "/api/v1/events?last_event_id=0") as resp:
+        await read_until(resp, lambda e: e.get("to") == "RUNNING" and e.get("instance") == "flip@cpu")
+    last = received[-1]["id"]
+    for _ in range(3):  # while disconnected: stop/start, six transitions
+        await inst.stop()
+        await inst.start()
+        await inst.wait_state(State.RUNNING, timeout=10)
+    expected = [e.id for e in api.engine.bus.history if e.id > last and e.type == "transition"]
+    assert len(expected) >= 9
+    async with api.client.stream("GET", "/api/v1/events", headers={"Last-Event-ID": str(last)}) as resp:
+        await read_until(resp, lambda e: e["id"] >= expected[-1])
+    after = [e["id"] for e in received if e["id"] > last and e["type"] == "transition"]
+    assert after == expected

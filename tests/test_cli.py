@@ -212,3 +212,22 @@ def test_no_child_left_after_serve_stops(served: Served) -> None:
     out = served.stop()
     assert served.proc.returncode == 0, out
     assert not alive(pid)
+
+
+def test_status_watch_redraws_on_a_state_change(served: Served) -> None:
+    write_decl(served.conf, declaration("watched", ["sleep", "3600"]))
+    served.start()
+    served.wait_state("watched@cpu", "RUNNING")
+    watcher = subprocess.Popen([PY, "-m", "supervisor", "status", "-w", "--interval", "60"], cwd=REPO,
+                               env=served.env, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert served.cli("stop", "watched").returncode == 0
+        deadline = time.monotonic() + 15
+        seen = ""
+        while "STOPPED" not in seen:  # the interval is 60 s: only the event stream can trigger this
+            assert time.monotonic() < deadline, seen
+            seen += watcher.stdout.readline()
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(timeout=10)

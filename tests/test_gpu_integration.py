@@ -228,3 +228,14 @@ async def test_gate_gives_up_after_the_timeout_and_says_why(settings: Settings, 
         await inst.wait_for(lambda i: i.state == State.RUNNING and i.pid != first, timeout=15)
     assert any("starting anyway after 0.5 s" in r.getMessage() and "1000 MiB free of the 4000 MiB" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_gpu_samples_reach_the_event_stream(settings: Settings, sim: SimGpus) -> None:
+    async with running_api(gpu_settings(settings, sim)) as api:
+        async with api.client.stream("GET", "/api/v1/events") as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and '"type": "gpu"' in line:
+                    event = json.loads(line[6:])
+                    break
+        assert event["simulated"] is True and [g["id"] for g in event["gpus"]] == [0, 1]
+        assert not any(e.type == "gpu" for e in api.engine.bus.history)  # not kept for replay

@@ -33,10 +33,6 @@ class Backoff:
             base *= 1.0 + (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, base)
 
-    def schedule(self, failures: int) -> list[float]:
-        """The un-jittered delays for streaks 1..failures (for docs and status output)."""
-        flat = Backoff(self.initial, self.factor, self.cap, 0.0)
-        return [flat.delay(n) for n in range(1, failures + 1)]
 
 
 def gives_up(failures: int, max_retries: int) -> bool:

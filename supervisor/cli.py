@@ -37,7 +37,6 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .ports import port_is_free
 
     settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level)
     _configure_logging(settings.log_level)

@@ -135,11 +135,6 @@ class Catalog:
     gpu_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # model name -> one set per instance
     placements: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "<model>#<n>" -> GPUs (gpus = "auto")
 
-    def model_of_file(self, file: str) -> ModelSpec | None:
-        for model in self.models.values():
-            if str(model.source) == file:
-                return model
-        return None
 
 
 class PortRangeExhausted(Exception):

@@ -96,6 +96,10 @@ class Engine:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         result = await self.reload("startup")
         self.spawn_background(self._rotate_logs(), "log rotation")
+        for name, runner in self.runners.items():  # e.g. is there a Docker daemon? (for /healthz)
+            check = getattr(runner, "check", None)
+            if check is not None:
+                self.spawn_background(check(), f"{name} runner check")
         if watch:
             self.watcher = ConfWatcher(self.settings.conf_dir, self.reload, self.settings.resync_interval)
             self.spawn_background(self.watcher.run(), "conf.d watcher")

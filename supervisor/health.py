@@ -1,7 +1,7 @@
 """Health probes: one HTTP GET or one TCP connect against an instance's port on 127.0.0.1.
 
-A refused connection while a model loads is the normal case, not an error: it is reported
-as `refused` so callers log it at debug level.
+A refused connection while a model loads is the normal case, not an error: callers log
+readiness probes at debug level.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from .desired import ResolvedHealth
 class ProbeResult:
     ok: bool
     detail: str
-    refused: bool = False
 
 
 async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> ProbeResult:
@@ -36,7 +35,7 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
                 except (ConnectionError, OSError):
                     pass
     except ConnectionRefusedError:
-        return ProbeResult(False, f"connection to {host}:{port} refused", refused=True)
+        return ProbeResult(False, f"connection to {host}:{port} refused")
     except TimeoutError:
         return ProbeResult(False, f"no answer from {host}:{port} within {health.timeout:g} s")
     except (ConnectionError, OSError) as exc:

@@ -116,7 +116,6 @@ class _Failure:
     """What to do once a stop that was caused by a failure has finished."""
 
     reason: str
-    tail: tuple[str, ...] = ()
     while_running: bool = False  # it had been ready (stopped answering), not a failed start
 
 
@@ -202,7 +201,7 @@ class Instance:
     def activate(self, gates: tuple[Awaitable[Any], ...] = ()) -> None:
         """Start the actor; an enabled instance then starts once its `gates` resolve."""
         self._gates.extend(gates)
-        self._actor = asyncio.create_task(self._main(), name=f"instance {self.id}")
+        self._actor = asyncio.create_task(self._main(), name=f"instance {self.id}")  # held: tasks are weakly referenced
         if self._desired == "running":
             self._post(StartIntent("declared"))
 

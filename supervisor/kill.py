@@ -10,7 +10,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from .procscan import ProcInfo, open_pidfd, read_proc, tree, wait_fds_readable
+from .procscan import ProcInfo, open_pidfd, read_proc, wait_fds_readable
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,11 +32,3 @@ class RunRecords:
         with contextlib.suppress(FileNotFoundError):
             self._path(instance_id).unlink()
 
-    def read_all(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        if not self.directory.is_dir():
-            return out
-        for path in self.directory.glob("*.json"):
-            with contextlib.suppress(ValueError, OSError):
-                out[path.stem] = json.loads(path.read_text())
-        return out

@@ -34,9 +34,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.FATAL: frozenset({S.STARTING, S.STOPPED}),
 }
 
-#: States in which the instance has (or may have) a live process or container.
-ACTIVE_STATES = frozenset({S.STARTING, S.RUNNING, S.STOPPING})
-
 
 class IllegalTransition(RuntimeError):
     pass

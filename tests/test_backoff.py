@@ -23,9 +23,6 @@ def test_jitter_stays_within_bounds_and_spreads() -> None:
     assert max(delays) - min(delays) > 3  # not in lockstep
 
 
-def test_schedule_for_docs() -> None:
-    assert Backoff(1, 3, 20, 0.1).schedule(4) == [1, 3, 9, 20]
-
 
 @pytest.mark.parametrize("failures,max_retries,expected", [
     (1, 3, False), (3, 3, False), (4, 3, True), (1000, 0, False), (1, 1, False), (2, 1, True),

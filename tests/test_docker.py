@@ -233,3 +233,18 @@ def test_supervisor_restart_adopts_the_running_container(tmp_path: Path, setting
 
 def test_container_names_are_scoped(settings: Settings) -> None:
     assert container_name(scope_of(settings.state_dir), "m@gpu0-1") == f"msup-{scope_of(settings.state_dir)}-m.gpu0-1"
+
+
+async def test_healthz_reports_docker_availability(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                   conf_dir: Path) -> None:
+    from .api_helpers import running_api
+
+    async with running_api(settings) as api:
+        await wait_until(lambda: api.engine.runners["docker"]._reason is None and not any(
+            t.get_name() == "docker runner check" and not t.done() for t in api.engine._background))
+        assert (await api.get("/healthz")).json()["runners"] == {"process": None, "docker": None}
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{conf_dir.parent}/no-docker.sock")
+    async with running_api(settings) as api:
+        await wait_until(lambda: api.engine.runners["docker"].unavailable_reason() is not None)
+        runners = (await api.get("/healthz")).json()["runners"]
+        assert runners["process"] is None and runners["docker"].startswith("Docker daemon not reachable")

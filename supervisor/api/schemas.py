@@ -138,6 +138,7 @@ class ModelSummary(BaseModel):
     description: str = ""
     instances: list[str]
     declaration: dict[str, Any] = Field(description="the file's document as written")
+    effective: dict[str, Any] = Field(description="every key with its value in force, defaults included")
     errors: list[ConfigErrorItem] = []
 
 
@@ -169,6 +170,8 @@ class Health(BaseModel):
     gpu_count: int
     gpu_reason: str | None = None
     gpu_sample_ms: float | None = Field(None, description="CPU time the last GPU sample took")
+    runners: dict[str, str | None] = Field(default_factory=dict,
+                                           description="why a runner (process, docker) cannot be used; null when it can")
 
 
 class Welcome(BaseModel):

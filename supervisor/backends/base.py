@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
@@ -173,12 +173,6 @@ class DefaultHealth:
     path: str | None = None
 
 
-@dataclass
-class KindInfo:
-    name: str
-    available: bool
-    reason: str | None = None
-    keys: list[str] = field(default_factory=list)
 
 
 class BackendKind(ABC):
@@ -203,7 +197,3 @@ class BackendKind(ABC):
     def listens(self, options: BaseModel, env: dict[str, str]) -> bool:
         """Whether the backend binds its `{port}`: if so the port is checked before each start."""
         return True
-
-    def unavailable_reason(self) -> str | None:
-        """Why this kind cannot run on this machine right now (e.g. no Docker daemon)."""
-        return None

@@ -105,7 +105,7 @@ class _Started:
 
 
 class DockerHandle:
-    def __init__(self, runner: DockerRunner, info: _Started, stop_signal: int) -> None:
+    def __init__(self, runner: DockerRunner, info: _Started) -> None:
         self.runner = runner
         self.container_id = info.id
         self.name = info.name
@@ -232,7 +232,7 @@ class DockerRunner:
             self._local.client = None
             raise LaunchError(self._reason) from None
         self._reason = None
-        handle = DockerHandle(self, info, stop_signal)
+        handle = DockerHandle(self, info)
         self._handles[info.id] = handle
         if info.id in self._early_deaths:
             handle._exited(_status_from_code(self._early_deaths.pop(info.id)))

@@ -142,7 +142,7 @@ class ProcessHandle:
     def _signal_all(self, signum: int, fds: dict[int, int]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signum)
-        for fd, pid in fds.items():  # descendants that left the group (setsid, setpgid)
+        for fd in fds:  # descendants that left the group (setsid, setpgid)
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(fd, signum)
 

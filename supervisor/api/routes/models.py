@@ -137,6 +137,7 @@ async def list_models(request: Request) -> HTTPResponse:
             "description": spec.decl.description,
             "instances": sorted(i.id for i in engine.model_instances(name)),
             "declaration": spec.raw,
+            "effective": spec.effective_document(),
             "errors": [e.as_dict() for e in engine.catalog.errors.get(file, [])],
         })
     return json_response(out)

@@ -41,6 +41,7 @@ def health_body(app: Sanic) -> dict:
         "gpu_count": len(snapshot.devices),
         "gpu_reason": snapshot.reason,
         "gpu_sample_ms": round(snapshot.sample_seconds * 1000, 3) if snapshot.sample_seconds is not None else None,
+        "runners": {name: runner.unavailable_reason() for name, runner in engine.runners.items()},
     }
 
 

@@ -29,6 +29,15 @@ DEMO = REPO / "examples" / "backends" / "demo_server.py"
 PY = sys.executable
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (`item.rep_call`): fixtures that save artifacts of a
+    failed test (the dashboard tests' screenshots) read it in their teardown."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 def pytest_asyncio_loop_factories(config, item):
     """Run every async test on uvloop, the loop `serve` uses in production."""
     return {"uvloop": uvloop.new_event_loop}
@@ -113,21 +122,50 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         await asyncio.wait_for(eng.shutdown(), 60)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
-    """Fail (and clean up after) any test that leaves a child or grandchild behind."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    leftovers = []
-    for proc in me.children(recursive=True):
-        if proc.pid in before:
+LEAK_MARK = "MSUP_TEST_LEAK_MARK"
+
+
+def _marked(mark: str) -> list[int]:
+    """Pids of live processes whose environment carries `mark` (inherited from this test)."""
+    needle = f"{LEAK_MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail (and clean up after) any test that leaves a process behind.
+
+    Every process a test starts inherits a marker in its environment, so even a grandchild
+    that left its session and was reparented to init is found, and killed by pid.
+    """
+    mark = f"{os.getpid()}-{id(request)}"
+    previous = os.environ.get(LEAK_MARK)
+    os.environ[LEAK_MARK] = mark
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[LEAK_MARK]
+        else:
+            os.environ[LEAK_MARK] = previous
+    leftovers = []
+    for pid in _marked(mark):
+        try:
+            proc = psutil.Process(pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            leftovers.append(f"{proc.pid} {' '.join(proc.cmdline())}")
-            os.kill(proc.pid, signal.SIGKILL)
+            leftovers.append(f"{pid} {' '.join(proc.cmdline())}")
+            os.kill(pid, signal.SIGKILL)
         except psutil.Error:
             continue
     assert not leftovers, f"test left processes behind: {leftovers}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ class Subscription:
 
 class EventBus:
     def __init__(self, history: int = 5000, queue_size: int = 10000) -> None:
-        self._ids = itertools.count(1)
+        # Ids start from the clock (microseconds), so they keep growing across restarts of the
+        # supervisor: a client that resumes with an id from before a restart gets everything.
+        self._ids = itertools.count(int(time.time() * 1_000_000))
         self.history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._queue_size = queue_size

@@ -434,3 +434,11 @@ async def test_sse_reconnect_with_last_id_misses_no_transition(api: Api, conf_di
         await read_until(resp, lambda e: e["id"] >= expected[-1])
     after = [e["id"] for e in received if e["id"] > last and e["type"] == "transition"]
     assert after == expected
+
+
+async def test_logs_accept_an_encoded_instance_id(api: Api, conf_dir: Path) -> None:
+    write_decl(conf_dir, declaration("enc", demo_cmd(), health=TCP))
+    await api.engine.reload("test")
+    await api.engine.instances["enc@cpu"].wait_state(State.RUNNING, timeout=10)
+    r = await api.get("/api/v1/instances/enc%40cpu/logs")
+    assert r.status_code == 200 and "listening on" in r.text

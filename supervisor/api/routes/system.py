@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections import Counter
+from urllib.parse import unquote
 
 from sanic import Blueprint, Request, Sanic
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -102,6 +103,7 @@ async def reload(request: Request) -> HTTPResponse:
     response=responses({200: (None, "log lines, oldest first")}, 404, 422),
 )
 async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | None:
+    instance_id = unquote(instance_id)  # "demo%40cpu" from clients that encode the "@"
     tail = parse_int(request.args.get("tail", "100"), ["query", "tail"])
     follow = parse_bool(request.args.get("follow"), ["query", "follow"])
     if not 1 <= tail <= 100_000:

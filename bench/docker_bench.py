@@ -18,8 +18,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._common import call, free_port, serve, summary  # noqa: E402
 from tests.docker_helpers import IMAGE, ensure_image  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(port: int, timeout: float = 30.0) -> float:
@@ -96,36 +89,15 @@ class Events:
             return self.running[instance][count - 1]
 
 
-def call(base: str, method: str, path: str, body: object = None) -> object:
-    req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(req, timeout=120).read())
-
-
 def supervised(samples: int) -> tuple[list[float], list[float]]:
     import docker
 
     work = Path(tempfile.mkdtemp(prefix="docker-bench-"))
     conf = work / "conf.d"
     conf.mkdir()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    serve = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir",
-                              str(work / "state"), "--port", str(port), "--log-level", "WARNING"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     client = docker.from_env()
     declare, restart = [], []
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                call(base, "GET", "/healthz")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+    with serve(conf, work / "state") as base:
         events = Events(base)
         for i in range(samples):
             name = f"bench{i:02d}"
@@ -141,20 +113,7 @@ def supervised(samples: int) -> tuple[list[float], list[float]]:
             container.kill()
             restart.append((events.wait(f"{name}@cpu", 2) - t0) * 1000)
             call(base, "DELETE", f"/api/v1/models/{name}")
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
     return declare, restart
-
-
-def summary(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"n": len(values), "median_ms": round(statistics.median(values), 1),
-            "p95_ms": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 1)}
 
 
 def main() -> int:

@@ -16,12 +16,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,20 +26,10 @@ from pathlib import Path
 
 import tomli_w
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import call, python_load, serve, wait_instances, wrk  # noqa: E402
+
 GPUS, PROCESSES, INTERVAL = 8, 100, 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(base: str, method: str, path: str, body: object = None) -> object:
-    req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(req, timeout=60).read())
 
 
 def write_gpus(path: Path, processes: dict[int, list[tuple[int, int]]]) -> None:
@@ -56,30 +42,6 @@ def write_gpus(path: Path, processes: dict[int, list[tuple[int, int]]]) -> None:
     os.replace(tmp, path)
 
 
-def wrk(url: str, seconds: int, connections: int = 4) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True,
-                         text=True, check=True).stdout
-
-    def ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
-        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-    return {"tool": f"wrk -t1 -c{connections}", "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": ms("50"), "p99_ms": ms("99")}
-
-
-def python_load(url: str, seconds: int) -> dict:
-    lat = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        urllib.request.urlopen(url, timeout=10).read()
-        lat.append((time.perf_counter() - t) * 1000)
-    lat.sort()
-    return {"tool": "python urllib, 1 connection", "requests_per_second": len(lat) / seconds,
-            "p50_ms": statistics.median(lat), "p99_ms": lat[int(0.99 * len(lat))]}
-
-
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     conf = work / "conf.d"
@@ -90,74 +52,55 @@ def main() -> int:
         (conf / f"p{i:03d}.toml").write_text(tomli_w.dumps({
             "name": f"p{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
             "share_gpus": True}))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    env.update(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(sim),
-               MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL=str(INTERVAL))
-    serve = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir",
-                              str(work / "state"), "--port", str(port), "--log-level", "WARNING"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    env = {"MODEL_SUPERVISOR_GPU_SOURCE": "simulated", "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim),
+           "MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL": str(INTERVAL)}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                items = call(base, "GET", "/api/v1/models/status")
-                if len(items) == PROCESSES and all(i["pid"] for i in items):
+        with serve(conf, work / "state", env) as base:
+            items = wait_instances(base, PROCESSES)
+            by_gpu: dict[int, list[tuple[int, int]]] = {}
+            for item in items:
+                by_gpu.setdefault(item["gpu_id"], []).append((item["pid"], 2048))
+            write_gpus(sim, by_gpu)
+            time.sleep(2.5 * INTERVAL)
+            gpus = call(base, "GET", "/api/v1/gpus")
+            listed = sum(len(g["processes"]) for g in gpus)
+            owned = sum(1 for g in gpus for p in g["processes"] if p["instance_id"])
+            url = base + "/api/v1/gpus"
+            size = len(urllib.request.urlopen(url).read())
+            load = wrk(url, 10) if shutil.which("wrk") else python_load(url, 10)
+            sample_ms = []
+            for _ in range(5):
+                time.sleep(INTERVAL)
+                sample_ms.append(call(base, "GET", "/healthz")["gpu_sample_ms"])
+            # attribution of a new GPU process
+            call(base, "PUT", "/api/v1/models/newcomer", {"backend": "process", "command": ["sleep", "100000"],
+                                                          "gpus": [0], "share_gpus": True})
+            new_pid = None
+            while not new_pid:
+                new_pid = call(base, "GET", "/api/v1/models/status/newcomer")[0]["pid"]
+                time.sleep(0.05)
+            by_gpu[0].append((new_pid, 4096))
+            t0 = time.time()
+            write_gpus(sim, by_gpu)
+            while True:
+                seen = [p for g in call(base, "GET", "/api/v1/gpus") for p in g["processes"] if p["pid"] == new_pid]
+                if seen and seen[0]["instance_id"] == "newcomer@gpu0":
                     break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("serve did not start the instances")
-            time.sleep(0.2)
-        by_gpu: dict[int, list[tuple[int, int]]] = {}
-        for item in items:
-            by_gpu.setdefault(item["gpu_id"], []).append((item["pid"], 2048))
-        write_gpus(sim, by_gpu)
-        time.sleep(2.5 * INTERVAL)
-        gpus = call(base, "GET", "/api/v1/gpus")
-        listed = sum(len(g["processes"]) for g in gpus)
-        owned = sum(1 for g in gpus for p in g["processes"] if p["instance_id"])
-        url = base + "/api/v1/gpus"
-        load = wrk(url, 10) if shutil.which("wrk") else python_load(url, 10)
-        sample_ms = [call(base, "GET", "/healthz")["gpu_sample_ms"] for _ in range(5) if not time.sleep(INTERVAL)]
-        # attribution of a new GPU process
-        call(base, "PUT", "/api/v1/models/newcomer", {"backend": "process", "command": ["sleep", "100000"],
-                                                      "gpus": [0], "share_gpus": True})
-        new_pid = None
-        while not new_pid:
-            new_pid = call(base, "GET", "/api/v1/models/status/newcomer")[0]["pid"]
-            time.sleep(0.05)
-        by_gpu[0].append((new_pid, 4096))
-        t0 = time.time()
-        write_gpus(sim, by_gpu)
-        while True:
-            seen = [p for g in call(base, "GET", "/api/v1/gpus") for p in g["processes"] if p["pid"] == new_pid]
-            if seen and seen[0]["instance_id"] == "newcomer@gpu0":
-                break
-            time.sleep(0.01)
-        attribution_ms = (time.time() - t0) * 1000
-        result = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "gpus": GPUS, "gpu_processes_listed": listed, "attributed_to_instances": owned,
-            "response_bytes": len(urllib.request.urlopen(url).read()),
-            "gpus_latency": load,
-            "sample_cpu_ms": {"median": statistics.median(sample_ms), "max": max(sample_ms)},
-            "sample_interval_s": INTERVAL,
-            "attribution_ms": round(attribution_ms, 1),
-            "targets": "GET /api/v1/gpus p99 < 5 ms; attribution within one sample interval",
-            "meets_targets": load["p99_ms"] < 5 and attribution_ms <= INTERVAL * 1000 + 100,
-        }
-        print(json.dumps(result, indent=2))
+                time.sleep(0.01)
+            attribution_ms = (time.time() - t0) * 1000
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
         shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "gpus": GPUS, "gpu_processes_listed": listed, "attributed_to_instances": owned,
+        "response_bytes": size,
+        "gpus_latency": load,
+        "sample_cpu_ms": {"median": statistics.median(sample_ms), "max": max(sample_ms)},
+        "sample_interval_s": INTERVAL,
+        "attribution_ms": round(attribution_ms, 1),
+        "targets": "GET /api/v1/gpus p99 < 5 ms; attribution within one sample interval",
+        "meets_targets": load["p99_ms"] < 5 and attribution_ms <= INTERVAL * 1000 + 100,
+    }, indent=2))
     return 0
 
 

@@ -12,8 +12,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,9 +21,9 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import GPUS, call, free_port, python_load, wrk, write_gpus  # noqa: E402
+from _common import python_load, serve, wait_instances, wrk  # noqa: E402
+from gpu_bench import GPUS, write_gpus  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 INSTANCES = 200
 
 
@@ -39,51 +37,29 @@ def main() -> int:
         (conf / f"m{i:03d}.toml").write_text(tomli_w.dumps({
             "name": f"m{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
             "share_gpus": True}))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    env.update(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(sim))
-    serve = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir",
-                              str(work / "state"), "--port", str(port), "--log-level", "WARNING"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    env = {"MODEL_SUPERVISOR_GPU_SOURCE": "simulated", "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim)}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                items = call(base, "GET", "/api/v1/models/status")
-                if len(items) == INSTANCES and all(i["pid"] for i in items):
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("serve did not start the instances")
-            time.sleep(0.2)
-        by_gpu: dict[int, list[tuple[int, int]]] = {}
-        for item in items[:100]:
-            by_gpu.setdefault(item["gpu_id"], []).append((item["pid"], 2048))
-        write_gpus(sim, by_gpu)
-        time.sleep(2.5)
-        url = base + "/metrics"
-        body = urllib.request.urlopen(url).read()
-        # One connection, as a Prometheus server scrapes a target: one scrape at a time.
-        load = wrk(url, 10, connections=1) if shutil.which("wrk") else python_load(url, 10)
-        print(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "instances": INSTANCES, "gpus": GPUS, "gpu_processes": 100,
-            "response_bytes": len(body), "samples": sum(1 for line in body.splitlines() if not line.startswith(b"#")),
-            **load,
-            "target": "p99 < 10 ms",
-            "meets_target": load["p99_ms"] < 10,
-        }, indent=2))
+        with serve(conf, work / "state", env) as base:
+            items = wait_instances(base, INSTANCES)
+            by_gpu: dict[int, list[tuple[int, int]]] = {}
+            for item in items[:100]:
+                by_gpu.setdefault(item["gpu_id"], []).append((item["pid"], 2048))
+            write_gpus(sim, by_gpu)
+            time.sleep(2.5)
+            url = base + "/metrics"
+            body = urllib.request.urlopen(url).read()
+            # One connection, as a Prometheus server scrapes a target: one scrape at a time.
+            load = wrk(url, 10, connections=1) if shutil.which("wrk") else python_load(url, 10)
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
         shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "instances": INSTANCES, "gpus": GPUS, "gpu_processes": 100,
+        "response_bytes": len(body), "samples": sum(1 for line in body.splitlines() if not line.startswith(b"#")),
+        **load,
+        "target": "p99 < 10 ms",
+        "meets_target": load["p99_ms"] < 10,
+    }, indent=2))
     return 0
 
 

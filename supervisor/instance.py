@@ -455,6 +455,10 @@ class Instance:
         except LaunchError as exc:
             self._post(LaunchFailed(run, str(exc)))
             return
+        except Exception as exc:  # a bug (ours or a plugin's) must fail the start, not wedge it
+            log.exception("%s: launch failed unexpectedly", self.id)
+            self._post(LaunchFailed(run, f"internal error while launching: {type(exc).__name__}: {exc}"))
+            return
         self._post(Launched(run, handle))
         record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,
                   "port": spec.port or None, "gpus": list(spec.gpus), "started_at": utcnow().isoformat(),

@@ -351,3 +351,20 @@ async def test_removed_right_after_start_never_orphans_a_process(settings: Setti
         inst = next(iter(engine.instances.values()))
         assert inst.state == State.STOPPED
         assert inst.pid is None
+
+
+async def test_a_crashing_prestart_check_fails_the_start_instead_of_wedging_it(settings: Settings, conf_dir: Path) -> None:
+    async def broken(inst, spec) -> None:
+        raise RuntimeError("plugin bug")
+
+    engine = Engine(settings, prestart=[broken])
+    try:
+        write_decl(conf_dir, declaration("wedge", restart={**FAST_RESTART, "initial_delay": 30.0}))
+        await engine.start()
+        inst = engine.instances["wedge@cpu"]
+        await inst.wait_state(State.BACKOFF, timeout=10)
+        assert "internal error while launching: RuntimeError: plugin bug" in inst.history[-1].reason
+        await inst.stop()
+        assert inst.state == State.STOPPED
+    finally:
+        await engine.shutdown()

@@ -310,15 +310,9 @@ def strip_instance_groups(text: str) -> str:
     out: list[str] = []
     copied = 0
     depth = 0
-    i = 0
+    i = _next_code(text, 0)
     while i < len(text):
         c = text[i]
-        if c == "#":
-            i = _line_end(text, i)
-            continue
-        if c in "\"'":
-            i = _string_end(text, i)
-            continue
         if c in _OPEN:
             depth += 1
         elif c in _CLOSE:
@@ -327,11 +321,24 @@ def strip_instance_groups(text: str) -> str:
               and not _IDENT.match(text[i + len(_FIELD):i + len(_FIELD) + 1])):
             start, end = _field_span(text, i)
             out.append(text[copied:start])
-            copied = i = end
+            copied = end
+            i = _next_code(text, end)
             continue
-        i += 1
+        i = _next_code(text, i + 1)
     out.append(text[copied:])
     return "".join(out)
+
+
+def _next_code(text: str, i: int) -> int:
+    """The first index at or after `i` that is outside comments and strings."""
+    while i < len(text):
+        if text[i] == "#":
+            i = _line_end(text, i)
+        elif text[i] in "\"'":
+            i = _string_end(text, i)
+        else:
+            return i
+    return len(text)
 
 
 def _line_end(text: str, i: int) -> int:
@@ -369,19 +376,13 @@ def _field_span(text: str, at: int) -> tuple[int, int]:
     depth = 0
     while i < len(text):
         c = text[i]
-        if c == "#":
-            i = _line_end(text, i)
-            continue
-        if c in "\"'":
-            i = _string_end(text, i)
-            continue
         if c in _OPEN:
             depth += 1
         elif c in _CLOSE:
             depth -= 1
             if depth == 0:
                 break
-        i += 1
+        i = _next_code(text, i + 1)
     else:
         raise ValueError(f"cannot read the instance_group on line {line}: its brackets are not closed")
     end = i + 1

@@ -127,7 +127,7 @@ def measure(samples: int, burst: int) -> dict:
     serve = Serve(conf, state)
     add_child, add_running, edit_child, edit_running, delete_gone = [], [], [], [], []
     try:
-        serve.wait_line("Starting worker")  # Sanic: the engine and its watcher are up
+        serve.wait_line("API on http")  # the engine and its watcher are up
         time.sleep(0.5)
         for i in range(samples):
             name = f"s{i:03d}"

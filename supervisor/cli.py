@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -57,16 +58,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"model-supervisor: cannot listen on {settings.host}:{settings.port}: address already in use",
               file=sys.stderr)
         return 2
-    import signal
+    from .serve import serve
 
-    from .api.app import create_app
+    try:
+        import uvloop
 
-    early: list[int] = []  # see create_app: signals that arrive before Sanic handles them
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda received, _frame: early.append(received))
-    app = create_app(settings, handle_sighup=True, early_signals=early)
-    app.run(host=settings.host, port=settings.port, single_process=True, motd=False, access_log=False)
-    logging.getLogger("supervisor.serve").info("all instances stopped; bye")
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop ships with sanic
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
     # Every instance is stopped and every file closed: skip the interpreter's teardown of a
     # few hundred modules and idle pool threads (about 130 ms), so a service manager waiting
     # for us sees the exit as soon as the work is done.

@@ -1,10 +1,8 @@
 """The Sanic app: built by a factory so tests can hand it their own engine.
 
-One process only (`single_process=True`): child processes, NVML and the Docker client must
-live in exactly one process, and Sanic's default worker model would start one supervisor per
-worker. The engine starts in `before_server_start` and is shut down in `before_server_stop`,
-while the loop still runs (Sanic cancels its own registered tasks before that listener, so
-the engine's tasks are not registered with Sanic).
+One process, one loop: child processes, NVML and the Docker client must live in exactly one
+process, and Sanic's default worker model would start one supervisor per worker. `serve`
+runs the app as an embedded server on its own loop (see `supervisor.serve`); tests do the same.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import asyncio
 import hmac
 import itertools
 import logging
-import signal
 from typing import Any
 
 from sanic import Request, Sanic
@@ -44,11 +41,10 @@ def create_app(
     engine: Engine | None = None,
     gpus_tracker: GpuTracker | None = None,
     *,
-    manage_engine: bool = True,
-    handle_sighup: bool = False,
-    early_signals: list[int] | None = None,
+    manage_lifecycle: bool = True,
 ) -> Sanic:
-    """Build the app. With `manage_engine` the server's lifecycle starts and stops the engine."""
+    """Build the app. With `manage_lifecycle` the server's start and stop also start and stop
+    the GPU tracker and the engine; `serve` manages them itself (it starts them first)."""
     n = next(_names)
     app = Sanic("model_supervisor" if n == 1 else f"model_supervisor_{n}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
@@ -114,33 +110,15 @@ def create_app(
     @app.before_server_start
     async def start(app: Sanic, _loop: Any = None) -> None:
         app.ctx.closing = asyncio.Event()
-        if handle_sighup:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, engine)
-        await tracker.start()  # first: GPU checks and placement need the first sample
-        if manage_engine:
+        if manage_lifecycle:
+            await tracker.start()  # first: GPU checks and placement need the first sample
             await engine.start(watch=True)
-
-    @app.after_server_start
-    async def honour_early_signals(app: Sanic, _loop: Any = None) -> None:
-        # Sanic installs its SIGINT/SIGTERM handlers only after before_server_start, where the
-        # engine already spawned children; `serve` records signals that came in meanwhile.
-        if early_signals:
-            log.info("received %s during start-up", signal.Signals(early_signals[0]).name)
-            app.stop()
 
     @app.before_server_stop
     async def stop(app: Sanic, _loop: Any = None) -> None:
-        app.ctx.closing.set()
-        log.info("server stopping: stopping every instance")
-        if handle_sighup:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if manage_engine:
+        app.ctx.closing.set()  # ends the event and log streams
+        if manage_lifecycle:
             await engine.shutdown()
-        await tracker.stop()
+            await tracker.stop()
 
     return app
-
-
-def _on_sighup(engine: Engine) -> None:
-    log.info("received SIGHUP: re-reading %s", engine.settings.conf_dir)
-    engine.request_reload("SIGHUP")

@@ -5,14 +5,13 @@ The engine in CI runs with --bridge=none, so containers use host networking on 1
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,6 @@ def no_leftover_containers(client: Any, settings: Settings) -> Iterator[None]:
     assert not leftovers, f"test left containers behind: {[c.name for c in leftovers]}"
 
 
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    eng = Engine(settings)
-    try:
-        yield eng
-    finally:
-        await asyncio.wait_for(eng.shutdown(), 60)
 
 
 def httpd(port: str = "{port}", before: str = "") -> list[str]:

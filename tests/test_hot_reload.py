@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -264,15 +265,25 @@ async def test_conf_dir_deleted_and_restored(live: Engine, conf_dir: Path, tmp_p
 
 
 # -- the watcher alone, with a recording reload --------------------------------------------
-async def test_watcher_coalesces_bursts_and_takes_requests(tmp_path: Path) -> None:
+@asynccontextmanager
+async def recording_watcher(directory: Path, resync_interval: float) -> AsyncIterator[tuple[ConfWatcher, list[str]]]:
+    """A real watcher on `directory` whose reloads are only recorded (their reasons)."""
     calls: list[str] = []
 
     async def record(reason: str) -> None:
         calls.append(reason)
 
-    watcher = ConfWatcher(tmp_path, record, resync_interval=3600)
+    watcher = ConfWatcher(directory, record, resync_interval=resync_interval)
     task = asyncio.create_task(watcher.run())
     try:
+        yield watcher, calls
+    finally:
+        watcher.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_watcher_coalesces_bursts_and_takes_requests(tmp_path: Path) -> None:
+    async with recording_watcher(tmp_path, resync_interval=3600) as (watcher, calls):
         await asyncio.wait_for(watcher.active.wait(), 5)
         await wait_until(lambda: calls == ["watch started"], timeout=3)
         for n in range(30):
@@ -284,44 +295,21 @@ async def test_watcher_coalesces_bursts_and_takes_requests(tmp_path: Path) -> No
         watcher.request("SIGHUP")
         await wait_until(lambda: len(calls) == 3)
         assert calls[2] == "SIGHUP"
-    finally:
-        watcher.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_watcher_periodic_resync(tmp_path: Path) -> None:
-    calls: list[str] = []
-
-    async def record(reason: str) -> None:
-        calls.append(reason)
-
-    watcher = ConfWatcher(tmp_path, record, resync_interval=1.0)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with recording_watcher(tmp_path, resync_interval=1.0) as (_watcher, calls):
         await wait_until(lambda: len([c for c in calls if "periodic resync" in c]) >= 2, timeout=5)
-    finally:
-        watcher.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_watcher_ignores_non_declarations(tmp_path: Path) -> None:
-    calls: list[str] = []
-
-    async def record(reason: str) -> None:
-        calls.append(reason)
-
-    watcher = ConfWatcher(tmp_path, record, resync_interval=3600)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with recording_watcher(tmp_path, resync_interval=3600) as (watcher, calls):
         await asyncio.wait_for(watcher.active.wait(), 5)
         await wait_until(lambda: calls == ["watch started"])
         for name in (".hidden.toml", "x.toml.tmp", "x.toml~", "4913", ".x.toml.swp", "notes.txt", "#x.toml#"):
             (tmp_path / name).write_text("junk")
         await asyncio.sleep(0.5)
         assert calls == ["watch started"]
-    finally:
-        watcher.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_resync_of_an_unchanged_directory_parses_nothing(live: Engine, conf_dir: Path,

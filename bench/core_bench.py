@@ -49,7 +49,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, free_port  # noqa: E402
+
 PEERS_DIR = REPO / "bench" / ".peers"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 SH = "/bin/sh" if os.path.exists("/bin/sh") else (shutil.which("sh") or "sh")
@@ -286,11 +287,6 @@ def sweep_orphans(kill: bool = True) -> list[str]:
         time.sleep(0.02)
     return found
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pctl(samples: list[float], q: float) -> float:

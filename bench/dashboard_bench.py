@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,8 @@ from typing import Any
 
 import tomli_w
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, free_port, stop_group  # noqa: E402
 CHROMIUM = os.environ.get("MODEL_SUPERVISOR_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -44,11 +43,6 @@ FIRST_LOAD_WINDOW_MS = 1500
 TARGET_BYTES = 200_000
 TARGET_INTERACTIVE_MS = 1000.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shipped_demo(conf: Path) -> None:
@@ -72,19 +66,10 @@ def start_serve(conf: Path, state: Path, port: int) -> subprocess.Popen:
         except OSError:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
-            stop_serve(proc)
+            stop_group(proc)
             raise RuntimeError("serve did not bring demo@cpu to RUNNING")
         time.sleep(0.05)
 
-
-def stop_serve(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 class Wire:
@@ -190,7 +175,7 @@ def main() -> int:
                 finally:
                     browser.close()
         finally:
-            stop_serve(serve)
+            stop_group(serve)
 
     interactive = sorted(r["interactive_ms"] for r in runs)
     sizes = sorted(r["bytes"] for r in runs)

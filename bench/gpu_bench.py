@@ -42,16 +42,23 @@ def write_gpus(path: Path, processes: dict[int, list[tuple[int, int]]]) -> None:
     os.replace(tmp, path)
 
 
-def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+def sleepers_on_simulated_gpus(prefix: str, stem: str, count: int) -> tuple[Path, Path, Path]:
+    """A temp work dir with `count` `sleep` declarations sharing the GPUS simulated GPUs round
+    robin, and an empty simulated GPU file: (work dir, conf.d, GPU file)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     conf = work / "conf.d"
     conf.mkdir()
     sim = work / "gpus.toml"
     write_gpus(sim, {})
-    for i in range(PROCESSES):
-        (conf / f"p{i:03d}.toml").write_text(tomli_w.dumps({
-            "name": f"p{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
+    for i in range(count):
+        (conf / f"{stem}{i:03d}.toml").write_text(tomli_w.dumps({
+            "name": f"{stem}{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
             "share_gpus": True}))
+    return work, conf, sim
+
+
+def main() -> int:
+    work, conf, sim = sleepers_on_simulated_gpus("gpu-bench-", "p", PROCESSES)
     env = {"MODEL_SUPERVISOR_GPU_SOURCE": "simulated", "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim),
            "MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL": str(INTERVAL)}
     try:

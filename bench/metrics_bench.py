@@ -13,30 +13,19 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-import tomli_w
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import python_load, serve, wait_instances, wrk  # noqa: E402
-from gpu_bench import GPUS, write_gpus  # noqa: E402
+from gpu_bench import GPUS, sleepers_on_simulated_gpus, write_gpus  # noqa: E402
 
 INSTANCES = 200
 
 
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="metrics-bench-"))
-    conf = work / "conf.d"
-    conf.mkdir()
-    sim = work / "gpus.toml"
-    write_gpus(sim, {})
-    for i in range(INSTANCES):
-        (conf / f"m{i:03d}.toml").write_text(tomli_w.dumps({
-            "name": f"m{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
-            "share_gpus": True}))
+    work, conf, sim = sleepers_on_simulated_gpus("metrics-bench-", "m", INSTANCES)
     env = {"MODEL_SUPERVISOR_GPU_SOURCE": "simulated", "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim)}
     try:
         with serve(conf, work / "state", env) as base:

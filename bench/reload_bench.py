@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,16 +32,12 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, stop_group  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PEERS_ADD_MS = {"supervisord": 160.0, "circus": 91.0}
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toml(name: str, arg: str = "3600") -> str:
@@ -104,13 +99,7 @@ class Serve:
                 return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 def summary(samples: list[float]) -> dict:

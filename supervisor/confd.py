@@ -13,8 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from .backends.registry import Registry
 from .declarations import ConfigError, DeclarationInvalid, Defaults, ModelSpec, parse_declaration, toml_error
 
@@ -88,13 +86,19 @@ def read_dir(conf_dir: Path, registry: Registry, defaults: Defaults,
     return out
 
 
-def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Replace `path` with `document` as TOML: temp file in the same dir, fsync, rename.
+def write_atomic(path: Path, document: str | dict[str, Any]) -> None:
+    """Replace `path` with `document` (TOML text, or data for a new file): temp file in the same
+    dir, fsync, rename.
 
     Readers (and the watcher) see the old file or the new one, never half of one. The temp
-    name starts with a dot and ends in `.tmp`, which `is_declaration_file` ignores.
+    name starts with a dot and ends in `.tmp`, which `is_declaration_file` ignores. Edits pass
+    the text `supervisor.tomledit` made from the file itself, so its comments stay.
     """
-    blob = tomli_w.dumps(document).encode()
+    if not isinstance(document, str):
+        from .tomledit import dumps, new_document
+
+        document = dumps(new_document(document))
+    blob = document.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -17,12 +17,13 @@ models race for one port), so concurrent storms end in a state that matches the 
 from __future__ import annotations
 
 import asyncio
+import copy
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import confd
+from . import confd, tomledit
 from .declarations import ConfigError, DeclarationInvalid, ModelSpec, parse_declaration
 from .engine import Engine
 from .instance import Instance
@@ -78,14 +79,28 @@ def config_errors_to_items(errors: list[ConfigError], prefix: list[str | int]) -
             for e in errors]
 
 
-def read_document(path: Path) -> dict[str, Any] | None:
-    """The TOML document in `path`, None if there is no such file (blocking)."""
+def read_document(path: Path) -> tomledit.TOMLDocument | None:
+    """The file in `path` as a style-keeping document, None if there is no such file (blocking).
+
+    Edits are applied to this document (not to a re-serialised dict), so the user's comments,
+    layout and key order survive them."""
     try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
+        return tomledit.parse(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomledit.TomlError, UnicodeDecodeError) as exc:
         raise Conflict(f"{path} cannot be read ({exc}); fix it by hand or replace it with PUT") from None
+
+
+def render(current: tomledit.TOMLDocument | None, new: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The text to write for `new` (carried onto `current` when there is one) and that text as
+    tomllib reads it: what is validated is exactly what the watcher will read back."""
+    doc = tomledit.apply(current, new) if current is not None else tomledit.new_document(new)
+    text = tomledit.dumps(doc)
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # tomlkit wrote something tomllib rejects: do not write it
+        raise Conflict(f"the edited declaration would not read back as TOML ({exc})") from None
 
 
 def _gpu_entries(doc: dict[str, Any]) -> list[int | list[int]]:
@@ -149,7 +164,7 @@ class Controller:
                     entries.append(gpu_id)
                 doc["gpus"] = entries
                 if doc.get("enabled") is False:
-                    doc["enabled"] = True
+                    del doc["enabled"]  # the default (see set_enabled)
                 return doc
 
             await self._edit(name, add_gpu, ["body", "config"], f"start {name} on GPU {gpu_id}")
@@ -224,7 +239,13 @@ class Controller:
             def toggle(doc: dict[str, Any] | None) -> dict[str, Any]:
                 if doc is None:
                     raise NotFound(f"Model '{name}' not found.")
-                doc["enabled"] = enabled
+                # `enabled` defaults to true: enabling drops the key rather than writing
+                # `enabled = true`, so a stop and a start leave a hand-written (or git-tracked)
+                # file exactly as it was.
+                if enabled:
+                    doc.pop("enabled", None)
+                else:
+                    doc["enabled"] = False
                 return doc
 
             await self._edit(name, toggle, ["body"], f"{'enable' if enabled else 'disable'} {name}")
@@ -272,10 +293,11 @@ class Controller:
                 raise Conflict(f"{path} has errors ({'; '.join(e.message for e in errors)}); fix it or replace it "
                                f"with PUT /api/v1/models/{name}")
             current = None if replace and errors else await asyncio.to_thread(read_document, path)
-            new = change(current)
+            new = change(copy.deepcopy(tomledit.plain(current)) if current is not None else None)
             if new is None:
                 await asyncio.to_thread(path.unlink, True)
             else:
+                text, new = render(current, new)
                 try:
                     candidate = parse_declaration(new, path, engine.registry, engine.defaults)
                 except DeclarationInvalid as exc:
@@ -283,6 +305,6 @@ class Controller:
                 conflicts = engine.check_candidate(path, candidate)
                 if conflicts:
                     raise Conflict("; ".join(e.message for e in conflicts))
-                await asyncio.to_thread(confd.write_atomic, path, new)
+                await asyncio.to_thread(confd.write_atomic, path, text)
             await engine.reload(f"API: {what}")
             return engine.catalog.models.get(name)

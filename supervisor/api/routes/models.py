@@ -155,7 +155,7 @@ async def get_model(request: Request, name: str) -> HTTPResponse:
     summary="Create or replace a model's declaration",
     description="Validated exactly like a file in conf.d/ (422 names the bad key), checked against the other "
                 "declarations (409 names the occupant of a port), written atomically and applied at once. "
-                "Comments in the file are not kept.",
+                "Only the values that differ change in the file: its comments, layout and key order stay.",
     tag="Declarations", parameter=[NAME], body=json_body(Declaration),
     response=responses({200: (Declaration, "replaced"), 201: (Declaration, "created")}, 409, 422),
 )

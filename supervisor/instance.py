@@ -638,7 +638,7 @@ class Instance:
             return
         delay = Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(self.failures, self.services.rng)
         limit = f"/{r.max_retries}" if r.max_retries else ""
-        self._transition(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s (failure {self.failures}{limit})",
+        self._transition(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s (retry {self.failures}{limit})",
                          exit=exit, tail=tail)
         self._arm(delay, "backoff")
 

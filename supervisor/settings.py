@@ -79,6 +79,52 @@ class Settings(BaseSettings):
     gpu_release_timeout: Annotated[float, Field(ge=0)] = 60.0
     api_token: SecretStr | None = None
     api_token_file: Path | None = None
+    #: Host header values accepted beyond the bound address, localhost, 127.0.0.1 and [::1] (the
+    #: names a reverse proxy forwards): "name" (any port) or "name:port"; "*" turns the check off.
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    #: Origins (besides the server's own) allowed to send state-changing requests, e.g.
+    #: "https://gpu.example.com"; also the only origins accepted on the unix socket.
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    #: Also serve the API on this unix socket (mode 0600: only this user and root can connect).
+    unix_socket: Path | None = None
+    #: Serve the API on host:port; false: only on `unix_socket`.
+    listen_tcp: bool = True
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        # Env vars: a JSON list or "a,b"; TOML: a list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or any(c in host for c in "/ \t@") or "://" in host:
+                raise ValueError(f'{host!r} is not a host name (expected "name" or "name:port", no scheme or path)')
+        return [host.lower().rstrip(".") for host in value]
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            scheme, sep, rest = origin.strip().rstrip("/").partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not rest or any(c in rest for c in "/ ?#@"):
+                raise ValueError(f'{origin!r} is not an origin (expected "http(s)://host[:port]", no path)')
+            out.append(f"{scheme.lower()}://{rest.lower()}")
+        return out
+
+    @model_validator(mode="after")
+    def _check_listeners(self) -> Settings:
+        if not self.listen_tcp and self.unix_socket is None:
+            raise ValueError("listen_tcp = false needs unix_socket (the API would not be reachable at all)")
+        return self
 
     @field_validator("port_range", mode="before")
     @classmethod

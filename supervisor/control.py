@@ -79,6 +79,35 @@ def config_errors_to_items(errors: list[ConfigError], prefix: list[str | int]) -
             for e in errors]
 
 
+FAILED_STATES = (State.BACKOFF, State.FATAL, State.EXITED)
+#: Without --wait, how long an answer waits for the new process to exist (its pid).
+LAUNCH_WAIT = 5.0
+SETTLE_POLL = 0.05
+
+
+def took_effect(inst: Instance, old_pid: int | None, until_running: bool) -> bool:
+    """Has a start/restart visibly happened? A new pid (STARTING or RUNNING; RUNNING with
+    `until_running`), a failure, or the instance is no longer meant to run."""
+    if inst.desired != "running" or inst.state in FAILED_STATES:
+        return True
+    if inst.pid is None or inst.pid == old_pid:
+        return inst.state == State.RUNNING and old_pid is None and inst.pid is None  # e.g. no pid to show
+    return inst.state == State.RUNNING or (inst.state == State.STARTING and not until_running)
+
+
+async def settle(instances: list[Instance], old_pids: dict[str, int | None], until_running: bool,
+                 timeout: float) -> None:
+    """Wait (up to `timeout`) until every instance's start or restart took effect.
+
+    Polled rather than awaited on transitions: the pid appears without a state change."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not all(took_effect(i, old_pids.get(i.id), until_running) for i in instances):
+        if loop.time() >= deadline:
+            return
+        await asyncio.sleep(SETTLE_POLL)
+
+
 def read_document(path: Path) -> tomledit.TOMLDocument | None:
     """The file in `path` as a style-keeping document, None if there is no such file (blocking).
 
@@ -236,33 +265,66 @@ class Controller:
     async def set_enabled(self, name: str, enabled: bool) -> list[Instance]:
         spec = self.model(name)
         if spec.decl.enabled != enabled:
-            def toggle(doc: dict[str, Any] | None) -> dict[str, Any]:
-                if doc is None:
-                    raise NotFound(f"Model '{name}' not found.")
-                # `enabled` defaults to true: enabling drops the key rather than writing
-                # `enabled = true`, so a stop and a start leave a hand-written (or git-tracked)
-                # file exactly as it was.
-                if enabled:
-                    doc.pop("enabled", None)
-                else:
-                    doc["enabled"] = False
-                return doc
-
-            await self._edit(name, toggle, ["body"], f"{'enable' if enabled else 'disable'} {name}")
+            await self._set_enabled_file(name, enabled)
         instances = self.instances_of(name)
         if enabled:
-            for inst in instances:
-                inst.start("start requested through the API")
+            # Answer after the instances took the intent (so the caller sees STARTING, not the
+            # STOPPED of a moment ago).
+            await asyncio.gather(*(inst.start("start requested through the API") for inst in instances))
         else:
             await asyncio.gather(*(asyncio.wait_for(inst.wait_state(State.STOPPED), inst.spec.stop.timeout + STOP_MARGIN)
                                    for inst in instances), return_exceptions=True)
         return instances
 
-    def restart(self, name: str) -> list[Instance]:
+    async def set_enabled_all(self, enabled: bool) -> tuple[list[Instance], list[dict[str, str]]]:
+        """`set_enabled` for every declared model (supervisorctl's `stop all` / `start all`).
+
+        The files are edited one after another (edits are serialised anyway); the waits run
+        together, so a stop-all takes as long as the slowest stop, not their sum. A model whose
+        edit is refused is reported and the others go ahead."""
+        failed: list[dict[str, str]] = []
+
+        async def one(name: str) -> list[Instance]:
+            try:
+                return await self.set_enabled(name, enabled)
+            except ControlError as exc:
+                failed.append({"model": name, "error": str(exc.detail)})
+                return []
+
+        names = sorted(self.engine.catalog.models)
+        if enabled:
+            groups = [await one(name) for name in names]
+        else:
+            # Edit every file first, then wait for all instances at once.
+            for name in names:
+                spec = self.engine.catalog.models.get(name)
+                if spec is not None and spec.decl.enabled:
+                    try:
+                        await self._set_enabled_file(name, False)
+                    except ControlError as exc:
+                        failed.append({"model": name, "error": str(exc.detail)})
+            groups = list(await asyncio.gather(*(one(name) for name in names)))
+        return sorted((i for g in groups for i in g), key=lambda i: i.id), failed
+
+    async def _set_enabled_file(self, name: str, enabled: bool) -> None:
+        def toggle(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None:
+                raise NotFound(f"Model '{name}' not found.")
+            # `enabled` defaults to true: enabling drops the key rather than writing
+            # `enabled = true`, so a stop and a start leave a hand-written (or git-tracked)
+            # file exactly as it was.
+            if enabled:
+                doc.pop("enabled", None)
+            else:
+                doc["enabled"] = False
+            return doc
+
+        await self._edit(name, toggle, ["body"], f"{'enable' if enabled else 'disable'} {name}")
+
+    async def restart(self, name: str) -> list[Instance]:
         self.model(name)
         instances = self.instances_of(name)
-        for inst in instances:
-            inst.restart("restart requested through the API")
+        await asyncio.gather(*(inst.restart("restart requested through the API") for inst in instances))
         return instances
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -6,17 +6,14 @@ the supervisor.
 
 from __future__ import annotations
 
-import asyncio
-
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 from sanic_ext.extensions.openapi.definitions import Parameter
 
-from ...control import UpstreamFailed
+from ...control import FAILED_STATES, LAUNCH_WAIT, UpstreamFailed, settle
 from ...spec import NAME_PATTERN
-from ...states import State
 from ..errors import parse_body, parse_bool, parse_int
 from ..schemas import (
     Declaration,
@@ -41,6 +38,25 @@ WAIT = [Parameter("wait", {"type": "boolean"}, "query", description="answer once
                   description=f"seconds to wait (default {WAIT_DEFAULT:g})")]
 
 
+def _wait_args(request: Request) -> tuple[bool, float]:
+    wait = parse_bool(request.args.get("wait"), ["query", "wait"])
+    timeout = parse_int(request.args.get("timeout", str(int(WAIT_DEFAULT))), ["query", "timeout"])
+    return wait, float(max(1, min(timeout, 3600)))
+
+
+async def _settled(request: Request, instances, old_pids: dict[str, int | None]) -> None:
+    """Answer with the state after the action took effect: at least STARTING with the new
+    pid; with wait=true, RUNNING or failed (502 naming the reason) or the timeout passed."""
+    wait, timeout = _wait_args(request)
+    await settle(instances, old_pids, wait, timeout if wait else LAUNCH_WAIT)
+    if wait:
+        failed = [i for i in instances if i.state in FAILED_STATES]
+        if failed:
+            infos = [instance_info(i, instances) for i in failed]
+            raise UpstreamFailed("; ".join(f"instance {info['instance_id']} failed to start: {info['reason']}"
+                                           for info in infos), instance=infos[0], instances=infos)
+
+
 def _status_response(request: Request, instances) -> HTTPResponse:
     body = request.app.ctx.status_cache.render(instances, request.app.ctx.gpus)
     return HTTPResponse(body, content_type="application/json")
@@ -60,20 +76,10 @@ def _status_response(request: Request, instances) -> HTTPResponse:
 )
 async def start_model(request: Request) -> HTTPResponse:
     req = parse_body(request, StartRequest)
-    wait = parse_bool(request.args.get("wait"), ["query", "wait"])
-    timeout = parse_int(request.args.get("timeout", str(int(WAIT_DEFAULT))), ["query", "timeout"])
+    _wait_args(request)  # a bad wait/timeout is a 422 before anything is edited
     controller = request.app.ctx.controller
     inst = await controller.start_on_gpu(req.model_name, req.model_type, req.gpu_id, req.config)
-    if wait:
-        try:
-            await inst.wait_for(lambda i: i.state in (State.RUNNING, State.BACKOFF, State.FATAL, State.EXITED)
-                                or (i.state == State.STOPPED and i.desired != "running"),
-                                timeout=max(1, min(timeout, 3600)))
-        except asyncio.TimeoutError:
-            pass
-        if inst.state in (State.BACKOFF, State.FATAL, State.EXITED):
-            info = instance_info(inst, controller.instances_of(req.model_name))
-            raise UpstreamFailed(f"instance {inst.id} failed to start: {info['reason']}", instance=info)
+    await _settled(request, [inst], {})
     return json_response(instance_info(inst, controller.instances_of(req.model_name)), status=202)
 
 
@@ -178,21 +184,73 @@ async def delete_model(request: Request, name: str) -> HTTPResponse:
 
 
 @bp.post("/models/<name:str>/restart")
-@openapi.definition(summary="Restart every instance of a model (also leaves FATAL)", tag=TAG, parameter=[NAME],
-                    response=responses({202: ([ModelInstanceInfo], "restarting")}, 404, 422))
+@openapi.definition(summary="Restart every instance of a model (also leaves FATAL)",
+                    description="Answers once each instance runs a new process (STARTING with its new pid); with "
+                                "wait=true, once RUNNING (202), failed (502) or the timeout passed.",
+                    tag=TAG, parameter=[NAME, *WAIT],
+                    response=responses({202: ([ModelInstanceInfo], "restarting")}, 404, 422, 502))
 async def restart_model(request: Request, name: str) -> HTTPResponse:
+    _wait_args(request)
     controller = request.app.ctx.controller
-    instances = controller.restart(name)
+    old_pids = {i.id: i.pid for i in controller.instances_of(controller.model(name).name)}
+    instances = await controller.restart(name)
+    await _settled(request, instances, old_pids)
     return json_response([instance_info(i, instances) for i in instances], status=202)
 
 
 @bp.post("/models/<name:str>/enable")
 @openapi.definition(summary="Set enabled = true in the declaration and start every instance (also leaves FATAL)",
-                    tag=TAG, parameter=[NAME], response=responses({202: ([ModelInstanceInfo], "starting")}, 404, 409, 422))
+                    description="Answers once each instance is at least STARTING with a pid; with wait=true, once "
+                                "RUNNING (202), failed (502) or the timeout passed.",
+                    tag=TAG, parameter=[NAME, *WAIT],
+                    response=responses({202: ([ModelInstanceInfo], "starting")}, 404, 409, 422, 502))
 async def enable_model(request: Request, name: str) -> HTTPResponse:
+    _wait_args(request)
     controller = request.app.ctx.controller
     instances = await controller.set_enabled(name, True)
+    await _settled(request, instances, {})
     return json_response([instance_info(i, instances) for i in instances], status=202)
+
+
+ALL_RESULT = {
+    "type": "object",
+    "required": ["instances", "failed"],
+    "properties": {
+        "instances": {"type": "array", "items": {"$ref": "#/components/schemas/ModelInstanceInfo"}},
+        "failed": {"type": "array", "description": "models whose file could not be edited, and why",
+                   "items": {"type": "object", "properties": {"model": {"type": "string"},
+                                                              "error": {"type": "string"}}}},
+    },
+}
+
+
+@bp.post("/models/enable")
+@openapi.definition(
+    summary="Start every declared model (supervisorctl's `start all`)",
+    description="Sets enabled = true in every declaration that has enabled = false (the files are edited, as for "
+                "one model) and starts every instance; answers once each is at least STARTING with a pid, with "
+                "wait=true once each is RUNNING or failed (502) or the timeout passed.",
+    tag=TAG, parameter=WAIT,
+    response=responses({202: (ALL_RESULT, "starting")}, 422, 502),
+)
+async def enable_all(request: Request) -> HTTPResponse:
+    _wait_args(request)
+    instances, failed = await request.app.ctx.controller.set_enabled_all(True)
+    await _settled(request, instances, {})
+    return json_response({"instances": [instance_info(i, instances) for i in instances], "failed": failed},
+                         status=202)
+
+
+@bp.post("/models/disable")
+@openapi.definition(
+    summary="Stop every declared model (supervisorctl's `stop all`)",
+    description="Sets enabled = false in every declaration (the files are edited, as for one model); answers "
+                "once every instance is stopped.",
+    tag=TAG, response=responses({200: (ALL_RESULT, "stopped")}),
+)
+async def disable_all(request: Request) -> HTTPResponse:
+    instances, failed = await request.app.ctx.controller.set_enabled_all(False)
+    return json_response({"instances": [instance_info(i, instances) for i in instances], "failed": failed})
 
 
 @bp.post("/models/<name:str>/disable")

@@ -35,6 +35,8 @@ class ParserSyntax:
     source: str = ""
     #: The parser reads `--a_b` as `--a-b` before parsing (vLLM's FlexibleArgumentParser).
     underscores_as_dashes: bool = False
+    #: `--a.b value` sets a key of the JSON option `--a` (vLLM's FlexibleArgumentParser).
+    dotted_keys: bool = False
 
     def canonical(self, option: str) -> str:
         return self.short_options.get(option, option)
@@ -140,9 +142,13 @@ def read_options(args: Sequence[str], syntax: ParserSyntax) -> list[OptionUse]:
         if raw == "--":
             break
         item = raw
-        if syntax.underscores_as_dashes and item.startswith("--"):
+        if item.startswith("--") and (syntax.underscores_as_dashes or syntax.dotted_keys):
             head, sep, tail = item.partition("=")
-            item = head.replace("_", "-") + sep + tail
+            name, dot, _keys = head.partition(".")
+            if syntax.underscores_as_dashes:
+                name = name.replace("_", "-")
+            # `--a.b=v` is `--a` with a JSON value built from `b` and `v`: the option is `--a`.
+            item = name + sep + tail if (dot and syntax.dotted_keys) else name + dot + _keys + sep + tail
         read = reader(item, syntax)
         if read.kind != "option":
             continue

@@ -250,8 +250,16 @@ class Controller:
         if "name" in document and document["name"] != name:
             raise invalid(["body", "name"], f"must be {name!r} (the name in the path) or left out")
         document = {**document, "name": name}
-        created = name not in self.engine.catalog.models
-        spec = await self._edit(name, lambda _current: document, ["body"], f"put {name}", replace=True)
+        created = False
+
+        def replace_with(_current: dict[str, Any] | None) -> dict[str, Any]:
+            # Decided under the edit lock: of 50 concurrent PUTs of one new model, only the first
+            # creates it (deciding before the lock answered 201 to nearly all of them, issue 11).
+            nonlocal created
+            created = name not in self.engine.catalog.models
+            return document
+
+        spec = await self._edit(name, replace_with, ["body"], f"put {name}", replace=True)
         assert spec is not None
         return spec, created
 

@@ -22,7 +22,7 @@ from ..engine import Engine
 from ..gpu_tracker import GpuTracker
 from ..metrics import Metrics
 from ..settings import Settings
-from . import docs, errors
+from . import docs, errors, guard
 from .routes import dashboard, gpus, models, processes, system
 from .schemas import components
 from .views import StatusCache
@@ -86,6 +86,7 @@ def create_app(
     app.ctx.closing = asyncio.Event()
 
     errors.install(app)
+    guard.install(app, settings)
     docs.install(app)
     for bp in (system.bp, gpus.bp, processes.bp, models.bp, dashboard.bp):
         app.blueprint(bp)

@@ -17,6 +17,7 @@ from sanic.response import JSONResponse
 from sanic.response import json as json_response
 
 from ..control import ControlError, Invalid
+from . import guard
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,43 @@ def validation_items(exc: ValidationError, prefix: list[str | int]) -> list[dict
             for e in exc.errors(include_url=False, include_context=False, include_input=False)]
 
 
+#: Deeper JSON is refused (422) before validation: nothing the API takes nests beyond a few
+#: levels, and deep documents would recurse through pydantic and the TOML writer (issue 11).
+MAX_JSON_DEPTH = 32
+
+#: Methods probed for a 405's Allow header.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if `value` has containers nested more than `limit` levels deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _too_deep() -> Invalid:
+    return Invalid([{"type": "json_too_deep", "loc": ["body"],
+                     "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep"}])
+
+
 def parse_body(request: Request, model: type[M]) -> M:
     """Validate the JSON body against `model`; 422 with `loc` ["body", ...] otherwise."""
     try:
         data = json.loads(request.body) if request.body else None
+    except RecursionError:  # thousands of levels: the C decoder gives up before we can count
+        raise _too_deep() from None
     except ValueError as exc:
         raise Invalid([{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {exc}"}]) from None
+    if nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise _too_deep()
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -64,6 +96,18 @@ def parse_bool(value: str | None, loc: list[str | int]) -> bool:
     raise Invalid([{"type": "bool_parsing", "loc": loc, "msg": "Input should be a valid boolean"}])
 
 
+def allowed_methods(request: Request) -> list[str]:
+    router = request.app.router
+    allowed = []
+    for method in METHODS:
+        try:
+            router.get(request.path, method, request.headers.getone("host", None))
+        except SanicException:
+            continue
+        allowed.append(method)
+    return allowed
+
+
 def install(app: Sanic) -> None:
     @app.exception(ControlError)
     async def control_error(request: Request, exc: ControlError) -> JSONResponse:
@@ -74,7 +118,15 @@ def install(app: Sanic) -> None:
         status = getattr(exc, "status_code", 500) or 500
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc)
-        return error_response(status, str(exc) or exc.__class__.__name__, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 405 and "Allow" not in headers:
+            # Sanic names the allowed methods only for paths with one route (RFC 9110 wants them always).
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        if status == 413 and request.stream is not None:
+            # Let Sanic read and discard the rest of the body, so the client, still sending, reads this
+            # answer instead of a connection reset (see `guard`).
+            request.stream.request_max_size = guard.DRAIN_LIMIT
+        return error_response(status, str(exc) or exc.__class__.__name__, headers=headers or None)
 
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

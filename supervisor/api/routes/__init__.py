@@ -1,11 +1,13 @@
-"""Route helpers shared by the blueprints: OpenAPI response declarations."""
+"""Route helpers shared by the blueprints: OpenAPI parameter and response declarations."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import BaseModel
+from sanic_ext.extensions.openapi import definitions
 from sanic_ext.extensions.openapi.definitions import Response
+from sanic_ext.extensions.openapi.types import Schema
 
 from ..schemas import ErrorBody, ValidationErrorBody, array_of, ref
 
@@ -45,3 +47,26 @@ def responses(ok: dict[int, tuple[Any, str]], *error_codes: int) -> list[Respons
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": ref(model)}
+
+
+class JsonSchema(Schema):
+    """A JSON schema published exactly as written."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        super().__init__()
+        self._schema = dict(schema)
+
+    def serialize(self) -> dict[str, Any]:
+        return dict(self._schema)
+
+
+class Parameter(definitions.Parameter):
+    """sanic-ext's Parameter, with a dict schema taken as a JSON schema.
+
+    sanic-ext reads a plain dict as an object to describe, so `{"type": "integer"}` came out as
+    `{"type": "object", "properties": {"type": {"default": "integer"}}}` and schema-driven
+    clients sent the pid `type,integer` (issue 11).
+    """
+
+    def __init__(self, name: str, schema: Any = str, location: str = "query", **kwargs: Any) -> None:
+        super().__init__(name, JsonSchema(schema) if isinstance(schema, dict) else schema, location, **kwargs)

@@ -10,7 +10,6 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
-from sanic_ext.extensions.openapi.definitions import Parameter
 
 from ...control import FAILED_STATES, LAUNCH_WAIT, UpstreamFailed, settle
 from ...spec import NAME_PATTERN
@@ -25,7 +24,7 @@ from ..schemas import (
     StopRequest,
 )
 from ..views import instance_info
-from . import json_body, responses
+from . import Parameter, json_body, responses
 
 bp = Blueprint("models", url_prefix="/api/v1")
 

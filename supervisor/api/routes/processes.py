@@ -9,14 +9,13 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
-from sanic_ext.extensions.openapi.definitions import Parameter
 
 from ... import kill
 from ...control import Forbidden, NotFound
 from ...procscan import scan
 from ..errors import parse_bool, parse_int
 from ..schemas import KillProcessResponse
-from . import responses
+from . import Parameter, responses
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +23,8 @@ bp = Blueprint("processes", url_prefix="/api/v1")
 
 #: SIGTERM first; SIGKILL if the process is still there after this many seconds.
 KILL_GRACE = 5.0
+#: The largest pid Linux can hand out (2**22, the ceiling of kernel.pid_max).
+PID_MAX = 4194304
 
 
 @bp.delete("/processes/<pid>")
@@ -34,7 +35,7 @@ KILL_GRACE = 5.0
                 "its ancestors, always; and for any other process unless force=true. SIGTERM, then SIGKILL after "
                 f"{KILL_GRACE:g} s. Answers once the process is gone.",
     tag="GPU and processes",
-    parameter=[Parameter("pid", {"type": "integer"}, "path", required=True),
+    parameter=[Parameter("pid", {"type": "integer", "minimum": 1, "maximum": PID_MAX}, "path", required=True),
                Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway")],
     response=responses({200: (KillProcessResponse, "the process is gone")}, 403, 404, 422),
 )

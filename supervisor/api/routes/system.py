@@ -13,14 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 from sanic_ext import openapi
-from sanic_ext.extensions.openapi.definitions import Parameter
 
 from ... import __version__
 from ...control import NotFound
 from ...logfiles import LogFile
 from ..errors import error_response, parse_bool, parse_int
 from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
-from . import dashboard, responses
+from . import Parameter, dashboard, responses
 
 bp = Blueprint("system", url_prefix="/api/v1")
 
@@ -85,18 +84,32 @@ async def config_errors(request: Request) -> HTTPResponse:
 
 @bp.post("/reload")
 @openapi.definition(summary="Re-read conf.d/ now (the same path as SIGHUP; the watcher does this by itself)",
-                    tag="Configuration", response=responses({202: (ReloadResult, "re-read requested")}))
+                    description="With wait=true, answers (200) after this very reload, with what it changed "
+                                "(`changes`; empty lists when the files were already in force) and the number of "
+                                "configuration errors; otherwise 202 at once.",
+                    tag="Configuration",
+                    parameter=[Parameter("wait", {"type": "boolean"}, "query",
+                                         description="answer once this reload is done, with its changes")],
+                    response=responses({202: (ReloadResult, "re-read requested"),
+                                        200: (ReloadResult, "re-read (wait=true)")}, 422))
 async def reload(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
-    engine.request_reload("API reload")
-    return json_response({"requested": True, "last_reload": engine.last_reload}, status=202)
+    if not parse_bool(request.args.get("wait"), ["query", "wait"]):
+        engine.request_reload("API reload")
+        return json_response({"requested": True, "last_reload": engine.last_reload}, status=202)
+    steps = await engine.reload("API reload")  # serialised with the watcher's reloads
+    changes = {"added": steps.add, "removed": steps.remove, "replaced": steps.replace, "updated": steps.update}
+    return json_response({"requested": True, "changes": changes, "config_errors": len(engine.config_errors()),
+                          "last_reload": engine.last_reload})
 
 
 @bp.get("/instances/<instance_id:str>/logs")
 @openapi.definition(
     summary="The last lines of an instance's log file",
     tag="Instances",
-    parameter=[Parameter("tail", {"type": "integer", "minimum": 1, "maximum": 100000}, "query",
+    parameter=[Parameter("instance_id", {"type": "string", "pattern": INSTANCE_ID.pattern, "maxLength": 80}, "path",
+                         required=True, description="e.g. demo@cpu or demo@gpu0-1"),
+               Parameter("tail", {"type": "integer", "minimum": 1, "maximum": 100000}, "query",
                          description="how many lines (default 100)"),
                Parameter("follow", {"type": "boolean"}, "query",
                          description="keep streaming what is appended (across rotation) until the client leaves")],

@@ -67,6 +67,27 @@ def _explain(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def docker_address() -> str:
+    """Where the SDK looks for the daemon (docker.from_env: DOCKER_HOST, else the default socket)."""
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def daemon_reason(exc: BaseException, address: str) -> str:
+    """Why the daemon cannot be used, in a user's words: the SDK's text is a nest of wrapped
+    exceptions ("('Connection aborted.', FileNotFoundError(2, ...))")."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(repr(e) for e in chain)
+    if any(isinstance(e, (FileNotFoundError, ConnectionRefusedError)) for e in chain) or \
+            "FileNotFoundError" in text or "ConnectionRefusedError" in text or "Connection refused" in text:
+        return f"no Docker daemon at {address}"
+    if any(isinstance(e, PermissionError) for e in chain) or "PermissionError" in text:
+        return f"no permission to use the Docker daemon at {address} (is this user in the docker group?)"
+    return f"Docker daemon at {address} not reachable: {_explain(exc)}"
+
+
 def _timestamp(rfc3339: str | None) -> float | None:
     """Docker's StartedAt ("2026-11-27T10:00:00.123456789Z") as a UNIX time, or None."""
     if not rfc3339 or rfc3339.startswith("0001-"):
@@ -201,7 +222,7 @@ class DockerRunner:
             return None
         except Exception as exc:
             self._local.client = None
-            return f"Docker daemon not reachable: {_explain(exc)}"
+            return daemon_reason(exc, docker_address())
 
     # -- launching -----------------------------------------------------------------------------
     async def adoptable(self, plan: ContainerLaunch, instance_id: str) -> bool:
@@ -228,7 +249,7 @@ class DockerRunner:
         except ImportError:
             raise LaunchError("the docker Python package is not installed") from None
         except Exception as exc:  # no daemon, or a daemon error: the reason is the failure
-            self._reason = f"Docker daemon not reachable: {_explain(exc)}"
+            self._reason = daemon_reason(exc, docker_address())
             self._local.client = None
             raise LaunchError(self._reason) from None
         self._reason = None

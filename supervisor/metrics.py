@@ -115,7 +115,7 @@ class _Collector(Collector):
             labels = self._instance_labels(inst)
             current = inst.state.value
             for name in states:
-                state.add(f'{labels},{PREFIX}_instance_state="{name}"', 1.0 if name == current else 0.0)
+                state.add(f'{labels},state="{name}"', 1.0 if name == current else 0.0)
             restarts.add(labels, inst.restarts)
             failures.add(labels, inst.failures)
             running = inst.state == State.RUNNING and inst.ready_monotonic is not None

@@ -51,8 +51,8 @@ async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_d
                      "gpu_processes", "gpu_stray_processes", "config_errors", "config_error_files"):
             assert types[f"model_supervisor_{name}"] == "gauge", name
         labels = {"model": "web", "instance": "web@gpu0", "backend": "process", "gpu": "0"}
-        assert value(m["model_supervisor_instance_state"], **labels, model_supervisor_instance_state="RUNNING") == 1
-        assert value(m["model_supervisor_instance_state"], **labels, model_supervisor_instance_state="BACKOFF") == 0
+        assert value(m["model_supervisor_instance_state"], **labels, state="RUNNING") == 1
+        assert value(m["model_supervisor_instance_state"], **labels, state="BACKOFF") == 0
         assert value(m["model_supervisor_instance_ready"], **labels) == 1
         assert value(m["model_supervisor_instance_restarts"], **labels) == 0
         assert value(m["model_supervisor_instance_gpu_memory_bytes"], **labels) == 3000 * 1024 * 1024

@@ -118,7 +118,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not conf_dir.is_dir():
         print(f"{conf_dir}: declaration directory does not exist", file=sys.stderr)
         return 2
-    parsed = read_dir(conf_dir, default_registry(), settings.defaults())
+    try:
+        parsed = read_dir(conf_dir, default_registry(), settings.defaults(), host_checks=not args.no_host_checks)
+    except OSError as exc:  # the directory itself (each file's problems are that file's errors)
+        print(f"{conf_dir}: cannot list the declaration directory: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     ports = PortAllocator(*settings.port_range, is_free=lambda _port: True)
     catalog = resolve(parsed, Catalog(), ports.assign)
     errors = [e for errs in catalog.errors.values() for e in errs]
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors")
     _add_settings_flags(p)
     p.add_argument("dir", nargs="?", type=Path, help="declaration directory")
+    p.add_argument("--no-host-checks", action="store_true",
+                   help="check the declarations alone, not this machine (programs, directories): "
+                        "for files meant for another host")
     p.set_defaults(func=cmd_validate)
 
     from .cli_client import add_commands

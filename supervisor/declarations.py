@@ -27,6 +27,9 @@ class ConfigError:
     line: int | None = None
     loc: tuple[str | int, ...] = ()  # the key as a path ("command", 2), for API error locations
     type: str = "value_error"  # pydantic's error type, e.g. "missing", "extra_forbidden"
+    #: About this machine rather than the file's text (a program not installed): such errors
+    #: are checked again at every reload instead of being cached with the file.
+    machine: bool = False
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -70,6 +73,37 @@ class ModelSpec:
         doc = self.decl.model_dump(mode="json", exclude_none=True)
         doc.update(self.options.model_dump(mode="json", exclude_none=True))
         return doc
+
+
+#: Deeper than any declaration needs (a table of lists of lists is 3). Checked before anything
+#: recursive (pydantic, hashing, JSON) sees the document: 50,000 nested arrays were a
+#: RecursionError that stopped `serve` from starting (issue 11).
+MAX_DEPTH = 32
+
+
+def hostile_values(data: Any, file: str) -> list[ConfigError]:
+    """Nesting over MAX_DEPTH, and NUL bytes in any key or string (no program, path or
+    environment variable can hold one: exec would fail with "embedded null byte").
+    Iterative, so no document can make it recurse."""
+    errors: list[ConfigError] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if len(loc) > MAX_DEPTH:
+            return [ConfigError(file, f"nested more than {MAX_DEPTH} levels deep (at {key_of(loc[:3])}...)",
+                                key=key_of(loc[:1]), loc=loc[:1], type="too_deep")]
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and "\0" in k:
+                    errors.append(ConfigError(file, f"the key {k!r} contains a NUL byte", key=key_of(loc) or None,
+                                              loc=loc, type="nul_byte"))
+                stack.append((v, (*loc, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*loc, i)) for i, v in enumerate(value))
+        elif isinstance(value, str) and "\0" in value:
+            errors.append(ConfigError(file, f"contains a NUL byte (got {value!r})", key=key_of(loc), loc=loc,
+                                      type="nul_byte"))
+    return sorted(errors, key=lambda e: str(e.key))
 
 
 _TOML_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
@@ -133,6 +167,11 @@ def parse_declaration(
     """Validate one declaration document. Raises `DeclarationInvalid` with every error found."""
     file = str(source)
     defaults = defaults or Defaults()
+    if not isinstance(data, dict):
+        raise DeclarationInvalid([ConfigError(file, f"a declaration is a table of keys, got {type(data).__name__}")])
+    hostile = hostile_values(data, file)
+    if hostile:
+        raise DeclarationInvalid(hostile)
     common = {k: v for k, v in data.items() if k in COMMON_KEYS}
     extra = {k: v for k, v in data.items() if k not in COMMON_KEYS}
     errors: list[ConfigError] = []
@@ -180,3 +219,22 @@ def parse_declaration(
         raise DeclarationInvalid(errors)
     assert decl is not None and kind is not None and options is not None
     return ModelSpec(decl=decl, options=options, kind=kind, source=source, raw=dict(data))
+
+
+def preflight(spec: ModelSpec) -> list[ConfigError]:
+    """What this machine can tell before the declaration replaces anything: the program is
+    installed and executable, the directories it needs are there (the kind's `preflight`).
+    Blocking (stats only); the caller is a reader of conf.d/ or the API, off the event loop.
+
+    A declaration that fails here is refused like a syntax error, so a hot edit naming a
+    program that does not exist keeps the last good instance running (issue 11)."""
+    decl, kind, file = spec.decl, spec.kind, str(spec.source)
+    gpus = (decl.sample_gpu_sets() or [()])[0]
+    extra = tuple((name, 1) for name in kind.extra_ports(spec.options))
+    ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, spec.source.parent, extra_ports=extra)
+    try:
+        problems = kind.preflight(spec.options, ctx, kind.launch(spec.options, ctx, decl.env))
+    except Exception as exc:  # a plugin's check that breaks is reported, not a failed reload
+        return [ConfigError(file, f"checking the launch failed: {type(exc).__name__}: {exc}", machine=True)]
+    return [ConfigError(file, message, key=key, loc=_loc_of(key), type="preflight", machine=True)
+            for key, message in problems]

@@ -65,7 +65,9 @@ def load(tmp_path: Path, doc: dict[str, Any]) -> tuple[Catalog, Path]:
     conf.mkdir(exist_ok=True)
     path = conf / "decl.toml"
     path.write_text(tomli_w.dumps(doc))
-    parsed = read_dir(conf, REGISTRY, Defaults())
+    # The contract is about declarations and plans; the servers are not installed here, so the
+    # checks of this machine are left out (tests/test_hostile_declarations.py has them).
+    parsed = read_dir(conf, REGISTRY, Defaults(), host_checks=False)
     ports = PortAllocator(30000, 30999, is_free=lambda _p: True)
     return resolve(parsed, Catalog(), ports.assign, tmp_path / "work"), path
 

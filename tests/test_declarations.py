@@ -164,6 +164,7 @@ def test_gpu_sets_and_explicit_port_base(conf_dir: Path) -> None:
 
 
 def test_placeholders_and_relative_cwd(conf_dir: Path) -> None:
+    (conf_dir / "work").mkdir()  # a cwd that does not exist is an error (issue 11)
     write_decl(conf_dir, declaration("p", command=["{python}", "-m", "srv", "--port={port}", "--gpus={gpus}", "{instance}"],
                                      gpus=[1], port=9300, cwd="work", env={"OUT": "/tmp/{name}"}))
     spec = load(conf_dir).instances["p@gpu1"]
@@ -218,7 +219,9 @@ def test_shipped_conf_d_is_valid() -> None:
 
 
 def test_shipped_examples_are_valid() -> None:
-    out = subprocess.run([sys.executable, "-m", "supervisor", "validate", str(REPO / "examples" / "conf.d")],
+    # The examples name programs and checkouts of a GPU box, not of this one.
+    out = subprocess.run([sys.executable, "-m", "supervisor", "validate", "--no-host-checks",
+                          str(REPO / "examples" / "conf.d")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -197,3 +197,9 @@ class BackendKind(ABC):
     def listens(self, options: BaseModel, env: dict[str, str]) -> bool:
         """Whether the backend binds its `{port}`: if so the port is checked before each start."""
         return True
+
+    def preflight(self, options: BaseModel, ctx: LaunchContext, plan: LaunchPlan) -> list[tuple[str, str]]:
+        """What can be checked on this machine before `plan` replaces a running instance, as
+        (key, problem) pairs: the program is installed, the directories exist
+        (`supervisor.backends.checks`). Blocking (stats only). Default: nothing to check."""
+        return []

@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import AfterValidator, field_validator
 
 from ..spec import StrictModel
+from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, instance_env
 from .preset import PROBE_REACHABLE, NonEmpty, executable, expand_all, local_path, reject_flags
 
@@ -70,3 +71,7 @@ class ComfyUIKind(BackendKind):
         argv += expand_all(options.extra_args, ctx, "extra_args")
         return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.comfyui_path, ctx, "comfyui_path"),
                              env=tuple(sorted(instance_env(ctx, env).items())))
+
+    def preflight(self, options: ComfyUIOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+        return (checks.directory(plan.cwd, "comfyui_path", "main.py", " (is it a ComfyUI checkout?)")
+                + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python"))

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field
 
 from ..spec import StrictModel
+from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
 
 
@@ -34,3 +35,11 @@ class ProcessKind(BackendKind):
         argv = tuple(expand(arg, ctx, f"command[{i}]") for i, arg in enumerate(options.command))
         cwd = ctx.resolve_path(expand(options.cwd, ctx, "cwd")) if options.cwd is not None else None
         return ProcessLaunch(argv=argv, cwd=cwd, env=tuple(sorted(instance_env(ctx, env).items())))
+
+    def preflight(self, options: ProcessOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+        problems = []
+        if not checks.per_instance(options.cwd):
+            problems += checks.directory(plan.cwd, "cwd")
+        if not checks.per_instance(options.command[0]):
+            problems += checks.program(plan.argv[0], dict(plan.env), plan.cwd, "command[0]")
+        return problems

@@ -17,6 +17,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from ..spec import StrictModel
+from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
 from .preset import NonEmpty, executable, expand_all, local_path, reject_flags
 
@@ -81,3 +82,7 @@ class TextgenKind(BackendKind):
         environment["OPENEDAI_PORT"] = str(ctx.port)
         return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.textgen_path, ctx, "textgen_path"),
                              env=tuple(sorted(environment.items())))
+
+    def preflight(self, options: TextgenOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+        return (checks.directory(plan.cwd, "textgen_path", "server.py", " (is it a text-generation-webui checkout?)")
+                + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python"))

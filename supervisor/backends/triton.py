@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from ..spec import StrictModel
+from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, LaunchPlan, ProcessLaunch, instance_env
 from .docker import DockerOptions, UlimitRange, build_container, container_env
 from .preset import (BindAddress, ModelName, NonEmpty, OptionError, executable, expand_all, local_path,
@@ -198,6 +199,19 @@ class TritonKind(BackendKind):
                                   f"{options.volumes[i]!r} collides with the model repository mounts "
                                   f"({repository} and {CONTAINER_REPOSITORY} are the supervisor's)")
         return dataclasses.replace(plan, command=("tritonserver", *argv), prepare=(step,))
+
+    def preflight(self, options: TritonOptions, ctx: LaunchContext, plan: LaunchPlan) -> list[checks.Problem]:  # type: ignore[override]
+        # Both modes read the repository on this machine (a container gets it bind-mounted).
+        step = next(s for s in plan.prepare if isinstance(s, TritonRepositoryOverlay))
+        problems = checks.directory(step.repository, "model_repository")
+        if not problems:
+            missing = [m for m, _ in step.models if not os.path.isdir(os.path.join(step.repository, m))]
+            if missing:
+                problems.append(("models" if options.models else "model_repository",
+                                 f"{step.repository} has no directory for model(s) {', '.join(missing)}"))
+        if isinstance(plan, ProcessLaunch):
+            problems += checks.program(plan.argv[0], dict(plan.env), None, "tritonserver")
+        return problems
 
 
 def _check_mode_keys(options: TritonOptions) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from ..spec import StrictModel
+from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
 from .preset import BindAddress, NonEmpty, executable, expand_all, reject_flags
 
@@ -63,3 +64,9 @@ class VllmKind(BackendKind):
             argv += ["--served-model-name", expand(options.served_model_name, ctx, "served_model_name")]
         argv += expand_all(options.extra_args, ctx, "extra_args")
         return ProcessLaunch(argv=tuple(argv), env=tuple(sorted(instance_env(ctx, env).items())))
+
+    def preflight(self, options: VllmOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+        problems = checks.program(plan.argv[0], dict(plan.env), None, "vllm")
+        if options.model.startswith(_PATH_PREFIXES) and not checks.per_instance(options.model):
+            problems += checks.exists(plan.argv[2], "model")  # a local model directory
+        return problems

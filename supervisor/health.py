@@ -7,9 +7,22 @@ readiness probes at debug level.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 
 from .desired import ResolvedHealth
+
+
+def _loopback_tls() -> ssl.SSLContext:
+    # The probe only ever connects to 127.0.0.1: a server's certificate names its public host
+    # (or is self-signed), so it is not verified; encryption is what the server insists on.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_LOOPBACK_TLS = _loopback_tls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +36,8 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
         return ProbeResult(True, "no health check")
     try:
         async with asyncio.timeout(health.timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            tls = _LOOPBACK_TLS if health.type == "https" else None
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
             try:
                 if health.type == "tcp":
                     return ProbeResult(True, f"tcp {host}:{port} accepts connections")
@@ -56,3 +70,15 @@ async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     if 200 <= code < 300:
         return ProbeResult(True, f"GET {path} -> {code}")
     return ProbeResult(False, f"GET {path} -> {code}")
+
+
+async def liveness(health: ResolvedHealth, port: int, plan: object = None, host: str = "127.0.0.1") -> ProbeResult:
+    """The check of a RUNNING instance: the probe on the liveness path, then the plan's own
+    deeper check if it has one (Triton: python-backend stubs that died while the server and
+    the model still answer ready)."""
+    result = await probe(health.for_liveness(), port, host)
+    live = getattr(plan, "live", None)
+    if not result.ok or live is None:
+        return result
+    ok, detail = await live.check(port, health.timeout)
+    return ProbeResult(ok, f"{result.detail}; {detail}" if detail else result.detail)

@@ -392,6 +392,12 @@ def test_triton_overlay_cpu_instance_and_bad_template(tmp_path: Path) -> None:
 # --- comfyui --------------------------------------------------------------------------------
 
 
+def comfy_state_args(work: Path) -> tuple[str, ...]:
+    """What keeps instances of one checkout apart: temp (ComfyUI appends "temp"), user, database."""
+    return ("--temp-directory", str(work), "--user-directory", str(work / "user"),
+            "--database-url", f"sqlite:///{work / 'user' / 'comfyui.db'}")
+
+
 def test_comfyui_single_gpu(tmp_path: Path) -> None:
     (inst,) = instances(tmp_path, """
         name = "faces"
@@ -401,7 +407,9 @@ def test_comfyui_single_gpu(tmp_path: Path) -> None:
         comfyui_path = "/opt/ComfyUI"
         python = "/opt/ComfyUI/venv/bin/python"
     """).values()
-    assert inst.launch.argv == ("/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "9101")
+    work = (tmp_path / "work" / inst.id).resolve()
+    assert inst.launch.argv == ("/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "9101",
+                                *comfy_state_args(work))
     assert inst.launch.cwd == "/opt/ComfyUI"
     assert_env(inst.launch, {**gpu_env("1"), "MODEL_SUPERVISOR_PORT": "9101"})
     assert (inst.health.type, inst.health.path) == ("http", "/system_stats")
@@ -419,8 +427,8 @@ def test_comfyui_relative_paths_cpu_only_and_placeholders(tmp_path: Path) -> Non
     """).values()
     conf = tmp_path / "conf.d"
     assert inst.launch.argv == (str(conf / "venv" / "bin" / "python"), "main.py", "--listen", "0.0.0.0",
-                                "--port", "9100", "--cpu", "--output-directory", f"{conf}/out/faces@cpu",
-                                "--preview-size=9100")
+                                "--port", "9100", "--cpu", *comfy_state_args((tmp_path / "work" / "faces@cpu").resolve()),
+                                "--output-directory", f"{conf}/out/faces@cpu", "--preview-size=9100")
     assert inst.launch.cwd == str(tmp_path / "ComfyUI")
     assert_env(inst.launch, gpu_env(""))
 
@@ -446,7 +454,17 @@ def test_comfyui_default_interpreter_is_python3_from_path(tmp_path: Path) -> Non
      "checks readiness on 127.0.0.1"),
     ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nlisten = "localhost"\n', "listen", "not an IP address"),
     ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\npython = ""\n', "python", "at least 1"),
-], ids=["missing-path", "owned-port", "owned-cuda-device", "unreachable-listen", "listen-not-ip", "empty-python"])
+    # Abbreviations ComfyUI's argparse accepts (issue 12: these exposed it on every interface).
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--list", "0.0.0.0"]\n',
+     "extra_args[0]", "'--list' sets --listen (an abbreviation of --listen"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--lowvram", "--po", "9999"]\n',
+     "extra_args[1]", "--port is set by the supervisor (from port)"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--cuda-dev", "1"]\n',
+     "extra_args[0]", "--cuda-device is set by the supervisor (from gpus)"),
+    ('name = "m"\nbackend = "comfyui"\ncomfyui_path = "c"\nextra_args = ["--listen"]\n',
+     "extra_args[0]", "--listen is set by the supervisor (from listen)"),
+], ids=["missing-path", "owned-port", "owned-cuda-device", "unreachable-listen", "listen-not-ip", "empty-python",
+        "abbrev-listen", "abbrev-port", "abbrev-cuda-device", "bare-listen"])
 def test_comfyui_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
     found = errors(tmp_path, text)
     assert any(k == key and words in message for k, message in found), found
@@ -508,7 +526,7 @@ def test_vllm_cpu_only_has_no_tensor_parallel_flag(tmp_path: Path) -> None:
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--tensor-parallel-size=2"]\n', "extra_args[0]",
      "--tensor-parallel-size is set by the supervisor (from gpus"),
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--dtype", "half", "-tp", "2"]\n', "extra_args[2]",
-     "-tp is set by the supervisor"),
+     "'-tp' sets --tensor-parallel-size (-tp is --tensor-parallel-size): --tensor-parallel-size is set by the supervisor"),
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--tensor_parallel_size", "2"]\n', "extra_args[0]",
      "--tensor-parallel-size is set by the supervisor"),
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--port", "1"]\n', "extra_args[0]",
@@ -516,7 +534,21 @@ def test_vllm_cpu_only_has_no_tensor_parallel_flag(tmp_path: Path) -> None:
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nhost = "192.168.1.2"\n', "host", "checks readiness on 127.0.0.1"),
     ('name = "m"\nbackend = "vllm"\nmodel = "x"\nserved_model_name = "{oops}"\n', "served_model_name",
      "unknown placeholder {oops}"),
-], ids=["missing-model", "owned-tp", "owned-tp-short", "owned-tp-underscore", "owned-port", "unreachable-host",
+    # Abbreviations vllm's argparse accepts (issue 12).
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--hos", "0.0.0.0"]\n', "extra_args[0]",
+     "--host is set by the supervisor (from host)"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--por=9999"]\n', "extra_args[0]",
+     "--port is set by the supervisor (from port)"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--dtype", "half", "--tensor-parallel", "4"]\n',
+     "extra_args[2]", "--tensor-parallel-size is set by the supervisor"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["-t", "4"]\n', "extra_args[0]",
+     "--tensor-parallel-size is set by the supervisor"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--uds=/tmp/s"]\n', "extra_args[0]",
+     "a unix socket replaces host and port"),
+    ('name = "m"\nbackend = "vllm"\nmodel = "x"\nextra_args = ["--config", "c.yaml"]\n', "extra_args[0]",
+     "its file may set the flags above"),
+], ids=["missing-model", "owned-tp", "owned-tp-short", "owned-tp-underscore", "owned-port", "abbrev-host",
+        "abbrev-port", "abbrev-tp", "short-prefix-tp", "uds", "config-file", "unreachable-host",
         "unknown-placeholder"])
 def test_vllm_validation_errors_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
     found = errors(tmp_path, text)
@@ -681,7 +713,9 @@ async def test_comfyui_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp
         python = "{{python}}"
         {fake_env(tmp_path / "record.json", "--port", "/system_stats", "--listen")}
     """, "faces@gpu1-3")
-    assert record["argv"] == ["main.py", "--listen", "127.0.0.1", "--port", str(record["port"])]
+    assert record["argv"][:5] == ["main.py", "--listen", "127.0.0.1", "--port", str(record["port"])]
+    user_dir = Path(record["argv"][record["argv"].index("--user-directory") + 1])
+    assert user_dir.is_dir() and user_dir.name == "user"  # made by the prepare step before the start
     assert record["cwd"] == str(comfy)
     assert record["env"]["CUDA_VISIBLE_DEVICES"] == "1,3" and record["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
@@ -756,3 +790,89 @@ async def test_triton_missing_model_directory_is_a_config_error(engine: Engine, 
     messages = {e["key"]: e["message"] for e in engine.config_errors()}
     assert messages["model_repository"] == f"{repo} has no directory for model(s) Ghost"
     assert messages["tritonserver"] == "program '/nonexistent/tritonserver' does not exist"
+
+
+def test_comfyui_instances_of_one_checkout_keep_their_own_state(tmp_path: Path) -> None:
+    found = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        gpus = [0, 1]
+        comfyui_path = "/opt/ComfyUI"
+        share_input_output = false
+    """)
+    seen: set[str] = set()
+    for inst in found.values():
+        work = (tmp_path / "work" / inst.id).resolve()
+        argv = inst.launch.argv
+        assert argv[argv.index("--temp-directory") + 1] == str(work)
+        assert argv[argv.index("--database-url") + 1] == f"sqlite:///{work}/user/comfyui.db"
+        assert argv[argv.index("--input-directory") + 1] == str(work / "input")
+        assert argv[argv.index("--output-directory") + 1] == str(work / "output")
+        seen |= {argv[argv.index(flag) + 1] for flag in ("--temp-directory", "--user-directory", "--database-url")}
+        # --user-directory must exist when ComfyUI starts: the prepare step makes the directories.
+        (step,) = inst.launch.prepare
+        step.run()
+        assert (work / "user").is_dir() and (work / "input").is_dir() and (work / "output").is_dir()
+    assert len(seen) == 6  # nothing shared between the two instances
+
+
+def test_comfyui_state_flags_in_extra_args_are_the_users(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        comfyui_path = "/opt/ComfyUI"
+        extra_args = ["--temp-dir", "/big/tmp", "--database-url=sqlite:///:memory:"]
+    """).values()
+    argv = inst.launch.argv
+    assert argv.count("--temp-directory") == 0 and "--database-url" not in argv  # only the user's spelling
+    assert argv[-3:] == ("--temp-dir", "/big/tmp", "--database-url=sqlite:///:memory:")
+    assert "--user-directory" in argv
+
+
+def test_comfyui_tls_flags_switch_the_probe_to_https(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        comfyui_path = "/opt/ComfyUI"
+        extra_args = ["--tls-key=/k.pem", "--tls-certfile", "/c.pem"]
+    """).values()
+    assert (inst.health.type, inst.health.path) == ("https", "/system_stats")
+    (half,) = instances(tmp_path, """
+        name = "faces"
+        backend = "comfyui"
+        comfyui_path = "/opt/ComfyUI"
+        extra_args = ["--tls-keyfile=/k.pem"]
+    """).values()
+    assert half.health.type == "http"  # ComfyUI serves HTTPS only with both files
+
+
+# --- owned flags against the servers' own option lists ---------------------------------------
+
+
+def _owned_and_syntax():
+    from supervisor.backends import comfyui, textgen, vllm
+    from supervisor.backends.parser_options import COMFYUI, TEXTGEN, VLLM
+    return [("comfyui", comfyui.OWNED_FLAGS, COMFYUI), ("vllm", vllm.OWNED_FLAGS, VLLM),
+            ("textgen", textgen.OWNED_FLAGS, TEXTGEN)]
+
+
+@pytest.mark.parametrize("preset,owned,syntax", _owned_and_syntax(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_owned_flag_is_an_option_of_the_real_parser(preset: str, owned: dict, syntax) -> None:
+    # A flag the server does not know would guard nothing (and an abbreviation of the real
+    # one would pass); the list records the commit it was taken from.
+    assert syntax.source and any(c.isdigit() for c in syntax.source)
+    missing = sorted(set(owned) - syntax.long_options)
+    assert not missing, f"{preset}: {missing} are not options of {syntax.source}"
+
+
+@pytest.mark.parametrize("preset,owned,syntax", _owned_and_syntax(), ids=lambda v: v if isinstance(v, str) else "")
+def test_flags_the_preset_passes_are_owned(preset: str, owned: dict, syntax, tmp_path: Path) -> None:
+    """Each flag in a preset's own argv that decides where it listens or which GPUs it uses is
+    refused when repeated in extra_args, in its shortest accepted abbreviation too."""
+    from supervisor.backends.flags import owned_flag_errors
+    for flag in owned:
+        others = [o for o in syntax.all_option_strings() if o != flag]
+        # (a flag that is a prefix of another, like --model of --model-impl, has no abbreviation)
+        shortest = next((flag[:n] for n in range(3, len(flag))
+                         if not any(o.startswith(flag[:n]) for o in others)), flag)
+        assert owned_flag_errors([shortest, "1"], owned, syntax), (preset, shortest)

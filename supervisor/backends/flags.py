@@ -175,12 +175,13 @@ def owned_flag_errors(args: Sequence[str], owned: Iterable[str], syntax: ParserS
 
     `owned` lists long options; when it is a mapping (flag -> the declaration key that sets
     it) the message names that key too."""
-    return [message for _index, message in owned_flag_findings(args, owned, syntax, key)]
+    return [f"{key}[{index}] {message}" for index, message in owned_flag_findings(args, owned, syntax, key)]
 
 
 def owned_flag_findings(args: Sequence[str], owned: Iterable[str], syntax: ParserSyntax,
                         key: str = "extra_args") -> list[tuple[int, str]]:
-    """`owned_flag_errors` with the index of each offending item (for per-item error keys)."""
+    """`owned_flag_errors` as (index, message) pairs, the message without the `key[index]`
+    prefix (for errors that carry the item's key themselves)."""
     sources = dict(owned) if isinstance(owned, Mapping) else {flag: "" for flag in owned}
     found = []
     for use in read_options(args, syntax):
@@ -192,6 +193,6 @@ def owned_flag_findings(args: Sequence[str], owned: Iterable[str], syntax: Parse
         elif use.spelled != use.option:
             how = f" ({use.spelled} is {use.option})"
         origin = f" (from {sources[use.option]})" if sources[use.option] else ""
-        found.append((use.index, f"{key}[{use.index}] {use.item!r} sets {use.option}{how}: {use.option} is set "
-                                 f"by the supervisor{origin}; remove it from {key}"))
+        found.append((use.index, f"{use.item!r} sets {use.option}{how}: {use.option} is set by the "
+                                 f"supervisor{origin}; remove it from {key}"))
     return found

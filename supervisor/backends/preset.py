@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..spec import NAME_RE
 from .base import LaunchContext, PlaceholderError, expand
+from .flags import ParserSyntax, owned_flag_findings
 
 #: Health probes always connect to 127.0.0.1, so a server must listen there or everywhere.
 PROBE_REACHABLE = ("127.0.0.1", "0.0.0.0", "::")
@@ -72,6 +74,24 @@ def reject_flags(owned: Mapping[str, str]) -> Callable[[str], str]:
             raise ValueError(f"{flag} is set by the supervisor (from {owned[flag]}); "
                              "remove it from extra_args")
         return arg
+
+    return check
+
+
+def owned_args(owned: Mapping[str, str], syntax: ParserSyntax) -> Callable[[list[str]], list[str]]:
+    """A validator for a whole `extra_args` list: every item that sets a flag of `owned`
+    (flag -> the key that sets it) in any spelling `syntax`'s parser accepts is an error under
+    its own key (`extra_args[3]`). The whole list is needed: after `--` nothing is an option."""
+
+    def check(args: list[str]) -> list[str]:
+        findings = owned_flag_findings(args, owned, syntax)
+        if findings:
+            # Raised as a ValidationError so each error keeps its item's index in its location.
+            raise ValidationError.from_exception_data("extra_args", [
+                InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                                 loc=(index,), input=args[index])
+                for index, message in findings])
+        return args
 
     return check
 

@@ -13,18 +13,30 @@ from pydantic import AfterValidator
 from ..spec import StrictModel
 from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
-from .preset import BindAddress, NonEmpty, executable, expand_all, reject_flags
+from .flags import read_options
+from .parser_options import VLLM
+from .preset import BindAddress, NonEmpty, executable, expand_all, owned_args
 
+#: Refused in extra_args in every spelling vllm's parser accepts (`--hos`, `--por=1`, `-t 4`,
+#: `--tensor_parallel_size`). The last four would take the API away from where readiness looks.
 OWNED_FLAGS = {
     "--host": "host",
     "--port": "port",
     "--tensor-parallel-size": "gpus (the instance's GPU count)",
-    "-tp": "gpus (the instance's GPU count)",
     "--model": "model",
     "--served-model-name": "served_model_name",
+    "--uds": "port (a unix socket replaces host and port)",
+    "--headless": "the preset (headless runs no API server to check)",
+    "--grpc": "the preset (a gRPC server has no HTTP /health)",
+    "--config": "extra_args (its file may set the flags above; list its options in extra_args)",
 }
 
-VllmArg = Annotated[str, AfterValidator(reject_flags(OWNED_FLAGS))]
+VllmArgs = Annotated[list[str], AfterValidator(owned_args(OWNED_FLAGS, VLLM))]
+
+
+def serves_tls(args: list[str]) -> bool:
+    options = {use.option for use in read_options(args, VLLM)}
+    return {"--ssl-keyfile", "--ssl-certfile"} <= options
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
@@ -38,7 +50,7 @@ class VllmOptions(StrictModel):
     host: BindAddress = "127.0.0.1"
     #: The name clients use in requests; default: vLLM's (the model id or path).
     served_model_name: NonEmpty | None = None
-    extra_args: list[VllmArg] = []
+    extra_args: VllmArgs = []
 
 
 class VllmKind(BackendKind):
@@ -47,7 +59,7 @@ class VllmKind(BackendKind):
 
     def default_health(self, options: VllmOptions) -> DefaultHealth:  # type: ignore[override]
         # vLLM's API server only starts answering once the engine has loaded the weights.
-        return DefaultHealth("http", "/health")
+        return DefaultHealth("https" if serves_tls(options.extra_args) else "http", "/health")
 
     def listens(self, options: VllmOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
         return True

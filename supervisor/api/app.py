@@ -60,6 +60,11 @@ def create_app(
     app.config.HTTP_AUTO_OPTIONS = False
     app.config.CORS_AUTOMATIC_OPTIONS = False
     docs.configure(app)
+    # The server runs through create_server, so Sanic's banner ("Goin' Fast @ ...:8000") and
+    # sanic-ext's ("openapi [http://<unknown>/docs]") would print addresses they cannot know;
+    # serve logs the real one ("API on http://HOST:PORT (docs at /docs)").
+    app.config.MOTD = False
+    app.ext._display = lambda: None
     app.ext.openapi.describe(
         "model-supervisor API",
         version=__version__,

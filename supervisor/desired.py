@@ -86,7 +86,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
     health_type = h.type or default.type
     health = ResolvedHealth(
         type=health_type,
-        path=(h.path or default.path or "/health") if health_type == "http" else None,
+        path=(h.path or default.path or "/health") if health_type in ("http", "https") else None,
         interval=h.interval,
         start_interval=h.start_interval,
         timeout=h.timeout,

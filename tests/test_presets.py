@@ -876,3 +876,41 @@ def test_flags_the_preset_passes_are_owned(preset: str, owned: dict, syntax, tmp
         shortest = next((flag[:n] for n in range(3, len(flag))
                          if not any(o.startswith(flag[:n]) for o in others)), flag)
         assert owned_flag_errors([shortest, "1"], owned, syntax), (preset, shortest)
+
+
+def test_textgen_drops_inherited_openedai_listen_variables_unless_declared(tmp_path: Path) -> None:
+    (inst,) = instances(tmp_path, """
+        name = "chat"
+        backend = "textgen"
+        textgen_path = "/opt/tg"
+        env = {OPENEDAI_ENABLE_IPV6 = "1"}
+    """).values()
+    assert set(inst.launch.unset_env) == {"OPENEDAI_CERT_PATH", "OPENEDAI_KEY_PATH", "OPENEDAI_DISABLE_IPV4"}
+    assert env_of(inst.launch)["OPENEDAI_ENABLE_IPV6"] == "1"
+    import re
+    (pattern,) = inst.launch.fail_patterns
+    assert re.search(pattern, "12:00:01 WARNING Port 5000 is already in use. Using port 41234 instead.")
+
+
+@pytest.mark.parametrize("args,index", [(["--api-p", "5001"], 0), (["--verbose", "--listen-h=0.0.0.0"], 1),
+                                        (["--api-disable"], 0), (["--nowe"], 0)])
+def test_textgen_abbreviated_owned_flags_are_refused(tmp_path: Path, args: list[str], index: int) -> None:
+    found = errors(tmp_path, f'name = "m"\nbackend = "textgen"\ntextgen_path = "t"\nextra_args = {json.dumps(args)}\n')
+    assert any(k == f"extra_args[{index}]" and "is set by the supervisor" in m for k, m in found), found
+
+
+async def test_unset_env_reaches_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner removes `unset_env` from what the child inherits (a real child process)."""
+    from supervisor.logfiles import LogFile
+    from supervisor.runners.process import ProcessRunner
+    monkeypatch.setenv("OPENEDAI_DISABLE_IPV4", "1")
+    monkeypatch.setenv("KEEP_ME", "yes")
+    out = tmp_path / "env.json"
+    plan = ProcessLaunch(argv=(sys.executable, "-c", f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"),
+                         unset_env=("OPENEDAI_DISABLE_IPV4",))
+    runner = ProcessRunner()
+    handle = await runner.launch(plan, LogFile(tmp_path / "log"), "t@cpu")
+    await wait_until(lambda: out.exists() and out.stat().st_size > 0)
+    seen = json.loads(out.read_text())
+    assert "OPENEDAI_DISABLE_IPV4" not in seen and seen["KEEP_ME"] == "yes"
+    del handle

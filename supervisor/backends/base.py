@@ -15,7 +15,8 @@ from typing import ClassVar, Literal, Protocol
 
 from pydantic import BaseModel
 
-HealthType = Literal["http", "tcp", "none"]
+#: "https": HTTP over TLS, certificate not verified (the probe only connects to 127.0.0.1).
+HealthType = Literal["http", "https", "tcp", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +116,18 @@ class ProcessLaunch:
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     prepare: tuple[PrepareStep, ...] = ()
+    #: Removed from the inherited environment (before `env` is applied): variables the server
+    #: reads ahead of its flags (text-generation-webui's OPENEDAI_*).
+    unset_env: tuple[str, ...] = ()
+    #: Regexes of log lines that mean the start failed even though the process lives on
+    #: (text-generation-webui: "Port X is already in use. Using port Y instead"); the line is
+    #: the failure's reason. Consumed by the instance while STARTING.
+    fail_patterns: tuple[str, ...] = ()
     runner: ClassVar[str] = "process"
 
     def fingerprint(self) -> dict:
         return {"runner": self.runner, "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.env),
-                "prepare": [repr(step) for step in self.prepare]}
+                "prepare": [repr(step) for step in self.prepare], "unset_env": list(self.unset_env)}
 
     def describe(self) -> str:
         return " ".join(self.argv)

@@ -19,7 +19,9 @@ from pydantic import AfterValidator
 from ..spec import StrictModel
 from . import checks
 from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
-from .preset import NonEmpty, executable, expand_all, local_path, reject_flags
+from .flags import read_options
+from .parser_options import TEXTGEN
+from .preset import NonEmpty, executable, expand_all, local_path, owned_args
 
 OWNED_FLAGS = {
     "--api-port": "port",
@@ -28,9 +30,21 @@ OWNED_FLAGS = {
     "--listen": "listen",
     "--listen-host": "listen",
     "--model": "model",
+    # Without IPv4 the API listens on ::1 only, and readiness connects to 127.0.0.1.
+    "--api-disable-ipv4": "the preset (readiness connects over IPv4)",
 }
 
-TextgenArg = Annotated[str, AfterValidator(reject_flags(OWNED_FLAGS))]
+#: Refused in every spelling its argparse accepts (`--api-p 5001` is --api-port).
+TextgenArgs = Annotated[list[str], AfterValidator(owned_args(OWNED_FLAGS, TEXTGEN))]
+
+#: Variables modules/api/script.py reads before its flags (run_server, at 1dcde41d): inherited
+#: from the supervisor's environment they would move or re-protocol the API, so they are
+#: removed unless the declaration's `env` sets them. OPENEDAI_PORT is set to {port} instead.
+OPENEDAI_LISTEN_ENV = ("OPENEDAI_CERT_PATH", "OPENEDAI_KEY_PATH", "OPENEDAI_ENABLE_IPV6", "OPENEDAI_DISABLE_IPV4")
+
+#: The API's own message when --api-port is taken (modules/api/script.py find_available_port):
+#: it then listens elsewhere, so the start has failed.
+PORT_SWITCH = r"Port (\d+) is already in use\. Using port (\d+) instead"
 
 
 class TextgenOptions(StrictModel):
@@ -44,11 +58,11 @@ class TextgenOptions(StrictModel):
     webui: bool = False
     #: Listen on every interface (text-generation-webui's --listen) instead of 127.0.0.1.
     listen: bool = False
-    extra_args: list[TextgenArg] = []
+    extra_args: TextgenArgs = []
 
 
 def _uses_api_key(options: TextgenOptions) -> bool:
-    return any(arg.split("=", 1)[0] == "--api-key" for arg in options.extra_args)
+    return any(use.option == "--api-key" for use in read_options(options.extra_args, TEXTGEN))
 
 
 class TextgenKind(BackendKind):
@@ -81,7 +95,9 @@ class TextgenKind(BackendKind):
         # from the supervisor's environment would move the API away from {port}.
         environment["OPENEDAI_PORT"] = str(ctx.port)
         return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.textgen_path, ctx, "textgen_path"),
-                             env=tuple(sorted(environment.items())))
+                             env=tuple(sorted(environment.items())),
+                             unset_env=tuple(name for name in OPENEDAI_LISTEN_ENV if name not in env),
+                             fail_patterns=(PORT_SWITCH,))
 
     def preflight(self, options: TextgenOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
         return (checks.directory(plan.cwd, "textgen_path", "server.py", " (is it a text-generation-webui checkout?)")

@@ -166,7 +166,7 @@ class ProcessRunner:
         return False
 
     async def launch(self, plan: ProcessLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15) -> ProcessHandle:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in plan.unset_env}
         env.update(plan.env)
         fd = log_file.open_for_child()
         try:

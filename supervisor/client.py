@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+UNIX_SCHEME = "unix://"
 
 
 class ApiError(Exception):
@@ -27,23 +31,60 @@ def _message(body: bytes) -> str:
     return str(detail)
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, host: str, timeout: float | None = None, **_: Any) -> None:
+        super().__init__(host, timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if self.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixHandler(urllib.request.HTTPHandler):
+    """http:// requests carried over a unix socket (the server sees Host: localhost)."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__()
+        self.socket_path = socket_path
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(lambda host, **kw: _UnixConnection(self.socket_path, host, **kw), req)
+
+
 class Client:
+    """`base_url` is http://HOST:PORT, or unix:///path/to.sock for the API's unix-socket listener."""
+
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        if self.base_url.startswith(UNIX_SCHEME):
+            self._prefix = "http://localhost"
+            # No ProxyHandler: an http_proxy in the environment must not capture socket requests.
+            self._open = urllib.request.build_opener(_UnixHandler(self.base_url[len(UNIX_SCHEME):])).open
+        else:
+            self._prefix = self.base_url
+            self._open = urllib.request.urlopen
 
     def _request(self, method: str, path: str, body: Any = None, timeout: float | None = -1.0):
         """`timeout` -1: the client's default; None: wait forever (streams)."""
         timeout = self.timeout if timeout == -1.0 else timeout
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        req = urllib.request.Request(self._prefix + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(req, timeout=timeout)
+            return self._open(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raise ApiError(exc.code, _message(exc.read())) from None
         except urllib.error.URLError as exc:

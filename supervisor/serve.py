@@ -43,16 +43,15 @@ async def serve(settings: Settings) -> int:
             await asyncio.sleep(0)
         if not stop.is_set():
             from .api.app import create_app
+            from .api.listeners import create_servers
 
             app = create_app(settings, engine, tracker, manage_lifecycle=False)
-            server = await app.create_server(host=settings.host, port=settings.port, return_asyncio_server=True)
-            if server is None:
-                raise OSError(f"cannot serve the API on {settings.host}:{settings.port}")
+            server = await create_servers(app, settings)  # TCP and/or the unix socket
             await server.startup()
             await server.before_start()
             await server.after_start()
             serving = asyncio.ensure_future(server.serve_forever())
-            log.info("API on http://%s:%s (docs at /docs)", settings.host, settings.port)
+            log.info("API on %s (docs at /docs)", server.where)
             await stop.wait()
     finally:
         if server is not None:

@@ -914,3 +914,37 @@ async def test_unset_env_reaches_the_process(tmp_path: Path, monkeypatch: pytest
     seen = json.loads(out.read_text())
     assert "OPENEDAI_DISABLE_IPV4" not in seen and seen["KEEP_ME"] == "yes"
     del handle
+
+
+# --- env: ${VAR} from the supervisor's environment -------------------------------------------
+
+
+def test_env_extends_inherited_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("ODD", "a{b}c")
+    (inst,) = instances(tmp_path, """
+        name = "m"
+        backend = "process"
+        command = ["true"]
+        env = {PATH = "/opt/tb/bin:${PATH}", PRICE = "$$5 on {port}", RAW = "${ODD}", PLAIN = "$HOME"}
+    """).values()
+    env = env_of(inst.launch)
+    assert env["PATH"] == "/opt/tb/bin:/usr/bin:/bin"
+    assert env["PRICE"] == f"$5 on {inst.port}"
+    assert env["RAW"] == "a{b}c"  # the variable's braces are not placeholders
+    assert env["PLAIN"] == "$HOME"  # only ${NAME} expands
+
+
+def test_env_unset_variable_is_a_load_error_naming_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    found = errors(tmp_path, 'name = "m"\nbackend = "vllm"\nmodel = "x"\nenv = {LD_LIBRARY_PATH = "/x:${NOPE_NOT_SET}"}\n')
+    assert ("env.LD_LIBRARY_PATH", "${NOPE_NOT_SET} is not set in the supervisor's environment (write $$ for a literal $)") in found
+
+
+def test_env_change_of_the_supervisor_changes_the_launch_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = 'name = "m"\nbackend = "process"\ncommand = ["true"]\nenv = {P = "${SUPERVISOR_X}"}\n'
+    monkeypatch.setenv("SUPERVISOR_X", "1")
+    (a,) = instances(tmp_path, text).values()
+    monkeypatch.setenv("SUPERVISOR_X", "2")
+    (b,) = instances(tmp_path, text).values()
+    assert a.launch_hash != b.launch_hash

@@ -7,8 +7,11 @@ the same restart, backoff, health and stop behaviour for free.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
@@ -90,9 +93,37 @@ def gpu_env(gpus: tuple[int, ...]) -> dict[str, str]:
     }
 
 
+#: `${NAME}` (the supervisor's variable) or `$$` (a literal `$`) in an `env` value.
+_ENV_REF = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
+
+
+def expand_env(value: str, ctx: LaunchContext, key: str, environ: Mapping[str, str] | None = None) -> str:
+    """An `env` value: `${NAME}` from the supervisor's environment (`PATH = "/opt/tb/bin:${PATH}"`,
+    issue 12: `env` could not extend an inherited variable), `$$` a literal `$`, and the
+    `{port}`-style placeholders in the text between. An unset NAME is an error naming `key`.
+    Expanded when the plan is built, so the value is in the launch hash: a changed variable of
+    the supervisor is seen on the next reload."""
+    environ = os.environ if environ is None else environ
+    parts: list[str] = []
+    pos = 0
+    for match in _ENV_REF.finditer(value):
+        parts.append(expand(value[pos:match.start()], ctx, key))
+        name = match.group(2)
+        if name is None:
+            parts.append("$")
+        elif name in environ:
+            parts.append(environ[name])  # verbatim: braces in it are not placeholders
+        else:
+            raise PlaceholderError(key, f"${{{name}}} is not set in the supervisor's environment "
+                                        "(write $$ for a literal $)")
+        pos = match.end()
+    parts.append(expand(value[pos:], ctx, key))
+    return "".join(parts)
+
+
 def instance_env(ctx: LaunchContext, declared: dict[str, str]) -> dict[str, str]:
     """The variables every supervised process gets on top of the supervisor's environment."""
-    env = {key: expand(value, ctx, f"env.{key}") for key, value in declared.items()}
+    env = {key: expand_env(value, ctx, f"env.{key}") for key, value in declared.items()}
     env.update(gpu_env(ctx.gpus))
     env["MODEL_SUPERVISOR_INSTANCE"] = ctx.instance_id
     if ctx.port:

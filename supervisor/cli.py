@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,7 +10,13 @@ from pathlib import Path
 from . import __version__
 
 
+# Client commands (status, start, ...) must stay fast (issue 13: under 120 ms with imports):
+# asyncio, logging, pydantic and the server's modules are imported by `serve` alone.
+
+
 def _configure_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -38,6 +42,8 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
 
     settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level)
     _configure_logging(settings.log_level)
@@ -141,20 +147,16 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def client_settings(args: argparse.Namespace) -> tuple[str, str | None]:
-    from .settings import SettingsError, load_settings
+    """The API's address and token, from the same sources as `serve`'s settings (read by the
+    light `client_config`, not pydantic-settings: see the note at the top)."""
+    from .client_config import ClientConfigError, load
 
     try:
-        settings = load_settings(args.settings)
-        token = args.token or settings.token()
-    except SettingsError as exc:
+        config = load(args.settings, args.url, args.token)
+    except ClientConfigError as exc:
         print(f"model-supervisor: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return args.url or f"http://{host}:{settings.port}", token
+    return config.url, config.token
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,9 @@ class DeleteResult(BaseModel):
 class ReloadResult(BaseModel):
     requested: bool
     last_reload: dict[str, Any] | None = None
+    changes: dict[str, list[str]] | None = Field(None, description="wait=true: what this reload changed "
+                                                                   "(added, removed, replaced, updated)")
+    config_errors: int | None = Field(None, description="wait=true: configuration errors after it")
 
 
 class Health(BaseModel):

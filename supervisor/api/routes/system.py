@@ -174,6 +174,7 @@ async def events(request: Request) -> HTTPResponse | None:
     await response.send(": connected\nretry: 1000\n\n")
     sub = bus.open(last_id)
     stop = asyncio.ensure_future(closing.wait())
+    nxt: asyncio.Future | None = None
     try:
         while not request.transport.is_closing():
             nxt = asyncio.ensure_future(sub.get())
@@ -187,6 +188,10 @@ async def events(request: Request) -> HTTPResponse | None:
             event = nxt.result()
             await response.send(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.as_dict())}\n\n")
     finally:
+        # A client that leaves cancels this handler mid-wait: cancel the pending get too, or
+        # asyncio logs "Task was destroyed but it is pending" for it (issue 13).
+        if nxt is not None:
+            nxt.cancel()
         stop.cancel()
         sub.close()
     await response.eof()

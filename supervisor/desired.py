@@ -12,6 +12,7 @@ models and the instances they declare. Conflicts between files are settled here:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -36,6 +37,13 @@ class ResolvedHealth:
     timeout: float
     start_timeout: float
     failure_threshold: int
+    live_path: str | None = None  # http only: probed once RUNNING (None: `path`)
+
+    def for_liveness(self) -> ResolvedHealth:
+        """The probe used once RUNNING: the same check on `live_path`."""
+        if self.live_path is None or self.live_path == self.path:
+            return self
+        return dataclasses.replace(self, path=self.live_path)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +87,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
     decl = model.decl
     iid = instance_id(decl.name, gpus)
     ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
-                        work_dir=work_root / iid)
+                        work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
     launch = model.kind.launch(model.options, ctx, decl.env)
     default = model.kind.default_health(model.options)
     h = decl.health
@@ -92,6 +100,8 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
         timeout=h.timeout,
         start_timeout=h.start_timeout,
         failure_threshold=h.failure_threshold,
+        live_path=(h.live_path or (default.live_path if h.path is None else None) or h.path or default.path
+                   or "/health") if health_type in ("http", "https") else None,
     )
     # Only what reaches the process decides whether it must be replaced. Restart, health and
     # stop settings change how we supervise it: applied in place, so a tweak to a backoff

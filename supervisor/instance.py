@@ -28,7 +28,7 @@ from typing import Any
 from .backoff import Backoff, gives_up
 from .desired import InstanceSpec
 from .events import EventBus
-from .health import probe
+from .health import liveness, probe
 from .logfiles import LogFile
 from .records import RunRecords
 from .runners.base import LaunchError, RunHandle, Runner
@@ -363,7 +363,11 @@ class Instance:
             self._on_start("enabled in its declaration")
             return
         current = self.running_spec or previous
-        if spec.launch_hash == current.launch_hash or self._desired != "running":
+        live_only = spec.launch_hash == current.launch_hash and spec.launch.live != current.launch.live
+        if live_only and self.state == State.RUNNING and self._desired == "running":
+            self._apply_live(current, spec)
+            return
+        if (spec.launch_hash == current.launch_hash and not live_only) or self._desired != "running":
             return  # policies only (applied in place), or not meant to run anyway
         reason = "declaration changed"
         self.failures = 0  # a new spec deserves a fresh set of attempts
@@ -379,6 +383,25 @@ class Instance:
         elif self.state in (State.BACKOFF, State.EXITED, State.FATAL, State.STOPPED):
             self._launch(reason)
         # STOPPING: _on_stopped launches the new spec.
+
+    def _apply_live(self, current: InstanceSpec, spec: InstanceSpec) -> None:
+        """Only the plan's live part changed (Triton's model list and instance counts): the
+        RUNNING server takes it through its own API instead of being replaced; it restarts
+        only if it cannot (issue 12)."""
+        self.running_spec = spec  # what runs once applied; a failed apply restarts with it
+        run = self._run
+
+        async def apply() -> None:
+            try:
+                done = await spec.launch.live.apply(current.launch.live, spec.port, spec.health.start_timeout)
+            except Exception as exc:  # noqa: BLE001 - any failure: the server may be half-changed
+                log.warning("%s: the change could not be applied in place: %s", self.id, exc)
+                if self._run == run:
+                    self._post(RestartIntent(f"the change could not be applied in place ({exc}); restarting"))
+                return
+            log.info("%s: applied in place, no restart: %s", self.id, done)
+
+        self._helper(apply(), "apply live")
 
     def _halt(self, reason: str) -> None:
         """Head for STOPPED (used by stop, remove and disable)."""
@@ -512,7 +535,7 @@ class Instance:
         while True:  # liveness: reads self.spec so an in-place edit of the interval applies
             health = self.spec.health if self.spec.launch_hash == spec.launch_hash else spec.health
             await asyncio.sleep(health.interval)
-            result = await probe(health, spec.port)
+            result = await liveness(health, spec.port, (self.running_spec or spec).launch)
             self.last_probe = result.detail
             if result.ok:
                 failures = 0

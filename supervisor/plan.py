@@ -17,7 +17,7 @@ from .desired import InstanceSpec
 class Plan:
     remove: list[str] = field(default_factory=list)  # stop, then forget
     replace: list[str] = field(default_factory=list)  # launch changed: stop, start with the new spec
-    update: list[str] = field(default_factory=list)  # only policies changed: apply in place
+    update: list[str] = field(default_factory=list)  # policies or the plan's live part: apply in place
     add: list[str] = field(default_factory=list)  # new: start
     unchanged: list[str] = field(default_factory=list)
     gates: dict[str, set[str]] = field(default_factory=dict)  # starting id -> stopping ids to await
@@ -43,7 +43,8 @@ def plan(desired: Mapping[str, InstanceSpec], actual: Mapping[str, InstanceSpec]
             result.add.append(iid)
         elif new.launch_hash != old.launch_hash:
             result.replace.append(iid)
-        elif new.policy_hash != old.policy_hash or new.source != old.source:
+        elif new.policy_hash != old.policy_hash or new.source != old.source or new.launch.live != old.launch.live:
+            # A changed live part (Triton's model list) is applied to the running server too.
             result.update.append(iid)
         else:
             result.unchanged.append(iid)

@@ -71,13 +71,16 @@ class HealthSpec(StrictModel):
 
     type: Literal["http", "tcp", "none"] | None = None  # None: the backend kind's default
     path: str | None = None  # http only; None: the backend kind's default
+    #: http only: the liveness path once RUNNING. None: the kind's liveness path when `path`
+    #: is the kind's default too, else `path` (Triton: ready for readiness, live for liveness).
+    live_path: str | None = None
     interval: PositiveSeconds = 10.0
     start_interval: PositiveSeconds = 1.0
     timeout: PositiveSeconds = 5.0
     start_timeout: PositiveSeconds = 600.0
     failure_threshold: Annotated[int, Field(ge=1)] = 3
 
-    @field_validator("path")
+    @field_validator("path", "live_path")
     @classmethod
     def _path_is_absolute(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("/"):

@@ -18,7 +18,7 @@ import pytest
 
 from supervisor.backends.base import ContainerLaunch, ProcessLaunch
 from supervisor.backends.registry import default_registry
-from supervisor.backends.triton import DEFAULT_IMAGE, TritonRepositoryOverlay
+from supervisor.backends.triton import DEFAULT_IMAGE, TritonRepositoryOverlay, shm_prefix
 from supervisor.confd import read_dir
 from supervisor.declarations import Defaults
 from supervisor.desired import Catalog, InstanceSpec, resolve
@@ -76,6 +76,16 @@ def assert_env(plan: ProcessLaunch, expected: dict[str, str]) -> None:
 # --- triton ---------------------------------------------------------------------------------
 
 
+def triton_head(repository: str, instance: str, overlay: str, exit_timeout: int = 25) -> tuple[str, ...]:
+    """How every triton argv starts: the overlay, explicit mode loading all of it (it holds
+    exactly the listed models, so the argv does not change with them), the instance's own shm
+    prefix and an exit timeout below stop.timeout (30 - 5)."""
+    return (f"--model-repository={repository}", "--model-control-mode=explicit", "--load-model=*",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix(instance, overlay)}",
+            f"--exit-timeout-secs={exit_timeout}")
+
+
+
 def test_triton_docker_single_gpu_exact_container(tmp_path: Path) -> None:
     (inst,) = instances(tmp_path, """
         name = "MAM"
@@ -88,9 +98,11 @@ def test_triton_docker_single_gpu_exact_container(tmp_path: Path) -> None:
     overlay = str(tmp_path / "work" / "MAM@gpu3" / "model_repository")
     grpc, metrics = dict(inst.extra_ports)["grpc"], dict(inst.extra_ports)["metrics"]
     assert inst.port == 9003 and {grpc, metrics} == {AUTO_START, AUTO_START + 1}
+    step = TritonRepositoryOverlay(repository=repo, overlay=overlay, models=(("MAM", 1),), gpus=(0,),
+                                   instance="MAM@gpu3", shm_prefix=shm_prefix("MAM@gpu3", overlay))
     assert inst.launch == ContainerLaunch(
         image=DEFAULT_IMAGE,
-        command=("tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=MAM"),
+        command=("tritonserver", *triton_head("/models", "MAM@gpu3", overlay)),
         env=(("CUDA_DEVICE_ORDER", "PCI_BUS_ID"), ("MODEL_SUPERVISOR_INSTANCE", "MAM@gpu3"),
              ("MODEL_SUPERVISOR_PORT", "9003"), ("NVIDIA_VISIBLE_DEVICES", "3")),
         gpus=(3,),
@@ -99,10 +111,12 @@ def test_triton_docker_single_gpu_exact_container(tmp_path: Path) -> None:
         ports=(("127.0.0.1", 9003, 8000), ("127.0.0.1", grpc, 8001), ("127.0.0.1", metrics, 8002)),
         volumes=((repo, repo, "ro"), (overlay, "/models", "ro")),
         shm_size="2g",
-        prepare=(TritonRepositoryOverlay(repository=repo, overlay=overlay, models=(("MAM", 1),), gpus=(0,),
-                                         instance="MAM@gpu3"),),
+        prepare=(step,),
+        live=step,  # the model list is applied to the running server
     )
     assert (inst.health.type, inst.health.path) == ("http", "/v2/health/ready")  # weakness 29
+    # issue 12: ready goes false while a model loads through the repository API
+    assert inst.health.live_path == "/v2/health/live"
     assert inst.uses_port
 
 
@@ -127,8 +141,9 @@ def test_triton_docker_tensor_parallel_gpus_are_renumbered_for_the_server(tmp_pa
     plan = inst.launch
     assert isinstance(plan, ContainerLaunch)
     assert plan.image == "registry.local/triton:MAM"
-    assert plan.command == ("tritonserver", "--model-repository=/models", "--model-control-mode=explicit",
-                            "--load-model=MAM", "--load-model=FastFitAll", "--log-verbose=1", "--id=MAM@gpu2-3")
+    overlay = str(tmp_path / "work" / "MAM@gpu2-3" / "model_repository")
+    assert plan.command == ("tritonserver", *triton_head("/models", "MAM@gpu2-3", overlay),
+                            "--log-verbose=1", "--id=MAM@gpu2-3")
     assert plan.gpus == (2, 3)  # the device request: host GPUs
     (step,) = plan.prepare
     assert step.gpus == (0, 1)  # config.pbtxt: the same GPUs as the container numbers them
@@ -153,9 +168,9 @@ def test_triton_docker_host_network_binds_the_ports_itself(tmp_path: Path) -> No
     grpc, metrics = dict(inst.extra_ports)["grpc"], dict(inst.extra_ports)["metrics"]
     assert inst.launch.ports == ()
     assert inst.launch.network == "host"
+    overlay = str(tmp_path / "work" / "MAM@gpu0" / "model_repository")
     assert inst.launch.command == (
-        "tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=MAM",
-        "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "tritonserver", *triton_head("/models", "MAM@gpu0", overlay), "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
         "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
 
 
@@ -174,8 +189,7 @@ def test_triton_process_mode(tmp_path: Path) -> None:
     overlay = str(tmp_path / "work" / "MAM@gpu0-1" / "model_repository")
     grpc, metrics = dict(tp.extra_ports)["grpc"], dict(tp.extra_ports)["metrics"]
     assert tp.launch.argv == (
-        "/opt/tritonserver/bin/tritonserver", f"--model-repository={overlay}", "--model-control-mode=explicit",
-        "--load-model=MAM", "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "/opt/tritonserver/bin/tritonserver", *triton_head(overlay, "MAM@gpu0-1", overlay), "--http-port=9000", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
         "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
     assert tp.launch.cwd is None
     assert_env(tp.launch, gpu_env("0,1"))
@@ -338,10 +352,14 @@ def test_triton_overlay_repository(tmp_path: Path) -> None:
     for name in ("1", "2", "labels.txt"):
         assert (mam / name).is_symlink() and os.readlink(mam / name) == str(repo / "MAM" / name)
     assert (mam / "1" / "model.py").read_text() == "# the model\n"
-    # no template: the original config.pbtxt is used as it is
+    # no template: the model's own config.pbtxt is the template (issue 12: instances_per_gpu
+    # applies to most real repositories, which have no .template)
     fast = overlay / "FastFitAll"
     assert sorted(p.name for p in fast.iterdir()) == ["1", "config.pbtxt"]
-    assert os.readlink(fast / "config.pbtxt") == str(repo / "FastFitAll" / "config.pbtxt")
+    assert not (fast / "config.pbtxt").is_symlink()
+    assert (fast / "config.pbtxt").read_text() == (
+        'name: "FastFitAll"\nbackend: "onnxruntime"\n\n# instance_group generated by model-supervisor for MAM@gpu2-3\n'
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n    gpus: [ 0, 1 ]\n  }\n]\n")
     assert tree(repo) == before  # the user's repository is untouched
 
 
@@ -387,6 +405,68 @@ def test_triton_overlay_cpu_instance_and_bad_template(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="config.pbtxt.template: cannot read the instance_group on line 2"):
         step.run()
     assert (tmp_path / "ov" / "MAM" / "config.pbtxt").read_text() == text  # nothing half-written
+
+
+def test_triton_overlay_plain_config_with_host_gpus_and_no_config(tmp_path: Path) -> None:
+    """Issue 12: a plain config.pbtxt's instance_group (host GPU ids, KIND_GPU on a CPU-only
+    instance) never passes through, and a model without any config still gets its count."""
+    repo = tmp_path / "repo"
+    (repo / "plain" / "1").mkdir(parents=True)
+    (repo / "plain" / "config.pbtxt").write_text(
+        'name: "plain"\nbackend: "python"\ninstance_group [ { count: 4 kind: KIND_GPU gpus: [ 5, 7 ] } ]\n')
+    (repo / "bare" / "1").mkdir(parents=True)
+    (repo / "bare" / "1" / "model.py").write_text("# python, found by Triton's auto-complete\n")
+    step = TritonRepositoryOverlay(str(repo), str(tmp_path / "ov"), (("plain", 2), ("bare", 3)), (), "m@cpu")
+    step.run()
+    plain = (tmp_path / "ov" / "plain" / "config.pbtxt").read_text()
+    assert "gpus" not in plain and "KIND_GPU" not in plain and "count: 4" not in plain
+    assert plain.endswith("instance_group [\n  {\n    count: 2\n    kind: KIND_CPU\n  }\n]\n")
+    bare = (tmp_path / "ov" / "bare" / "config.pbtxt").read_text()
+    assert bare.startswith('name: "bare"\n') and "count: 3\n    kind: KIND_CPU" in bare
+    assert step._stub_counts()[1] == {"plain": 2, "bare": 3}  # both are python models: stubs expected
+    assert (repo / "plain" / "config.pbtxt").read_text().count("count: 4") == 1  # the user's file untouched
+
+
+def test_triton_model_list_is_live_not_part_of_the_launch(tmp_path: Path) -> None:
+    """Models and instances_per_gpu change the plan's live part only: the running server
+    takes them through its repository API; GPUs, flags or the image still replace it."""
+    base = """
+        name = "MAM"
+        backend = "triton"
+        mode = "process"
+        tritonserver = "/opt/tritonserver/bin/tritonserver"
+        model_repository = "/srv/triton"
+    """
+    (tmp_path / "a").mkdir()
+    (one,) = instances(tmp_path / "a", base).values()
+    (two,) = instances(tmp_path / "a", base + 'models = ["MAM", "Other"]\ninstances_per_gpu = {MAM = 3}\n').values()
+    (flag,) = instances(tmp_path / "a", base + 'extra_args = ["--log-verbose=1"]\n').values()
+    assert one.launch_hash == two.launch_hash and one.launch.live != two.launch.live
+    assert two.launch.live.models == (("MAM", 3), ("Other", 1))
+    assert flag.launch_hash != one.launch_hash
+    from supervisor.plan import plan
+    assert plan({one.id: two}, {one.id: one}).update == [one.id]
+
+
+def test_triton_environment_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/old")
+    (inst,) = instances(tmp_path, """
+        name = "m"
+        backend = "triton"
+        mode = "process"
+        model_repository = "/srv/triton"
+        backend_directory = "backends"
+        python_env = "/opt/venv"
+        library_path = ["/opt/libs", "more"]
+        [stop]
+        timeout = 3
+    """).values()
+    env = env_of(inst.launch)
+    assert env["PATH"] == "/opt/venv/bin:/usr/bin:/bin"
+    assert env["LD_LIBRARY_PATH"] == f"/opt/libs:{tmp_path / 'conf.d' / 'more'}:/opt/old"
+    assert f"--backend-directory={tmp_path / 'conf.d' / 'backends'}" in inst.launch.argv
+    assert "--exit-timeout-secs=1" in inst.launch.argv  # stop.timeout 3: at least 1
 
 
 # --- comfyui --------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class LaunchContext:
     extra_ports: tuple[tuple[str, int], ...] = ()
     #: A directory of the supervisor's own for this instance (generated files live there).
     work_dir: Path = Path("state/work/unknown")
+    #: The declaration's `stop.timeout`: a server with its own exit timeout (Triton's
+    #: --exit-timeout-secs) is told a shorter one, so its graceful exit is not raced by SIGKILL.
+    stop_timeout: float = 30.0
 
     def port_of(self, name: str) -> int:
         return dict(self.extra_ports)[name]
@@ -131,6 +134,21 @@ def instance_env(ctx: LaunchContext, declared: dict[str, str]) -> dict[str, str]
     return env
 
 
+class LiveConfig(Protocol):
+    """The part of a plan a running server can take without a restart (Triton's model list,
+    loaded through its repository API). Left out of the plan's fingerprint: when only this
+    part changes, the instance calls `apply` on its RUNNING server instead of replacing it,
+    and restarts only if `apply` raises. Compared by equality (a frozen dataclass)."""
+
+    async def apply(self, previous: LiveConfig, port: int, timeout: float) -> str:
+        """Bring the running server from `previous` to this configuration; returns what it did.
+        Raises (with a reason a user can act on) when the server could not follow."""
+
+    async def check(self, port: int, timeout: float) -> tuple[bool, str]:
+        """A deeper liveness check run after the HTTP liveness probe succeeded (e.g. dead
+        worker processes the server itself does not notice): (ok, detail)."""
+
+
 class PrepareStep(Protocol):
     """Work done (in a thread) right before each launch, e.g. generating config files into the
     instance's work dir. A frozen dataclass: its fields are part of the plan's fingerprint.
@@ -147,6 +165,8 @@ class ProcessLaunch:
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     prepare: tuple[PrepareStep, ...] = ()
+    #: Applied to the running server when it alone changes; not in the fingerprint.
+    live: LiveConfig | None = None
     #: Removed from the inherited environment (before `env` is applied): variables the server
     #: reads ahead of its flags (text-generation-webui's OPENEDAI_*).
     unset_env: tuple[str, ...] = ()
@@ -187,6 +207,8 @@ class ContainerLaunch:
     workdir: str | None = None
     pull: str = "missing"  # "missing" | "never" | "always"
     prepare: tuple[PrepareStep, ...] = ()
+    #: Applied to the running server when it alone changes; not in the fingerprint.
+    live: LiveConfig | None = None
     runner: ClassVar[str] = "docker"
 
     def fingerprint(self) -> dict:
@@ -209,7 +231,10 @@ LaunchPlan = ProcessLaunch | ContainerLaunch
 @dataclass(frozen=True, slots=True)
 class DefaultHealth:
     type: HealthType
-    path: str | None = None
+    path: str | None = None  # readiness (STARTING -> RUNNING)
+    #: Liveness, when it differs: Triton's /v2/health/ready goes false while a model loads
+    #: through the repository API (triton-inference-server/server#7014); /v2/health/live does not.
+    live_path: str | None = None
 
 
 

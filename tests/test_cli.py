@@ -53,7 +53,8 @@ class Served:
         deadline = time.monotonic() + timeout
         while True:
             out = self.cli("status", "--json")
-            items = {i["instance_id"]: i for i in json.loads(out.stdout)["instances"]} if out.returncode == 0 else {}
+            ok = out.returncode in (0, 3)  # 3: something is unhealthy, the answer is still there
+            items = {i["instance_id"]: i for i in json.loads(out.stdout)["instances"]} if ok else {}
             if instance in items and items[instance]["state"] == state:
                 return items[instance]
             assert time.monotonic() < deadline, f"{instance} never reached {state}: {items.get(instance)}"
@@ -231,3 +232,166 @@ def test_status_watch_redraws_on_a_state_change(served: Served) -> None:
     finally:
         watcher.send_signal(signal.SIGINT)
         watcher.wait(timeout=10)
+
+
+# -- issue 13: honest output, stop/start --all, exit codes, the small wrongs ------------------------
+
+def _rows(stdout: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in stdout.splitlines()[1:] if line.strip()}
+
+
+def test_start_and_restart_print_the_state_after_the_action(served: Served) -> None:
+    write_decl(served.conf, declaration("web", demo_cmd("--ready-after", "0.5"), health=TCP, enabled=False))
+    served.start()
+    served.wait_state("web@cpu", "STOPPED")
+    out = served.cli("start", "web")
+    assert out.returncode == 0, out.stderr
+    row = _rows(out.stdout)["web@cpu"]
+    assert row[1] in ("STARTING", "RUNNING") and row[2].isdigit(), out.stdout  # not the STOPPED of before
+    first = served.wait_state("web@cpu", "RUNNING")["pid"]
+    assert int(row[2]) == first
+
+    out = served.cli("restart", "web")
+    row = _rows(out.stdout)["web@cpu"]
+    assert out.returncode == 0 and row[2].isdigit() and int(row[2]) != first, out.stdout  # the new pid
+    out = served.cli("restart", "web", "--wait")
+    row = _rows(out.stdout)["web@cpu"]
+    assert out.returncode == 0 and row[1] == "RUNNING", out.stdout
+
+    served.cli("stop", "web")
+    out = served.cli("start", "web", "--wait")  # --wait without --gpu is honoured
+    assert out.returncode == 0 and _rows(out.stdout)["web@cpu"][1] == "RUNNING", out.stdout
+
+
+def test_start_wait_reports_a_failed_start(served: Served) -> None:
+    write_decl(served.conf, declaration("broken", [PY, "-c", "import sys; sys.exit(3)"], health=TCP, enabled=False,
+                                        restart={"initial_delay": 30.0}))
+    served.start()
+    out = served.cli("start", "broken", "--wait", "--timeout", "20")
+    assert out.returncode == 1 and "broken@cpu failed to start" in out.stderr and "HTTP 502" in out.stderr
+
+
+def test_stop_all_and_start_all_edit_every_file_and_restore_them(served: Served) -> None:
+    for name in ("alpha", "beta"):
+        write_decl(served.conf, declaration(name, ["sleep", "3600"]))
+    texts = {p.name: p.read_text() for p in served.conf.iterdir()}
+    served.start()
+    served.wait_state("alpha@cpu", "RUNNING")
+    served.wait_state("beta@cpu", "RUNNING")
+    pids = [served.wait_state(i, "RUNNING")["pid"] for i in ("alpha@cpu", "beta@cpu")]
+
+    out = served.cli("stop", "--all")
+    assert out.returncode == 0, out.stderr
+    rows = _rows(out.stdout)
+    assert rows["alpha@cpu"][1] == rows["beta@cpu"][1] == "STOPPED"  # answered once everything stopped
+    assert not any(alive(p) for p in pids)
+    for name in texts:
+        assert tomllib.loads((served.conf / name).read_text())["enabled"] is False
+
+    out = served.cli("start", "--all", "--wait")
+    assert out.returncode == 0, out.stderr
+    rows = _rows(out.stdout)
+    assert rows["alpha@cpu"][1] == rows["beta@cpu"][1] == "RUNNING"
+    assert {p.name: p.read_text() for p in served.conf.iterdir()} == texts  # exactly as written
+
+    out = served.cli("stop", "alpha", "--all")
+    assert out.returncode == 2 and "not both" in out.stderr
+    out = served.cli("stop")
+    assert out.returncode == 2 and "--all" in out.stderr
+
+
+def test_reload_waits_and_prints_what_it_changed(served: Served) -> None:
+    served.start()
+    write_decl(served.conf, declaration("late", ["sleep", "3600"]))
+    out = served.cli("reload")
+    assert out.returncode == 0 and out.stdout.startswith("reloaded: ") and "late@cpu" in out.stdout, out.stdout
+    served.wait_state("late@cpu", "RUNNING")
+    out = served.cli("reload", "--json")
+    result = json.loads(out.stdout)
+    assert result["changes"] == {"added": [], "removed": [], "replaced": [], "updated": []}  # this reload's, not an earlier one's
+    assert served.cli("reload").stdout.startswith("reloaded: nothing changed")
+
+
+def test_status_exit_codes_and_models_without_instances(served: Served) -> None:
+    write_decl(served.conf, declaration("fine", ["sleep", "3600"]))
+    write_decl(served.conf, declaration("parked", ["sleep", "3600"], gpus=[]))
+    served.start()
+    served.wait_state("fine@cpu", "RUNNING")
+    out = served.cli("status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = _rows(out.stdout)["parked"]
+    assert "no instances (gpus = [])" in " ".join(row)
+    assert any(m["model"] == "parked" for m in json.loads(served.cli("status", "--json").stdout)["models_without_instances"])
+    assert "no instances" in served.cli("status", "parked").stdout
+
+    (served.conf / "bad.toml").write_text('name = "bad"\nbackend = "process"\nport = "x"\n')
+    deadline = time.monotonic() + 15
+    while (out := served.cli("status")).returncode != 3:
+        assert time.monotonic() < deadline, out.stdout
+        time.sleep(0.2)
+    assert "configuration errors:" in out.stdout
+    (served.conf / "bad.toml").unlink()
+
+    write_decl(served.conf, declaration("dies", [PY, "-c", "raise SystemExit(1)"],
+                                        restart={"max_retries": 1, "initial_delay": 0.0, "jitter": 0.0}))
+    served.wait_state("dies@cpu", "FATAL")
+    out = served.cli("status")
+    assert out.returncode == 3 and "FATAL" in out.stdout
+    assert served.cli("status", "--json").returncode == 3
+    assert served.cli("status", "fine").returncode == 0  # only that model's instances count
+
+
+def test_status_watch_writes_no_escape_codes_into_a_pipe(served: Served) -> None:
+    write_decl(served.conf, declaration("w", ["sleep", "3600"]))
+    served.start()
+    served.wait_state("w@cpu", "RUNNING")
+    watcher = subprocess.Popen([PY, "-m", "supervisor", "status", "-w", "--interval", "0.2"], cwd=REPO,
+                               env=served.env, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, _ = watcher.communicate(timeout=10)
+    assert "w@cpu" in out and "\033" not in out and out.count("--- ") >= 2
+
+
+def test_small_wrongs_kill_logs_and_help(served: Served) -> None:
+    write_decl(served.conf, declaration("solo", demo_cmd(), health=TCP))
+    write_decl(served.conf, declaration("pair", ["sleep", "3600"], gpus=[0, 1]))
+    served.start()
+    served.wait_state("solo@cpu", "RUNNING")
+    served.wait_state("pair@gpu1", "RUNNING")
+
+    out = served.cli("kill", "999999")
+    assert out.returncode == 1 and "pid 999999: Process not found" in out.stderr
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        out = served.cli("kill", str(bystander.pid))
+        assert out.returncode == 1 and "--force" in out.stderr and "?force=true" not in out.stderr, out.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+    out = served.cli("logs", "solo")  # a model with one instance: its log
+    assert out.returncode == 0 and "listening on" in out.stdout
+    out = served.cli("logs", "pair")
+    assert out.returncode == 1 and "pair@gpu0, pair@gpu1" in out.stderr
+    out = served.cli("logs", "ghost")
+    assert out.returncode == 1 and "no instance or model 'ghost'" in out.stderr
+    out = served.cli("logs", "solo", "--json")
+    assert out.returncode == 2 and "unrecognized arguments: --json" in out.stderr
+
+    assert "stop only the instance there" in served.cli("stop", "--help").stdout
+    assert "redraw at least this often" in served.cli("status", "--help").stdout
+    assert "exit status: 0 every instance healthy" in served.cli("status", "--help").stdout
+    assert "give up waiting after this long" in served.cli("start", "--help").stdout
+
+
+def test_client_commands_import_no_pydantic_sanic_or_asyncio(served: Served) -> None:
+    served.start()
+    probe = ("import sys\nfrom supervisor.cli import main\ncode = main(['status'])\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'sanic', "
+             "'sanic_ext', 'asyncio', 'uvloop', 'httpx'))\nprint('HEAVY', heavy, code)\n")
+    out = subprocess.run([PY, "-c", probe], cwd=REPO, env=served.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY [] 0" in out.stdout, out.stdout

@@ -220,17 +220,49 @@ class Controller:
             raise Conflict(f"model '{name}' has no instance on GPU {gpu_id} after the change")
         return inst
 
-    async def stop_on_gpu(self, name: str, model_type: str | None, gpu_id: int, instance_id: str | None) -> Instance:
+    async def stop_on_gpu(self, name: str | None, model_type: str | None, gpu_id: int | None,
+                          instance_id: str | None) -> Instance:
+        """The old tool's stop: the instance named by `instance_id` or by its GPU. Either alone
+        is enough; a CPU-only model (gpus = "none") needs neither, since it has one instance,
+        which the old body could not name (issue 12: 422, gpu_id required)."""
+        if name is None:  # instance_id alone: the model is the instance's
+            if instance_id is None:
+                raise invalid(["body", "model_name"], "required unless instance_id is given", "missing")
+            found = self.engine.instances.get(instance_id)
+            if found is None:
+                raise NotFound(f"Instance '{instance_id}' not found.")
+            name = found.spec.model
         self.check_name(name, ["body", "model_name"])
         spec = self.engine.catalog.models.get(name)
-        not_found = NotFound(f"Model '{name}' not found or not running on GPU {gpu_id}.")
+        if instance_id is not None:
+            where = f"instance '{instance_id}'" + (f" on GPU {gpu_id}" if gpu_id is not None else "")
+            not_found = NotFound(f"Model '{name}' has no running {where}.")
+        elif gpu_id is not None:
+            not_found = NotFound(f"Model '{name}' not found or not running on GPU {gpu_id}.")
+        else:
+            not_found = NotFound(f"Model '{name}' not found or not running.")
         if spec is None:
             raise not_found
         if model_type is not None and model_type != spec.decl.backend:
             raise Conflict(f"model '{name}' is declared with backend '{spec.decl.backend}', not '{model_type}'")
-        inst = self.engine.instances.get(instance_id) if instance_id else self._instance_on(name, gpu_id)
-        if inst is None or inst.spec.model != name or gpu_id not in inst.spec.gpus:
+        if instance_id is not None:
+            inst = self.engine.instances.get(instance_id)
+        elif gpu_id is not None:
+            inst = self._instance_on(name, gpu_id)
+        elif spec.decl.gpus == "none":
+            inst = next(iter(self.engine.model_instances(name)), None)
+        else:
+            raise invalid(["body", "gpu_id"], f"required: model '{name}' runs on GPUs (gpus = {spec.decl.gpus!r} "
+                                              f"in {spec.source}); give gpu_id or instance_id", "missing")
+        if inst is None or inst.spec.model != name or (gpu_id is not None and gpu_id not in inst.spec.gpus):
             raise not_found
+        if not inst.spec.gpus:
+            return await self._stop_cpu_only(name, inst, not_found)
+        if spec.decl.gpus == "auto":
+            # Its GPUs are chosen at run time, so there is no entry of `gpus` to remove.
+            raise Conflict(f"model '{name}' places its instances itself (gpus = \"auto\" in {spec.source}); "
+                           f"lower `instances` with PUT /api/v1/models/{name}, or stop every instance with "
+                           f"POST /api/v1/models/{name}/disable")
         gpus = list(inst.spec.gpus)
 
         def remove_gpu(doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -240,8 +272,22 @@ class Controller:
             doc["gpus"] = [e for e in entries if (list(e) if isinstance(e, list) else [e]) != gpus]
             return doc
 
-        await self._edit(name, remove_gpu, ["body"], f"stop {name} on GPU {gpu_id}")
+        await self._edit(name, remove_gpu, ["body"], f"stop {name} on GPU {'-'.join(map(str, gpus))}")
         await self._wait_gone([inst])
+        return inst
+
+    async def _stop_cpu_only(self, name: str, inst: Instance, not_found: NotFound) -> Instance:
+        # A CPU-only model has no GPU entry to remove: the stop is `enabled = false` (what
+        # POST /models/{name}/disable writes), so the file stays and the model remains known.
+        # Already disabled is the old "not running" 404, like a second stop on a GPU.
+        spec = self.engine.catalog.models.get(name)
+        if spec is None or not spec.decl.enabled:
+            raise not_found
+        await self._set_enabled_file(name, False)
+        try:
+            await asyncio.wait_for(inst.wait_state(State.STOPPED), inst.spec.stop.timeout + STOP_MARGIN)
+        except TimeoutError:
+            pass  # answered with the state it is in; the stop goes on
         return inst
 
     # -- whole declarations -----------------------------------------------------------------------

@@ -71,10 +71,15 @@ class StartRequest(BaseModel):
 
 
 class StopRequest(BaseModel):
-    model_name: str = Field(json_schema_extra=NAME_SCHEMA)
+    """The old body (model_name + gpu_id) keeps working; `instance_id` alone, or `gpu_id` null
+    for a CPU-only model, names instances the old body could not (issue 12)."""
+
+    model_name: str | None = Field(None, json_schema_extra=NAME_SCHEMA,
+                                   description="required unless instance_id is given")
     model_type: str | None = None
-    gpu_id: int = Field(ge=0)
-    instance_id: str | None = None
+    gpu_id: int | None = Field(None, ge=0, description="the instance's GPU; leave out (or null) with instance_id, "
+                                                       "or for a CPU-only model (gpus = \"none\")")
+    instance_id: str | None = Field(None, max_length=200, description='e.g. "MAM@gpu0", "tts@cpu"')
 
 
 CompatStatus = Literal["STARTING", "RUNNING", "STOPPED", "ERROR"]

@@ -86,7 +86,9 @@ async def start_model(request: Request) -> HTTPResponse:
 @openapi.definition(
     summary="Stop a model on a specific GPU",
     description="Edits the declared state: removes that GPU's instance from the model's file (the file stays, "
-                "so the model remains known) and answers once its process tree is gone.",
+                "so the model remains known) and answers once its process tree is gone. The instance is named "
+                "by `gpu_id`, by `instance_id` (then `model_name` and `gpu_id` may be left out), or, for a "
+                "CPU-only model, by `model_name` alone: its stop writes `enabled = false`.",
     tag=TAG,
     body=json_body(StopRequest),
     response=responses({200: (ModelInstanceInfo, "stopped")}, 404, 409, 422),
@@ -95,7 +97,8 @@ async def stop_model(request: Request) -> HTTPResponse:
     req = parse_body(request, StopRequest)
     controller = request.app.ctx.controller
     inst = await controller.stop_on_gpu(req.model_name, req.model_type, req.gpu_id, req.instance_id)
-    remaining = controller.instances_of(req.model_name)
+    # A stopped CPU-only instance stays known (its model is disabled): not one of the remaining.
+    remaining = [i for i in controller.instances_of(inst.spec.model) if i is not inst]
     info = instance_info(inst, remaining)
     info["total_instances"] = len(remaining)
     return json_response(info)

@@ -117,6 +117,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .desired import Catalog, resolve
     from .ports import PortAllocator
 
+    only: Path | None = None
+    if args.dir is not None and args.dir.is_file():
+        # `validate conf.d/x.toml`: that file, checked against the others in its directory.
+        only, args.dir = args.dir, args.dir.parent
     if args.dir is not None:
         args.conf_dir = args.dir
     settings = _settings(args)
@@ -129,8 +133,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except OSError as exc:  # the directory itself (each file's problems are that file's errors)
         print(f"{conf_dir}: cannot list the declaration directory: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if only is not None and str(only) not in parsed:  # e.g. a name the watcher ignores (x.toml.bak)
+        from .confd import read_file
+
+        parsed[str(only)] = read_file(only, default_registry(), settings.defaults(),
+                                      host_checks=not args.no_host_checks)
     ports = PortAllocator(*settings.port_range, is_free=lambda _port: True)
     catalog = resolve(parsed, Catalog(), ports.assign)
+    if only is not None:
+        errors = catalog.errors.get(str(only), [])
+        for err in errors:
+            print(err, file=sys.stderr)
+        valid = sum(1 for spec in catalog.models.values() if str(spec.source) == str(only))
+        print(f"{only}: {valid} valid model(s), {len(errors)} error(s)")
+        return 1 if errors else 0
     errors = [e for errs in catalog.errors.values() for e in errs]
     for err in errors:
         print(err, file=sys.stderr)
@@ -177,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors")
     _add_settings_flags(p)
-    p.add_argument("dir", nargs="?", type=Path, help="declaration directory")
+    p.add_argument("dir", nargs="?", type=Path, help="declaration directory, or one declaration file")
     p.add_argument("--no-host-checks", action="store_true",
                    help="check the declarations alone, not this machine (programs, directories): "
                         "for files meant for another host")

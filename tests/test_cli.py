@@ -395,3 +395,16 @@ def test_client_commands_import_no_pydantic_sanic_or_asyncio(served: Served) -> 
     out = subprocess.run([PY, "-c", probe], cwd=REPO, env=served.env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "HEAVY [] 0" in out.stdout, out.stdout
+
+
+def test_validate_accepts_one_file(tmp_path: Path) -> None:
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    good = write_decl(conf, declaration("good", ["sleep", "1"], port=7001))
+    clash = write_decl(conf, declaration("zclash", ["sleep", "1"], port=7001))  # same port: checked against the dir
+    run = lambda *a: subprocess.run([PY, "-m", "supervisor", "validate", *a], cwd=REPO, capture_output=True,
+                                    text=True, timeout=60)
+    out = run(str(good))
+    assert out.returncode == 0 and f"{good}: 1 valid model(s), 0 error(s)" in out.stdout, out.stdout + out.stderr
+    out = run(str(clash))
+    assert out.returncode == 1 and "7001" in out.stderr and "declaration directory does not exist" not in out.stderr

@@ -185,6 +185,7 @@ async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine:
     assert await infer(port, "add_one", [1]) == [2]
     assert inst.pid == pid and inst.state == State.RUNNING and len(inst.history) == history
     assert not inst.snapshot()["pending_replace"]
+    await wait_until(lambda: "GET /v2/health/live -> 200" in (inst.last_probe or ""), timeout=10)  # liveness
 
     # a killed stub: Triton still says ready; the liveness check notices and reloads the model
     victim = next(p for p, m in stubs(prefix).items() if m == "add_one")
@@ -210,6 +211,30 @@ async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine:
     assert inst.state == State.STOPPED and not alive(new_pid)
     await wait_until(lambda: not stubs(prefix), timeout=10)
     assert regions(prefix) == []
+
+
+async def test_real_triton_change_it_refuses_restarts_the_instance(engine: Engine, conf_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A model Triton cannot load: the live change fails with Triton's error, and the instance
+    is restarted with the new declaration instead of running on half-changed."""
+    backend_directory(tmp_path)
+    repository(tmp_path)
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no weights here')\n")
+    decl = conf_dir / "add_one.toml"
+    decl.write_text(declaration(tmp_path, ["add_one"], "1"))
+    await engine.start()
+    inst = engine.instances["add_one@cpu"]
+    await inst.wait_state(State.RUNNING, timeout=60)
+    pid = inst.pid
+    decl.write_text(declaration(tmp_path, ["add_one", "broken"], "1"))
+    await engine.reload("test")
+    await inst.wait_for(lambda i: any("could not be applied in place" in t.reason for t in i.history), timeout=30)
+    reason = next(t.reason for t in inst.history if "could not be applied in place" in t.reason)
+    assert "load broken: HTTP 400" in reason and "no weights here" in reason, reason
+    await wait_until(lambda: not alive(pid), timeout=20)
+    await inst.stop("test over")
 
 
 def _mapped(prefix: str) -> set[str]:

@@ -45,10 +45,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level)
+    settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level,
+                         on_exit="keep" if args.keep_running else None)
     _configure_logging(settings.log_level)
     if not settings.conf_dir.is_dir():
         print(f"model-supervisor: declaration directory {settings.conf_dir} does not exist", file=sys.stderr)
+        return 2
+    from .statelock import StateDirLocked, lock_state_dir
+
+    try:
+        lock_state_dir(settings.state_dir)  # held until we exit (the fd stays open)
+    except (StateDirLocked, OSError) as exc:
+        print(f"model-supervisor: {exc}", file=sys.stderr)
         return 2
     try:
         token = settings.token()
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="API port (default 6004)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without an API token")
+    p.add_argument("--keep-running", action="store_true",
+                   help="on SIGTERM/SIGINT leave every instance running for the next serve to adopt "
+                        "(upgrades; same as on_exit = \"keep\")")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors")

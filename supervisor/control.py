@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import confd, tomledit
-from .declarations import ConfigError, DeclarationInvalid, ModelSpec, parse_declaration
+from . import confd, storage, tomledit
+from .declarations import ConfigError, DeclarationInvalid, ModelSpec, parse_declaration, preflight
+from .desired import Catalog, resolve
 from .engine import Engine
 from .instance import Instance
 from .spec import is_valid_name
@@ -62,6 +63,17 @@ class Invalid(ControlError):
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         super().__init__(items)
+
+
+class StorageFailed(ControlError):
+    """Something could not be written: 507 Insufficient Storage when the disk is full, 503 for
+    anything else (a read-only file system, permissions). Nothing was changed."""
+
+    status = 503
+
+    def __init__(self, exc: OSError, path: Path | str, what: str = "nothing was changed") -> None:
+        super().__init__(f"{storage.describe(exc, path)}; {what}")
+        self.status = 507 if storage.is_full(exc) else 503
 
 
 class UpstreamFailed(ControlError):
@@ -114,10 +126,11 @@ def read_document(path: Path) -> tomledit.TOMLDocument | None:
     Edits are applied to this document (not to a re-serialised dict), so the user's comments,
     layout and key order survive them."""
     try:
-        return tomledit.parse(path.read_bytes().decode("utf-8"))
+        # The same guarded read as the watcher's: a FIFO named x.toml must not hang the edit.
+        return tomledit.parse(confd.read_limited(path).decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (tomledit.TomlError, UnicodeDecodeError) as exc:
+    except (tomledit.TomlError, UnicodeDecodeError, confd.Unreadable) as exc:
         raise Conflict(f"{path} cannot be read ({exc}); fix it by hand or replace it with PUT") from None
 
 
@@ -411,16 +424,69 @@ class Controller:
             current = None if replace and errors else await asyncio.to_thread(read_document, path)
             new = change(copy.deepcopy(tomledit.plain(current)) if current is not None else None)
             if new is None:
-                await asyncio.to_thread(path.unlink, True)
+                try:
+                    await asyncio.to_thread(path.unlink, True)
+                except IsADirectoryError:
+                    raise Conflict(f"{path} is a directory, not a declaration; remove it by hand") from None
+                except OSError as exc:
+                    raise StorageFailed(exc, path) from None
             else:
                 text, new = render(current, new)
                 try:
                     candidate = parse_declaration(new, path, engine.registry, engine.defaults)
                 except DeclarationInvalid as exc:
                     raise Invalid(config_errors_to_items(exc.errors, loc)) from None
-                conflicts = engine.check_candidate(path, candidate)
+                problems = await asyncio.to_thread(preflight, candidate)  # the program, the paths
+                if problems:
+                    raise Invalid(config_errors_to_items(problems, loc))
+                catalog, ports = self._dry_run(path, candidate)
+                conflicts = catalog.errors.get(str(path), [])
                 if conflicts:
                     raise Conflict("; ".join(e.message for e in conflicts))
-                await asyncio.to_thread(confd.write_atomic, path, text)
-            await engine.reload(f"API: {what}")
+                await self._write_all_or_nothing(path, text, catalog, ports)
+            try:
+                await engine.reload(f"API: {what}")
+            except OSError as exc:  # the state dir filled up since the checks
+                raise StorageFailed(exc, exc.filename or engine.settings.state_dir,
+                                    f"{path} is written and applies once the state dir can be written") from None
             return engine.catalog.models.get(name)
+
+    def _dry_run(self, path: Path, candidate: ModelSpec) -> tuple[Catalog, dict[str, int]]:
+        """The catalog if `candidate` were in `path`, and the automatic ports it would record."""
+        engine = self.engine
+        parsed = dict(engine.parsed)
+        parsed[str(path)] = candidate
+        ports = engine.ports.dry_run()
+        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts())
+        return catalog, {k: p for k, p in ports.assigned.items() if engine.ports.assigned.get(k) != p}
+
+    async def _write_all_or_nothing(self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]) -> None:
+        """The state first (ports.json, placements.json), then the declaration: an edit is in
+        force completely or not at all. With a full state disk the first write fails and
+        nothing is changed; a port recorded for a file that then cannot be written is taken
+        back (issue 11: a 500, yet the file written and an auto port missing from ports.json)."""
+        engine = self.engine
+        state_dir = engine.settings.state_dir
+        # A start needs its log file too: a state dir that takes no write at all refuses the edit
+        # here, rather than a model declared now failing to start with a misleading reason.
+        failure = await asyncio.to_thread(storage.probe, state_dir)
+        if failure is not None:
+            raise StorageFailed(failure, state_dir)
+        try:
+            if ports:
+                await asyncio.to_thread(engine.ports.record, dict(ports))
+            if catalog.placements != engine.catalog.placements:
+                await asyncio.to_thread(engine._save_placements, catalog.placements)
+        except OSError as exc:
+            raise StorageFailed(exc, exc.filename or state_dir) from None
+        try:
+            await asyncio.to_thread(confd.write_atomic, path, text)
+        except OSError as exc:
+            if ports:
+                try:
+                    await asyncio.to_thread(engine.ports.record, {k: None for k in ports})
+                except OSError:  # harmless: an unused assignment, dropped when the range runs short
+                    pass
+            if isinstance(exc, IsADirectoryError):
+                raise Conflict(f"{path} is a directory, not a declaration; remove it by hand") from None
+            raise StorageFailed(exc, path) from None

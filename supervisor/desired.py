@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .backends.base import LaunchContext, LaunchPlan
 from .declarations import ConfigError, ModelSpec
+from . import storage
 from .placement import NO_FACTS, Claim, GpuClaims, GpuFacts, PlacementError, check_exists, place
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 
@@ -220,22 +221,30 @@ def resolve(
             elif model.decl.port == "auto":
                 try:
                     port = assign_port(iid, reserved)
-                except PortRangeExhausted as exc:
+                except (PortRangeExhausted, OSError) as exc:
                     errors.setdefault(str(model.source), []).append(
-                        ConfigError(str(model.source), f"instance {iid}: {exc}", key="port", loc=("port",), type="conflict"))
+                        ConfigError(str(model.source), f"instance {iid}: {_port_problem(exc)}", key="port", loc=("port",), type="conflict"))
                     continue
             else:
                 port = instance_port(model.decl.port, gpus)
             try:
                 extra = tuple((name, assign_port(f"{iid}#{name}", reserved))
                               for name in model.kind.extra_ports(model.options))
-            except PortRangeExhausted as exc:
+            except (PortRangeExhausted, OSError) as exc:
                 errors.setdefault(str(model.source), []).append(
-                    ConfigError(str(model.source), f"instance {iid}: {exc}", key="port", loc=("port",), type="conflict"))
+                    ConfigError(str(model.source), f"instance {iid}: {_port_problem(exc)}", key="port", loc=("port",), type="conflict"))
                 continue
             catalog.instances[iid] = make_instance(model, gpus, port, extra, work_root)
     catalog.errors = {f: e for f, e in errors.items() if e}
     return catalog
+
+
+def _port_problem(exc: Exception) -> str:
+    # An assignment is only used once it is on disk (ports.json), so a full state disk means
+    # no port, said as such, instead of a failed reload (issue 11). Retried at the next reload.
+    if isinstance(exc, OSError):
+        return f"cannot record its automatic port: {storage.describe(exc)}"
+    return str(exc)
 
 
 def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims,

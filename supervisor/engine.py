@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import confd
+from .adoption import Adoption, decide, describe_stale, record_alive
+from .cgroups import RunCgroups
 from .backends.registry import Registry, default_registry
 from .declarations import ConfigError, ModelSpec
 from .desired import Catalog, resolve
@@ -29,8 +31,9 @@ from .ports import PortAllocator, describe_holder, port_is_free
 from .procscan import ProcessTable
 from .records import RunRecords
 from .runners.base import Runner
-from .runners.docker import DockerRunner, scope_of
-from .runners.process import ProcessRunner
+from .marks import scope_of
+from .runners.docker import DockerRunner
+from .runners.process import ProcessRunner, stop_processes
 from .settings import Settings
 from .states import utcnow
 from .watcher import ConfWatcher
@@ -56,9 +59,13 @@ class Engine:
         self.bus = EventBus()
         self.table = ProcessTable()
         state_dir = settings.state_dir
+        self.scope = scope_of(state_dir)
+        self.cgroups: RunCgroups | None = None
+        self.containment_note = "cgroups off by setting" if settings.cgroups == "off" else "not detected yet"
+        self.process_runner = ProcessRunner(self.table, self.scope)
         self.runners: dict[str, Runner] = runners or {
-            "process": ProcessRunner(self.table),
-            "docker": DockerRunner(scope_of(state_dir)),
+            "process": self.process_runner,
+            "docker": DockerRunner(self.scope),
         }
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
         self.work_root = state_dir.absolute() / "work"  # per-instance generated files
@@ -84,6 +91,11 @@ class Engine:
         self._background: list[asyncio.Task] = []
         self._closing = False
         self.watcher: ConfWatcher | None = None
+        #: Run records an earlier supervisor left behind, until the first reload sorts them.
+        self._records: dict[str, dict[str, Any]] | None = None
+        #: Runs of files that were broken at start-up: adopted once their file is valid again.
+        self._deferred: dict[str, dict[str, Any]] = {}
+        self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
         self.on_reconcile: Callable[[float], None] | None = None
 
@@ -94,7 +106,17 @@ class Engine:
         if not self.settings.conf_dir.is_dir():
             raise ConfDirMissing(f"declaration directory {self.settings.conf_dir} does not exist")
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.cgroups != "off":
+            self.cgroups, self.containment_note = await asyncio.to_thread(RunCgroups.detect, self.scope)
+            self.process_runner.cgroups = self.cgroups
+            if self.cgroups is None:
+                log.info("no per-run cgroups (%s): runs are kept together by marks%s", self.containment_note,
+                         " and the subreaper" if self.process_runner.subreaper else "")
+        self._records = await asyncio.to_thread(self.services.records.read_all)
+        self.adoption = Adoption(self.scope, self.table, self.cgroups)
         result = await self.reload("startup")
+        if self._records is not None:  # the first reload never got to apply (conf.d unreadable):
+            self._sort_records(Catalog(), {str(r.get("source")) for r in self._records.values()})  # keep all
         self.spawn_background(self._rotate_logs(), "log rotation")
         for name, runner in self.runners.items():  # e.g. is there a Docker daemon? (for /healthz)
             check = getattr(runner, "check", None)
@@ -120,11 +142,31 @@ class Engine:
         self._background.append(task)
         return task
 
-    async def shutdown(self) -> None:
-        """Stop every instance concurrently; returns when all their process trees are gone."""
+    def containment(self) -> str:
+        """How each run's processes are kept together (for /healthz)."""
+        return self.process_runner.containment()
+
+    async def shutdown(self, keep_running: bool = False) -> None:
+        """Stop every instance concurrently; returns when all their process trees are gone.
+
+        With `keep_running` (an upgrade), leave every run alive and recorded instead: the next
+        supervisor on this state dir adopts them, and the models never reload."""
         self._closing = True
         for task in self._background:
             task.cancel()
+        if keep_running:
+            async with self._lock:
+                # A run spawned but not yet recorded would be a leftover for the next one.
+                for _ in range(200):
+                    if not any(inst.spawning for inst in self.instances.values()):
+                        break
+                    await asyncio.sleep(0.01)
+                running = sum(1 for inst in self.instances.values() if inst.pid is not None)
+                log.info("leaving %d running instance(s) for the next supervisor to adopt", running)
+            await asyncio.gather(*self._background, return_exceptions=True)
+            for runner in self.runners.values():
+                await runner.close()
+            return
         async with self._lock:
             pending = [inst.remove("supervisor shutting down") for inst in self.instances.values()]
             pending += [inst.finished for inst in self.removing.values()]
@@ -134,6 +176,8 @@ class Engine:
         await asyncio.gather(*self._background, return_exceptions=True)
         for runner in self.runners.values():
             await runner.close()
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.remove_base)
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reload(self, reason: str = "reload") -> Plan:
@@ -183,7 +227,54 @@ class Engine:
         catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts())
         return catalog.errors.get(str(path), [])
 
+    def _sort_records(self, catalog: Catalog, broken: set[str]) -> dict[str, dict[str, Any]]:
+        """First reload only: which of an earlier supervisor's runs to adopt; start the sweep of
+        the rest. Returns the records to adopt, by instance id."""
+        records, self._records = self._records or {}, None
+        decision = decide(records, catalog.instances, broken)
+        self._deferred = decision.deferred
+        why = {iid: describe_stale(rec, catalog.instances.get(iid)) for iid, rec in decision.stale.items()}
+        for iid, reason in why.items():
+            log.info("%s: not adopting its run (pid %s): %s", iid, decision.stale[iid].get("pid"), reason)
+            self.services.records.remove(iid)
+        for iid in decision.deferred:
+            log.warning("%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
+                        iid, decision.deferred[iid].get("pid"))
+        kept = {**decision.adopt, **decision.deferred}
+        keep_tokens = {str(r.get("token")) for r in kept.values() if record_alive(r)}
+        keep_tokens |= {h.token for h in self.process_runner._children.values()}
+        keep_cgroups = {Path(r["cgroup"]) for r in kept.values() if r.get("cgroup")}
+        timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [self.defaults.stop.timeout]
+        assert self.adoption is not None
+        self.spawn_background(self.adoption.sweep(keep_tokens, keep_cgroups, decision.stale,
+                                                  max(timeouts), why), "sweep of leftovers")
+        return decision.adopt
+
+    def _claim_deferred(self, iid: str, spec: Any) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:
+        """A run left alone at start-up because its file was broken: adopt it now if unchanged,
+        or stop it before the new declaration starts."""
+        record = self._deferred.pop(iid, None)
+        if record is None:
+            return None, ()
+        if spec.enabled and record.get("launch_hash") == spec.launch_hash:
+            return record, ()
+        self.services.records.remove(iid)
+        log.info("%s: its declaration changed while broken; stopping the old run (pid %s)", iid, record.get("pid"))
+        return None, (self.spawn_background(self._stop_record(record, spec.stop.timeout), f"stop old run of {iid}"),)
+
+    async def _stop_record(self, record: dict[str, Any], timeout: float) -> None:
+        table = await self.table.snapshot()
+        victims = {p for p in table if table[p].mark is not None and table[p].mark.scope == self.scope
+                   and table[p].mark.token == record.get("token")}
+        if record_alive(record):
+            victims.add(int(record["pid"]))
+        await stop_processes(table, victims, 15, timeout)
+
     def _apply(self, catalog: Catalog, reason: str) -> Plan:
+        adopt: dict[str, dict[str, Any]] = {}
+        startup = self._records is not None
+        if startup:
+            adopt = self._sort_records(catalog, set(catalog.errors))
         actual = {iid: inst.spec for iid, inst in self.instances.items()}
         steps = plan(catalog.instances, actual)
         self._report_errors(self.catalog.errors, catalog.errors)
@@ -201,9 +292,16 @@ class Engine:
         for iid in steps.replace + steps.update:
             self.instances[iid].update(catalog.instances[iid], gates.get(iid, ()))
         for iid in steps.add:
-            inst = Instance(catalog.instances[iid], self.services)
-            self.instances[iid] = inst
+            spec = catalog.instances[iid]
+            record = adopt.get(iid)
             before = gates.get(iid, ())
+            if record is None and startup and self.adoption is not None:
+                before += (self.adoption.swept,)  # stop leftovers first, start later
+            if record is None and iid in self._deferred:
+                record, waits = self._claim_deferred(iid, spec)
+                before += waits
+            inst = Instance(spec, self.services, adopt=record)
+            self.instances[iid] = inst
             if iid in self.removing:  # re-added while its previous incarnation is still stopping
                 before += (self.removing[iid].finished,)
             inst.activate(before)

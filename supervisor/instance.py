@@ -70,6 +70,7 @@ class UpdateIntent:
 class Launched:
     run: int
     handle: RunHandle
+    adopted_from: dict | None = None  # the run record of an earlier supervisor's run, if adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +137,11 @@ class InstanceServices:
 
 
 class Instance:
-    def __init__(self, spec: InstanceSpec, services: InstanceServices) -> None:
+    def __init__(self, spec: InstanceSpec, services: InstanceServices, adopt: dict | None = None) -> None:
         self.spec = spec  # the desired spec
+        #: An earlier supervisor's run record for this instance: its first launch adopts that
+        #: run instead of starting one, if the very process (or container) still runs.
+        self._adopt_record = adopt
         self.running_spec: InstanceSpec | None = None  # the spec of the current run
         self.services = services
         self.log_file = LogFile(services.logs_dir / f"{spec.id}.log")
@@ -184,6 +188,11 @@ class Instance:
     @property
     def pid(self) -> int | None:
         return self._handle.pid if self._handle is not None else None
+
+    @property
+    def spawning(self) -> bool:
+        """A process may exist that the state machine has not heard of yet."""
+        return self._spawning
 
     @property
     def desired(self) -> str:
@@ -426,6 +435,8 @@ class Instance:
 
     # -- launching ---------------------------------------------------------------------------
     def _launch(self, reason: str) -> None:
+        if self._adopt_record is not None:
+            reason = f"adopting pid {self._adopt_record.get('pid')} from an earlier supervisor"
         self._transition(State.STARTING, reason)
         self._run += 1
         self._run_over = asyncio.get_running_loop().create_future()
@@ -448,6 +459,18 @@ class Instance:
         _resolve(self._run_over)
 
     async def _launch_run(self, run: int, spec: InstanceSpec) -> None:
+        record, self._adopt_record = self._adopt_record, None
+        try:
+            runner = self.services.runners.get(spec.launch.runner)
+            if record is not None and runner is not None:
+                # Before any gate: an adopted run is already there, it waits for nobody.
+                handle = await runner.adopt(spec.launch, self.log_file, spec.id, record)
+                if handle is not None:
+                    self._post(Launched(run, handle, adopted_from=record))
+                    return
+                log.info("%s: the recorded run (pid %s) is gone; starting a new one", self.id, record.get("pid"))
+        except Exception:
+            log.exception("%s: adopting the recorded run failed; starting a new one", self.id)
         try:
             gates, self._gates = self._gates, []
             for gate in gates:  # stop first, start later: wait for whoever frees our GPU/port
@@ -475,6 +498,15 @@ class Instance:
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True
             handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
+            # Recorded before anyone hears of the run: a supervisor killed from here on finds
+            # and adopts it instead of starting a second copy.
+            record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,
+                      "source": str(spec.source), "port": spec.port or None, "gpus": list(spec.gpus),
+                      "started_at": utcnow().isoformat(), **handle.record()}
+            try:
+                await asyncio.to_thread(self.services.records.write, spec.id, record)
+            except Exception as exc:  # the run is fine; only a later adoption would miss it
+                log.error("%s: cannot write its run record: %s", self.id, exc)
         except LaunchError as exc:
             self._post(LaunchFailed(run, str(exc)))
             return
@@ -483,10 +515,6 @@ class Instance:
             self._post(LaunchFailed(run, f"internal error while launching: {type(exc).__name__}: {exc}"))
             return
         self._post(Launched(run, handle))
-        record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,
-                  "port": spec.port or None, "gpus": list(spec.gpus), "started_at": utcnow().isoformat(),
-                  **handle.record()}
-        await asyncio.to_thread(self.services.records.write, spec.id, record)
 
     def _on_launched(self, m: Launched) -> None:
         if m.run != self._run or self.state != State.STARTING:
@@ -498,14 +526,31 @@ class Instance:
         self._handle = m.handle
         spec = self.running_spec or self.spec
         self._watcher = self._helper(self._watch_exit(m.run, m.handle, spec), "watch exit")
-        log.info("%s: launched pid %s", self.id, m.handle.pid)
+        if m.adopted_from is not None:
+            self._on_adopted(m, spec)
+        else:
+            log.info("%s: launched pid %s", self.id, m.handle.pid)
         if self._stop_pending is not None:
             reason, self._stop_pending = self._stop_pending, None
             self._begin_stop(reason)
         elif spec.health.type == "none":
-            self._become_ready("started (no health check)")
+            self._become_ready("adopted (no health check)" if m.adopted_from is not None else "started (no health check)")
         else:
             self._health_task = self._helper(self._probe_loop(m.run, spec), "health")
+
+    def _on_adopted(self, m: Launched, spec: InstanceSpec) -> None:
+        """An earlier supervisor's run is ours now: it keeps its log, port and GPUs; health checks
+        resume, with what is left of its start_timeout if it was not ready yet."""
+        record = m.adopted_from or {}
+        log.info("%s: adopted pid %s (started %s by an earlier supervisor)", self.id, m.handle.pid,
+                 record.get("started_at", "?"))
+        self.services.bus.publish("adopted", {"instance": self.id, "model": spec.model, "pid": m.handle.pid,
+                                              "started_at": record.get("started_at")})
+        try:
+            elapsed = (utcnow() - datetime.fromisoformat(record["started_at"])).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            elapsed = 0.0
+        self._arm(max(spec.health.start_timeout - elapsed, 2 * spec.health.start_interval, 1.0), "start_timeout")
 
     def _on_launch_failed(self, m: LaunchFailed) -> None:
         if m.run != self._run or self.state != State.STARTING:
@@ -548,7 +593,8 @@ class Instance:
 
     def _on_ready(self, m: Ready) -> None:
         if m.run == self._run and self.state == State.STARTING:
-            self._become_ready(f"ready: {m.detail}")
+            adopted = getattr(self._handle, "adopted", False)
+            self._become_ready(f"adopted pid {self.pid}; ready: {m.detail}" if adopted else f"ready: {m.detail}")
 
     def _become_ready(self, reason: str) -> None:
         self.ready_at = utcnow()
@@ -583,6 +629,8 @@ class Instance:
             return
         if self.state == State.STOPPING:
             return  # the stop task reports Stopped
+        if getattr(self._handle, "adopted", False) and m.status.code is None and m.status.signal is None:
+            m = Exited(m.run, _AdoptedExit(), m.tail)
         self._end_run()
         self.last_exit = m.status
         self._cancel_health()
@@ -731,6 +779,15 @@ class Instance:
         self._helpers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: %s failed", self.id, task.get_name(), exc_info=task.exception())
+
+
+class _AdoptedExit(ExitStatus):
+    """The exit of an adopted process: not our child, so nobody could read its status."""
+
+    __slots__ = ()
+
+    def describe(self) -> str:
+        return "exit status unknown: adopted from an earlier supervisor, so not our child"
 
 
 def _resolve(fut: asyncio.Future | None) -> None:

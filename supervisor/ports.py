@@ -91,8 +91,7 @@ class PortAllocator:
             return current
         for port in range(self.start, self.end + 1):
             if port not in taken and self.is_free(port):
-                self.assigned[instance_id] = port
-                self._save()
+                self.record({instance_id: port})  # raises OSError (a full disk): no port, nothing changed
                 return port
         raise PortRangeExhausted(f"no free port left in the automatic range {self.start}-{self.end}")
 
@@ -102,17 +101,39 @@ class PortAllocator:
         copy.assigned = dict(self.assigned)
         return copy
 
+    def record(self, updates: dict[str, int | None]) -> None:
+        """Remember `updates` (None: forget that id) once they are on disk. A failed write (a
+        full disk) raises and leaves memory and file as they were, so ports.json never lacks a
+        port in use (issue 11)."""
+        new = {**self.assigned, **updates}
+        for key, port in updates.items():
+            if port is None:
+                del new[key]
+        self._save(new)
+        self.assigned = new  # type: ignore[assignment]
+
     def release_unused(self, live_ids: set[str]) -> None:
         """Forget assignments of instances that no longer exist, once the range runs short.
         Keys are instance ids, or "<instance id>#<name>" for a kind's extra ports."""
         if len(self.assigned) > (self.end - self.start + 1) // 2:
-            self.assigned = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
-            self._save()
+            kept = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
+            try:
+                self._save(kept)
+            except OSError as exc:  # tidying only: never fail the reload that called it
+                log.warning("cannot forget unused port assignments in %s: %s", self.path, exc)
+                return
+            self.assigned = kept
 
-    def _save(self) -> None:
+    def _save(self, assigned: dict[str, int]) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.assigned, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(assigned, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)  # half a temp file on a full disk: give its space back
+            if isinstance(exc, OSError):
+                exc.filename = str(self.path)  # a failed write() names no file: say which one
+            raise

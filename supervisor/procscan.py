@@ -14,7 +14,9 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .marks import Mark, read_mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,7 @@ class ProcInfo:
     sid: int
     state: str  # one letter: R, S, D, Z (zombie), ...
     starttime: int  # clock ticks after boot: (pid, starttime) identifies a process across pid reuse
+    mark: Mark | None = None  # filled by scan(marks=True): which run of which instance it belongs to
 
     @property
     def zombie(self) -> bool:
@@ -52,15 +55,28 @@ def read_proc(pid: int) -> ProcInfo | None:
         return None
 
 
-def scan() -> dict[int, ProcInfo]:
-    """One pass over /proc (blocking; call it from a thread)."""
+def scan(marks: bool = False) -> dict[int, ProcInfo]:
+    """One pass over /proc (blocking; call it from a thread). With `marks`, each process's
+    run mark too (read once per process and cached, see marks.py)."""
     table: dict[int, ProcInfo] = {}
+    me = os.getpid()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             info = read_proc(int(entry))
             if info is not None:
+                if marks and not info.zombie:
+                    mark = read_mark(info.pid, info.starttime, remember_none=info.ppid != me)
+                    if mark is not None:
+                        info = replace(info, mark=mark)
                 table[info.pid] = info
     return table
+
+
+def marked(table: dict[int, ProcInfo], scope: str, token: str | None = None) -> set[int]:
+    """Live processes carrying a mark of `scope` (and of run `token`, if given)."""
+    return {p for p, info in table.items()
+            if info.mark is not None and info.mark.scope == scope and (token is None or info.mark.token == token)
+            and not info.zombie}
 
 
 def tree(table: dict[int, ProcInfo], root: int, pgid: int | None = None) -> set[int]:
@@ -98,7 +114,7 @@ class ProcessTable:
         if self._result is not None and time.monotonic() - self._taken < self.max_age:
             return self._result
         if self._pending is None:
-            self._pending = asyncio.ensure_future(asyncio.to_thread(scan))
+            self._pending = asyncio.ensure_future(asyncio.to_thread(scan, True))
             try:
                 self._result = await self._pending
                 self._taken = time.monotonic()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class RunRecords:
@@ -32,3 +35,20 @@ class RunRecords:
         with contextlib.suppress(FileNotFoundError):
             self._path(instance_id).unlink()
 
+
+    def read_all(self) -> dict[str, dict[str, Any]]:
+        """Every record left in the directory, by instance id (unreadable ones are logged, skipped)."""
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            paths = sorted(self.directory.glob("*.json"))
+        except OSError:
+            return found
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable run record %s: %s", path, exc)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("instance"), str):
+                found[record["instance"]] = record
+        return found

@@ -6,7 +6,9 @@ the web server (the slowest part, about 0.4 s), so no instance waits for the API
 runs embedded on our own loop (Sanic's `create_server`), so its lifecycle is ours too.
 
 Signals: handlers only record; the loop acts. SIGINT/SIGTERM: stop every instance
-concurrently, then close the API and exit 0. SIGHUP: re-read conf.d/.
+concurrently (or, with `on_exit = "keep"`, leave them running for the next supervisor to
+adopt), then close the API and exit 0. SIGHUP: re-read conf.d/. SIGCHLD: reap orphaned
+descendants that came back to us as their subreaper.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 from .engine import Engine
 from .gpu_tracker import GpuTracker
 from .settings import Settings
+from .subreaper import become_subreaper, reap_orphans
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,14 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, engine)
+    why_not = become_subreaper()
+    if why_not is None:
+        engine.process_runner.subreaper = True
+        # uvloop keeps SIGCHLD to itself for loop.add_signal_handler; a plain handler still runs
+        # on the main thread (and only records: the loop does the reaping).
+        signal.signal(signal.SIGCHLD, lambda _sig, _frame: loop.call_soon_threadsafe(_on_sigchld, loop, engine))
+    else:
+        log.warning("not a child subreaper (%s): an orphaned worker is found by its mark only", why_not)
     tracker = GpuTracker(engine, settings)
     server = serving = None
     try:
@@ -56,7 +67,7 @@ async def serve(settings: Settings) -> int:
     finally:
         if server is not None:
             await server.before_stop()  # no new requests change anything from here on
-        await engine.shutdown()
+        await engine.shutdown(keep_running=settings.on_exit == "keep")
         await tracker.stop()
         if server is not None:
             server.close()
@@ -67,8 +78,27 @@ async def serve(settings: Settings) -> int:
             await asyncio.gather(serving, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-    log.info("all instances stopped; bye")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    log.info("instances left running for the next supervisor; bye" if settings.on_exit == "keep"
+             else "all instances stopped; bye")
     return 0
+
+
+_reap_scheduled = False
+
+
+def _on_sigchld(loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+    """Coalesce a burst of SIGCHLDs into one pass (a stop-all of 300 instances sends 300)."""
+    global _reap_scheduled
+    if not _reap_scheduled:
+        _reap_scheduled = True
+        loop.call_soon(_reap, engine)
+
+
+def _reap(engine: Engine) -> None:
+    global _reap_scheduled
+    _reap_scheduled = False
+    reap_orphans(engine.process_runner.owns)
 
 
 def _on_sighup(engine: Engine) -> None:

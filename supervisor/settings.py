@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     log_check_interval: Annotated[float, Field(gt=0)] = 10.0
     #: Full re-read of conf.d/ as a safety net behind the file watcher (seconds).
     resync_interval: Annotated[float, Field(gt=0)] = 30.0
+    #: What SIGTERM/SIGINT of `serve` does to the instances: "stop" them all (the default), or
+    #: "keep" them running and recorded, for the next `serve` on this state dir to adopt (upgrades).
+    on_exit: Literal["stop", "keep"] = "stop"
+    #: Per-run cgroups (cgroup v2, root or a delegated subtree): "auto" uses them where possible,
+    #: "off" keeps runs together by environment marks and the subreaper only.
+    cgroups: Literal["auto", "off"] = "auto"
     restart: RestartDefaults = RestartDefaults()
     health: HealthDefaults = HealthDefaults()
     stop: StopDefaults = StopDefaults()

@@ -73,6 +73,9 @@ class ConfWatcher:
         self._reasons: list[str] = []
         self._stop = asyncio.Event()
         self.reloads = 0  # reloads this watcher triggered (for tests and benchmarks)
+        #: Why the last reload failed (None: it worked), for /healthz: a reload that keeps
+        #: failing must not look like a healthy, idle watcher (issue 11).
+        self.failure: str | None = None
         self.batches = 0
         #: Set once the OS watch is in place: from then on no change can be missed.
         self.active = asyncio.Event()
@@ -117,8 +120,11 @@ class ConfWatcher:
             self.reloads += 1
             try:
                 await self._reload(reason)
-            except Exception:
+            except Exception as exc:  # the next change or resync tries again
                 log.exception("reload (%s) failed", reason)
+                self.failure = f"{type(exc).__name__}: {exc}"
+            else:
+                self.failure = None
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()

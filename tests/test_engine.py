@@ -333,11 +333,16 @@ async def test_state_dir_records_pid_and_start_time(engine: Engine, conf_dir: Pa
     assert not record_file.exists()
 
 
-async def test_missing_executable_is_a_clear_failure(engine: Engine, conf_dir: Path) -> None:
-    inst = await start_one(engine, declaration("typo", ["/nonexistent/bin/serve"], restart={**FAST_RESTART, "max_retries": 1}),
+async def test_missing_executable_is_a_clear_failure(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    # A program missing at load is a config error (tests/test_hostile_declarations.py); one that
+    # disappears later (here: it deletes itself on its first run) is a clear failed start.
+    program = tmp_path / "serve"
+    program.write_text('#!/bin/sh\nrm -f "$0"\nexit 1\n')
+    program.chmod(0o755)
+    inst = await start_one(engine, declaration("typo", [str(program)], restart={**FAST_RESTART, "max_retries": 1}),
                            conf_dir)
     await inst.wait_state(State.FATAL, timeout=10)
-    assert "could not start: command not found: '/nonexistent/bin/serve'" in inst.history[-1].reason
+    assert f"could not start: command not found: '{program}'" in inst.history[-1].reason
 
 
 async def test_removed_right_after_start_never_orphans_a_process(settings: Settings, conf_dir: Path) -> None:

@@ -33,6 +33,10 @@ class RunHandle(Protocol):
     def record(self) -> dict:
         """What to persist in the state dir so a later supervisor can find this run again."""
 
+    @property
+    def adopted(self) -> bool:
+        """True if this run was started by an earlier supervisor and adopted."""
+
 
 class Runner(Protocol):
     name: str
@@ -40,8 +44,13 @@ class Runner(Protocol):
     async def launch(self, plan, log: LogFile, instance_id: str = "", stop_signal: int = 15) -> RunHandle:
         """Start (or adopt) the run; raises LaunchError with a reason a user can act on."""
 
+    async def adopt(self, plan, log: LogFile, instance_id: str, record: dict) -> RunHandle | None:
+        """A handle on the run described by `record` (written by an earlier supervisor) if that
+        very run is still alive; None if it is gone. The caller has checked the spec hash."""
+
     async def adoptable(self, plan, instance_id: str) -> bool:
-        """True if a run of this plan survived a supervisor restart and `launch` will adopt it."""
+        """True if a run of this plan survived a supervisor restart and `launch` will adopt it
+        (a run with no record: a container started just before the supervisor died)."""
 
     def unavailable_reason(self) -> str | None:
         """Why this runner cannot be used, as far as it last knew (None: usable)."""

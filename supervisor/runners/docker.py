@@ -33,6 +33,7 @@ from typing import Any
 
 from ..backends.base import ContainerLaunch
 from ..logfiles import LogFile
+from ..marks import scope_of  # noqa: F401  (re-exported: containers are labelled with it)
 from ..states import ExitStatus
 from .base import LaunchError
 
@@ -49,11 +50,6 @@ KILL_GRACE = 10.0
 
 def plan_hash(plan: ContainerLaunch) -> str:
     return hashlib.sha256(json.dumps(plan.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def scope_of(state_dir: os.PathLike | str) -> str:
-    """Containers of one supervisor (one state dir) never collide with another's on the same host."""
-    return hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
 
 
 def container_name(scope: str, instance_id: str) -> str:
@@ -235,6 +231,14 @@ class DockerRunner:
         state = self._client().api.inspect_container(container_name(self.scope, instance_id))
         labels = state.get("Config", {}).get("Labels") or {}
         return bool(state.get("State", {}).get("Running")) and labels.get(LABEL_HASH) == plan_hash(plan)
+
+    async def adopt(self, plan: ContainerLaunch, log_file: LogFile, instance_id: str, record: dict) -> DockerHandle | None:
+        """The instance's container, if it still runs with this plan's hash (the record only
+        says it was a container: the name and labels identify it)."""
+        if record.get("kind") != "docker" or not await self.adoptable(plan, instance_id):
+            return None
+        # Should the container have died just now, launch starts a new one: still one run.
+        return await self.launch(plan, log_file, instance_id)
 
     async def launch(self, plan: ContainerLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15) -> DockerHandle:
         self._loop = asyncio.get_running_loop()

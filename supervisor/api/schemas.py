@@ -169,8 +169,16 @@ class ReloadResult(BaseModel):
     config_errors: int | None = Field(None, description="wait=true: configuration errors after it")
 
 
+class StateDirHealth(BaseModel):
+    path: str
+    writable: bool = Field(description="a small write (and fsync) in it just worked")
+    reason: str | None = Field(None, description='why not, e.g. "no space left on device while writing state"')
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(description='"degraded": see `degraded` (still answered 200)')
+    degraded: list[str] = Field(default_factory=list, description="what is wrong, when status is degraded")
+    state_dir: StateDirHealth | None = None
     version: str
     instances: dict[str, int] = Field(description="count by state")
     config_errors: int

@@ -17,6 +17,7 @@ from sanic_ext import openapi
 from ... import __version__
 from ...control import NotFound
 from ...logfiles import LogFile
+from ...storage import StateDirHealth
 from ..errors import error_response, parse_bool, parse_int
 from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
 from . import Parameter, dashboard, responses
@@ -48,6 +49,27 @@ def health_body(app: Sanic) -> dict:
     }
 
 
+async def health(app: Sanic) -> dict:
+    """`health_body` plus what needs I/O: does the state dir take writes (issue 11: with it on
+    a full disk /healthz said "ok"), and did the last reload of conf.d/ work. Degraded is
+    still 200: the supervisor is alive and says what is wrong; it recovers by itself."""
+    body = health_body(app)
+    engine = app.ctx.engine
+    probe = getattr(app.ctx, "state_dir_health", None)
+    if probe is None:
+        probe = app.ctx.state_dir_health = StateDirHealth(engine.settings.state_dir)
+    reason = await probe.check()
+    body["state_dir"] = {"path": str(engine.settings.state_dir), "writable": reason is None, "reason": reason}
+    degraded = [f"state dir: {reason}"] if reason else []
+    failure = getattr(engine.watcher, "failure", None)
+    if failure:
+        degraded.append(f"reload of conf.d failed: {failure}")
+    if degraded:
+        body["status"] = "degraded"
+        body["degraded"] = degraded
+    return body
+
+
 def install_root(app: Sanic) -> None:
     @app.get("/", name="root")
     @openapi.definition(summary="Health check (the old tool's welcome answer)", tag="Health Check",
@@ -69,13 +91,13 @@ def install_root(app: Sanic) -> None:
     @openapi.definition(summary="Liveness of the supervisor, counts by state, GPU source and its reason",
                         tag="Health Check", response=responses({200: (Health, "ok")}))
     async def healthz(request: Request) -> HTTPResponse:
-        return json_response(health_body(request.app))
+        return json_response(await health(request.app))
 
 
 @bp.get("/healthz")
 @openapi.definition(summary="Same as /healthz", tag="Health Check", response=responses({200: (Health, "ok")}))
 async def healthz_v1(request: Request) -> HTTPResponse:
-    return json_response(health_body(request.app))
+    return json_response(await health(request.app))
 
 
 @bp.get("/config/errors")

@@ -359,3 +359,55 @@ def test_presets_pass_when_everything_is_there(conf_dir: Path) -> None:
     (conf_dir / "v.toml").write_text('name = "v"\nbackend = "vllm"\nmodel = "org/model"\nvllm = "{python}"\n')
     out = validate(conf_dir)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- the real `serve` and the API -------------------------------------------------------------
+
+
+def test_serve_starts_with_50000_nested_arrays_in_conf_d(conf_dir: Path, tmp_path: Path) -> None:
+    """The issue: `serve` exited 1 at start and the API never came up."""
+    from .conftest import free_range
+    from .serve_helpers import Serve, kill_marked, wait_for
+
+    write_decl(conf_dir, declaration("good", ["sleep", "3600"]))
+    (conf_dir / "deep.toml").write_text(DEEP)
+    served = Serve(conf_dir, tmp_path / "state", port_range=free_range())
+    try:
+        served.wait_states({"good@cpu": "RUNNING"})
+        (err,) = served.get("/api/v1/config/errors")
+        assert err["file"] == str(conf_dir / "deep.toml") and "nested too deeply" in err["message"]
+        assert served.get("/healthz")["config_errors"] == 1
+        # Dropped in while running too, as a FIFO that must not block the reload.
+        os.mkfifo(conf_dir / "pipe.toml")
+        wait_for(lambda: len(served.get("/api/v1/config/errors")) == 2, 10, "the FIFO's error")
+        write_decl(conf_dir, declaration("later", ["sleep", "3600"]))
+        served.wait_states({"good@cpu": "RUNNING", "later@cpu": "RUNNING"})
+    finally:
+        assert served.terminate() == 0, served.output()[-3000:]
+        kill_marked(tmp_path / "state")
+
+
+async def test_api_write_that_cannot_launch_is_422_and_changes_nothing(settings: Settings, conf_dir: Path) -> None:
+    path = write_decl(conf_dir, declaration("m"))
+    async with running_api(settings) as api:
+        pid = await running_pid(api.engine, "m@cpu")
+        before = path.read_text()
+        for body, loc, msg in [
+            ({"backend": "process", "command": ["msup-no-such-program"]}, ["body", "command", 0],
+             "program 'msup-no-such-program' is not found on PATH"),
+            ({"backend": "process", "command": ["sleep", "1"], "cwd": "/nonexistent"}, ["body", "cwd"],
+             "directory /nonexistent does not exist"),
+            ({"backend": "process", "command": ["sleep", "1"], "env": {"X": "a\u0000b"}}, ["body", "env", "X"],
+             "contains a NUL byte"),
+        ]:
+            r = await api.put("/api/v1/models/m", json=body)
+            assert r.status_code == 422, r.text
+            (item,) = r.json()["detail"]
+            assert item["loc"] == loc and msg in item["msg"], item
+        assert path.read_text() == before
+        assert api.engine.instances["m@cpu"].pid == pid
+        # The same through the old client's start (a new model): 422, no file.
+        r = await api.post("/api/v1/models/start", json={"model_name": "n", "model_type": "process", "gpu_id": 0,
+                                                          "config": {"command": ["msup-no-such-program"]}})
+        assert r.status_code == 422, r.text
+        assert not (conf_dir / "n.toml").exists()

@@ -188,6 +188,8 @@ class Health(BaseModel):
     gpu_sample_ms: float | None = Field(None, description="CPU time the last GPU sample took")
     runners: dict[str, str | None] = Field(default_factory=dict,
                                            description="why a runner (process, docker) cannot be used; null when it can")
+    warnings: list[str] = Field(default_factory=list,
+                                description='e.g. "GPU 5 is not known: no GPU source" (instances still run there)')
     containment: Literal["cgroup", "mark+subreaper", "mark"] = Field(
         "mark", description="how each run's processes are kept together so that a stop reaches every one")
     containment_note: str = Field("", description="why per-run cgroups are or are not in use")

@@ -43,6 +43,8 @@ def health_body(app: Sanic) -> dict:
         "gpu_reason": snapshot.reason,
         "gpu_sample_ms": round(snapshot.sample_seconds * 1000, 3) if snapshot.sample_seconds is not None else None,
         "runners": {name: runner.unavailable_reason() for name, runner in engine.runners.items()},
+        # e.g. "GPU 5 is not known: no GPU source": instances that run on GPUs nobody can check
+        "warnings": app.ctx.gpus.unknown_gpu_warnings(),
         # How a run's processes are kept together: "cgroup", "mark+subreaper" or "mark".
         "containment": engine.containment(),
         "containment_note": engine.containment_note,

@@ -29,6 +29,7 @@ from .engine import Engine
 from .gpu.model import GpuSnapshot
 from .gpu.monitor import GpuMonitor, GpuMonitorStopped
 from .gpu.sources import GpuUnavailable, NoGpuSource, open_source
+from .gpu_history import GpuHistory, GpuPoint
 from .instance import Instance
 from .kill import owners_of
 from .placement import GpuFacts
@@ -75,6 +76,8 @@ class GpuTracker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
         self._tasks: set[asyncio.Task] = set()
+        self.history = GpuHistory(settings.gpu_sample_interval)
+        self._warned: set[str] = set()  # unknown-GPU warnings already logged
         engine.services.prestart.append(self.gate)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -99,6 +102,7 @@ class GpuTracker:
             except (asyncio.TimeoutError, GpuMonitorStopped):
                 log.warning("no GPU sample within %s s; GPU checks wait for one", FIRST_SAMPLE_TIMEOUT)
         self.engine.gpu_facts = self.facts
+        self._spawn(self._log_unknown_gpus())
 
     async def stop(self) -> None:
         if self.monitor is not None:
@@ -156,6 +160,7 @@ class GpuTracker:
             self._remember_runs(snapshot)
             await self._handle_strays(snapshot, table)
             self._publish_sample(snapshot)
+            self._record(snapshot)
         except Exception:
             log.exception("GPU attribution failed")
         finally:
@@ -174,6 +179,42 @@ class GpuTracker:
                       "temperature": d.temperature_c, "processes": len(d.processes), "strays": strays.get(d.index, 0)}
                      for d in snapshot.devices],
         }, keep=False)
+
+    def _record(self, snapshot: GpuSnapshot) -> None:
+        if snapshot.devices and snapshot.sampled_at is not None:
+            self.history.add(snapshot.sampled_at.timestamp(), tuple(
+                GpuPoint(d.index, d.memory_used_mib, d.memory_total_mib, d.utilization_percent, d.power_draw_w)
+                for d in snapshot.devices))
+
+    # -- GPUs that are not known -------------------------------------------------------------------
+    def unknown_gpu_warnings(self) -> list[str]:
+        """Instances declared on GPUs nobody can vouch for (issue 13). With no GPU source they
+        still run (a laptop demo needs that), but status, /healthz, the dashboard and the log
+        say so. With a source, a GPU that does not exist is a declaration error instead."""
+        if self._view().source != "none":  # a source that has not sampled yet knows soon enough
+            return []
+        facts = self.facts()
+        on: dict[int, list[str]] = {}
+        for iid, inst in self.engine.instances.items():
+            for gpu in inst.spec.gpus:
+                on.setdefault(gpu, []).append(iid)
+        why = f" ({facts.reason})" if facts.reason and facts.reason != "no GPU source" else ""
+        return [f"GPU {gpu} is not known: no GPU source{why}; {', '.join(sorted(on[gpu]))} runs there unchecked"
+                for gpu in sorted(on)]
+
+    async def _log_unknown_gpus(self) -> None:
+        """Log each unknown-GPU warning once, at start-up and after every reconcile."""
+        sub = self.engine.bus.open()
+        try:
+            while True:
+                for warning in self.unknown_gpu_warnings():
+                    if warning not in self._warned:
+                        self._warned.add(warning)
+                        log.warning("%s", warning)
+                while (await sub.get()).type != "reconcile":
+                    pass
+        finally:
+            sub.close()
 
     def _remember_runs(self, snapshot: GpuSnapshot) -> None:
         seen: dict[str, _LastRun] = {}

@@ -150,6 +150,20 @@ def _gpu_entries(doc: dict[str, Any]) -> list[int | list[int]]:
     return list(gpus) if isinstance(gpus, list) else []
 
 
+def first_null(document: dict[str, Any]) -> list[str | int] | None:
+    """Where the first None in `document` is (its key path), or None (iterative: any depth)."""
+    stack: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while stack:
+        value, where = stack.pop()
+        if value is None:
+            return where
+        if isinstance(value, dict):
+            stack.extend((v, [*where, k]) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, [*where, i]) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 class Controller:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -431,6 +445,10 @@ class Controller:
                 except OSError as exc:
                     raise StorageFailed(exc, path) from None
             else:
+                null_at = first_null(new)
+                if null_at is not None:  # JSON null has no TOML form: a 422, not a failed write
+                    raise invalid(loc + null_at, "null has no TOML equivalent: leave "
+                                  "the key out (or give a value)", "null_value")
                 text, new = render(current, new)
                 try:
                     candidate = parse_declaration(new, path, engine.registry, engine.defaults)

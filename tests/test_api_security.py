@@ -262,3 +262,24 @@ async def test_50_concurrent_puts_of_one_new_model_create_it_once(api: Api, conf
     assert (conf_dir / "race.toml").exists()
     assert [i for i in api.engine.instances if i.startswith("race@")] == ["race@cpu"]
 
+
+
+async def test_fuzzer_findings_are_422(api: Api, conf_dir: Path) -> None:
+    # JSON null has no TOML form (it was a 500 from the TOML writer), nested anywhere.
+    doc = declaration("n", sleep_cmd(), gpus="none", env={"A": "1"})
+    doc["health"] = {"type": "tcp", "extra": [True, None]}
+    r = await api.put("/api/v1/models/n", doc)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "health", "extra", 1], r.text
+    r = await api.post("/api/v1/models/start", {"model_name": "n", "model_type": "process", "gpu_id": 0,
+                                                "config": {"command": sleep_cmd(), "env": {"A": None}}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "env", "A"], r.text
+    # A lone surrogate: valid JSON, not valid Unicode (no UTF-8 file can hold it).
+    r = await api.client.put("/api/v1/models/n", content=b'{"backend": "process", "command": ["\\udc00"]}',
+                             headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "string_unicode", r.text
+    assert not (conf_dir / "n.toml").exists()
+    # Out of the published range: refused, not clamped.
+    for bad in ("0", "3601"):
+        r = await api.post(f"/api/v1/models/start?wait=true&timeout={bad}", {"model_name": "n", "gpu_id": 0})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "timeout"], r.text

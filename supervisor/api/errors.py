@@ -42,23 +42,36 @@ MAX_JSON_DEPTH = 32
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def nested_deeper_than(value: Any, limit: int) -> bool:
-    """True if `value` has containers nested more than `limit` levels deep (iterative: no recursion)."""
-    stack = [(value, 1)]
+def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> dict[str, Any] | None:
+    """A 422 item for a parsed JSON value nested deeper than `limit`, or holding a string that is
+    not valid Unicode (a lone surrogate such as "\\udc00": JSON allows it, UTF-8 files cannot hold
+    it); None if fine. Iterative, so no depth can make it recurse."""
+    stack: list[tuple[Any, int, list[str | int]]] = [(value, 1, ["body"])]
     while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        item, depth, loc = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return {"type": "string_unicode", "loc": loc, "msg": "not valid Unicode (a lone surrogate escape)"}
+            continue
+        if isinstance(item, dict):
+            children: Any = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
             continue
         if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
+            return _too_deep_item()
+        for key, child in children:
+            if isinstance(key, str):
+                stack.append((key, depth, loc))
+            stack.append((child, depth + 1, [*loc, key]))
+    return None
 
 
-def _too_deep() -> Invalid:
-    return Invalid([{"type": "json_too_deep", "loc": ["body"],
-                     "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep"}])
+def _too_deep_item() -> dict[str, Any]:
+    return {"type": "json_too_deep", "loc": ["body"], "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep"}
 
 
 def parse_body(request: Request, model: type[M]) -> M:
@@ -66,11 +79,12 @@ def parse_body(request: Request, model: type[M]) -> M:
     try:
         data = json.loads(request.body) if request.body else None
     except RecursionError:  # thousands of levels: the C decoder gives up before we can count
-        raise _too_deep() from None
+        raise Invalid([_too_deep_item()]) from None
     except ValueError as exc:
         raise Invalid([{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {exc}"}]) from None
-    if nested_deeper_than(data, MAX_JSON_DEPTH):
-        raise _too_deep()
+    problem = json_problem(data)
+    if problem is not None:
+        raise Invalid([problem])
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -11,7 +11,7 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from ...control import FAILED_STATES, LAUNCH_WAIT, UpstreamFailed, settle
+from ...control import FAILED_STATES, LAUNCH_WAIT, Invalid, UpstreamFailed, settle
 from ...spec import NAME_PATTERN
 from ..errors import parse_body, parse_bool, parse_int
 from ..schemas import (
@@ -40,7 +40,9 @@ WAIT = [Parameter("wait", {"type": "boolean"}, "query", description="answer once
 def _wait_args(request: Request) -> tuple[bool, float]:
     wait = parse_bool(request.args.get("wait"), ["query", "wait"])
     timeout = parse_int(request.args.get("timeout", str(int(WAIT_DEFAULT))), ["query", "timeout"])
-    return wait, float(max(1, min(timeout, 3600)))
+    if not 1 <= timeout <= 3600:  # the published limits (a clamp would accept what the schema refuses)
+        raise Invalid([{"type": "range", "loc": ["query", "timeout"], "msg": "timeout must be 1-3600 seconds"}])
+    return wait, float(timeout)
 
 
 async def _settled(request: Request, instances, old_pids: dict[str, int | None]) -> None:

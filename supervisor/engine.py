@@ -75,6 +75,7 @@ class Engine:
             records=RunRecords(state_dir / "run"),
             logs_dir=state_dir / "logs",
             port_holder=self._port_holder,
+            give_up_port=self._give_up_port,
             prestart=list(prestart or []),
         )
         self.catalog = Catalog(placements=self._load_placements())
@@ -319,7 +320,7 @@ class Engine:
             log.info("reconcile (%s): +%d -%d ~%d replaced, %d updated in place", reason,
                      len(steps.add), len(steps.remove), len(steps.replace), len(steps.update))
             self.bus.publish("reconcile", self.last_reload)
-        self.ports.release_unused(set(self.instances))
+        self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
         return steps
 
     def _load_placements(self) -> dict[str, tuple[int, ...]]:
@@ -342,6 +343,8 @@ class Engine:
     def _removed(self, iid: str, inst: Instance) -> None:
         if self.removing.get(iid) is inst:
             del self.removing[iid]
+            if iid not in self.instances:  # gone for good: its automatic ports go back to the range
+                self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
 
     def _report_errors(self, before: dict[str, list[ConfigError]], after: dict[str, list[ConfigError]]) -> None:
         """Log each file's errors once per change, and say when a file is fixed."""
@@ -368,6 +371,16 @@ class Engine:
         return [e.as_dict() for errors in self.catalog.errors.values() for e in errors]
 
     # -- helpers -----------------------------------------------------------------------------
+    def _give_up_port(self, iid: str, key: str) -> None:
+        """A stranger took an automatic port: forget it and settle again (a new port)."""
+        try:
+            self.ports.record({key: None})
+        except (OSError, KeyError) as exc:
+            log.error("%s: cannot forget its automatic port: %s", iid, exc)
+            return
+        self._last_inputs = None  # the files did not change, but the outcome will
+        self.request_reload(f"automatic port of {iid} taken by another process")
+
     async def _port_holder(self, port: int) -> str | None:
         if port_is_free(port):
             return None

@@ -132,6 +132,9 @@ class InstanceServices:
     records: RunRecords
     logs_dir: Path
     port_holder: Callable[[int], Awaitable[str | None]]
+    #: Called with (instance id, assignment key) when a stranger holds an automatic port: the
+    #: engine forgets that assignment and reloads, so the instance gets another port.
+    give_up_port: Callable[[str, str], None] | None = None
     prestart: list[PrestartCheck] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
 
@@ -485,10 +488,19 @@ class Instance:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
             # A run of ours that survived a supervisor restart holds the port legitimately.
             if spec.uses_port and not await runner.adoptable(spec.launch, spec.id):
-                for port in [spec.port, *(p for _, p in spec.extra_ports)]:
+                ports = [(spec.port, spec.id if spec.auto_port else None),
+                         *((p, f"{spec.id}#{name}") for name, p in spec.extra_ports)]
+                for port, auto_key in ports:
                     holder = await self.services.port_holder(port)
-                    if holder is not None:
-                        raise LaunchError(f"port {port} is already in use by {holder}")
+                    if holder is None:
+                        continue
+                    if auto_key is not None and self.services.give_up_port is not None:
+                        # An automatic port stays automatic: another one from the range, not a
+                        # crash loop against a stranger (a fixed port is the user's to free).
+                        log.warning("%s: automatic port %d is held by %s; taking another one", self.id, port, holder)
+                        self.services.give_up_port(spec.id, auto_key)
+                        raise LaunchError(f"automatic port {port} is held by {holder}; moving to another port")
+                    raise LaunchError(f"port {port} is already in use by {holder}")
             for step in spec.launch.prepare:
                 try:
                     await asyncio.to_thread(step.run)

@@ -113,10 +113,11 @@ class PortAllocator:
         self.assigned = new  # type: ignore[assignment]
 
     def release_unused(self, live_ids: set[str]) -> None:
-        """Forget assignments of instances that no longer exist, once the range runs short.
-        Keys are instance ids, or "<instance id>#<name>" for a kind's extra ports."""
-        if len(self.assigned) > (self.end - self.start + 1) // 2:
-            kept = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
+        """Forget assignments of instances that no longer exist (a declaration removed, or a
+        model moved to other GPUs). Keys are instance ids, or "<instance id>#<name>" for a
+        kind's extra ports."""
+        kept = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
+        if len(kept) != len(self.assigned):
             try:
                 self._save(kept)
             except OSError as exc:  # tidying only: never fail the reload that called it

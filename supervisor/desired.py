@@ -66,6 +66,7 @@ class InstanceSpec:
     source: Path
     launch_hash: str  # changes => the running process must be replaced
     policy_hash: str  # changes (alone) => applied in place, nothing restarts
+    auto_port: bool = False  # `port` came from the automatic range (given up if a stranger holds it)
 
     def describe(self) -> dict:
         return {
@@ -132,6 +133,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
         source=model.source,
         launch_hash=launch_hash,
         policy_hash=policy_hash,
+        auto_port=decl.port == "auto",
     )
 
 

@@ -283,3 +283,20 @@ async def test_fuzzer_findings_are_422(api: Api, conf_dir: Path) -> None:
     for bad in ("0", "3601"):
         r = await api.post(f"/api/v1/models/start?wait=true&timeout={bad}", {"model_name": "n", "gpu_id": 0})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "timeout"], r.text
+
+
+# -- 7. the OpenAPI document -----------------------------------------------------------------------
+async def test_every_parameter_is_published_with_its_real_type(api: Api) -> None:
+    spec = (await api.get("/docs/openapi.json")).json()
+    seen = {}
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            for p in op.get("parameters", []):
+                schema = p["schema"]
+                assert schema.get("type") in ("integer", "string", "boolean", "number"), (method, path, p)
+                assert "properties" not in schema, (method, path, p)
+                seen[(method.upper(), path, p["name"])] = schema
+    assert seen[("DELETE", "/api/v1/processes/{pid}", "pid")] == {"type": "integer", "minimum": 1, "maximum": 4194304}
+    assert seen[("GET", "/api/v1/models/{name}", "name")]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    assert seen[("POST", "/api/v1/models/start", "timeout")] == {"type": "integer", "minimum": 1, "maximum": 3600}
+    assert seen[("GET", "/api/v1/instances/{instance_id}/logs", "tail")]["maximum"] == 100000

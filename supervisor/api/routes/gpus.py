@@ -10,12 +10,11 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from sanic_ext.extensions.openapi.definitions import Parameter
 
 from ...gpu_history import WINDOW_SECONDS
 from ..errors import parse_int
 from ..schemas import GPUInfo, StrayProcess
-from . import responses
+from . import Parameter, responses
 
 bp = Blueprint("gpus", url_prefix="/api/v1")
 

@@ -85,6 +85,7 @@ def test_page_loads_clean_and_follows_conf_d_live(server: Server, ui: Browser) -
 
 def test_stop_and_start_from_the_page_edit_conf_d(server: Server, ui: Browser) -> None:
     path = server.declare(demo_declaration())
+    written = path.read_text()
     server.start()
     pid = server.wait_state("demo@cpu", "RUNNING")["pid"]
     page = ui.page
@@ -101,7 +102,7 @@ def test_stop_and_start_from_the_page_edit_conf_d(server: Server, ui: Browser) -
     expect(row.locator("[data-action=start]")).to_be_enabled()
     row.locator("[data-action=start]").click()
     expect(state).to_have_text("RUNNING")
-    assert tomllib.loads(path.read_text())["enabled"] is True
+    assert path.read_text() == written  # enabled again: the file as it was written (issue 13)
     new_pid = server.instance("demo@cpu")["pid"]
     assert new_pid != pid and alive(new_pid)
     assert ui.navigations == 1
@@ -298,3 +299,59 @@ def test_a_stray_is_highlighted_and_killed_after_confirmation(server: Server, ui
         if sleeper.poll() is None:
             sleeper.kill()
         sleeper.wait()
+
+
+# -- issue 13: history plots, state strips, warnings -------------------------------------------------
+
+def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(server: Server, ui: Browser, tmp_path: Path) -> None:
+    gpus = tmp_path / "gpus.toml"
+    write_gpus(gpus, [], utilization=20.0)
+    server.declare(demo_declaration("plotted", gpus=[0]))
+    server.start(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(gpus),
+                 MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.2")
+    pid = server.wait_state("plotted@gpu0", "RUNNING")["pid"]
+    write_gpus(gpus, [(pid, 2048)], utilization=20.0)
+    time.sleep(0.6)  # a few samples in the server's history before the page loads
+    page = ui.page
+    page.goto(server.url + "/")
+
+    def plot(metric: str):
+        return page.locator(f'svg.plot[data-gpu="0"][data-metric="{metric}"]')
+
+    api_gpu = json.loads(server.request("/api/v1/gpus")[2])[0]
+    expect(plot("memory_used")).to_have_attribute("data-last", str(api_gpu["memory_used"]))
+    expect(plot("memory_used")).to_have_attribute("data-max", str(api_gpu["memory_total"]))
+    expect(plot("utilization")).to_have_attribute("data-last", "20")
+    expect(plot("power_draw")).to_have_attribute("data-last", "61")
+    history = json.loads(server.request("/api/v1/gpus/history")[2])["gpus"][0]
+    assert history["memory_used"][-1] == api_gpu["memory_used"] == 2048
+    assert int(plot("memory_used").get_attribute("data-points")) >= 3  # the history, not just the last sample
+
+    # a new sample reaches the plot over the event stream, and the line grows
+    points = int(plot("utilization").get_attribute("data-points"))
+    write_gpus(gpus, [(pid, 2048)], utilization=55.0)
+    expect(plot("utilization")).to_have_attribute("data-last", "55")
+    assert int(plot("utilization").get_attribute("data-points")) > points
+    assert json.loads(server.request("/api/v1/gpus/history")[2])["gpus"][0]["utilization"][-1] == 55.0
+
+    strip = page.locator('svg.strip[data-instance="plotted@gpu0"]')
+    expect(strip).to_have_attribute("data-current", "RUNNING")
+    os.kill(pid, signal.SIGKILL)  # a crash: visible in the strip without a reload
+    server.wait_state("plotted@gpu0", "RUNNING")
+    wait_for(ui, lambda: strip.get_attribute("data-current") == "RUNNING"
+             and strip.locator('rect[data-state="BACKOFF"]').count() + strip.locator('rect[data-state="STARTING"]').count() >= 2,
+             what="the restart in the strip")
+    api_history = json.loads(server.request("/api/v1/instances/history")[2])["instances"]
+    transitions = next(i for i in api_history if i["instance_id"] == "plotted@gpu0")["transitions"]
+    wait_for(ui, lambda: int(strip.get_attribute("data-transitions")) == len(transitions), what="every transition")
+    assert ui.console_errors == []
+
+
+def test_a_gpu_nobody_knows_is_a_warning_on_the_page(server: Server, ui: Browser) -> None:
+    server.declare(demo_declaration("ghostly", gpus=[5]))
+    server.start()  # no GPU source
+    server.wait_state("ghostly@gpu5", "RUNNING")  # it still runs
+    page = ui.page
+    page.goto(server.url + "/")
+    expect(page.locator("#warnings")).to_contain_text("GPU 5 is not known: no GPU source")
+    assert ui.console_errors == []

@@ -188,6 +188,7 @@ const refreshStatus = refresher(async () => {
 
 /** A transition shows at once; the status fetch it triggers brings the rest (pid, restarts). */
 function applyTransition(ev) {
+  recordTransition(ev);
   const known = instances.get(ev.instance);
   if (known && typeof ev.to === "string") {
     known.item = { ...known.item, state: ev.to, reason: ev.reason ?? known.item.reason };
@@ -368,6 +369,9 @@ async function loadHealth() {
   health = await api("/healthz");
   healthAt = performance.now();
   setText($("#version"), health.version ? `v${health.version}` : "");
+  const warnings = health.warnings || [];
+  $("#warnings").hidden = warnings.length === 0;
+  $("#warnings").replaceChildren(...warnings.map((w) => h("li", {}, w)));
 }
 
 const refreshGpus = refresher(async () => {
@@ -387,6 +391,7 @@ function applyGpuSample(ev) {
     return;
   }
   gpuEventAt = performance.now();
+  recordGpuSample(ev);
   const known = new Map(gpuList.map((g) => [g.id, g]));
   let changed = ev.gpus.length !== gpuList.length;
   for (const sample of ev.gpus) {
@@ -461,6 +466,7 @@ function createCard(id) {
     h("h3", {}, `GPU ${id}`, p.name, p.sim),
     p.bar,
     h("div", { class: "facts" }, p.memory, p.power, p.util, p.temp),
+    createPlots(id, p),
     p.errors,
     p.table);
   card.parts = p;
@@ -485,6 +491,8 @@ function updateCard(card, gpu) {
   setText(p.power, `Power ${num(gpu.power_draw, "W")}${limit}`);
   setText(p.util, `Util ${num(gpu.utilization, "%")}`);
   setText(p.temp, `Temp ${num(gpu.temperature, "°C")}`);
+  p.powerLimit = gpu.power_limit;
+  drawPlots(gpu.id, p);
   const errors = Object.entries(gpu.errors || {});
   p.errors.hidden = errors.length === 0;
   setText(p.errors, errors.map(([field, why]) => `${field}: ${why}`).join(" · "));
@@ -597,7 +605,7 @@ function onEvent(type, data) {
     case "transition": applyTransition(ev); break;
     case "config_error":
     case "config_ok": refreshErrors(); refreshStatus(); break;
-    case "reconcile": refreshStatus(); break;
+    case "reconcile": refreshStatus(); loadHealth().catch(problem); break;
     case "stray":
     case "stray_killed": refreshGpus(); break;
     case "gpu": applyGpuSample(ev); break;
@@ -752,9 +760,163 @@ async function followLog(id, signal) {
   setText($("#logs-state"), "ended");
 }
 
+// -- history: GPU plots and state strips ---------------------------------------------------------
+//
+// From GET /api/v1/gpus/history and /api/v1/instances/history once, then extended by the same
+// `gpu` and `transition` events that update the rest of the page. Inline SVG: no library, no
+// build step. Each plot and strip carries its numbers as data-* attributes (what the browser
+// tests compare with the API).
+
+const HISTORY_SECONDS = 900;
+const SVG = "http://www.w3.org/2000/svg";
+const PLOT_METRICS = [["memory_used", "Memory"], ["utilization", "Util"], ["power_draw", "Power"]];
+const gpuHistory = new Map();   // gpu id -> {t: [], memory_used: [], utilization: [], power_draw: [], memory_total}
+const stateHistory = new Map(); // instance id -> {state: at the window's start, transitions: [{t, to}]}
+let clockSkew = 0;              // server clock - this browser's clock, seconds
+const serverNow = () => Date.now() / 1000 + clockSkew;
+
+function svg(tag, attrs) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
+  return el;
+}
+
+async function loadHistory() {
+  const [gpus, states] = await Promise.all([api("/api/v1/gpus/history"), api("/api/v1/instances/history")]);
+  clockSkew = gpus.now - Date.now() / 1000;
+  for (const g of gpus.gpus) {
+    const have = gpuHistory.get(g.id);
+    const newer = have ? have.t.filter((t) => t > g.t[g.t.length - 1]).length : 0; // events that came meanwhile
+    const series = { t: g.t, memory_used: g.memory_used, utilization: g.utilization, power_draw: g.power_draw,
+      memory_total: g.memory_total };
+    if (have && newer) for (const key of ["t", ...PLOT_METRICS.map(([m]) => m)]) series[key].push(...have[key].slice(-newer));
+    gpuHistory.set(g.id, series);
+  }
+  for (const i of states.instances) {
+    const have = stateHistory.get(i.instance_id);
+    const last = i.transitions.length ? i.transitions[i.transitions.length - 1].t : -Infinity;
+    const later = have ? have.transitions.filter((t) => t.t > last) : [];
+    stateHistory.set(i.instance_id, { state: i.state, transitions: [...i.transitions.map((t) => ({ t: t.t, to: t.to })), ...later] });
+  }
+  for (const [id, card] of cards) drawPlots(id, card.parts);
+  drawStrips();
+}
+
+function recordGpuSample(ev) {
+  const t = ev.sampled_at ? Date.parse(ev.sampled_at) / 1000 : serverNow();
+  for (const g of ev.gpus) {
+    let s = gpuHistory.get(g.id);
+    if (!s) gpuHistory.set(g.id, s = { t: [], memory_used: [], utilization: [], power_draw: [], memory_total: null });
+    if (s.t.length && t <= s.t[s.t.length - 1]) continue;
+    s.t.push(t);
+    for (const [m] of PLOT_METRICS) s[m].push(g[m] ?? null);
+    if (g.memory_total) s.memory_total = g.memory_total;
+    const since = t - HISTORY_SECONDS;
+    let drop = 0;
+    while (drop < s.t.length && s.t[drop] < since) drop++;
+    if (drop) for (const key of ["t", ...PLOT_METRICS.map(([m]) => m)]) s[key].splice(0, drop);
+  }
+}
+
+function recordTransition(ev) {
+  if (typeof ev.instance !== "string" || typeof ev.to !== "string") return;
+  let s = stateHistory.get(ev.instance);
+  if (!s) stateHistory.set(ev.instance, s = { state: ev.from || "STOPPED", transitions: [] });
+  s.transitions.push({ t: ev.at ? Date.parse(ev.at) / 1000 : serverNow(), to: ev.to });
+}
+
+function createPlots(id, p) {
+  p.plots = {};
+  const box = h("div", { class: "plots" });
+  for (const [metric, label] of PLOT_METRICS) {
+    const line = svg("polyline", { points: "" });
+    const el = svg("svg", { class: "plot", viewBox: "0 0 300 40", preserveAspectRatio: "none",
+      "data-gpu": id, "data-metric": metric, role: "img", "aria-label": `GPU ${id} ${label}, last 15 minutes` });
+    el.append(line);
+    const value = h("span", { class: "num" });
+    box.append(h("div", { class: "plot-row" }, h("span", { class: "muted" }, label), el, value));
+    p.plots[metric] = { el, line, value };
+  }
+  return box;
+}
+
+function drawPlots(id, p) {
+  const s = gpuHistory.get(id);
+  if (!p || !p.plots || !s) return;
+  const now = serverNow();
+  const start = now - HISTORY_SECONDS;
+  for (const [metric] of PLOT_METRICS) {
+    const { el, line, value } = p.plots[metric];
+    const ys = s[metric];
+    const seen = ys.filter((v) => v !== null && v !== undefined);
+    const top = metric === "memory_used" ? s.memory_total || Math.max(1, ...seen)
+      : metric === "utilization" ? 100 : Math.max(1, p.powerLimit || 0, ...seen);
+    const points = [];
+    for (let i = 0; i < s.t.length; i++) {
+      if (ys[i] === null || ys[i] === undefined || s.t[i] < start) continue;
+      const x = (300 * (s.t[i] - start)) / HISTORY_SECONDS;
+      const y = 40 - (40 * Math.min(ys[i], top)) / top;
+      points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
+    }
+    line.setAttribute("points", points.join(" "));
+    const last = seen.length ? seen[seen.length - 1] : null;
+    setAttr(el, "data-points", points.length);
+    setAttr(el, "data-last", last);
+    setAttr(el, "data-max", top);
+    setText(value, metric === "memory_used" ? (last === null ? "—" : mib(last))
+      : num(last, metric === "utilization" ? "%" : "W"));
+  }
+}
+
+const strips = new Map(); // instance id -> {row, el, title}
+
+function drawStrips() {
+  const box = $("#strips");
+  const now = serverNow();
+  const start = now - HISTORY_SECONDS;
+  for (const [id, strip] of strips) {
+    if (!instances.has(id)) {
+      strip.row.remove();
+      strips.delete(id);
+    }
+  }
+  for (const id of [...instances.keys()].sort()) {
+    const s = stateHistory.get(id) || { state: instances.get(id).item.state, transitions: [] };
+    let strip = strips.get(id);
+    if (!strip) {
+      const el = svg("svg", { class: "strip", viewBox: "0 0 900 10", preserveAspectRatio: "none", "data-instance": id });
+      strip = { el, row: h("div", { class: "strip-row" }, h("span", { class: "mono" }, id), el) };
+      strips.set(id, strip);
+    }
+    box.append(strip.row); // keeps the rows in order (a no-op when already last)
+    // Segments: the state at the window's start, then one per transition; the last runs to now.
+    const segments = [];
+    let state = s.state;
+    let from = start;
+    for (const t of s.transitions) {
+      if (t.t >= start) segments.push([state, from, t.t]);
+      state = t.to;
+      from = Math.max(start, t.t);
+    }
+    segments.push([state, from, now]);
+    strip.el.replaceChildren(...segments.filter(([, a, b]) => b > a || segments.length === 1).map(([st, a, b]) => {
+      const rect = svg("rect", { x: ((a - start) * 900 / HISTORY_SECONDS).toFixed(2), y: 0, height: 10,
+        width: Math.max(0.5, (b - a) * 900 / HISTORY_SECONDS).toFixed(2), "data-state": st });
+      const title = svg("title", {});
+      title.textContent = `${st} ${new Date(a * 1000).toLocaleTimeString()}–${new Date(b * 1000).toLocaleTimeString()}`;
+      rect.append(title);
+      return rect;
+    }));
+    setAttr(strip.el, "data-current", state);
+    setAttr(strip.el, "data-transitions", s.transitions.filter((t) => t.t >= start).length);
+  }
+  $("#timeline").hidden = strips.size === 0;
+}
+
 // -- start -----------------------------------------------------------------------------------
 
 function tick() {
+  drawStrips();
   for (const tr of rows.values()) {
     if (tr.entry && tr.entry.item.state === "RUNNING") {
       const up = uptimeOf(tr.entry);
@@ -784,6 +946,7 @@ function main() {
   loadHealth().catch(problem).finally(() => refreshGpus());
   setInterval(poll, GPU_POLL_MS);
   setInterval(tick, 1000);
+  loadHistory().catch(problem);
 }
 
 main();

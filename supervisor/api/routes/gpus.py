@@ -43,8 +43,9 @@ async def list_strays(request: Request) -> HTTPResponse:
     return json_response(request.app.ctx.gpus.strays())
 
 
-SECONDS = Parameter("seconds", {"type": "integer", "minimum": 1, "maximum": int(WINDOW_SECONDS)}, "query",
-                    description=f"how far back (default and most: {WINDOW_SECONDS:g})")
+# No minimum/maximum: values outside 1-WINDOW_SECONDS are clamped, not refused (so any integer is valid).
+SECONDS = Parameter("seconds", {"type": "integer"}, "query",
+                    description=f"how far back, clamped to 1-{WINDOW_SECONDS:g} (default {WINDOW_SECONDS:g})")
 GPU_HISTORY = {
     "type": "object",
     "properties": {

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import sys
-import threading
 import time
-from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import ApiError, Client
 
+if TYPE_CHECKING:
+    import queue
+
 
 def _uptime(seconds: float | None) -> str:
+    """H:MM:SS, or "N days, H:MM:SS" (as str(timedelta) writes it, without importing datetime)."""
     if seconds is None:
         return "-"
-    return str(timedelta(seconds=int(seconds)))
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
@@ -100,6 +104,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             return EXIT_UNHEALTHY if unhealthy else 0
         sys.stdout.flush()
         # Redraw on the next state change (from the event stream), or after `interval` for the uptimes.
+        import queue
+
         try:
             changes.get(timeout=args.interval)
             time.sleep(0.1)  # let a burst of transitions settle into one redraw
@@ -111,6 +117,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 def _watch_events(client: Client) -> queue.Queue:
     """A queue that receives a token for every state or configuration event."""
+    import queue
+    import threading
+
     changes: queue.Queue = queue.Queue()
 
     def read() -> None:

@@ -39,6 +39,9 @@ class ResolvedHealth:
     start_timeout: float
     failure_threshold: int
     live_path: str | None = None  # http only: probed once RUNNING (None: `path`)
+    #: http/https: sent with every probe (a bearer token). A secret: out of repr, logs and
+    #: the policy hash; it changes only with the launch (argv or the file the server reads).
+    headers: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
     def for_liveness(self) -> ResolvedHealth:
         """The probe used once RUNNING: the same check on `live_path`."""
@@ -91,7 +94,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
     ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
                         work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
     launch = model.kind.launch(model.options, ctx, decl.env)
-    default = model.kind.default_health(model.options)
+    default = model.kind.instance_health(model.options, ctx)
     h = decl.health
     health_type = h.type or default.type
     health = ResolvedHealth(
@@ -104,6 +107,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
         failure_threshold=h.failure_threshold,
         live_path=(h.live_path or (default.live_path if h.path is None else None) or h.path or default.path
                    or "/health") if health_type in ("http", "https") else None,
+        headers=default.headers if health_type in ("http", "https") else (),
     )
     # Only what reaches the process decides whether it must be replaced. Restart, health and
     # stop settings change how we supervise it: applied in place, so a tweak to a backoff

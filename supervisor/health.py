@@ -41,7 +41,7 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
             try:
                 if health.type == "tcp":
                     return ProbeResult(True, f"tcp {host}:{port} accepts connections")
-                return await _http_get(reader, writer, host, port, health.path or "/")
+                return await _http_get(reader, writer, host, port, health.path or "/", health.headers)
             finally:
                 writer.close()
                 try:
@@ -56,10 +56,23 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
         return ProbeResult(False, f"{host}:{port}: {exc}")
 
 
-async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str) -> ProbeResult:
+def _header_lines(headers: tuple[tuple[str, str], ...]) -> str:
+    # Values are secrets (a bearer token): never echoed into a probe's detail, which is logged.
+    for name, value in headers:
+        if any(c in name + value for c in "\r\n\0"):
+            raise ValueError(f"the value of probe header {name!r} contains a line break or NUL")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers)
+
+
+async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str,
+                    headers: tuple[tuple[str, str], ...] = ()) -> ProbeResult:
+    try:
+        extra = _header_lines(headers)
+    except ValueError as exc:
+        return ProbeResult(False, str(exc))
     writer.write(
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: model-supervisor\r\n"
-        "Accept: */*\r\nConnection: close\r\n\r\n".encode()
+        f"Accept: */*\r\n{extra}Connection: close\r\n\r\n".encode("latin-1", "replace")
     )
     await writer.drain()
     status_line = await reader.readline()
@@ -69,6 +82,9 @@ async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     code = int(parts[1])
     if 200 <= code < 300:
         return ProbeResult(True, f"GET {path} -> {code}")
+    if code in (401, 403):
+        why = "the server refused the probe's credentials" if headers else "the server wants credentials; the probe sent none"
+        return ProbeResult(False, f"GET {path} -> {code} ({why})")
     return ProbeResult(False, f"GET {path} -> {code}")
 
 

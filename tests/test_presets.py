@@ -7,6 +7,8 @@ The servers themselves are not installed here, so the end-to-end tests run tiny 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -672,7 +674,9 @@ def test_textgen_with_web_ui_gets_a_second_port(tmp_path: Path) -> None:
                                 "--listen-port", str(ui), "--listen", "--api-key", "secret-chat")
     assert inst.launch.cwd == str(tmp_path / "conf.d" / "tgw")
     assert_env(inst.launch, gpu_env(""))
-    assert inst.health.type == "tcp"  # every API route wants the key; the probe has none
+    # every API route wants the key: the probes send it, and it stays out of repr (logs)
+    assert (inst.health.type, inst.health.headers) == ("http", (("Authorization", "Bearer secret-chat"),))
+    assert "secret" not in repr(inst.health)
 
 
 @pytest.mark.parametrize("text,key,words", [
@@ -1028,3 +1032,227 @@ def test_env_change_of_the_supervisor_changes_the_launch_hash(tmp_path: Path, mo
     monkeypatch.setenv("SUPERVISOR_X", "2")
     (b,) = instances(tmp_path, text).values()
     assert a.launch_hash != b.launch_hash
+
+
+# --- textgen: user_data/CMD_FLAGS.txt (issue 12) ---------------------------------------------
+# A stand-in that reads CMD_FLAGS.txt the way text-generation-webui's modules/shared.py does
+# (at 1dcde41d: prepended to the command line) and, like its verify_api_key, answers 401 to any
+# request without `Authorization: Bearer <--api-key>`.
+FAKE_TEXTGEN = r"""
+import os, shlex, signal, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+flags = []
+if os.path.exists("user_data/CMD_FLAGS.txt"):
+    with open("user_data/CMD_FLAGS.txt", encoding="utf-8") as f:
+        kept = [l.strip().rstrip("\\").strip() for l in f if l.strip().rstrip("\\").strip() and not l.strip().startswith("#")]
+    flags = shlex.split(" ".join(kept))
+args = flags + sys.argv[1:]
+key = ""
+for i, arg in enumerate(args):
+    if arg == "--api-key":
+        key = args[i + 1]
+port = int(args[args.index("--api-port") + 1])
+print(f"OpenAI API key:\n\n{key}\n", flush=True)  # the real server logs it too
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = not key or self.headers.get("Authorization") == f"Bearer {key}"
+        self.send_response(200 if ok and self.path == "/v1/models" else 401 if not ok else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, fmt, *a):
+        print(fmt % a, flush=True)
+
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever(poll_interval=0.1)
+"""
+
+
+def textgen_checkout(root: Path, cmd_flags: str | None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "server.py").write_text(FAKE_TEXTGEN)
+    if cmd_flags is not None:
+        (root / "user_data").mkdir(exist_ok=True)
+        (root / "user_data" / "CMD_FLAGS.txt").write_text(cmd_flags)
+    return root
+
+
+def textgen_decl(tgw: Path, extra: str = "") -> str:
+    return f'name = "chat"\nbackend = "textgen"\ntextgen_path = "{tgw}"\npython = "{{python}}"\n{extra}'
+
+
+def test_cmd_flags_are_split_like_text_generation_webui_does() -> None:
+    from supervisor.backends.textgen import split_cmd_flags
+
+    text = ("# Only used by the one-click installer.\r\n"
+            "# Example: --listen --api\r\n"
+            "\n"
+            "--api-key 'two words' \\\n"
+            "   --ctx-size 8192\\\n"
+            "  # --model not-this-one\n"
+            '--chat-template-file "a b.jinja"\n')
+    assert split_cmd_flags(text) == ["--api-key", "two words", "--ctx-size", "8192", "--chat-template-file", "a b.jinja"]
+    assert split_cmd_flags("# nothing\n\n") == []
+    with pytest.raises(ValueError):
+        split_cmd_flags("--api-key 'unclosed\n")
+
+
+def test_user_data_dir_is_found_like_modules_paths_does(tmp_path: Path) -> None:
+    from supervisor.backends.textgen import user_data_dir
+
+    tgw = tmp_path / "tgw"
+    tgw.mkdir()
+    assert user_data_dir(tgw, ["--api"]) == tgw / "user_data"
+    assert user_data_dir(tgw, ["--user-data-dir", "/srv/ud"]) == Path("/srv/ud")
+    assert user_data_dir(tgw, ["--user-data-dir=rel"]) == tgw / "rel"
+    assert user_data_dir(tgw, ["--user-data", "/srv/ud"]) == tgw / "user_data"  # pre-parsed: no abbreviations
+    assert user_data_dir(tgw, ["--portable"]) == tgw / "user_data"  # no ../user_data
+    (tmp_path / "user_data").mkdir()
+    assert user_data_dir(tgw, ["--portable"]) == tmp_path / "user_data"
+
+
+@pytest.mark.parametrize("flags,words", [
+    ("--listen-port 7000\n", "item 0: '--listen-port' sets --listen-port"),
+    ("--ctx-size 4096\n--api-p=5001\n", "item 2: '--api-p=5001' sets --api-port (an abbreviation of --api-port"),
+    ("--listen\n", "'--listen' sets --listen"),
+    ("--api-key 'unclosed\n", "cannot be split into flags (No closing quotation)"),
+    ("-- --model x\n", "has a bare '--'"),
+], ids=["listen-port", "abbreviated-api-port", "listen", "unclosed-quote", "double-dash"])
+def test_owned_flags_in_cmd_flags_are_load_errors_naming_the_file(tmp_path: Path, flags: str, words: str) -> None:
+    import tomllib
+
+    from supervisor.declarations import parse_declaration, preflight
+
+    tgw = textgen_checkout(tmp_path / "tgw", flags)
+    spec = parse_declaration(tomllib.loads(textgen_decl(tgw)), tmp_path / "decl.toml", REGISTRY, Defaults())
+    problems = [(e.key, e.message) for e in preflight(spec)]
+    path = tgw / "user_data" / "CMD_FLAGS.txt"
+    assert any(key == "textgen_path" and message.startswith(str(path)) and words in message
+               for key, message in problems), problems
+
+
+def test_cmd_flags_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    from supervisor.backends.textgen import CmdFlagsError, read_cmd_flags
+
+    tgw = textgen_checkout(tmp_path / "tgw", None)
+    (tgw / "user_data").mkdir()
+    fifo = tgw / "user_data" / "CMD_FLAGS.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(CmdFlagsError, match="CMD_FLAGS.txt is not a regular file"):
+        read_cmd_flags(fifo)
+    assert read_cmd_flags(tgw / "nothing.txt") is None
+
+
+def test_api_key_from_cmd_flags_or_extra_args_becomes_the_probe_header(tmp_path: Path) -> None:
+    tgw = textgen_checkout(tmp_path / "tgw", "--api-key from-file\n")
+    (inst,) = instances(tmp_path, textgen_decl(tgw)).values()
+    assert inst.health.headers == (("Authorization", "Bearer from-file"),)
+    assert "from-file" not in repr(inst.health) and "from-file" not in repr(inst.launch.prepare)
+    assert "from-file" not in json.dumps(inst.describe())  # the API's status shows describe()
+    # the command line comes after the file's flags: its --api-key wins
+    (inst,) = instances(tmp_path, textgen_decl(tgw, 'extra_args = ["--api-k=from-args"]\n')).values()
+    assert inst.health.headers == (("Authorization", "Bearer from-args"),)
+    (tgw / "user_data" / "CMD_FLAGS.txt").write_text("--ctx-size 4096\n")
+    (inst,) = instances(tmp_path, textgen_decl(tgw)).values()
+    assert inst.health.headers == ()
+
+
+def serve_fake(tgw: Path, conf_dir: Path, extra: str = "", interval: float = 10.0) -> None:
+    fast = FAST.replace("[health]\n", f"[health]\ninterval = {interval}\n")
+    (conf_dir / "decl.toml").write_text(textgen_decl(tgw, extra) + fast)
+
+
+async def test_api_key_in_cmd_flags_is_sent_by_readiness_and_liveness(engine: Engine, conf_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    tgw = textgen_checkout(tmp_path / "tgw", "# the user's own flags\n--api-key s3cret-key\n")
+    serve_fake(tgw, conf_dir, interval=0.2)
+    await engine.start()
+    inst = engine.instances["chat@cpu"]
+    try:
+        await inst.wait_state(State.RUNNING, timeout=20)
+    except TimeoutError:
+        raise AssertionError(f"never ran: {[(t.to_state, t.reason) for t in inst.history]}") from None
+    pid = inst.pid
+    await asyncio.sleep(1.0)  # several liveness probes, each of which would get 401 without the key
+    assert inst.state == State.RUNNING and inst.pid == pid
+    assert "s3cret-key" not in json.dumps(engine.status(), default=str)
+    # the same server without the header answers 401: the probe is what sends it
+    from supervisor.health import probe
+    bare = dataclasses.replace(inst.spec.health, headers=())
+    result = await probe(bare, inst.spec.port)
+    assert not result.ok and "401" in result.detail and "s3cret" not in result.detail
+    await inst.stop("test over")
+
+
+async def test_cmd_flags_is_checked_again_at_each_start(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+    tgw = textgen_checkout(tmp_path / "tgw", "--api-key one\n")
+    serve_fake(tgw, conf_dir)
+    await engine.start()
+    inst = engine.instances["chat@cpu"]
+    await inst.wait_state(State.RUNNING, timeout=20)
+    flags = tgw / "user_data" / "CMD_FLAGS.txt"
+
+    flags.write_text("--api-key one\n--api-port 5000\n")  # an owned flag added behind our back
+    await inst.restart("test")
+    await wait_until(lambda: inst.state in (State.BACKOFF, State.FATAL), timeout=20)
+    assert f"{flags} item 2: '--api-port' sets --api-port" in (inst.history[-1].reason or "")
+
+    flags.write_text("--api-key two\n")  # another key: the probes would send a stale one
+    await inst.restart("test")
+    await wait_until(lambda: "changed since the model's declaration was loaded" in (inst.history[-1].reason or ""),
+                     timeout=20)
+    assert inst.state in (State.BACKOFF, State.FATAL)
+
+    os.utime(conf_dir / "decl.toml", ns=(0, 0))  # the remedy the reason names: the declaration read again
+    await engine.reload("CMD_FLAGS.txt edited")
+    await inst.wait_state(State.RUNNING, timeout=20)
+    assert inst.spec.health.headers == (("Authorization", "Bearer two"),)
+    await inst.stop("test over")
+
+
+async def test_taken_textgen_ports_fail_the_start_naming_port_and_holder(engine: Engine, conf_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """The preflight in instance.py covers textgen's API port ({port}) and its UI port (an
+    extra port): text-generation-webui would silently move to another port instead."""
+    import socket
+    import subprocess
+
+    tgw = textgen_checkout(tmp_path / "tgw", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api_port = s.getsockname()[1]
+    holder = subprocess.Popen([PY, "-c", "import socket, sys, time\ns = socket.socket()\n"
+                               "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('up', flush=True)\n"
+                               "time.sleep(60)", str(api_port), "port-holder"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n"
+        serve_fake(tgw, conf_dir, f"port = {api_port}\nwebui = true\n")
+        await engine.start()
+        inst = engine.instances["chat@cpu"]
+        await wait_until(lambda: inst.state in (State.BACKOFF, State.FATAL), timeout=20)
+        reason = inst.history[-1].reason or ""
+        assert f"port {api_port} is already in use by pid {holder.pid}" in reason and "port-holder" in reason, reason
+    finally:
+        holder.kill()
+        holder.wait()
+    await inst.stop("free the api port")
+    ui_port = dict(inst.spec.extra_ports)["ui"]
+    holder = subprocess.Popen([PY, "-c", "import socket, sys, time\ns = socket.socket()\n"
+                               "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('up', flush=True)\n"
+                               "time.sleep(60)", str(ui_port), "ui-holder"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n"
+        await inst.start("test")
+        # An automatic port may be traded for another one (instance.py), but the failed start
+        # names the port and its holder first.
+        await wait_until(lambda: any(f"port {ui_port} is" in (t.reason or "") for t in inst.history), timeout=20)
+        reason = next(t.reason for t in inst.history if f"port {ui_port} is" in (t.reason or ""))
+        assert f"pid {holder.pid}" in reason and "ui-holder" in reason, reason
+    finally:
+        holder.kill()
+        holder.wait()
+        await inst.stop("test over")

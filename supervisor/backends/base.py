@@ -12,7 +12,7 @@ import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
@@ -235,6 +235,9 @@ class DefaultHealth:
     #: Liveness, when it differs: Triton's /v2/health/ready goes false while a model loads
     #: through the repository API (triton-inference-server/server#7014); /v2/health/live does not.
     live_path: str | None = None
+    #: Sent with every HTTP probe (text-generation-webui's --api-key as a bearer token). A
+    #: secret: kept out of repr, so out of logs and of the policy hash.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 
@@ -248,6 +251,12 @@ class BackendKind(ABC):
 
     @abstractmethod
     def default_health(self, options: BaseModel) -> DefaultHealth: ...
+
+    def instance_health(self, options: BaseModel, ctx: LaunchContext) -> DefaultHealth:
+        """The default health check of one instance: `default_health`, unless it depends on a
+        file the server reads at start (text-generation-webui's CMD_FLAGS.txt). May read small
+        files; called where instances are built from declarations."""
+        return self.default_health(options)
 
     @abstractmethod
     def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:

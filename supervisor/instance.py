@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from typing import Any
 from .backoff import Backoff, gives_up
 from .desired import InstanceSpec
 from .events import EventBus
+from .failure_line import with_log_reason
 from .health import liveness, probe
 from .logfiles import LogFile
 from .records import RunRecords
@@ -97,6 +99,14 @@ class Ready:
 class Unhealthy:
     run: int
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """A log line of a starting run matched one of its plan's `fail_patterns`."""
+
+    run: int
+    line: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +192,7 @@ class Instance:
         self._run_over = asyncio.get_running_loop().create_future()
         self._run_over.set_result(None)
         self._actor: asyncio.Task | None = None
+        self._log_offset = 0
 
     # == public: intents ==================================================================
     @property
@@ -331,6 +342,8 @@ class Instance:
                 self._on_ready(m)
             case Unhealthy():
                 self._on_unhealthy(m)
+            case StartFailed():
+                self._on_start_failed(m)
             case Stopped():
                 self._on_stopped(m)
             case TimerFired():
@@ -469,6 +482,7 @@ class Instance:
                 # Before any gate: an adopted run is already there, it waits for nobody.
                 handle = await runner.adopt(spec.launch, self.log_file, spec.id, record)
                 if handle is not None:
+                    self._log_offset = self.log_file.size()
                     self._post(Launched(run, handle, adopted_from=record))
                     return
                 log.info("%s: the recorded run (pid %s) is gone; starting a new one", self.id, record.get("pid"))
@@ -509,6 +523,7 @@ class Instance:
             # From here on a process may exist that only this task knows about: the actor must
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True
+            self._log_offset = self.log_file.size()  # fail_patterns look at this run's lines only
             handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
             # Recorded before anyone hears of the run: a supervisor killed from here on finds
             # and adopts it instead of starting a second copy.
@@ -579,7 +594,15 @@ class Instance:
     # -- readiness and liveness --------------------------------------------------------------
     async def _probe_loop(self, run: int, spec: InstanceSpec) -> None:
         attempt = 0
+        patterns = [re.compile(p) for p in getattr(spec.launch, "fail_patterns", ())]
+        offset = self._log_offset
         while True:  # readiness: quick probes at first, then every start_interval
+            if patterns:  # e.g. textgen's "Port X is already in use. Using port Y instead"
+                data, offset, _ = await asyncio.to_thread(self.log_file.read_from, offset)
+                for line in data.decode("utf-8", "replace").splitlines():
+                    if any(p.search(line) for p in patterns):
+                        self._post(StartFailed(run, line.strip()))
+                        return
             result = await probe(spec.health, spec.port)
             self.last_probe = result.detail
             if result.ok:
@@ -602,6 +625,11 @@ class Instance:
             if failures >= health.failure_threshold:
                 self._post(Unhealthy(run, result.detail))
                 return
+
+    def _on_start_failed(self, m: StartFailed) -> None:
+        if m.run == self._run and self.state == State.STARTING and self._handle is not None:
+            reason = f"failed to start: its log says {m.line!r}"
+            self._begin_stop(reason, _Failure(reason))
 
     def _on_ready(self, m: Ready) -> None:
         if m.run == self._run and self.state == State.STARTING:
@@ -626,6 +654,11 @@ class Instance:
         # Workers the main process left behind would hold GPU memory and ports: clear them
         # before the state machine decides anything (a no-op scan-free check when none are left).
         await handle.cleanup(spec.stop.signum, spec.stop.timeout)
+        for step in getattr(spec.launch, "after_exit", ()):
+            try:
+                await asyncio.to_thread(step.run)
+            except Exception as exc:  # tidying after a run must never wedge the instance
+                log.warning("%s: cleaning up after the run failed: %s", self.id, exc)
         tail = tuple(await asyncio.to_thread(self._finish_run_files, spec, status))
         self._post(Exited(run, status, tail))
         return tail
@@ -711,6 +744,7 @@ class Instance:
         spec = self.running_spec or self.spec
         r = spec.restart
         self.failures += 1
+        reason = with_log_reason(reason, tail)  # "exited (exit code 1): error: creating server: ..."
         self.last_error = reason
         if gives_up(self.failures, r.max_retries):
             retry = f"; retrying once after {r.fatal_cooldown:g} s" if r.fatal_cooldown else ""

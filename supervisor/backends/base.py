@@ -174,6 +174,9 @@ class ProcessLaunch:
     #: (text-generation-webui: "Port X is already in use. Using port Y instead"); the line is
     #: the failure's reason. Consumed by the instance while STARTING.
     fail_patterns: tuple[str, ...] = ()
+    #: Run (in a thread) once a run has ended and everything of it is gone, whatever ended it:
+    #: Triton's python-backend /dev/shm regions are freed right away, not at the next start.
+    after_exit: tuple[PrepareStep, ...] = ()
     runner: ClassVar[str] = "process"
 
     def fingerprint(self) -> dict:

@@ -286,7 +286,7 @@ class TritonKind(BackendKind):
         if options.mode == "process":
             return ProcessLaunch(argv=(executable(options.tritonserver, ctx, "tritonserver"), *argv),
                                  env=tuple(sorted(_process_env(options, ctx, env).items())), prepare=(step,),
-                                 live=step)
+                                 live=step, after_exit=(ShmSweep(step.shm_prefix, ctx.instance_id),))
 
         bridge = options.network == "bridge"
         docker = DockerOptions(
@@ -613,6 +613,20 @@ def count_stubs(prefix: str) -> dict[str, int]:
             model = Path(argv[1]).parent.parent.name
             counts[model] = counts.get(model, 0) + 1
     return counts
+
+
+@dataclass(frozen=True, slots=True)
+class ShmSweep:
+    """After a run: its python-backend regions, which a killed server or stub leaves behind."""
+
+    prefix: str
+    instance: str
+
+    def run(self) -> None:
+        removed = sweep_shm(self.prefix)
+        if removed:
+            log.info("%s: removed %d python-backend shm region(s) the run left behind: %s",
+                     self.instance, len(removed), ", ".join(removed))
 
 
 def sweep_shm(prefix: str) -> list[str]:

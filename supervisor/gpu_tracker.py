@@ -153,7 +153,9 @@ class GpuTracker:
         try:
             pids = snapshot.pids()
             roots = {iid: inst.pid for iid, inst in self.engine.instances.items() if inst.pid is not None}
-            table, owners = await asyncio.to_thread(_scan_owners, pids, roots) if pids else ({}, {})
+            runs = {inst.run_token: iid for iid, inst in self.engine.instances.items() if inst.run_token}
+            table, owners = (await asyncio.to_thread(_scan_owners, pids, roots, self.engine.scope, runs)
+                             if pids else ({}, {}))
             self.owners = owners
             self.attributed = snapshot
             self.version += 1
@@ -396,7 +398,14 @@ def _users(pids: list[int]) -> dict[int, str | None]:
     return out
 
 
-def _scan_owners(pids: frozenset[int], roots: dict[str, int]) -> tuple[dict[int, ProcInfo], dict[int, str]]:
-    """In a thread: the process table, and which instance owns each GPU pid."""
-    table = scan()
-    return table, owners_of(pids, table, roots)
+def _scan_owners(pids: frozenset[int], roots: dict[str, int], scope: str = "",
+                 runs: dict[str, str] | None = None) -> tuple[dict[int, ProcInfo], dict[int, str]]:
+    """In a thread: the process table, and which instance owns each GPU pid: by ancestry and
+    process group, or by the run mark a worker carries after it left both (setsid, orphaned)."""
+    table = scan(marks=True)
+    owners = owners_of(pids, table, roots)
+    for pid in pids:
+        mark = table[pid].mark if pid in table else None
+        if pid not in owners and mark is not None and mark.scope == scope and runs and mark.token in runs:
+            owners[pid] = runs[mark.token]
+    return table, owners

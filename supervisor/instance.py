@@ -204,6 +204,11 @@ class Instance:
         return self._handle.pid if self._handle is not None else None
 
     @property
+    def run_token(self) -> str | None:
+        """The run mark's token of the current run (process runs), see marks.py."""
+        return getattr(self._handle, "token", None) if self._handle is not None else None
+
+    @property
     def spawning(self) -> bool:
         """A process may exist that the state machine has not heard of yet."""
         return self._spawning

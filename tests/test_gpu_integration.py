@@ -101,6 +101,42 @@ async def test_gpu_processes_are_attributed_to_their_instance(settings: Settings
         assert (await api.get("/healthz")).json()["gpu_count"] == 2
 
 
+DOUBLE_FORK = """
+import os, sys, time
+if os.fork() == 0:          # the intermediate: starts a worker in a session of its own, then dies
+    os.setsid()
+    if os.fork() == 0:
+        open(sys.argv[1] + ".tmp", "w").write(str(os.getpid())); os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+async def test_orphaned_setsid_worker_is_attributed_by_its_mark(settings: Settings, sim: SimGpus, conf_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """A GPU worker outside its instance's session whose parent died (no ppid or group path to the
+    instance) still belongs to it, by the run mark it inherited: not a stray (issue 10)."""
+    import sys
+
+    pidfile = tmp_path / "worker.pid"
+    write_decl(conf_dir, declaration("llm", [sys.executable, "-c", DOUBLE_FORK, str(pidfile)], gpus=[0]))
+    async with running_api(gpu_settings(settings, sim, strays="kill", strays_kill_after=0.0)) as api:
+        inst = api.engine.instances["llm@gpu0"]
+        await inst.wait_state(State.RUNNING, timeout=15)
+        await wait_until(pidfile.exists)
+        worker = int(pidfile.read_text())
+        assert os.getsid(worker) != os.getsid(inst.pid)
+        sim.add_process(0, worker, 3072)
+        await wait_gpu_sample(api)
+        await wait_gpu_sample(api)
+        gpus = (await api.get("/api/v1/gpus")).json()
+        assert {p["pid"]: p["instance_id"] for p in gpus[0]["processes"]} == {worker: "llm@gpu0"}
+        assert (await api.get("/api/v1/gpus/strays")).json() == [] and alive(worker)
+        await inst.stop("test over")
+        await wait_until(lambda: not alive(worker), timeout=10)  # stopped with its instance
+
+
 async def test_strays_are_reported_then_killed_by_policy(settings: Settings, sim: SimGpus, stranger: Any) -> None:
     allowed = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:

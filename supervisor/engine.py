@@ -235,9 +235,17 @@ class Engine:
         decision = decide(records, catalog.instances, broken)
         self._deferred = decision.deferred
         why = {iid: describe_stale(rec, catalog.instances.get(iid)) for iid, rec in decision.stale.items()}
+        docker = self.runners.get("docker")
         for iid, reason in why.items():
             log.info("%s: not adopting its run (pid %s): %s", iid, decision.stale[iid].get("pid"), reason)
             self.services.records.remove(iid)
+            spec = catalog.instances.get(iid)
+            # A changed declaration's launch replaces its container itself; one that will not
+            # launch (gone, disabled) must not leave its container running.
+            if (decision.stale[iid].get("kind") == "docker" and isinstance(docker, DockerRunner)
+                    and (spec is None or not spec.enabled)):
+                timeout = spec.stop.timeout if spec is not None else self.defaults.stop.timeout
+                self.spawn_background(docker.remove_stale(iid, timeout), f"remove leftover container of {iid}")
         for iid in decision.deferred:
             log.warning("%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
                         iid, decision.deferred[iid].get("pid"))

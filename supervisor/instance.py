@@ -164,6 +164,7 @@ class Instance:
         self.state_since = self.created_at
         self.failures = 0  # consecutive failed starts / early exits
         self.restarts = 0  # automatic restarts since the instance was created
+        self.adoptions = 0  # runs of an earlier supervisor taken over (0 or 1: only at start-up)
         self.last_exit: ExitStatus | None = None
         self.last_error: str | None = None
         self.last_probe: str | None = None
@@ -574,6 +575,7 @@ class Instance:
         """An earlier supervisor's run is ours now: it keeps its log, port and GPUs; health checks
         resume, with what is left of its start_timeout if it was not ready yet."""
         record = m.adopted_from or {}
+        self.adoptions += 1
         log.info("%s: adopted pid %s (started %s by an earlier supervisor)", self.id, m.handle.pid,
                  record.get("started_at", "?"))
         self.services.bus.publish("adopted", {"instance": self.id, "model": spec.model, "pid": m.handle.pid,

@@ -99,6 +99,8 @@ class _Collector(Collector):
         engine = self.m._engine
         state = _Family(f"{PREFIX}_instance_state", "gauge", "The instance's state: 1 for the current one")
         restarts = _Family(f"{PREFIX}_instance_restarts_total", "counter", "Automatic restarts since the instance was created")
+        adoptions = _Family(f"{PREFIX}_instance_adoptions_total", "counter",
+                            "Runs of an earlier supervisor this one adopted instead of starting anew")
         failures = _Family(f"{PREFIX}_instance_consecutive_failures", "gauge", "Failed starts or early exits in a row")
         uptime = _Family(f"{PREFIX}_instance_uptime_seconds", "gauge", "Seconds RUNNING (0 when not running)")
         ready = _Family(f"{PREFIX}_instance_ready", "gauge", "1 when RUNNING (its health check passes)")
@@ -117,6 +119,7 @@ class _Collector(Collector):
             for name in states:
                 state.add(f'{labels},state="{name}"', 1.0 if name == current else 0.0)
             restarts.add(labels, inst.restarts)
+            adoptions.add(labels, inst.adoptions)
             failures.add(labels, inst.failures)
             running = inst.state == State.RUNNING and inst.ready_monotonic is not None
             uptime.add(labels, now - inst.ready_monotonic if running else 0.0)
@@ -127,7 +130,7 @@ class _Collector(Collector):
             gpu_mem.add(labels, usage.get(iid, 0) * MIB)
         if len(self._label_cache) > 2 * len(live) + 64:
             self._label_cache = {k: v for k, v in self._label_cache.items() if k in live}
-        return [state, restarts, failures, uptime, ready, exit_code, gpu_mem]
+        return [state, restarts, adoptions, failures, uptime, ready, exit_code, gpu_mem]
 
     def _gpus(self) -> list[_Family]:
         tracker = self.m._gpus

@@ -143,6 +143,11 @@ def test_adopted_instance_keeps_pid_log_and_health_checks(dirs, serves) -> None:
     item = second.wait_states({"web@cpu": "RUNNING"})["web@cpu"]
     assert item["pid"] == pid and item["restarts"] == 0
     assert "adopted" in item["reason"]
+    import urllib.request
+
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics", timeout=5).read().decode()
+    assert any(line.startswith("model_supervisor_instance_adoptions_total{") and 'instance="web@cpu"' in line
+               and line.endswith(" 1.0") for line in metrics.splitlines()), metrics[:2000]
     # Health checks resumed against it: the demo logs each probe it answers, through the
     # descriptor it inherited from the first supervisor, into the same file.
     log = state / "logs" / "web@cpu.log"

@@ -224,6 +224,40 @@ def test_supervisor_restart_adopts_the_running_container(tmp_path: Path, setting
             c.remove(force=True)
 
 
+def test_container_of_a_declaration_removed_while_down_is_removed(tmp_path: Path, settings: Settings,
+                                                                  client: Any) -> None:
+    """SIGKILL the supervisor, delete the declaration, start it again: the container goes."""
+    conf, state = settings.conf_dir, settings.state_dir
+    path = write_decl(conf, docker_decl("gone-while-down"))
+    write_decl(conf, declaration("keeper"))
+    port = free_port()
+    low, high = free_range()
+    first = _serve(conf, state, port, low, high)
+    second = None
+    try:
+        _wait_running(port, "gone-while-down@cpu")
+        (container,) = containers_of(client, "gone-while-down@cpu")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        path.unlink()
+        second = _serve(conf, state, port, low, high)
+        _wait_running(port, "keeper@cpu")
+        deadline = time.monotonic() + 30
+        while containers_of(client, "gone-while-down@cpu") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert containers_of(client, "gone-while-down@cpu") == [], "the container outlived its declaration"
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 0 and "removed leftover container" in out, out
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for c in containers_of(client, "gone-while-down@cpu"):
+            c.remove(force=True)
+
+
 def test_container_names_are_scoped(settings: Settings) -> None:
     assert container_name(scope_of(settings.state_dir), "m@gpu0-1") == f"msup-{scope_of(settings.state_dir)}-m.gpu0-1"
 

@@ -405,6 +405,17 @@ class DockerRunner:
         if thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 2.0)
 
+    async def remove_stale(self, instance_id: str, timeout: float) -> None:
+        """At start-up: the container of a run whose declaration is gone or changed while the
+        supervisor was down (found by name); stopped, then removed."""
+        name = container_name(self.scope, instance_id)
+        try:
+            await self.call(self._stop_sync, name, signals.SIGTERM, timeout)
+            await self.call(self._remove_sync, name)
+            log.warning("removed leftover container %s of %s", name, instance_id)
+        except Exception as exc:  # no daemon, or already gone: nothing to do from here
+            log.info("leftover container %s of %s not removed: %s", name, instance_id, _explain(exc))
+
     async def forget(self, handle: DockerHandle) -> None:
         self._handles.pop(handle.container_id, None)
         await self.flush_logs(handle)

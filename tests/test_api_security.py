@@ -300,3 +300,12 @@ async def test_every_parameter_is_published_with_its_real_type(api: Api) -> None
     assert seen[("GET", "/api/v1/models/{name}", "name")]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
     assert seen[("POST", "/api/v1/models/start", "timeout")] == {"type": "integer", "minimum": 1, "maximum": 3600}
     assert seen[("GET", "/api/v1/instances/{instance_id}/logs", "tail")]["maximum"] == 100000
+
+
+async def test_blank_query_values_are_422_not_the_default(api: Api) -> None:
+    for path in ("/api/v1/gpus/history?seconds=", "/api/v1/instances/history?seconds=",
+                 "/api/v1/instances/demo@cpu/logs?tail=", "/api/v1/instances/demo@cpu/logs?follow="):
+        r = await api.get(path)
+        assert r.status_code == 422, (path, r.status_code, r.text)
+    r = await api.delete("/api/v1/processes/999999?force=")
+    assert r.status_code == 422, r.text

@@ -91,6 +91,13 @@ def parse_body(request: Request, model: type[M]) -> M:
         raise Invalid(validation_items(exc, ["body"])) from None
 
 
+def query(request: Request, name: str, default: str | None = None) -> str | None:
+    """A query parameter's raw value; a blank one (`?seconds=`) is kept, so parsing refuses it
+    (Sanic's `request.args` drops blanks, and the default then answered for a bad request)."""
+    values = request.get_args(keep_blank_values=True).getlist(name)
+    return values[0] if values else default
+
+
 def parse_int(value: str, loc: list[str | int]) -> int:
     try:
         return int(value)
@@ -105,7 +112,7 @@ def parse_bool(value: str | None, loc: list[str | int]) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "false", "no", "off"):
         return False
     raise Invalid([{"type": "bool_parsing", "loc": loc, "msg": "Input should be a valid boolean"}])
 

@@ -12,7 +12,7 @@ from sanic_ext import openapi
 
 
 from ...gpu_history import WINDOW_SECONDS
-from ..errors import parse_int
+from ..errors import parse_int, query
 from ..schemas import GPUInfo, StrayProcess
 from . import Parameter, responses
 
@@ -77,7 +77,7 @@ INSTANCE_HISTORY = {
 
 
 def _seconds(request: Request) -> float:
-    seconds = parse_int(request.args.get("seconds", str(int(WINDOW_SECONDS))), ["query", "seconds"])
+    seconds = parse_int(query(request, "seconds", str(int(WINDOW_SECONDS))), ["query", "seconds"])
     return float(max(1, min(seconds, int(WINDOW_SECONDS))))
 
 

@@ -13,7 +13,7 @@ from sanic_ext import openapi
 
 from ...control import FAILED_STATES, LAUNCH_WAIT, Invalid, UpstreamFailed, settle
 from ...spec import NAME_PATTERN
-from ..errors import parse_body, parse_bool, parse_int
+from ..errors import parse_body, parse_bool, parse_int, query
 from ..schemas import (
     Declaration,
     DeleteResult,
@@ -38,8 +38,8 @@ WAIT = [Parameter("wait", {"type": "boolean"}, "query", description="answer once
 
 
 def _wait_args(request: Request) -> tuple[bool, float]:
-    wait = parse_bool(request.args.get("wait"), ["query", "wait"])
-    timeout = parse_int(request.args.get("timeout", str(int(WAIT_DEFAULT))), ["query", "timeout"])
+    wait = parse_bool(query(request, "wait"), ["query", "wait"])
+    timeout = parse_int(query(request, "timeout", str(int(WAIT_DEFAULT))), ["query", "timeout"])
     if not 1 <= timeout <= 3600:  # the published limits (a clamp would accept what the schema refuses)
         raise Invalid([{"type": "range", "loc": ["query", "timeout"], "msg": "timeout must be 1-3600 seconds"}])
     return wait, float(timeout)

@@ -13,7 +13,7 @@ from sanic_ext import openapi
 from ... import kill
 from ...control import Forbidden, NotFound
 from ...procscan import scan
-from ..errors import parse_bool, parse_int
+from ..errors import parse_bool, parse_int, query
 from ..schemas import KillProcessResponse
 from . import Parameter, responses
 
@@ -41,7 +41,7 @@ PID_MAX = 4194304
 )
 async def kill_process(request: Request, pid: str) -> HTTPResponse:
     target = parse_int(pid, ["path", "pid"])
-    force = parse_bool(request.args.get("force"), ["query", "force"])
+    force = parse_bool(query(request, "force"), ["query", "force"])
     engine = request.app.ctx.engine
     table = await asyncio.to_thread(scan)
     if target > 1 and target not in table:

@@ -18,7 +18,7 @@ from ... import __version__
 from ...control import NotFound
 from ...logfiles import LogFile
 from ...storage import StateDirHealth
-from ..errors import error_response, parse_bool, parse_int
+from ..errors import error_response, parse_bool, parse_int, query
 from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
 from . import Parameter, dashboard, responses
 
@@ -121,7 +121,7 @@ async def config_errors(request: Request) -> HTTPResponse:
                                         200: (ReloadResult, "re-read (wait=true)")}, 422))
 async def reload(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
-    if not parse_bool(request.args.get("wait"), ["query", "wait"]):
+    if not parse_bool(query(request, "wait"), ["query", "wait"]):
         engine.request_reload("API reload")
         return json_response({"requested": True, "last_reload": engine.last_reload}, status=202)
     steps = await engine.reload("API reload")  # serialised with the watcher's reloads
@@ -144,8 +144,8 @@ async def reload(request: Request) -> HTTPResponse:
 )
 async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | None:
     instance_id = unquote(instance_id)  # "demo%40cpu" from clients that encode the "@"
-    tail = parse_int(request.args.get("tail", "100"), ["query", "tail"])
-    follow = parse_bool(request.args.get("follow"), ["query", "follow"])
+    tail = parse_int(query(request, "tail", "100"), ["query", "tail"])
+    follow = parse_bool(query(request, "follow"), ["query", "follow"])
     if not 1 <= tail <= 100_000:
         return error_response(422, [{"type": "less_than_equal", "loc": ["query", "tail"], "msg": "tail must be 1-100000"}])
     engine = request.app.ctx.engine
@@ -192,7 +192,7 @@ async def _follow(request: Request, log_file: LogFile, tail: int) -> None:
     response=responses({200: (("text/event-stream", {"type": "string"}), "one event per message")}, 422),
 )
 async def events(request: Request) -> HTTPResponse | None:
-    raw = request.headers.get("last-event-id") or request.args.get("last_event_id")
+    raw = request.headers.get("last-event-id") or query(request, "last_event_id")
     last_id = parse_int(raw, ["query", "last_event_id"]) if raw else None
     bus = request.app.ctx.engine.bus
     closing: asyncio.Event = request.app.ctx.closing

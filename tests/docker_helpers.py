@@ -79,5 +79,12 @@ def ensure_image(client: Any) -> str:
 def containers_of(client: Any, label_value: str | None = None) -> list[Any]:
     from supervisor.runners.docker import LABEL_INSTANCE, LABEL_MANAGED
 
+    import docker
+
     filters = {"label": [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_INSTANCE}={label_value}"] if label_value else [])}
+    for _ in range(20):
+        try:
+            return client.containers.list(all=True, filters=filters)
+        except docker.errors.NotFound:  # listed, then removed before docker-py inspected it
+            continue
     return client.containers.list(all=True, filters=filters)

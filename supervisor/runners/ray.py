@@ -1,0 +1,235 @@
+"""Running a backend on a node of a Ray cluster, behind the same Runner protocol as a process.
+
+Each run is a detached named actor (`supervisor.cluster.actor`) in the supervisor's namespace
+(`msup-<scope>`), named after the instance id, so a restarted supervisor finds it by name and
+adopts it without restarting the backend. Everything goes through the driver helper
+(`supervisor.cluster.client`); this module never imports Ray.
+
+Exit statuses are real (the actor is the backend's parent); a run whose actor or node is lost,
+or whose cluster stays unreachable longer than `unreachable_grace`, ends with a
+`ClusterExit` saying so, and the instance backs off with that reason like any failed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..cluster.client import ClusterClient, ClusterError, ClusterUnreachable
+from ..cluster.plan import LABEL_KEY, ClusterLaunch
+from ..logfiles import LogFile
+from ..marks import new_token
+from ..procscan import ProcessTable, marked
+from ..states import ExitStatus
+from .base import LaunchError
+from .process import KILL_GRACE, stop_processes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterExit(ExitStatus):
+    """A run that ended without an exit status: its actor, its node or the cluster was lost."""
+
+    reason: str = ""
+
+    def describe(self) -> str:
+        return self.reason
+
+
+class RayHandle:
+    """One run on a node: its exit comes from the driver's events, its stop through the actor."""
+
+    def __init__(self, runner: RayRunner, name: str, info: dict[str, Any], adopted: bool) -> None:
+        self._runner = runner
+        self.name = name
+        self.pid: int | None = info.get("pid")
+        self.pgid: int | None = info.get("pgid")
+        self.starttime: int | None = info.get("starttime")
+        self.token: str = info.get("token") or ""
+        self.node_id: str = info.get("node_id") or ""
+        self.node: str | None = info.get("node_label")
+        self.host: str | None = info.get("host")
+        self.was_adopted = adopted
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[ExitStatus] = self._loop.create_future()
+        self._grace: asyncio.TimerHandle | None = None
+        self._lost = False
+        runner.client.listen(name, self._on_event)
+
+    @property
+    def adopted(self) -> bool:
+        # The instance reads "adopted" as "not our child: exit status unknown". An actor is its
+        # backend's parent, so the status of an adopted Ray run is known: never say otherwise.
+        return False
+
+    @property
+    def exited(self) -> bool:
+        return self._exit.done()
+
+    async def wait(self) -> ExitStatus:
+        return await asyncio.shield(self._exit)
+
+    def where(self) -> str:
+        return f"node {self.node}" if self.node else f"node {self.node_id[:12]}"
+
+    # -- events from the driver ------------------------------------------------------------
+    def _on_event(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if event == "exit":
+            status = message.get("status") or {}
+            self._finish(ExitStatus(code=status.get("code"), signal=status.get("signal")))
+        elif event == "lost":
+            self._lost = True
+            self._finish(ClusterExit(reason=f"lost on {self.where()}: {message.get('reason')}"))
+        elif event == "unreachable" and self._grace is None and not self.exited:
+            reason = f"cluster unreachable: {message.get('reason')}"
+            self._grace = self._loop.call_later(self._runner.unreachable_grace, self._give_up, reason)
+        elif event == "reconnected" and not self.exited:
+            task = asyncio.ensure_future(self._reattach())
+            task.set_name(f"{self.name} reattach")
+
+    def _give_up(self, reason: str) -> None:
+        self._grace = None
+        self._lost = True
+        self._finish(ClusterExit(reason=reason))
+
+    async def _reattach(self) -> None:
+        """After a driver restart: the same actor, still running the same backend?"""
+        try:
+            info = await self._runner.client.call("attach", name=self.name, label_key=LABEL_KEY, wait=0)
+        except (ClusterUnreachable, ClusterError) as exc:
+            log.warning("%s: cannot re-attach to its actor yet: %s", self.name, exc)
+            return
+        if info is None or info.get("pid") != self.pid:
+            self._lost = True
+            self._finish(ClusterExit(reason=f"lost on {self.where()}: its actor is gone"))
+        elif info.get("exited"):
+            status = info.get("status") or {}
+            self._finish(ExitStatus(code=status.get("code"), signal=status.get("signal")))
+        elif self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+            log.info("%s: re-attached to its actor on %s (pid %s still running)", self.name, self.where(), self.pid)
+
+    def _finish(self, status: ExitStatus) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+    # -- stopping ------------------------------------------------------------------------------
+    async def stop(self, signum: int, timeout: float) -> ExitStatus:
+        try:
+            status = await self._runner.client.call("stop", name=self.name, signum=signum, timeout=timeout, wait=0)
+        except ClusterUnreachable as exc:
+            self._lost = True
+            self._finish(ClusterExit(reason=f"cluster unreachable while stopping ({exc}); the run on "
+                                            f"{self.where()} is stopped when its actor is found again"))
+        except ClusterError as exc:
+            self._finish(ClusterExit(reason=f"stopping on {self.where()} failed: {exc}"))
+        else:
+            self._finish(ExitStatus(**status) if status else ClusterExit(reason=f"its actor on {self.where()} was gone"))
+        self._runner.client.unlisten(self.name, self._on_event)
+        if self._lost:
+            await self._runner.reap_here(self.token, signum, timeout)
+        return await self.wait()
+
+    async def cleanup(self, signum: int, timeout: float) -> None:
+        """After the exit: the actor stops what the run left behind, then goes (its GPU
+        resources are free for the restart). A lost node cannot be asked: what the run left
+        on this machine is reaped here."""
+        self._runner.client.unlisten(self.name, self._on_event)
+        if self._lost:
+            await self._runner.reap_here(self.token, signum, timeout)
+            return
+        try:
+            await self._runner.client.call("cleanup", name=self.name, signum=signum, timeout=timeout, wait=0)
+        except (ClusterUnreachable, ClusterError) as exc:
+            log.warning("%s: could not clean up after its run on %s: %s", self.name, self.where(), exc)
+
+    def record(self) -> dict:
+        return {"kind": "ray", "actor": self.name, "namespace": self._runner.client.namespace, "pid": self.pid,
+                "pgid": self.pgid, "starttime": self.starttime, "token": self.token, "node_id": self.node_id,
+                "node": self.node, "host": self.host}
+
+
+class RayRunner:
+    name = "ray"
+
+    def __init__(self, client: ClusterClient, scope: str, placement_timeout: float = 30.0,
+                 unreachable_grace: float = 30.0, table: ProcessTable | None = None) -> None:
+        self.client = client
+        self.scope = scope
+        self.placement_timeout = placement_timeout
+        self.unreachable_grace = unreachable_grace
+        self.table = table or ProcessTable()
+
+    def unavailable_reason(self) -> str | None:
+        return None if self.client.up else f"cluster unreachable: {self.client.reason}"
+
+    async def check(self) -> None:
+        """Started by the engine with its runner checks: connect early (adoption is faster)."""
+        self.client.ensure_started()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def adoptable(self, plan: ClusterLaunch, instance_id: str) -> bool:
+        # The instance then checks its port on this machine: right when the node is this
+        # machine, too strict (never too lax) when this machine uses the port for something else.
+        return False
+
+    async def adopt(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str,
+                    record: dict[str, Any]) -> RayHandle | None:
+        if record.get("kind") != "ray" or record.get("namespace") != self.client.namespace:
+            return None
+        name = str(record.get("actor") or instance_id)
+        try:
+            info = await self.client.call("attach", name=name, label_key=LABEL_KEY)
+        except ClusterUnreachable as exc:
+            # A fresh launch will fail the same way and back off; once the cluster is back, it
+            # replaces whatever actor is left under this name (stop first, start later).
+            log.warning("%s: cannot look for its actor: cluster unreachable (%s)", instance_id, exc)
+            return None
+        if info is None:
+            return None
+        if info.get("exited") or info.get("pid") != record.get("pid") or info.get("token") != record.get("token"):
+            log.info("%s: its actor no longer runs the recorded backend (pid %s); replacing it", instance_id,
+                     record.get("pid"))
+            return None  # the launch replaces the actor (it stops any actor of this name first)
+        return RayHandle(self, name, info, adopted=True)
+
+    async def launch(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str = "",
+                     stop_signal: int = 15) -> RayHandle:
+        if not isinstance(plan, ClusterLaunch):
+            raise LaunchError(f"the ray runner cannot run a {type(plan).__name__}")
+        token = new_token()
+        spec = {"argv": list(plan.argv), "cwd": plan.cwd, "env": dict(plan.env), "unset_env": list(plan.unset_env),
+                "gpus": list(plan.gpus), "log_path": str(log_file.path.absolute()), "scope": self.scope,
+                "token": token, "instance": instance_id, "node_label": plan.node,
+                "marker": f"starting {instance_id}: {plan.describe()}"}
+        try:
+            info = await self.client.call(
+                "launch", name=instance_id, spec=spec, node=plan.node, label_key=LABEL_KEY,
+                resources=plan.resources(), num_gpus=0 if plan.share_gpus else len(plan.gpus),
+                placement_timeout=self.placement_timeout)
+        except ClusterUnreachable as exc:
+            raise LaunchError(f"cluster unreachable: {exc}") from None
+        except ClusterError as exc:
+            raise LaunchError(str(exc)) from None
+        return RayHandle(self, instance_id, info, adopted=False)
+
+    async def reap_here(self, token: str, signum: int, timeout: float) -> None:
+        """The reaper for a lost run whose node is this machine (the test rig, a head that is
+        also a worker): its processes carry the run's mark. Remote nodes need their own agent."""
+        if not token:
+            return
+        table = await self.table.snapshot()
+        victims = marked(table, self.scope, token)
+        if victims:
+            log.warning("stopping %d process(es) of a lost run on this machine: %s", len(victims), sorted(victims))
+            await stop_processes(table, victims, signum, min(timeout, KILL_GRACE))

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +91,13 @@ class Adoption:
         self.swept: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.stopped: list[tuple[int, str, str]] = []  # (pid, instance, command line) of leftovers
 
-    async def sweep(self, keep_tokens: set[str], keep_cgroups: set[Path], stale: dict[str, dict[str, Any]],
+    async def sweep(self, keep: Callable[[str], bool], stale: dict[str, dict[str, Any]],
                     stop_timeout: float, why: dict[str, str]) -> None:
-        """Stop what belongs to no run we keep; resolves `swept` when done (even on error)."""
+        """Stop what belongs to no run we keep (`keep(token)`: adopted, deferred, or started by
+        this supervisor, asked at the moment of looking); resolves `swept` when done."""
         try:
             table = await self.table.snapshot()
-            victims = {p for p in marked(table, self.scope) if table[p].mark.token not in keep_tokens}
+            victims = {p for p in marked(table, self.scope) if not keep(table[p].mark.token)}
             for record in stale.values():  # a stale leader that cleared its environment
                 if record.get("kind") == "process" and record_alive(record):
                     victims.add(int(record["pid"]))
@@ -111,7 +112,7 @@ class Adoption:
             if victims:
                 await stop_processes(table, victims, signal.SIGTERM, stop_timeout)
             if self.cgroups is not None:
-                for path in await asyncio.to_thread(self.cgroups.leftovers, keep_cgroups):
+                for path in await asyncio.to_thread(self.cgroups.leftovers, keep):
                     log.warning("removing leftover cgroup %s", path)
                     await asyncio.to_thread(RunCgroups.kill, path)
                     await asyncio.to_thread(RunCgroups.remove, path)

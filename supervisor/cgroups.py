@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,16 @@ class RunCgroups:
         with contextlib.suppress(OSError):
             self.base.rmdir()
 
-    def leftovers(self, keep: set[Path]) -> list[Path]:
-        """Run cgroups of our scope that no live run owns (from an earlier supervisor)."""
+    @staticmethod
+    def token_of(path: Path) -> str:
+        """The run token a run cgroup is named after (`path_for`)."""
+        return path.name.rsplit("-", 1)[-1]
+
+    def leftovers(self, keep: Callable[[str], bool]) -> list[Path]:
+        """Run cgroups of our scope whose run token `keep` does not claim (an earlier
+        supervisor's), asked one by one so a run started meanwhile is never among them."""
         try:
             entries = [p for p in self.base.iterdir() if p.is_dir()]
         except OSError:
             return []
-        return [p for p in entries if p not in keep]
+        return [p for p in entries if not p.name.startswith("probe-") and not keep(self.token_of(p))]

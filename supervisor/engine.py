@@ -67,6 +67,10 @@ class Engine:
             "process": self.process_runner,
             "docker": DockerRunner(self.scope),
         }
+        if settings.cluster == "ray" and "ray" not in self.runners:
+            from .runners.ray import from_settings  # no Ray here: its driver is a helper process
+
+            self.runners["ray"] = from_settings(settings, self.scope, self.table)
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
         self.work_root = state_dir.absolute() / "work"  # per-instance generated files
         self.services = InstanceServices(
@@ -250,13 +254,16 @@ class Engine:
             log.warning("%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
                         iid, decision.deferred[iid].get("pid"))
         kept = {**decision.adopt, **decision.deferred}
-        keep_tokens = {str(r.get("token")) for r in kept.values() if record_alive(r)}
-        keep_tokens |= {h.token for h in self.process_runner._children.values()}
-        keep_cgroups = {Path(r["cgroup"]) for r in kept.values() if r.get("cgroup")}
+        # A kept run whose leader died already is adopted by nobody: its workers are leftovers.
+        kept_tokens = {str(r.get("token")) for r in kept.values() if record_alive(r)}
+        started = self.process_runner.tokens  # grows as this supervisor launches and adopts
+
+        def keep(token: str) -> bool:
+            return token in kept_tokens or token in started
+
         timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [self.defaults.stop.timeout]
         assert self.adoption is not None
-        self.spawn_background(self.adoption.sweep(keep_tokens, keep_cgroups, decision.stale,
-                                                  max(timeouts), why), "sweep of leftovers")
+        self.spawn_background(self.adoption.sweep(keep, decision.stale, max(timeouts), why), "sweep of leftovers")
         return decision.adopt
 
     def _claim_deferred(self, iid: str, spec: Any) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:

@@ -244,6 +244,9 @@ class ProcessRunner:
         #: Set by `serve` once it is a child subreaper: orphans of our runs are then our children.
         self.subreaper = False
         self._children: dict[int, ProcessHandle] = {}  # leaders we spawned, until reaped
+        #: Every run token this supervisor launched or adopted: a process or cgroup carrying one
+        #: of these is never a leftover, even if it appears while the start-up sweep runs.
+        self.tokens: set[str] = set()
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -283,6 +286,7 @@ class ProcessRunner:
         fd = open_pidfd(info)
         if fd is None:
             return None
+        self.tokens.add(token)
         cgroup = Path(record["cgroup"]) if record.get("cgroup") else None
         return ProcessHandle(self, pid, pgid, starttime, token, pidfd=fd, cgroup=cgroup)
 
@@ -290,6 +294,7 @@ class ProcessRunner:
         env = {k: v for k, v in os.environ.items() if k not in plan.unset_env}
         env.update(plan.env)
         token = new_token()
+        self.tokens.add(token)  # before the spawn: its processes are ours from their first moment
         env[MARK_ENV] = Mark(self.scope, token, instance_id or "?").value()
         cgroup = None
         if self.cgroups is not None:

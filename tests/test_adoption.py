@@ -274,3 +274,33 @@ def test_setsid_grandchild_is_stopped_with_its_instance(dirs, serves, tmp_path: 
     assert not alive(leader)
     assert s.terminate() == 0
     assert marked_processes(state) == {}
+
+
+def test_a_run_started_while_the_sweep_runs_is_not_a_leftover(dirs, serves) -> None:
+    """The start-up sweep is slow when a leftover ignores SIGTERM; a model declared meanwhile
+    starts at once and must survive the sweep (its run token is this supervisor's)."""
+    import subprocess
+
+    from supervisor.marks import MARK_ENV, Mark, scope_of
+
+    conf, state = dirs
+    write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 2.0}))
+    env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), "0123456789ab", "quiet@cpu").value()})
+    stray = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "time.sleep(600)"], env=env, start_new_session=True)
+    try:
+        wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
+        s = Serve(conf, state, port_range=free_range())
+        serves.append(s)
+        wait_for(lambda: s.status() is not None, 20, "the API")
+        write_decl(conf, declaration("late", sleep_cmd()))
+        late = s.wait_states({"late@cpu": "RUNNING"}, timeout=20)["late@cpu"]
+        assert stray.poll() is None, "the sweep should still be waiting out the leftover's stop timeout"
+        wait_for(lambda: stray.poll() is not None, 15, "the leftover to be stopped")
+        after = s.wait_states({"late@cpu": "RUNNING", "quiet@cpu": "RUNNING"})
+        assert after["late@cpu"]["pid"] == late["pid"] and after["late@cpu"]["restarts"] == 0
+        assert s.terminate() == 0
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+        stray.wait()

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import confd
+from . import confd, storage
 from .adoption import Adoption, decide, describe_stale, record_alive
 from .cgroups import RunCgroups
 from .backends.registry import Registry, default_registry
@@ -211,7 +211,11 @@ class Engine:
         self._last_inputs = (dict(parsed), facts.known)
         self.parsed = parsed
         if catalog.placements != self.catalog.placements:
-            await asyncio.to_thread(self._save_placements, catalog.placements)
+            try:
+                await asyncio.to_thread(self._save_placements, catalog.placements)
+            except OSError as exc:  # a full state disk: run as settled, say so, retry next reload
+                log.error("cannot save GPU placements: %s; they are kept in memory for now",
+                          storage.describe(exc, self.settings.state_dir / "placements.json"))
         return self._apply(catalog, reason)
 
     def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], facts: GpuFacts) -> bool:

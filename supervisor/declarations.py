@@ -52,6 +52,10 @@ class Defaults:
     restart: RestartSpec = field(default_factory=RestartSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
     stop: StopSpec = field(default_factory=StopSpec)
+    #: Cluster mode (settings `cluster = "ray"`) and the node labels declarations may name
+    #: (settings `ray_nodes`; empty: any label, checked when the instance is placed).
+    cluster: bool = False
+    nodes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +67,9 @@ class ModelSpec:
     kind: BackendKind
     source: Path
     raw: dict[str, Any]  # the document as written, without defaults filled in
+    #: Where its instances run: None on this machine (the process or docker runner); in
+    #: cluster mode "*" (any node with the GPUs free) or a node label (issue 14).
+    node: str | None = None
 
     @property
     def name(self) -> str:
@@ -203,11 +210,12 @@ def parse_declaration(
     if decl is not None and kind is not None and options is not None:
         # Expand every template once now, so a bad placeholder is a load error with its key
         # instead of a launch failure discovered later in a crash loop.
+        runner = "process"
         for gpus in decl.sample_gpu_sets() or [()]:  # a model with no instance is still checked
             extra = tuple((name, 1) for name in kind.extra_ports(options))
             ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=extra)
             try:
-                kind.launch(options, ctx, decl.env)
+                runner = kind.launch(options, ctx, decl.env).runner
             except PlaceholderError as exc:
                 errors.append(ConfigError(file, str(exc), key=exc.key, loc=_loc_of(exc.key)))
                 break
@@ -215,10 +223,40 @@ def parse_declaration(
                 errors.append(ConfigError(file, str(exc)))
                 break
 
+    node: str | None = None
+    if decl is not None and kind is not None and options is not None and not errors:
+        node, problems = _where(decl, runner, defaults, file)
+        errors += problems
+
     if errors:
         raise DeclarationInvalid(errors)
     assert decl is not None and kind is not None and options is not None
-    return ModelSpec(decl=decl, options=options, kind=kind, source=source, raw=dict(data))
+    return ModelSpec(decl=decl, options=options, kind=kind, source=source, raw=dict(data), node=node)
+
+
+def _where(decl: Declaration, runner: str, defaults: Defaults, file: str) -> tuple[str | None, list[ConfigError]]:
+    """Where a declaration's instances run (ModelSpec.node), or why its `node` is wrong."""
+    def error(key: str, message: str) -> tuple[None, list[ConfigError]]:
+        return None, [ConfigError(file, message, key=key, loc=(key,))]
+
+    if not defaults.cluster:
+        if decl.node is not None:
+            return error("node", f'node = {decl.node!r} needs cluster mode: cluster = "ray" in the settings')
+        return None, []
+    if decl.node == "local":
+        return None, []
+    if runner != "process":
+        if decl.node is not None:
+            return error("node", f"node = {decl.node!r}: only process backends run on cluster nodes; "
+                                 f"{decl.backend} runs on this machine (remove node, or set node = \"local\")")
+        return None, []
+    if defaults.nodes and decl.node is not None and decl.node not in defaults.nodes:
+        known = ", ".join(sorted(defaults.nodes))
+        return error("node", f"unknown node {decl.node!r} (ray_nodes in the settings: {known}, or \"local\")")
+    if decl.gpus == "auto":
+        return error("gpus", 'gpus = "auto" is not supported for cluster instances yet: list the GPUs '
+                             '(on their node), or set node = "local"')
+    return decl.node or "*", []
 
 
 def preflight(spec: ModelSpec) -> list[ConfigError]:

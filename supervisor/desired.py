@@ -24,6 +24,7 @@ from .declarations import ConfigError, ModelSpec
 from . import storage
 from .placement import NO_FACTS, Claim, GpuClaims, GpuFacts, PlacementError, check_exists, place
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
+from .cluster.plan import in_cluster
 
 
 DEFAULT_WORK_ROOT = Path("state") / "work"
@@ -90,10 +91,12 @@ def _digest(obj: object) -> str:
 def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
                   extra_ports: tuple[tuple[str, int], ...] = (), work_root: Path = DEFAULT_WORK_ROOT) -> InstanceSpec:
     decl = model.decl
-    iid = instance_id(decl.name, gpus)
+    iid = instance_id(decl.name, gpus, model.node)
     ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
                         work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
     launch = model.kind.launch(model.options, ctx, decl.env)
+    if model.node is not None:  # cluster mode: the same plan, run by the ray runner on a node
+        launch = in_cluster(launch, model.node, gpus, decl.share_gpus)
     default = model.kind.instance_health(model.options, ctx)
     h = decl.health
     health_type = h.type or default.type
@@ -207,11 +210,11 @@ def resolve(
                 catalog.gpu_sets[model.name] = sets
                 decl = model.decl
                 for replica, gpus in enumerate(sets):
-                    iid = instance_id(model.name, gpus)
+                    iid = instance_id(model.name, gpus, model.node)
                     if decl.port != "auto":
                         explicit[instance_port(decl.port, gpus)] = iid
-                    if gpus:
-                        claims.add(gpus, Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
+                    if gpus and model.node != "*":  # "*": Ray's per-GPU resources keep them apart
+                        claims.add(_claim_keys(model, gpus), Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
                     if decl.gpus == "auto":
                         catalog.placements[f"{model.name}#{replica}"] = gpus
                 break
@@ -221,7 +224,7 @@ def resolve(
     reserved = set(explicit)
     for model in catalog.models.values():
         for gpus in catalog.gpu_sets[model.name]:
-            iid = instance_id(model.name, gpus)
+            iid = instance_id(model.name, gpus, model.node)
             if model.decl.port == "auto" and not _listens(model):
                 port = 0  # nothing listens: do not spend a port of the range on it
             elif model.decl.port == "auto":
@@ -259,7 +262,8 @@ def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims,
     if decl.gpus != "auto":
         sets = decl.gpu_sets()
         for gpus in sets:
-            check_exists(gpus, facts)
+            if model.node is None:  # a cluster node's GPUs are not this machine's
+                check_exists(gpus, facts)
         return sets
     sets: list[tuple[int, ...]] = []
     trial = GpuClaims()  # this model's own instances may not land on one another's GPUs
@@ -294,22 +298,22 @@ def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, 
         for gpus in sets:
             port = instance_port(model.decl.port, gpus)
             if not 1 <= port <= 65535:
-                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus)} would get port {port}, out of range",
+                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus, model.node)} would get port {port}, out of range",
                                             key="port", loc=("port",)))
             elif port in explicit:
                 owner = explicit[port]
                 problems.append(
                     ConfigError(
                         file,
-                        f"port {port} (instance {instance_id(model.name, gpus)}) is already declared by "
+                        f"port {port} (instance {instance_id(model.name, gpus, model.node)}) is already declared by "
                         f"{owner} in {catalog.owners[owner.split('@')[0]]}",
                         key="port",
                         loc=("port",),
                         type="conflict",
                     )
                 )
-    for gpus in sets:
-        held = claims.blocking(gpus, model.decl.share_gpus)
+    for gpus in sets if model.node != "*" else ():
+        held = claims.blocking(_claim_keys(model, gpus), model.decl.share_gpus)
         if held is not None:
             gpu, claim = held
             problems.append(ConfigError(
@@ -319,3 +323,10 @@ def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, 
                 key="gpus", loc=("gpus",), type="conflict"))
             break
     return problems
+
+
+def _claim_keys(model: ModelSpec, gpus: tuple[int, ...]) -> tuple:
+    """What an instance holds exclusively: GPU g of this machine, or "gpu-a:g" of a named node."""
+    if model.node is None:
+        return gpus
+    return tuple(f"{model.node}:{g}" for g in gpus)

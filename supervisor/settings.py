@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .declarations import Defaults
-from .spec import HealthSpec, RestartSpec, StopSpec
+from .spec import NODE_LABEL_RE, HealthSpec, RestartSpec, StopSpec
 
 ENV_PREFIX = "MODEL_SUPERVISOR_"
 SETTINGS_FILE_ENV = ENV_PREFIX + "SETTINGS_FILE"
@@ -181,6 +181,8 @@ class Settings(BaseSettings):
             restart=RestartSpec.model_validate(self.restart.model_dump()),
             health=HealthSpec.model_validate(self.health.model_dump()),
             stop=StopSpec.model_validate(self.stop.model_dump()),
+            cluster=self.cluster == "ray",
+            nodes=frozenset(self.ray_nodes),
         )
 
     def token(self) -> str | None:
@@ -192,6 +194,43 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise SettingsError(f"cannot read api_token_file {self.api_token_file}: {exc.strerror}") from None
         return None
+
+    # -- cluster mode (issue 14); nothing imports Ray unless cluster = "ray" -------------------
+    #: "ray": process declarations run on the nodes of the Ray cluster at `ray_address`.
+    cluster: Literal["none", "ray"] = "none"
+    ray_address: str | None = None  # "HEAD:6379"
+    #: Node labels declarations may name in `node` (empty: any, checked when placing).
+    ray_nodes: Annotated[list[str], NoDecode] = []
+    #: The Python that runs the Ray driver helper (a venv with `model-supervisor[ray]`).
+    ray_python: str | None = None
+    #: How long a run may wait for a node with its GPUs free before the start fails.
+    ray_placement_timeout: Annotated[float, Field(gt=0)] = 30.0
+    #: How long a run survives an unreachable cluster before it counts as lost.
+    ray_unreachable_grace: Annotated[float, Field(ge=0)] = 30.0
+    #: Ray ends a driver this long after it loses its head (RAY_gcs_rpc_server_reconnect_timeout_s).
+    ray_reconnect_timeout: Annotated[int, Field(ge=1)] = 60
+
+    @field_validator("ray_nodes", mode="before")
+    @classmethod
+    def _parse_nodes(cls, value: Any) -> Any:
+        if isinstance(value, str):  # env: a JSON list or "a,b"
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        return value
+
+    @field_validator("ray_nodes")
+    @classmethod
+    def _node_labels(cls, value: list[str]) -> list[str]:
+        for label in value:
+            if not NODE_LABEL_RE.match(label) or label == "local":
+                raise ValueError(f"{label!r} is not a node label (1-32 lower-case letters, digits or '-'; not \"local\")")
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_address(self) -> Settings:
+        if self.cluster == "ray" and not self.ray_address:
+            raise ValueError('cluster = "ray" needs ray_address (the head, e.g. "10.0.0.1:6379")')
+        return self
 
 
 def load_settings(settings_file: Path | str | None = None, **overrides: Any) -> Settings:

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: `node = "<label>"`: part of instance ids, Ray actor names and a Ray node label value.
+NODE_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 #: Set by the supervisor from `gpus`; a declaration that sets them would desynchronise
 #: what the process sees from what the supervisor (and NVML attribution) believes.
@@ -132,6 +134,17 @@ class Declaration(StrictModel):
     restart: RestartSpec = RestartSpec()
     health: HealthSpec = HealthSpec()
     stop: StopSpec = StopSpec()
+    #: Cluster mode (issue 14): the label of the node it runs on, "local" for this machine;
+    #: unset: any node with its GPUs free. A load error without `cluster = "ray"` in the settings.
+    node: str | None = None
+
+    @field_validator("node")
+    @classmethod
+    def _node_label(cls, value: str | None) -> str | None:
+        if value is not None and not NODE_LABEL_RE.match(value):
+            raise ValueError(f"{value!r} is not a node label: use 1 to 32 lower-case letters, digits or '-',"
+                             " starting and ending with a letter or digit")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -212,11 +225,13 @@ class Declaration(StrictModel):
 COMMON_KEYS = frozenset(Declaration.model_fields)
 
 
-def instance_id(model: str, gpus: tuple[int, ...]) -> str:
-    """Stable, readable ids: `llama@gpu0`, `llama@gpu0-1` (tensor parallel), `demo@cpu`."""
+def instance_id(model: str, gpus: tuple[int, ...], node: str | None = None) -> str:
+    """Stable, readable ids: `llama@gpu0`, `llama@gpu0-1` (tensor parallel), `demo@cpu`; on a
+    named cluster node `llama@gpu-a:gpu1` (`node` None, "*" or "local": no node in the id)."""
+    where = f"{node}:" if node not in (None, "*", "local") else ""
     if not gpus:
-        return f"{model}@cpu"
-    return f"{model}@gpu" + "-".join(str(g) for g in gpus)
+        return f"{model}@{where}cpu"
+    return f"{model}@{where}gpu" + "-".join(str(g) for g in gpus)
 
 
 def instance_port(base: int, gpus: tuple[int, ...]) -> int:

@@ -52,6 +52,8 @@ class ClusterClient:
         self.connects = 0  # successful connections so far (1 + reconnects)
         self.driver_pid: int | None = None
         self._up = asyncio.Event()
+        #: Resolves when the connection attempt under way succeeds (True) or fails (False).
+        self._attempt: asyncio.Future[bool] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 0
@@ -71,14 +73,21 @@ class ClusterClient:
             self._task.add_done_callback(_log_failure)
 
     async def wait_up(self, timeout: float) -> bool:
+        """True once connected; waits at most `timeout`, and only for the attempt under way
+        (a helper in its backoff sleep is not waited for: its reason is the answer)."""
         self.ensure_started()
+        if self.up or timeout <= 0:
+            return self.up
+        if self._attempt is None:
+            self._attempt = asyncio.get_running_loop().create_future()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._up.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._attempt), timeout)
         return self.up
 
     async def call(self, op: str, wait: float | None = None, **args: Any) -> Any:
         """Send one request; `wait` bounds how long to wait for a connection first."""
-        if not await self.wait_up(self.connect_timeout if wait is None else wait):
+        # Past the attempt's own timeout (plus the helper's start), so its reason is the answer.
+        if not await self.wait_up(self.connect_timeout + 5.0 if wait is None else wait):
             raise ClusterUnreachable(self.reason or "not connected")
         assert self._proc is not None and self._proc.stdin is not None
         self._next_id += 1
@@ -106,11 +115,13 @@ class ClusterClient:
     async def close(self) -> None:
         """End the driver (the detached actors live on); waits for it."""
         self._closing = True
+        proc = self._proc
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        await self._end_driver()
+        self._proc = self._proc or proc
+        await self._end_driver(grace=5.0 if self.up else 0)
 
     # -- the driver's life -------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -123,7 +134,14 @@ class ClusterClient:
             log.warning("Ray cluster at %s unreachable: %s; trying again in %.1f s", self.address, reason, delay)
             await asyncio.sleep(delay)
 
+    def _settle(self, up: bool) -> None:
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None and not attempt.done():
+            attempt.set_result(up)
+
     async def _run_once(self) -> tuple[str, bool]:
+        if self._attempt is None:
+            self._attempt = asyncio.get_running_loop().create_future()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         errfd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
@@ -140,7 +158,7 @@ class ClusterClient:
         try:
             first = await asyncio.wait_for(self._proc.stdout.readline(), self.connect_timeout)
         except asyncio.TimeoutError:
-            await self._end_driver()
+            await self._end_driver(grace=0)  # stuck in ray.init: it reads nothing
             return f"no connection to the Ray head at {self.address} within {self.connect_timeout:g} s", False
         message = _parse(first)
         if message.get("event") != "ready":
@@ -150,6 +168,7 @@ class ClusterClient:
         self.reason = None
         self.connects += 1
         self._up.set()
+        self._settle(True)
         log.info("connected to the Ray cluster at %s in %.2f s (%d live nodes)", self.address,
                  message.get("seconds", 0), sum(1 for n in self.nodes if n.get("alive")))
         if self.connects > 1:
@@ -175,6 +194,7 @@ class ClusterClient:
             if not fut.done():
                 fut.set_exception(ClusterUnreachable(reason))
         self._pending.clear()
+        self._settle(False)
         if was_up:
             self._tell_all({"event": "unreachable", "reason": reason})
 
@@ -200,19 +220,24 @@ class ClusterClient:
         elif message.get("event") == "error":
             log.error("Ray driver: %s", message.get("error"))
 
-    async def _end_driver(self) -> None:
+    async def _end_driver(self, grace: float = 5.0) -> None:
+        """Close its stdin (its cue to exit), then after `grace` kill it: a driver stuck in
+        `ray.init` reads nothing. Killed at once if we are cancelled meanwhile."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
         if proc.stdin is not None:
             with contextlib.suppress(Exception):
-                proc.stdin.close()  # the driver's cue to exit
+                proc.stdin.close()
         try:
-            await asyncio.wait_for(proc.wait(), 5.0)
+            await asyncio.wait_for(proc.wait(), grace)
         except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()  # our own child, by its pid
-            await proc.wait()
+            pass
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # our own child, by its pid
+                await asyncio.shield(proc.wait())
 
 
 def _parse(line: bytes) -> dict[str, Any]:

@@ -7,14 +7,10 @@ process backend kind works unchanged) routed to the "ray" runner, plus where it 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..backends.base import ProcessLaunch
-
-#: `node = "<label>"`: becomes part of instance ids, actor names and a Ray label value.
-NODE_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 #: The label every node joined by `model-supervisor node` carries (a Ray node label).
 LABEL_KEY = "msup-node"
 #: `node = "local"`: on the supervisor's own machine, through the process runner (no Ray).

@@ -233,3 +233,15 @@ class RayRunner:
         if victims:
             log.warning("stopping %d process(es) of a lost run on this machine: %s", len(victims), sorted(victims))
             await stop_processes(table, victims, signum, min(timeout, KILL_GRACE))
+
+
+def from_settings(settings: Any, scope: str, table: ProcessTable | None = None) -> RayRunner:
+    """The runner `cluster = "ray"` registers (engine.py); starts nothing until first used."""
+    import sys
+
+    client = ClusterClient(
+        address=settings.ray_address, namespace=f"msup-{scope}", python=settings.ray_python or sys.executable,
+        log_path=settings.state_dir / "logs" / "ray-driver.log",
+        env={"RAY_gcs_rpc_server_reconnect_timeout_s": str(settings.ray_reconnect_timeout)},
+        connect_timeout=max(10.0, settings.ray_placement_timeout))
+    return RayRunner(client, scope, settings.ray_placement_timeout, settings.ray_unreachable_grace, table)

@@ -1,0 +1,402 @@
+"""Cluster mode (issue 14) against a real Ray cluster on this machine (loopback only).
+
+One `ray.cluster_utils.Cluster` for the module (a head with no GPUs, workers `gpu-a` and
+`gpu-b` with logical GPUs 0 and 1; tests that remove a node add their own), each test with its
+own supervisor (engine, or a `serve` process for re-adoption) and its own state dir. After
+every test no backend, actor or driver of the test is left, checked by pid; after the module
+none of the cluster's processes is (checked by pid, never by name).
+
+The load rules (node without cluster mode, unknown labels, ids) need no Ray and always run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.declarations import Defaults, DeclarationInvalid, parse_declaration
+from supervisor.backends.registry import default_registry
+from supervisor.engine import Engine
+from supervisor.marks import MARK_ENV, scope_of
+from supervisor.settings import load_settings
+from supervisor.spec import instance_id
+from supervisor.states import State
+
+from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_range, wait_until, write_decl
+from .serve_helpers import Serve
+
+HEALTH = {"type": "http", "start_interval": 0.05, "interval": 0.5}
+
+
+# -- load rules (no Ray needed) ----------------------------------------------------------------
+def _parse(doc: dict, defaults: Defaults):
+    return parse_declaration(doc, Path("/c/x.toml"), default_registry(), defaults)
+
+
+def test_node_without_cluster_mode_is_a_load_error_naming_the_key() -> None:
+    with pytest.raises(DeclarationInvalid) as err:
+        _parse(declaration("x", node="gpu-a"), Defaults())
+    (e,) = err.value.errors
+    assert e.key == "node" and 'cluster = "ray"' in e.message and "'gpu-a'" in e.message
+
+
+def test_unknown_or_malformed_node_labels_are_load_errors() -> None:
+    cluster = Defaults(cluster=True, nodes=frozenset({"gpu-a", "gpu-b"}))
+    with pytest.raises(DeclarationInvalid) as err:
+        _parse(declaration("x", node="gpu-c"), cluster)
+    assert err.value.errors[0].key == "node" and "unknown node 'gpu-c'" in err.value.errors[0].message
+    assert "gpu-a, gpu-b" in err.value.errors[0].message
+    with pytest.raises(DeclarationInvalid) as err:
+        _parse(declaration("x", node="GPU_A"), cluster)
+    assert err.value.errors[0].key == "node" and "not a node label" in err.value.errors[0].message
+    with pytest.raises(DeclarationInvalid) as err:
+        _parse(declaration("x", gpus="auto"), cluster)
+    assert err.value.errors[0].key == "gpus" and "cluster" in err.value.errors[0].message
+
+
+def test_where_a_declaration_runs() -> None:
+    cluster = Defaults(cluster=True, nodes=frozenset({"gpu-a"}))
+    assert _parse(declaration("x", node="gpu-a"), cluster).node == "gpu-a"
+    assert _parse(declaration("x"), cluster).node == "*"  # any node with the GPUs free
+    assert _parse(declaration("x", node="local"), cluster).node is None  # this machine, no Ray
+    assert _parse(declaration("x"), Defaults()).node is None
+    assert instance_id("llama", (1,), "gpu-a") == "llama@gpu-a:gpu1"
+    assert instance_id("llama", (), "gpu-a") == "llama@gpu-a:cpu"
+    assert instance_id("llama", (0, 1), "*") == "llama@gpu0-1"
+
+
+def test_cluster_settings_are_checked() -> None:
+    from supervisor.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="needs ray_address"):
+        load_settings(cluster="ray")
+    with pytest.raises(SettingsError, match="not a node label"):
+        load_settings(cluster="ray", ray_address="127.0.0.1:1", ray_nodes=["Bad"])
+
+
+def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
+    code = ("import sys; from supervisor.settings import load_settings; from supervisor.engine import Engine;"
+            "import asyncio\n"
+            "async def main():\n"
+            "    e = Engine(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup'))\n"
+            "    assert 'ray' in e.runners\n"
+            "asyncio.run(main()); print('ray' in sys.modules)")
+    out = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# -- the real cluster ------------------------------------------------------------------------
+try:
+    import ray  # noqa: F401
+
+    HAVE_RAY = True
+except ImportError:
+    HAVE_RAY = False
+
+needs_ray = pytest.mark.skipif(
+    not HAVE_RAY and not os.environ.get("MODEL_SUPERVISOR_TEST_REQUIRE_RAY"),
+    reason="Ray is not installed (pip install 'model-supervisor[ray]')")
+
+
+@pytest.fixture(scope="module")
+def rig():
+    if not HAVE_RAY:
+        pytest.fail("MODEL_SUPERVISOR_TEST_REQUIRE_RAY is set but Ray is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="msr", dir="/tmp"))  # short: unix socket paths
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    from .ray_rig import ray_pids, rig_python, start_cluster
+
+    began = time.monotonic()
+    cluster, nodes = start_cluster(tmp, [("gpu-a", [0, 1]), ("gpu-b", [0, 1])])
+    print(f"cluster up in {time.monotonic() - began:.1f} s")
+    pids = ray_pids(cluster)
+    try:
+        yield {"cluster": cluster, "nodes": nodes, "python": rig_python(tmp), "tmp": tmp}
+    finally:
+        pids |= ray_pids(cluster)
+        cluster.shutdown()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
+        left = [p for p in pids if alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"the cluster left processes behind: {left}"
+
+
+def cluster_settings(tmp_path: Path, rig: dict, monkeypatch: pytest.MonkeyPatch, **extra):
+    for key in list(os.environ):
+        if key.startswith("MODEL_SUPERVISOR_"):
+            monkeypatch.delenv(key)
+    (tmp_path / "conf.d").mkdir(exist_ok=True)
+    values = dict(conf_dir=tmp_path / "conf.d", state_dir=tmp_path / "state", port_range=free_range(),
+                  cluster="ray", ray_address=rig["cluster"].address, ray_python=str(rig["python"]),
+                  ray_placement_timeout=5.0, ray_unreachable_grace=20.0, gpu_source="none")
+    values.update(extra)
+    return load_settings(**values)
+
+
+def environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.split("=", 1) for item in f.read().decode().split("\0") if "=" in item)
+
+
+class Tracker:
+    """Every backend pid and actor pid a test saw: none may be alive at its end."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    def add(self, engine: Engine) -> None:
+        for inst in engine.instances.values():
+            handle = inst._handle
+            if handle is not None and handle.pid:
+                self.pids.add(handle.pid)
+
+    def check(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(alive(p) for p in self.pids):
+            time.sleep(0.05)
+        left = sorted(p for p in self.pids if alive(p))
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"left running: {left}"
+
+
+async def started(tmp_path, rig, monkeypatch, docs, **extra) -> Engine:
+    settings = cluster_settings(tmp_path, rig, monkeypatch, **extra)
+    for doc in docs:
+        write_decl(settings.conf_dir, doc)
+    engine = Engine(settings)
+    await engine.start()
+    return engine
+
+
+def handle_of(engine: Engine, iid: str):
+    return engine.instances[iid]._handle
+
+
+@needs_ray
+async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig, monkeypatch) -> None:
+    docs = [declaration("pinned", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH),
+            declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH),
+            declaration("cpu", demo_cmd(), node="gpu-b", health=HEALTH)]
+    engine = await started(tmp_path, rig, monkeypatch, docs)
+    track = Tracker()
+    try:
+        ids = ["pinned@gpu-a:gpu1", "anywhere@gpu1", "cpu@gpu-b:cpu"]
+        assert sorted(engine.instances) == sorted(ids)
+        began = time.monotonic()
+        for iid in ids:
+            await engine.instances[iid].wait_state(State.RUNNING, timeout=60)
+        print(f"3 instances RUNNING on the cluster in {time.monotonic() - began:.2f} s")
+        track.add(engine)
+        pinned, anywhere, cpu = (handle_of(engine, i) for i in ids)
+        assert pinned.node == "gpu-a" and cpu.node == "gpu-b"
+        assert anywhere.node == "gpu-b"  # GPU 1 of gpu-a is taken by `pinned`
+        env = environ(pinned.pid)
+        assert (env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == (
+            "1", "1", "PCI_BUS_ID")  # the declared id, not the one Ray chose (0)
+        assert env[MARK_ENV].startswith(f"{scope_of(engine.settings.state_dir)}:{pinned.token}:")
+        assert environ(anywhere.pid)["CUDA_VISIBLE_DEVICES"] == "1"
+        assert environ(cpu.pid)["CUDA_VISIBLE_DEVICES"] == ""
+        assert not any(k.startswith("RAY_") for k in env)
+        # Its log is written on the node (here: the same path the supervisor reads).
+        assert "starting pinned@gpu-a:gpu1" in engine.instances[ids[0]].log_file.path.read_text()
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+async def test_exit_of_a_remote_backend_restarts_it_under_its_policy(tmp_path, rig, monkeypatch) -> None:
+    doc = declaration("crashy", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
+    engine = await started(tmp_path, rig, monkeypatch, [doc])
+    track = Tracker()
+    try:
+        inst = engine.instances["crashy@gpu-a:gpu0"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        first = inst.pid
+        track.add(engine)
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        await inst.wait_for(lambda i: i.state != State.RUNNING, timeout=10)
+        noticed = time.monotonic() - killed
+        await inst.wait_for(lambda i: i.state == State.RUNNING and i.pid != first, timeout=60)
+        track.add(engine)
+        print(f"exit noticed after {noticed * 1000:.1f} ms")
+        assert any("exited unexpectedly (killed by SIGKILL)" in t.reason for t in inst.history)
+        assert inst.restarts == 1 and handle_of(engine, inst.id).node == "gpu-a"
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+async def test_stop_leaves_nothing_not_even_a_setsid_grandchild(tmp_path, rig, monkeypatch) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    doc = declaration("tree", demo_cmd("--spawn-grandchild", "--grandchild-setsid", "--grandchild-pidfile",
+                                       str(pidfile), "--ignore-sigterm"),
+                      node="gpu-b", gpus=[0], health=HEALTH, stop={"timeout": 1.0})
+    engine = await started(tmp_path, rig, monkeypatch, [doc])
+    track = Tracker()
+    try:
+        inst = engine.instances["tree@gpu-b:gpu0"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10)
+        grandchild = int(pidfile.read_text())
+        leader = inst.pid
+        actor_pid = None
+        track.add(engine)
+        track.pids.add(grandchild)
+        assert os.getsid(grandchild) != os.getsid(leader)  # it left the backend's session
+        info = await engine.runners["ray"].client.call("attach", name=inst.id, label_key="msup-node")
+        actor_pid = info["actor_pid"]
+        track.pids.add(actor_pid)
+        await asyncio.wait_for(inst.stop(), 30)
+        assert inst.state == State.STOPPED
+        assert inst.last_exit.signal == signal.SIGKILL  # it ignored SIGTERM for stop.timeout
+        assert not alive(leader) and not alive(grandchild)
+        await wait_until(lambda: not alive(actor_pid), 10)  # the actor went after the backend
+        assert await engine.runners["ray"].client.call("list") == []
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+def test_a_second_supervisor_adopts_the_runs_by_actor_name(tmp_path, rig, monkeypatch) -> None:
+    settings = cluster_settings(tmp_path, rig, monkeypatch)
+    conf, state = settings.conf_dir, settings.state_dir
+    write_decl(conf, declaration("keep", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH))
+    write_decl(conf, declaration("keep2", demo_cmd(), gpus=[1], health=HEALTH))
+    file = tmp_path / "settings.toml"
+    file.write_text(f'cluster = "ray"\nray_address = "{rig["cluster"].address}"\nray_python = "{rig["python"]}"\n'
+                    'gpu_source = "none"\nray_placement_timeout = 5.0\n')
+    ids = {"keep@gpu-a:gpu0": "RUNNING", "keep2@gpu1": "RUNNING"}
+    first = Serve(conf, state, "--settings", str(file), port_range=settings.port_range)
+    second = None
+    pids: set[int] = set()
+    try:
+        before = first.wait_states(ids, timeout=90)
+        pids = {before[i]["pid"] for i in ids}
+        first.kill()  # SIGKILL: the detached actors and their backends live on
+        assert all(alive(p) for p in pids)
+        second = Serve(conf, state, "--settings", str(file), port_range=settings.port_range)
+        began = time.monotonic()
+        after = second.wait_states(ids, timeout=90)
+        print(f"adopted after a SIGKILL of serve in {time.monotonic() - began:.2f} s (API start included)")
+        assert {after[i]["pid"] for i in ids} == pids  # the same backends: nothing restarted
+        assert all(after[i]["restarts"] == 0 for i in ids)
+        assert second.terminate(60) == 0
+        second = None
+        wait_for_dead(pids, 15)
+    finally:
+        for s in (first, second):
+            if s is not None and s.proc.poll() is None:
+                s.terminate(60)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_dead(pids: set[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids), f"still running: {[p for p in pids if alive(p)]}"
+
+
+@needs_ray
+async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path, rig, monkeypatch) -> None:
+    doc = declaration("steady", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
+    engine = await started(tmp_path, rig, monkeypatch, [doc])
+    track = Tracker()
+    try:
+        inst = engine.instances["steady@gpu-a:gpu0"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        pid = inst.pid
+        track.add(engine)
+        client = engine.runners["ray"].client
+        os.kill(client.driver_pid, signal.SIGKILL)
+        await wait_until(lambda: client.connects == 2 and client.up, 30)
+        await asyncio.sleep(1.0)  # the re-attach call
+        assert inst.state == State.RUNNING and inst.pid == pid and inst.restarts == 0
+        assert handle_of(engine, inst.id)._grace is None  # re-attached, no pending give-up
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are_untouched(
+        tmp_path, rig, monkeypatch) -> None:
+    from .conftest import free_port
+
+    docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART),
+            declaration("here", demo_cmd(), node="local", health=HEALTH)]
+    # Nothing listens there: ray.init would retry for ever; the helper is given up on instead.
+    engine = await started(tmp_path, rig, monkeypatch, docs, ray_address=f"127.0.0.1:{free_port()}",
+                           ray_placement_timeout=2.0)
+    try:
+        here = engine.instances["here@cpu"]
+        await here.wait_state(State.RUNNING, timeout=30)
+        remote = engine.instances["remote@gpu-a:gpu0"]
+        await remote.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=60)
+        reason = next(t.reason for t in remote.history if t.to_state == State.BACKOFF)
+        assert "could not start: cluster unreachable: no connection to the Ray head at 127.0.0.1:" in reason
+        assert here.state == State.RUNNING and here.restarts == 0
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+
+
+@needs_ray
+async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(tmp_path, rig, monkeypatch) -> None:
+    from .ray_rig import node_args
+
+    cluster = rig["cluster"]
+    extra = {label: cluster.add_node(**node_args(label, [2], rig["tmp"])) for label in ("gpu-c", "gpu-d")}
+    cluster.wait_for_nodes()
+    engine = await started(tmp_path, rig, monkeypatch,
+                           [declaration("mobile", demo_cmd(), gpus=[2], health=HEALTH, restart=FAST_RESTART)])
+    track = Tracker()
+    removed = None
+    try:
+        mobile = engine.instances["mobile@gpu2"]
+        await mobile.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        old = handle_of(engine, mobile.id)
+        first_node, old_pid = old.node, old.pid
+        assert first_node in extra
+        # A second model pinned to the node that is about to go.
+        write_decl(engine.settings.conf_dir, declaration("pinned", demo_cmd(), node=first_node, health=HEALTH,
+                                                          restart={**FAST_RESTART, "initial_delay": 1.0}))
+        await engine.reload("test")
+        pinned = engine.instances[f"pinned@{first_node}:cpu"]
+        await pinned.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        removed = extra.pop(first_node)
+        began = time.monotonic()
+        cluster.remove_node(removed)
+        await mobile.wait_for(lambda i: i.state == State.RUNNING and i.pid != old_pid, timeout=60)
+        print(f"re-placed on another node {time.monotonic() - began:.2f} s after the node was removed")
+        track.add(engine)
+        assert handle_of(engine, mobile.id).node != first_node
+        assert any(f"lost on node {first_node}" in t.reason for t in mobile.history), list(mobile.history)
+        assert not alive(old_pid)  # the orphan of the lost run was reaped (its node is this machine)
+        await pinned.wait_for(lambda i: i.state in (State.BACKOFF, State.FATAL), timeout=30)
+        assert any(f"lost on node {first_node}" in t.reason for t in pinned.history), [t.reason for t in pinned.history]
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+        for node in extra.values():
+            cluster.remove_node(node)
+    track.check()

@@ -140,7 +140,7 @@ def cluster_settings(tmp_path: Path, rig: dict, monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "conf.d").mkdir(exist_ok=True)
     values = dict(conf_dir=tmp_path / "conf.d", state_dir=tmp_path / "state", port_range=free_range(),
                   cluster="ray", ray_address=rig["cluster"].address, ray_python=str(rig["python"]),
-                  ray_placement_timeout=5.0, ray_unreachable_grace=20.0, gpu_source="none")
+                  ray_placement_timeout=15.0, ray_unreachable_grace=20.0, gpu_source="none")
     values.update(extra)
     return load_settings(**values)
 
@@ -188,17 +188,21 @@ def handle_of(engine: Engine, iid: str):
 @needs_ray
 async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig, monkeypatch) -> None:
     docs = [declaration("pinned", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH),
-            declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH),
             declaration("cpu", demo_cmd(), node="gpu-b", health=HEALTH)]
     engine = await started(tmp_path, rig, monkeypatch, docs)
     track = Tracker()
     try:
         ids = ["pinned@gpu-a:gpu1", "anywhere@gpu1", "cpu@gpu-b:cpu"]
-        assert sorted(engine.instances) == sorted(ids)
         began = time.monotonic()
-        for iid in ids:
+        for iid in ids[::2]:
             await engine.instances[iid].wait_state(State.RUNNING, timeout=60)
-        print(f"3 instances RUNNING on the cluster in {time.monotonic() - began:.2f} s")
+        print(f"2 instances RUNNING on their nodes in {time.monotonic() - began:.2f} s")
+        # Declared after `pinned` runs: an unpinned run can take a GPU a pinned declaration
+        # names on that node (Ray does not know the declarations), see README "Not there yet".
+        write_decl(engine.settings.conf_dir, declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH))
+        await engine.reload("test")
+        assert sorted(engine.instances) == sorted(ids)
+        await engine.instances[ids[1]].wait_state(State.RUNNING, timeout=60)
         track.add(engine)
         pinned, anywhere, cpu = (handle_of(engine, i) for i in ids)
         assert pinned.node == "gpu-a" and cpu.node == "gpu-b"
@@ -281,7 +285,7 @@ def test_a_second_supervisor_adopts_the_runs_by_actor_name(tmp_path, rig, monkey
     write_decl(conf, declaration("keep2", demo_cmd(), gpus=[1], health=HEALTH))
     file = tmp_path / "settings.toml"
     file.write_text(f'cluster = "ray"\nray_address = "{rig["cluster"].address}"\nray_python = "{rig["python"]}"\n'
-                    'gpu_source = "none"\nray_placement_timeout = 5.0\n')
+                    'gpu_source = "none"\nray_placement_timeout = 15.0\n')
     ids = {"keep@gpu-a:gpu0": "RUNNING", "keep2@gpu1": "RUNNING"}
     first = Serve(conf, state, "--settings", str(file), port_range=settings.port_range)
     second = None

@@ -227,20 +227,27 @@ def test_changed_declaration_replaces_the_old_run_stop_first(dirs, serves) -> No
     assert second.terminate() == 0
 
 
-def test_unrecorded_leftover_is_stopped_and_logged(dirs, serves, tmp_path: Path) -> None:
-    """A process with our mark and no run record (SIGKILL between spawn and record) is a
-    leftover: stopped with TERM, then KILL, and logged with its command line."""
+def marked_stray(state: Path, token: str):
+    """A process that looks like an earlier supervisor's unrecorded run of quiet@cpu (its mark,
+    no run record) and ignores SIGTERM."""
     import subprocess
 
     from supervisor.marks import MARK_ENV, Mark, scope_of
 
-    conf, state = dirs
-    write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 1.0}))
-    env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), "deadbeef0000", "quiet@cpu").value()})
+    env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), token, "quiet@cpu").value()})
     stray = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                               "time.sleep(600)"], env=env, start_new_session=True)
+    wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
+    return stray
+
+
+def test_unrecorded_leftover_is_stopped_and_logged(dirs, serves, tmp_path: Path) -> None:
+    """A process with our mark and no run record (SIGKILL between spawn and record) is a
+    leftover: stopped with TERM, then KILL, and logged with its command line."""
+    conf, state = dirs
+    write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 1.0}))
+    stray = marked_stray(state, "deadbeef0000")
     try:
-        wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
         s = Serve(conf, state, port_range=free_range())
         serves.append(s)
         s.wait_states({"quiet@cpu": "RUNNING"})
@@ -279,17 +286,10 @@ def test_setsid_grandchild_is_stopped_with_its_instance(dirs, serves, tmp_path: 
 def test_a_run_started_while_the_sweep_runs_is_not_a_leftover(dirs, serves) -> None:
     """The start-up sweep is slow when a leftover ignores SIGTERM; a model declared meanwhile
     starts at once and must survive the sweep (its run token is this supervisor's)."""
-    import subprocess
-
-    from supervisor.marks import MARK_ENV, Mark, scope_of
-
     conf, state = dirs
     write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 2.0}))
-    env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), "0123456789ab", "quiet@cpu").value()})
-    stray = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                              "time.sleep(600)"], env=env, start_new_session=True)
+    stray = marked_stray(state, "0123456789ab")
     try:
-        wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
         s = Serve(conf, state, port_range=free_range())
         serves.append(s)
         wait_for(lambda: s.status() is not None, 20, "the API")

@@ -681,7 +681,8 @@ class Instance:
             return
         if self.state == State.STOPPING:
             return  # the stop task reports Stopped
-        if getattr(self._handle, "adopted", False) and m.status.code is None and m.status.signal is None:
+        if getattr(self._handle, "adopted", False) and type(m.status) is ExitStatus and m.status.code is None \
+                and m.status.signal is None:  # nobody could read it (a ClusterExit says why itself)
             m = Exited(m.run, _AdoptedExit(), m.tail)
         self._end_run()
         self.last_exit = m.status

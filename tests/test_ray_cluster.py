@@ -301,6 +301,7 @@ def test_a_second_supervisor_adopts_the_runs_by_actor_name(tmp_path, rig, monkey
         print(f"adopted after a SIGKILL of serve in {time.monotonic() - began:.2f} s (API start included)")
         assert {after[i]["pid"] for i in ids} == pids  # the same backends: nothing restarted
         assert all(after[i]["restarts"] == 0 for i in ids)
+        assert all("adopted" in (after[i]["reason"] or "") for i in ids), after
         assert second.terminate(60) == 0
         second = None
         wait_for_dead(pids, 15)

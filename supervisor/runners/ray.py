@@ -61,9 +61,9 @@ class RayHandle:
 
     @property
     def adopted(self) -> bool:
-        # The instance reads "adopted" as "not our child: exit status unknown". An actor is its
-        # backend's parent, so the status of an adopted Ray run is known: never say otherwise.
-        return False
+        # Taken over from an earlier supervisor. Unlike an adopted local process, its exit status
+        # stays known (the actor is the backend's parent), and a lost run says why (ClusterExit).
+        return self.was_adopted
 
     @property
     def exited(self) -> bool:

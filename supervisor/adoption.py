@@ -28,7 +28,7 @@ from typing import Any
 
 from .cgroups import RunCgroups
 from .desired import InstanceSpec
-from .procscan import ProcessTable, marked, read_proc
+from .procscan import ProcInfo, marked, read_proc
 from .runners.process import stop_processes
 
 log = logging.getLogger(__name__)
@@ -82,26 +82,42 @@ def record_alive(record: dict[str, Any]) -> bool:
 
 
 class Adoption:
-    """One start-up's adoption: the sweep of leftovers, and the gate fresh launches wait on."""
+    """One start-up's adoption: the sweep of leftovers, and the gate fresh launches wait on.
 
-    def __init__(self, scope: str, table: ProcessTable, cgroups: RunCgroups | None) -> None:
+    What exists is read once, before this supervisor starts anything (`table`, the run cgroups
+    found): every marked process and run cgroup of our scope in it is an earlier supervisor's.
+    So deciding costs no scan at the moment launches wait, and when nothing is left over (the
+    common case) the gate is open at once."""
+
+    def __init__(self, scope: str, table: dict[int, ProcInfo], cgroups: RunCgroups | None,
+                 cgroups_found: list[Path]) -> None:
         self.scope = scope
         self.table = table
         self.cgroups = cgroups
+        self.cgroups_found = cgroups_found
         self.swept: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.stopped: list[tuple[int, str, str]] = []  # (pid, instance, command line) of leftovers
 
-    async def sweep(self, keep: Callable[[str], bool], stale: dict[str, dict[str, Any]],
-                    stop_timeout: float, why: dict[str, str]) -> None:
-        """Stop what belongs to no run we keep (`keep(token)`: adopted, deferred, or started by
-        this supervisor, asked at the moment of looking); resolves `swept` when done."""
+    def leftovers(self, keep: Callable[[str], bool], stale: dict[str, dict[str, Any]]) -> tuple[set[int], list[Path]]:
+        """(processes, run cgroups) that belong to no run we keep (`keep(token)`: adopted or
+        deferred). Pure but for reading the stat of a stale record's leader."""
+        table = self.table
+        victims = {p for p in marked(table, self.scope) if not keep(table[p].mark.token)}
+        for record in stale.values():  # a stale leader that cleared its environment
+            if record.get("kind") == "process" and record_alive(record):
+                victims.add(int(record["pid"]))
+        victims.discard(os.getpid())
+        return victims, [p for p in self.cgroups_found if not keep(RunCgroups.token_of(p))]
+
+    def done(self) -> None:
+        if not self.swept.done():
+            self.swept.set_result(None)
+
+    async def sweep(self, victims: set[int], cgroups: list[Path], stop_timeout: float, why: dict[str, str]) -> None:
+        """Stop the leftovers (TERM, `stop_timeout`, KILL), log each with its command line,
+        remove their cgroups; resolves `swept` when done (even on error)."""
+        table = self.table
         try:
-            table = await self.table.snapshot()
-            victims = {p for p in marked(table, self.scope) if not keep(table[p].mark.token)}
-            for record in stale.values():  # a stale leader that cleared its environment
-                if record.get("kind") == "process" and record_alive(record):
-                    victims.add(int(record["pid"]))
-            victims.discard(os.getpid())
             for pid in sorted(victims):
                 info = table.get(pid)
                 instance = info.mark.instance if info is not None and info.mark is not None else "?"
@@ -109,13 +125,11 @@ class Adoption:
                 reason = why.get(instance, "it belongs to no run this supervisor adopted")
                 log.warning("stopping leftover pid %s of instance %s (%s): %s", pid, instance, reason, command)
                 self.stopped.append((pid, instance, command))
-            if victims:
+            if victims:  # pidfds check the start time: a pid reused since the scan is spared
                 await stop_processes(table, victims, signal.SIGTERM, stop_timeout)
-            if self.cgroups is not None:
-                for path in await asyncio.to_thread(self.cgroups.leftovers, keep):
-                    log.warning("removing leftover cgroup %s", path)
-                    await asyncio.to_thread(RunCgroups.kill, path)
-                    await asyncio.to_thread(RunCgroups.remove, path)
+            for path in cgroups:
+                log.warning("removing leftover cgroup %s", path)
+                await asyncio.to_thread(RunCgroups.kill, path)
+                await asyncio.to_thread(RunCgroups.remove, path)
         finally:
-            if not self.swept.done():
-                self.swept.set_result(None)
+            self.done()

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -147,11 +146,10 @@ class RunCgroups:
         """The run token a run cgroup is named after (`path_for`)."""
         return path.name.rsplit("-", 1)[-1]
 
-    def leftovers(self, keep: Callable[[str], bool]) -> list[Path]:
-        """Run cgroups of our scope whose run token `keep` does not claim (an earlier
-        supervisor's), asked one by one so a run started meanwhile is never among them."""
+    def runs(self) -> list[Path]:
+        """The run cgroups of our scope that exist now (read at start: an earlier supervisor's)."""
         try:
             entries = [p for p in self.base.iterdir() if p.is_dir()]
         except OSError:
             return []
-        return [p for p in entries if not p.name.startswith("probe-") and not keep(self.token_of(p))]
+        return [p for p in entries if not p.name.startswith("probe-")]

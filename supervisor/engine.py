@@ -118,7 +118,10 @@ class Engine:
                 log.info("no per-run cgroups (%s): runs are kept together by marks%s", self.containment_note,
                          " and the subreaper" if self.process_runner.subreaper else "")
         self._records = await asyncio.to_thread(self.services.records.read_all)
-        self.adoption = Adoption(self.scope, self.table, self.cgroups)
+        # Before anything of ours runs: every marked process and run cgroup of our scope now
+        # is an earlier supervisor's (adopted, or a leftover once the first reload decides).
+        found = await asyncio.to_thread(self.cgroups.runs) if self.cgroups is not None else []
+        self.adoption = Adoption(self.scope, await self.table.snapshot(), self.cgroups, found)
         result = await self.reload("startup")
         if self._records is not None:  # the first reload never got to apply (conf.d unreadable):
             self._sort_records(Catalog(), {str(r.get("source")) for r in self._records.values()})  # keep all
@@ -260,14 +263,13 @@ class Engine:
         kept = {**decision.adopt, **decision.deferred}
         # A kept run whose leader died already is adopted by nobody: its workers are leftovers.
         kept_tokens = {str(r.get("token")) for r in kept.values() if record_alive(r)}
-        started = self.process_runner.tokens  # grows as this supervisor launches and adopts
-
-        def keep(token: str) -> bool:
-            return token in kept_tokens or token in started
-
-        timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [self.defaults.stop.timeout]
         assert self.adoption is not None
-        self.spawn_background(self.adoption.sweep(keep, decision.stale, max(timeouts), why), "sweep of leftovers")
+        victims, cgroups = self.adoption.leftovers(kept_tokens.__contains__, decision.stale)
+        if not victims and not cgroups:
+            self.adoption.done()  # nothing left over: fresh launches need not wait
+        else:
+            timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [self.defaults.stop.timeout]
+            self.spawn_background(self.adoption.sweep(victims, cgroups, max(timeouts), why), "sweep of leftovers")
         return decision.adopt
 
     def _claim_deferred(self, iid: str, spec: Any) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:

@@ -7,22 +7,23 @@ readiness probes at debug level.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from dataclasses import dataclass
 
 from .desired import ResolvedHealth
 
 
+@functools.cache
 def _loopback_tls() -> ssl.SSLContext:
     # The probe only ever connects to 127.0.0.1: a server's certificate names its public host
     # (or is self-signed), so it is not verified; encryption is what the server insists on.
+    # Built on first use: loading the system's CA store costs ~20 ms of every start otherwise.
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
 
-
-_LOOPBACK_TLS = _loopback_tls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
         return ProbeResult(True, "no health check")
     try:
         async with asyncio.timeout(health.timeout):
-            tls = _LOOPBACK_TLS if health.type == "https" else None
+            tls = _loopback_tls() if health.type == "https" else None
             reader, writer = await asyncio.open_connection(host, port, ssl=tls)
             try:
                 if health.type == "tcp":

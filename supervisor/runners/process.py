@@ -244,9 +244,6 @@ class ProcessRunner:
         #: Set by `serve` once it is a child subreaper: orphans of our runs are then our children.
         self.subreaper = False
         self._children: dict[int, ProcessHandle] = {}  # leaders we spawned, until reaped
-        #: Every run token this supervisor launched or adopted: a process or cgroup carrying one
-        #: of these is never a leftover, even if it appears while the start-up sweep runs.
-        self.tokens: set[str] = set()
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -286,7 +283,6 @@ class ProcessRunner:
         fd = open_pidfd(info)
         if fd is None:
             return None
-        self.tokens.add(token)
         cgroup = Path(record["cgroup"]) if record.get("cgroup") else None
         return ProcessHandle(self, pid, pgid, starttime, token, pidfd=fd, cgroup=cgroup)
 
@@ -294,7 +290,6 @@ class ProcessRunner:
         env = {k: v for k, v in os.environ.items() if k not in plan.unset_env}
         env.update(plan.env)
         token = new_token()
-        self.tokens.add(token)  # before the spawn: its processes are ours from their first moment
         env[MARK_ENV] = Mark(self.scope, token, instance_id or "?").value()
         cgroup = None
         if self.cgroups is not None:
@@ -339,14 +334,16 @@ class ProcessRunner:
             raise LaunchError(f"cannot execute {plan.argv[0]!r}: {exc}") from None
         finally:
             os.close(fd)
-        if cgroup is not None and not RunCgroups.attach(cgroup, popen.pid):
-            _discard(cgroup)
-            cgroup = None
         info = read_proc(popen.pid)
         handle = ProcessHandle(self, popen.pid, popen.pid, info.starttime if info else None, token,
                                popen=popen, cgroup=cgroup)
         if not handle.exited:
             self._children[popen.pid] = handle
+        # Moving a process between cgroups costs the kernel up to milliseconds (an RCU grace
+        # period): in a thread, so 300 cold starts do not queue behind each other's moves.
+        if cgroup is not None and not await asyncio.to_thread(RunCgroups.attach, cgroup, popen.pid):
+            handle.cgroup = None
+            _discard(cgroup)
         return handle
 
 

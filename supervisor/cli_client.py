@@ -38,17 +38,21 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def _status_table(items: list[dict[str, Any]], empty: list[dict[str, Any]] = ()) -> str:
+    # A NODE column only in cluster mode (some instance has a node): one machine's table is unchanged.
+    nodes = any(it.get("node") for it in items)
     rows = []
     for it in items:
         gpus = ",".join(str(g) for g in it["gpu_ids"]) or "-"
         reason = it.get("last_error") if it["state"] in ("BACKOFF", "FATAL") else it.get("reason")
         mem = it.get("gpu_memory_mib")
-        rows.append([it["instance_id"], it["state"], it["pid"] or "-", it["port"] or "-", gpus,
+        where = [it.get("node") or "-"] if nodes else []
+        rows.append([it["instance_id"], it["state"], *where, it["pid"] or "-", it["port"] or "-", gpus,
                      f"{mem} MiB" if mem else "-", _uptime(it.get("uptime")), it["restarts"], (reason or "")[:100]])
     for m in empty:
-        rows.append([m["model"], "-", "-", "-", "-", "-", "-", "-", m["reason"]])
+        rows.append([m["model"], "-", *(["-"] if nodes else []), "-", "-", "-", "-", "-", "-", m["reason"]])
     rows.sort(key=lambda r: r[0])
-    return table(rows, ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "GPU MEM", "UPTIME", "RESTARTS", "REASON"])
+    return table(rows, ["INSTANCE", "STATE", *(["NODE"] if nodes else []), "PID", "PORT", "GPUS", "GPU MEM", "UPTIME",
+                        "RESTARTS", "REASON"])
 
 
 #: `status` exit codes (documented in the README and `status --help`), as `systemctl is-active`

@@ -178,6 +178,7 @@ class Instance:
         self._run = 0
         self._tcount = 0
         self._handle: RunHandle | None = None
+        self._run_node: str | None = None  # cluster mode: the node of the current or last run
         self._launch_task: asyncio.Task | None = None
         self._spawning = False
         self._stop_pending: str | None = None
@@ -203,6 +204,15 @@ class Instance:
     @property
     def pid(self) -> int | None:
         return self._handle.pid if self._handle is not None else None
+
+    @property
+    def node(self) -> str | None:
+        """Cluster mode: the node of the current or last run (its label, else its short id);
+        before a first run, the label a pinned declaration names. None on this machine."""
+        if self._run_node is not None:
+            return self._run_node
+        where = getattr((self.running_spec or self.spec).launch, "node", None)
+        return where if where not in (None, "*") else None
 
     @property
     def run_token(self) -> str | None:
@@ -289,6 +299,7 @@ class Instance:
             "state": self.state.value,
             "desired": self._desired,
             "pid": self.pid,
+            "node": self.node,
             "restarts": self.restarts,
             "consecutive_failures": self.failures,
             "uptime": self.uptime(now),
@@ -557,6 +568,7 @@ class Instance:
         self._launch_task = None
         self._spawning = False
         self._handle = m.handle
+        self._run_node = getattr(m.handle, "node_name", None)  # None for runs on this machine
         spec = self.running_spec or self.spec
         self._watcher = self._helper(self._watch_exit(m.run, m.handle, spec), "watch exit")
         if m.adopted_from is not None:
@@ -817,7 +829,10 @@ class Instance:
         self._tcount += 1
         level = logging.WARNING if to in (State.BACKOFF, State.FATAL) else logging.INFO
         log.log(level, "%s: %s -> %s: %s", self.id, record.from_state, to, reason)
-        self.services.bus.publish("transition", {"instance": self.id, "model": self.spec.model, **record.as_dict()})
+        event = {"instance": self.id, "model": self.spec.model, **record.as_dict()}
+        if (node := self.node) is not None:  # cluster mode only: local events keep their shape
+            event["node"] = node
+        self.services.bus.publish("transition", event)
         for predicate, fut in list(self._state_waiters):
             if not fut.done() and predicate(self):
                 fut.set_result(None)

@@ -19,7 +19,7 @@ from .states import State
 
 PREFIX = "model_supervisor"
 MIB = 1024 * 1024
-INSTANCE_LABELS = ["model", "instance", "backend", "gpu"]
+INSTANCE_LABELS = ["model", "instance", "backend", "gpu", "node"]  # node: "" on this machine
 GPU_LABELS = ["gpu", "uuid", "name"]
 
 
@@ -77,7 +77,7 @@ class _Collector(Collector):
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
-        self._label_cache: dict[Any, tuple[Any, str]] = {}
+        self._label_cache: dict[Any, tuple[Any, str, str]] = {}
 
     def collect(self) -> Iterator[Metric]:
         return iter(())  # everything is in render_text (registered only to keep one registry)
@@ -88,12 +88,14 @@ class _Collector(Collector):
 
     def _instance_labels(self, inst: Any) -> str:
         spec = inst.running_spec or inst.spec
+        node = inst.node or ""
         cached = self._label_cache.get(inst)
-        if cached is None or cached[0] is not spec:
-            text = _labels(INSTANCE_LABELS, [spec.model, spec.id, spec.backend, ",".join(str(g) for g in spec.gpus)])
-            cached = (spec, text)
+        if cached is None or cached[0] is not spec or cached[1] != node:
+            text = _labels(INSTANCE_LABELS, [spec.model, spec.id, spec.backend, ",".join(str(g) for g in spec.gpus),
+                                             node])
+            cached = (spec, node, text)
             self._label_cache[inst] = cached
-        return cached[1]
+        return cached[2]
 
     def _instances(self) -> list[_Family]:
         engine = self.m._engine

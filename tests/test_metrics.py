@@ -39,7 +39,8 @@ async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_d
         await inst.wait_state(State.RUNNING, timeout=15)
         sim.add_process(0, inst.pid, 3000)
         await wait_gpu_sample(api)
-        await api.get("/api/v1/models/status")
+        status = (await api.get("/api/v1/models/status")).json()
+        assert [it["node"] for it in status] == [None]  # on this machine (cluster mode: its node)
         m = await scrape(api)
 
         types = {name: f.type for name, f in m.items() if name.startswith("model_supervisor_")}
@@ -50,7 +51,7 @@ async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_d
                      "instance_gpu_memory_bytes", "gpu_memory_used_bytes", "gpu_memory_total_bytes",
                      "gpu_processes", "gpu_stray_processes", "config_errors", "config_error_files"):
             assert types[f"model_supervisor_{name}"] == "gauge", name
-        labels = {"model": "web", "instance": "web@gpu0", "backend": "process", "gpu": "0"}
+        labels = {"model": "web", "instance": "web@gpu0", "backend": "process", "gpu": "0", "node": ""}
         assert value(m["model_supervisor_instance_state"], **labels, state="RUNNING") == 1
         assert value(m["model_supervisor_instance_state"], **labels, state="BACKOFF") == 0
         assert value(m["model_supervisor_instance_ready"], **labels) == 1

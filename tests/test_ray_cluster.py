@@ -207,6 +207,7 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
         pinned, anywhere, cpu = (handle_of(engine, i) for i in ids)
         assert pinned.node == "gpu-a" and cpu.node == "gpu-b"
         assert anywhere.node == "gpu-b"  # GPU 1 of gpu-a is taken by `pinned`
+        assert engine.instances[ids[1]].snapshot()["node"] == "gpu-b"  # where it was placed, not declared
         env = environ(pinned.pid)
         assert (env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == (
             "1", "1", "PCI_BUS_ID")  # the declared id, not the one Ray chose (0)
@@ -218,6 +219,38 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
         assert "starting pinned@gpu-a:gpu1" in engine.instances[ids[0]].log_file.path.read_text()
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+async def test_the_node_shows_in_api_status_metrics_events_and_cli(tmp_path, rig, monkeypatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from supervisor.cli_client import _status_table
+
+    from .api_helpers import running_api
+
+    settings = cluster_settings(tmp_path, rig, monkeypatch)
+    write_decl(settings.conf_dir, declaration("shown", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH))
+    write_decl(settings.conf_dir, declaration("here", demo_cmd(), node="local", health=HEALTH))
+    track = Tracker()
+    async with running_api(settings) as api:  # its teardown stops the engine
+        for iid in ("shown@gpu-a:gpu1", "here@cpu"):
+            await api.engine.instances[iid].wait_state(State.RUNNING, timeout=60)
+        track.add(api.engine)
+        items = {it["instance_id"]: it for it in (await api.get("/api/v1/models/status")).json()}
+        assert items["shown@gpu-a:gpu1"]["node"] == "gpu-a" and items["here@cpu"]["node"] is None
+        assert (await api.get("/api/v1/models/status/shown")).json()[0]["node"] == "gpu-a"
+        text = (await api.get("/metrics")).text
+        ready = {s.labels["instance"]: s.labels["node"] for f in text_string_to_metric_families(text)
+                 if f.name == "model_supervisor_instance_ready" for s in f.samples}
+        assert ready == {"shown@gpu-a:gpu1": "gpu-a", "here@cpu": ""}
+        running = [e.data for e in api.engine.bus.history if e.type == "transition" and e.data["to"] == "RUNNING"]
+        assert {e["instance"]: e.get("node") for e in running} == {"shown@gpu-a:gpu1": "gpu-a", "here@cpu": None}
+        header, *rows = _status_table(list(items.values())).splitlines()
+        assert header.split()[:3] == ["INSTANCE", "STATE", "NODE"]
+        assert sorted(r.split()[:3] for r in rows) == [["here@cpu", "RUNNING", "-"],
+                                                       ["shown@gpu-a:gpu1", "RUNNING", "gpu-a"]]
     track.check()
 
 

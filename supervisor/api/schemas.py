@@ -113,6 +113,8 @@ class ModelStatusItem(BaseModel):
     desired: str
     pid: int | None = None
     port: int | None = None
+    node: str | None = Field(None, description="cluster mode: the node of the run (its label, else its Ray node "
+                                               "id); null on this machine")
     restarts: int
     consecutive_failures: int
     uptime: float | None = Field(None, description="seconds RUNNING")

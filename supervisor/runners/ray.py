@@ -72,8 +72,13 @@ class RayHandle:
     async def wait(self) -> ExitStatus:
         return await asyncio.shield(self._exit)
 
+    @property
+    def node_name(self) -> str:
+        """What the API, CLI, events and metrics show: the node's label, else its short id."""
+        return self.node or self.node_id[:12]
+
     def where(self) -> str:
-        return f"node {self.node}" if self.node else f"node {self.node_id[:12]}"
+        return f"node {self.node_name}"
 
     # -- events from the driver ------------------------------------------------------------
     def _on_event(self, message: dict[str, Any]) -> None:

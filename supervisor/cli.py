@@ -164,6 +164,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from .cluster.node import run  # Ray itself is never imported here: run() becomes `ray start`
+
+    return run(args)
+
+
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", type=Path, help="settings TOML file (also MODEL_SUPERVISOR_SETTINGS_FILE)")
     p.add_argument("--url", help="API address (default http://HOST:PORT from the settings)")
@@ -209,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the declarations alone, not this machine (programs, directories): "
                         "for files meant for another host")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("node", help="join this machine to a Ray cluster as a worker for cluster mode "
+                                     "(its GPUs and label as Ray resources)")
+    p.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
+    p.add_argument("--label", help="this node's label, the value declarations give as node = ... (msup-node)")
+    p.add_argument("--gpus", help="GPU ids to offer, e.g. 0,1 (default: every GPU NVML reports)")
+    p.add_argument("--num-gpus", type=int, help="offer NVML's first N GPUs (0: none, NVML not needed)")
+    p.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule here (default: Ray's, every core)")
+    p.add_argument("--node-ip-address", help="this node's address as the cluster reaches it (default: Ray's choice)")
+    p.add_argument("--ray-python", help="the Python with Ray installed (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the ray start command instead of running it")
+    p.set_defaults(func=cmd_node)
 
     from .cli_client import add_commands
 

@@ -94,6 +94,38 @@ def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_node_command_plans_resources_and_label_from_the_gpus() -> None:
+    from supervisor.cluster.node import NodeError, plan_join
+    from supervisor.cluster.plan import gpu_resource
+
+    nvml = lambda: (0, 1, 2, 3)  # noqa: E731 - what NVML would report
+    join = plan_join("10.0.0.1:6379", "gpu-a", None, None, detect=nvml)
+    assert join.gpus == (0, 1, 2, 3) and join.resources() == {gpu_resource(g): 1.0 for g in range(4)}
+    argv = join.argv("/py")
+    assert argv[:8] == ["/py", "-m", "ray.scripts.scripts", "start", "--address", "10.0.0.1:6379", "--block",
+                        "--num-gpus"] and argv[8] == "4"
+    assert argv[argv.index("--labels") + 1] == "msup-node=gpu-a"
+    assert plan_join("h:1", None, None, 2, detect=nvml).gpus == (0, 1)  # the first N
+    assert plan_join("h:1", None, "1,0", None, detect=lambda: pytest.fail("NVML asked")).gpus == (0, 1)
+    assert plan_join("h:1", None, None, 0, detect=lambda: pytest.fail("NVML asked")).gpus == ()
+    assert "--labels" not in plan_join("h:1", None, "none", None).argv("/py")
+    for bad, words in [(("h:1", "GPU_A", "0", None), "--label 'GPU_A' is not a node label"),
+                       (("h:1", None, "0,x", None), "--gpus '0,x'"), (("h:1", None, "0,0", None), "distinct"),
+                       (("h:1", None, "0", 1), "give one of them"), (("h:1", None, None, 5), "NVML reports 4"),
+                       (("", None, "0", None), "--address")]:
+        with pytest.raises(NodeError, match=words):
+            plan_join(*bad, detect=nvml)
+
+
+def test_node_command_without_nvml_says_what_to_pass() -> None:
+    out = subprocess.run([PY, "-m", "supervisor", "node", "--address", "127.0.0.1:1", "--dry-run"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LD_LIBRARY_PATH": "/nonexistent"})
+    if out.returncode == 0:
+        pytest.skip("this machine has NVML: the command read its GPUs")
+    assert out.returncode == 2 and "--gpus 0,1" in out.stderr and "--num-gpus 0" in out.stderr, out.stderr
+
+
 # -- the real cluster ------------------------------------------------------------------------
 try:
     import ray  # noqa: F401
@@ -220,6 +252,67 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
+        found |= frontier
+    return found
+
+
+@needs_ray
+def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path, rig) -> None:
+    cluster = rig["cluster"]
+    state = cluster.global_state
+
+    def joined() -> list[dict]:
+        return [n for n in state.node_table() if n.get("Alive") and (n.get("Labels") or {}).get("msup-node") == "gpu-x"]
+
+    log = open(tmp_path / "node.log", "wb")
+    proc = subprocess.Popen([PY, "-m", "supervisor", "node", "--address", cluster.address, "--label", "gpu-x",
+                             "--gpus", "0,1", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                             "--ray-python", str(rig["python"])],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pids: set[int] = set()
+    try:
+        began = time.monotonic()
+        deadline = began + 60
+        while not joined():
+            assert proc.poll() is None, (tmp_path / "node.log").read_text()
+            assert time.monotonic() < deadline, state.node_table()
+            time.sleep(0.2)
+        print(f"node joined in {time.monotonic() - began:.1f} s")
+        (node,) = joined()
+        resources = node["Resources"]
+        assert resources.get("msup_gpu_0") == 1 and resources.get("msup_gpu_1") == 1 and resources.get("GPU") == 2
+        assert not any(k.startswith("msup_gpu_") and k not in ("msup_gpu_0", "msup_gpu_1") for k in resources)
+        pids = _descendants(proc.pid) | {proc.pid}
+        assert len(pids) > 2  # the raylet and its agents, below the pid the command became
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) is not None
+        wait_for_dead(pids, 20)
+        deadline = time.monotonic() + 20
+        while joined():  # the head hears of it: gone from the cluster too
+            assert time.monotonic() < deadline, state.node_table()
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
 
 
 @needs_ray

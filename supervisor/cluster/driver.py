@@ -133,7 +133,12 @@ class Driver:
         actor = await self._actor(name)
         if actor is None:
             return 0
-        left = await _get(actor.cleanup.remote(signum, timeout))
+        try:
+            left = await _get(actor.cleanup.remote(signum, timeout))
+        except self.ray.exceptions.RayActorError:
+            # Killed by the stop that just ended this run: its name outlives it for a moment,
+            # and the stop already swept what the run left.
+            left = 0
         self._unwatch(name)
         await asyncio.to_thread(self.ray.kill, actor)
         return left

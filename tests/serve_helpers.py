@@ -109,11 +109,20 @@ def marked_processes(state: Path) -> dict[int, tuple[str, str]]:
 
 
 def kill_marked(state: Path) -> list[int]:
-    """Last-resort cleanup after a failed test: SIGKILL (by pid) whatever carries our mark."""
+    """Cleanup after a test: SIGKILL (by pid) whatever carries our mark, then remove the run
+    cgroups a SIGKILLed supervisor of this scope left (a later one would have, in real life)."""
     pids = list(marked_processes(state))
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    from supervisor.cgroups import RunCgroups
+
+    cgroups, _ = RunCgroups.detect(scope_of(state))
+    if cgroups is not None:
+        for path in cgroups.runs():
+            RunCgroups.kill(path)
+            RunCgroups.remove(path)
+        cgroups.remove_base()
     return pids

@@ -25,6 +25,7 @@ from .declarations import ConfigError, ModelSpec
 from .desired import Catalog, resolve
 from .events import EventBus
 from .instance import Instance, InstanceServices, PrestartCheck
+from .logfiles import LocalLog, LogFile
 from .placement import NO_FACTS, GpuFacts
 from .plan import Plan, plan
 from .ports import PortAllocator, describe_holder, port_is_free
@@ -103,6 +104,11 @@ class Engine:
         self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
         self.on_reconcile: Callable[[float], None] | None = None
+        nodes = getattr(self.runners.get("ray"), "nodes", None)
+        if nodes is not None:  # cluster mode: the node agents' view needs to know our runs
+            nodes.is_live = self.run_is_live
+            nodes.on_reaped = self._reaped
+            self.services.prestart.append(nodes.gate)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, watch: bool = False) -> Plan:
@@ -379,6 +385,30 @@ class Engine:
             self.bus.publish("config_ok", {"file": file})
 
     # -- queries and intents for the API and CLI ---------------------------------------------
+    def run_is_live(self, token: str, instance_id: str) -> bool:
+        """Is run `token` (seen by a node agent, marked as `instance_id`'s) one of ours now?
+        Until start-up has sorted out what to adopt, and while that instance launches, yes."""
+        if self._records is not None or self.adoption is None or not self.adoption.swept.done():
+            return True
+        inst = self.instances.get(instance_id) or self.removing.get(instance_id)
+        if inst is not None and (inst.spawning or inst.run_token == token):
+            return True
+        return any(i.run_token == token for i in (*self.instances.values(), *self.removing.values()))
+
+    def log_reader(self, instance_id: str, log_file: LogFile) -> Any:
+        """What the API reads an instance's log through: the file here, or on the cluster node
+        of its latest run (`RemoteLog`, through that node's agent)."""
+        inst = self.instances.get(instance_id) or self.removing.get(instance_id)
+        ray = self.runners.get("ray")
+        if ray is not None and (inst is None or getattr(inst.spec.launch, "runner", None) == "ray"):
+            remote = getattr(ray, "log_of", lambda _iid: None)(instance_id)
+            if remote is not None:
+                return remote
+        return LocalLog(log_file)
+
+    def _reaped(self, instance_id: str, token: str, stopped: dict[str, list[int]]) -> None:
+        self.bus.publish("reaped", {"instance": instance_id, "run": token, "stopped": stopped})
+
     def instance(self, iid: str) -> Instance | None:
         return self.instances.get(iid)
 

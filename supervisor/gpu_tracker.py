@@ -28,7 +28,8 @@ from .desired import InstanceSpec
 from .engine import Engine
 from .gpu.model import GpuSnapshot
 from .gpu.monitor import GpuMonitor, GpuMonitorStopped
-from .gpu.sources import GpuUnavailable, NoGpuSource, open_source
+from .gpu.release import still_held
+from .gpu.sources import GpuUnavailable, NoGpuSource, node_file, open_source
 from .gpu_history import GpuHistory, GpuPoint
 from .instance import Instance
 from .kill import owners_of
@@ -85,7 +86,7 @@ class GpuTracker:
         self._loop = asyncio.get_running_loop()
         try:
             source, reason = await asyncio.to_thread(open_source, self.settings.gpu_source,
-                                                     self.settings.gpu_simulated_file)
+                                                     node_file(self.settings.gpu_simulated_file, "local"))
         except GpuUnavailable as exc:
             log.error("GPU monitoring is off: %s", exc.reason)
             source, reason = NoGpuSource(exc.reason), exc.reason
@@ -287,7 +288,7 @@ class GpuTracker:
         snap = self.snapshot()
         began = time.monotonic()
         while True:
-            holding = self._still_held(snap, spec.gpus, last)
+            holding = still_held(snap, spec.gpus, last.pids, last.memory_mib)
             if not holding:
                 waited = time.monotonic() - began
                 if waited > 0.01:
@@ -304,36 +305,24 @@ class GpuTracker:
             except (asyncio.TimeoutError, GpuMonitorStopped):
                 continue
 
-    @staticmethod
-    def _still_held(snap: GpuSnapshot, gpus: tuple[int, ...], last: _LastRun) -> list[str]:
-        held = []
-        for gpu in gpus:
-            device = snap.device(gpu)
-            if device is None:
-                continue
-            lingering = [p for p in device.processes if p.pid in last.pids]
-            if lingering:
-                held.append(f"GPU {gpu}: pid " + ", ".join(f"{p.pid} ({p.used_memory_mib} MiB)" for p in lingering))
-                continue
-            need = last.memory_mib.get(gpu, 0)
-            free = device.memory_free_mib
-            if need and free is not None and free < need:
-                others = ", ".join(f"pid {p.pid} {p.name or '?'} {p.used_memory_mib} MiB" for p in device.processes)
-                held.append(f"GPU {gpu}: {free} MiB free of the {need} MiB the previous run held"
-                            + (f" (in use: {others})" if others else ""))
-        return held
-
     # -- views ---------------------------------------------------------------------------------------
     def gpu_pids(self) -> set[int]:
         return set(self.snapshot().pids())
 
+    @property
+    def cluster_nodes(self) -> Any | None:
+        """Cluster mode: the node agents' view (`supervisor.cluster.nodes`); None otherwise."""
+        return getattr(self.engine.runners.get("ray"), "nodes", None)
+
     def gpu_infos(self) -> list[dict[str, Any]]:
         snap = self._view()
         sampled = snap.sampled_at.isoformat() if snap.sampled_at else None
+        nodes = self.cluster_nodes
         out = []
         for d in snap.devices:
             out.append({
                 "id": d.index,
+                **({"node": None} if nodes is not None else {}),  # cluster mode: None is this machine
                 "memory_usage": round(d.memory_used_percent, 2) if d.memory_used_percent is not None else None,
                 "power_draw": d.power_draw_w,
                 "processes": [
@@ -354,7 +343,7 @@ class GpuTracker:
                 "simulated": snap.simulated,
                 "errors": dict(d.errors),
             })
-        return out
+        return out + (nodes.gpu_infos() if nodes is not None else [])
 
     def instance_gpu(self, instance_id: str) -> dict[str, Any]:
         """The GPU processes of one instance and the memory they use (MiB)."""
@@ -383,9 +372,12 @@ class GpuTracker:
 
     def strays(self) -> list[dict[str, Any]]:
         policy = self.settings
-        return [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,
-                 "policy": policy.strays_per_gpu.get(s.gpu, policy.strays), "action": s.action}
+        nodes = self.cluster_nodes
+        here = [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,
+                 "policy": policy.strays_per_gpu.get(s.gpu, policy.strays), "action": s.action,
+                 **({"node": None} if nodes is not None else {})}
                 for s in sorted(self.stray_list.values(), key=lambda s: (s.gpu, s.pid))]
+        return here + (nodes.strays() if nodes is not None else [])
 
 
 def _users(pids: list[int]) -> dict[int, str | None]:

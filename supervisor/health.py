@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 
 from .desired import ResolvedHealth
 
@@ -57,6 +58,15 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
         return ProbeResult(False, f"{host}:{port}: {exc}")
 
 
+def health_to_wire(health: ResolvedHealth) -> dict:
+    """A probe's settings as JSON-able data, for a probe that runs on another node."""
+    return asdict(health)
+
+
+def health_from_wire(data: dict) -> ResolvedHealth:
+    return ResolvedHealth(**{**data, "headers": tuple(tuple(h) for h in data.get("headers") or ())})
+
+
 def _header_lines(headers: tuple[tuple[str, str], ...]) -> str:
     # Values are secrets (a bearer token): never echoed into a probe's detail, which is logged.
     for name, value in headers:
@@ -89,12 +99,17 @@ async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return ProbeResult(False, f"GET {path} -> {code}")
 
 
-async def liveness(health: ResolvedHealth, port: int, plan: object = None, host: str = "127.0.0.1") -> ProbeResult:
+#: Where a probe runs: `probe` here, or a run's own (a Ray run probes on its node's loopback).
+Prober = Callable[[ResolvedHealth, int], Awaitable[ProbeResult]]
+
+
+async def liveness(health: ResolvedHealth, port: int, plan: object = None, prober: Prober | None = None) -> ProbeResult:
     """The check of a RUNNING instance: the probe on the liveness path, then the plan's own
     deeper check if it has one (Triton: python-backend stubs that died while the server and
-    the model still answer ready)."""
-    result = await probe(health.for_liveness(), port, host)
-    live = getattr(plan, "live", None)
+    the model still answer ready). The deeper check talks to 127.0.0.1, so it is left out for
+    a run probed elsewhere (`prober`)."""
+    result = await (prober or probe)(health.for_liveness(), port)
+    live = getattr(plan, "live", None) if prober is None else None
     if not result.ok or live is None:
         return result
     ok, detail = await live.check(port, health.timeout)

@@ -615,6 +615,8 @@ class Instance:
         attempt = 0
         patterns = [re.compile(p) for p in getattr(spec.launch, "fail_patterns", ())]
         offset = self._log_offset
+        # A run on another node is probed there, on its loopback (RayHandle.probe).
+        prober = getattr(self._handle, "probe", None)
         while True:  # readiness: quick probes at first, then every start_interval
             if patterns:  # e.g. textgen's "Port X is already in use. Using port Y instead"
                 data, offset, _ = await asyncio.to_thread(self.log_file.read_from, offset)
@@ -622,7 +624,7 @@ class Instance:
                     if any(p.search(line) for p in patterns):
                         self._post(StartFailed(run, line.strip()))
                         return
-            result = await probe(spec.health, spec.port)
+            result = await (prober or probe)(spec.health, spec.port)
             self.last_probe = result.detail
             if result.ok:
                 self._post(Ready(run, result.detail))
@@ -634,7 +636,7 @@ class Instance:
         while True:  # liveness: reads self.spec so an in-place edit of the interval applies
             health = self.spec.health if self.spec.launch_hash == spec.launch_hash else spec.health
             await asyncio.sleep(health.interval)
-            result = await liveness(health, spec.port, (self.running_spec or spec).launch)
+            result = await liveness(health, spec.port, (self.running_spec or spec).launch, prober)
             self.last_probe = result.detail
             if result.ok:
                 failures = 0

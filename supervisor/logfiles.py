@@ -7,11 +7,12 @@ rotation is copy-then-truncate; with `O_APPEND` the child's next write lands at 
 (without it, truncation leaves a NUL-filled hole). Lines written between the copy and the
 truncate are lost: the price of never interrupting the child.
 
-All methods block; the engine calls them from threads.
+`LogFile`'s methods block; the engine calls them from threads (`LocalLog` does that for the API).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from datetime import datetime, timezone
@@ -94,3 +95,25 @@ class LogFile:
         with open(self.path, "r+b") as f:
             f.truncate(0)
         return True
+
+
+class LogUnavailable(Exception):
+    """A log that cannot be read now: its node, or the cluster, is unreachable."""
+
+
+class LocalLog:
+    """The reader the API streams from (`tail`, `size`, `read_from`), async: a log file on
+    this machine, read in a thread. A run on a cluster node has a `RemoteLog` instead
+    (runners/ray.py), read by that node's agent."""
+
+    def __init__(self, log_file: LogFile) -> None:
+        self.log_file = log_file
+
+    async def tail(self, lines: int) -> list[str]:
+        return await asyncio.to_thread(self.log_file.tail, lines)
+
+    async def size(self) -> int:
+        return await asyncio.to_thread(self.log_file.size)
+
+    async def read_from(self, offset: int) -> tuple[bytes, int, int]:
+        return await asyncio.to_thread(self.log_file.read_from, offset)

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     #: Where GPU facts come from: "auto" (NVML if it loads, else none), "nvml", "simulated"
     #: (read from `gpu_simulated_file`, for demos and tests), or "none".
     gpu_source: Literal["auto", "nvml", "simulated", "none"] = "auto"
+    #: In cluster mode, `{node}` in this path becomes each node's label ("local" here).
     gpu_simulated_file: Path | None = None
     gpu_sample_interval: Annotated[float, Field(gt=0)] = 1.0
     #: GPU processes that belong to no instance: "report" them, or "kill" them (after

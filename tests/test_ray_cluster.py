@@ -531,3 +531,158 @@ async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(tm
         for node in extra.values():
             cluster.remove_node(node)
     track.check()
+
+
+# -- node agents: GPUs, ownership, strays, probes, logs, the reaper, the GPU gate ----------------
+def write_gpus(path: Path, gpus: dict[int, dict]) -> None:
+    """A simulated GPU file: {index: {"used": MiB or None, "processes": [(pid, MiB)]}}."""
+    lines = []
+    for index, gpu in sorted(gpus.items()):
+        lines += ["[[gpu]]", f"index = {index}", "memory_total_mib = 10000"]
+        if gpu.get("used") is not None:
+            lines.append(f"memory_used_mib = {gpu['used']}")
+        for pid, mib in gpu.get("processes", ()):
+            lines += ["[[gpu.process]]", f"pid = {pid}", f"used_memory_mib = {mib}"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # the agent reads it again on every sample: never half a file
+
+
+def simulated_nodes(tmp_path: Path) -> dict:
+    for label in ("local", "gpu-a", "gpu-b"):
+        write_gpus(tmp_path / f"gpus-{label}.toml", {0: {}, 1: {}})
+    return {"gpu_source": "simulated", "gpu_simulated_file": tmp_path / "gpus-{node}.toml",
+            "gpu_sample_interval": 0.25}
+
+
+@needs_ray
+async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_the_node(
+        tmp_path, rig, monkeypatch) -> None:
+    from supervisor.runners.ray import RemoteLog
+
+    from .api_helpers import running_api
+
+    settings = cluster_settings(tmp_path, rig, monkeypatch, **simulated_nodes(tmp_path))
+    write_decl(settings.conf_dir, declaration("seen", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH))
+    write_decl(settings.conf_dir, declaration(
+        "sick", demo_cmd("--unhealthy-after", "1"), node="gpu-b", gpus=[1],
+        health={**HEALTH, "failure_threshold": 1}, restart={**FAST_RESTART, "initial_delay": 30.0}))
+    stranger = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"])  # no run mark: a stray
+    track = Tracker()
+    track.pids.add(stranger.pid)
+    try:
+        async with running_api(settings) as api:
+            seen, sick = api.engine.instances["seen@gpu-a:gpu1"], api.engine.instances["sick@gpu-b:gpu1"]
+            await seen.wait_state(State.RUNNING, timeout=60)
+            track.add(api.engine)
+            # The readiness probe ran in the actor, on its node's loopback.
+            assert seen.last_probe == "GET /health -> 200 (on node gpu-a)"
+            # So does liveness: the backend turns unhealthy after 1 s and is stopped for it.
+            await sick.wait_for(lambda i: any("unhealthy" in t.reason for t in i.history), timeout=60)
+            track.add(api.engine)
+            reason = next(t.reason for t in sick.history if "unhealthy" in t.reason)
+            assert "GET /health -> 503 (on node gpu-a)" not in reason and "(on node gpu-b)" in reason, reason
+
+            write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {}, 1: {"processes": [(seen.pid, 2048)]}})
+            write_gpus(tmp_path / "gpus-gpu-b.toml", {0: {"processes": [(stranger.pid, 512)]}, 1: {}})
+
+            async def gpus() -> dict:
+                return {(g["node"], g["id"]): g for g in (await api.get("/api/v1/gpus")).json()}
+
+            deadline = time.monotonic() + 15
+            while not (await gpus())[("gpu-a", 1)]["processes"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            by = await gpus()
+            assert set(by) == {(None, 0), (None, 1), ("gpu-a", 0), ("gpu-a", 1), ("gpu-b", 0), ("gpu-b", 1)}
+            assert [(p["pid"], p["instance_id"], p["gpu_memory_usage"]) for p in by[("gpu-a", 1)]["processes"]] == [
+                (seen.pid, "seen@gpu-a:gpu1", 2048)]
+            assert by[("gpu-a", 1)]["simulated"] is True and by[("gpu-a", 1)]["memory_used"] == 2048
+            await wait_until(lambda: bool(api.engine.runners["ray"].nodes.strays()), 15)
+            strays = (await api.get("/api/v1/gpus/strays")).json()
+            assert [(s["node"], s["gpu"], s["pid"]) for s in strays] == [("gpu-b", 0, stranger.pid)]
+            nodes = {n["node"]: n for n in (await api.get("/healthz")).json()["nodes"]}
+            assert nodes["gpu-a"]["gpu_source"] == "simulated" and nodes["gpu-a"]["gpus"] == 2
+
+            # Its log lives on the node and is read by the node's agent, tail and follow.
+            assert isinstance(api.engine.log_reader(seen.id, seen.log_file), RemoteLog)
+            got = await api.get(f"/api/v1/instances/{seen.id}/logs?tail=50")
+            assert got.status_code == 200 and "starting seen@gpu-a:gpu1" in got.text
+            async with api.client.stream("GET", f"/api/v1/instances/{seen.id}/logs?tail=1&follow=true") as stream:
+                chunks = stream.aiter_text()
+                await asyncio.wait_for(chunks.__anext__(), 10)
+                with open(seen.log_file.path, "a") as f:
+                    f.write("a line the backend wrote on its node\n")
+                text = ""
+                while "a line the backend wrote" not in text:
+                    text += await asyncio.wait_for(chunks.__anext__(), 10)
+    finally:
+        stranger.kill()
+        stranger.wait()
+    track.check()
+
+
+@needs_ray
+async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_path, rig, monkeypatch) -> None:
+    from supervisor.marks import new_token
+
+    docs = [declaration("live", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
+            declaration("here", demo_cmd(), node="local", health=HEALTH)]
+    engine = await started(tmp_path, rig, monkeypatch, docs, gpu_sample_interval=0.25)
+    track = Tracker()
+    ghost = None
+    try:
+        live, here = engine.instances["live@gpu-a:gpu0"], engine.instances["here@cpu"]
+        await live.wait_state(State.RUNNING, timeout=60)
+        await here.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        pids = (live.pid, here.pid)
+        # What a lost node leaves when it comes back: a backend of an earlier run, in its own
+        # session, with our scope's mark, that no instance owns (started after the start-up sweep).
+        mark = f"{scope_of(engine.settings.state_dir)}:{new_token()}:ghost@gpu-a:gpu0"
+        ghost = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                                 env={**os.environ, MARK_ENV: mark})
+        track.pids.add(ghost.pid)
+        began = time.monotonic()
+        await wait_until(lambda: ghost.poll() is not None, 30)
+        print(f"unowned run reaped {time.monotonic() - began:.2f} s after it appeared")
+        reaped = [e.data for e in engine.bus.history if e.type == "reaped"]
+        assert [r["instance"] for r in reaped] == ["ghost@gpu-a:gpu0"]
+        assert ghost.pid in sum(reaped[0]["stopped"].values(), [])
+        assert (live.pid, here.pid) == pids and live.state == here.state == State.RUNNING
+        assert live.restarts == here.restarts == 0
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+        if ghost is not None and ghost.poll() is None:
+            ghost.kill()
+            ghost.wait()
+    track.check()
+
+
+@needs_ray
+async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, rig, monkeypatch) -> None:
+    gpu_a = tmp_path / "gpus-gpu-a.toml"
+    doc = declaration("gated", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
+    engine = await started(tmp_path, rig, monkeypatch, [doc], gpu_release_timeout=30.0, **simulated_nodes(tmp_path))
+    track = Tracker()
+    try:
+        inst = engine.instances["gated@gpu-a:gpu0"]
+        nodes = engine.runners["ray"].nodes
+        await inst.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        first = inst.pid
+        write_gpus(gpu_a, {0: {"used": 6000, "processes": [(first, 6000)]}, 1: {}})
+        await wait_until(lambda: inst.id in nodes.last_run, 15)
+        # It dies; its memory stays held (a worker not gone yet): the restart must wait.
+        os.kill(first, signal.SIGKILL)
+        await inst.wait_for(lambda i: i.pid != first, timeout=10)
+        await asyncio.sleep(2.0)
+        assert inst.state == State.STARTING and inst.pid is None, (inst.state, inst.pid)
+        released = time.monotonic()
+        write_gpus(gpu_a, {0: {}, 1: {}})
+        await inst.wait_for(lambda i: i.state == State.RUNNING and i.pid not in (None, first), timeout=30)
+        print(f"restarted {time.monotonic() - released:.2f} s after its node released the GPU")
+        track.add(engine)
+        assert inst.restarts == 1
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()

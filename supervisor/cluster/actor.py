@@ -8,6 +8,7 @@ It is the backend's parent, so unlike an adopted local run its exit status is al
   `CUDA_DEVICE_ORDER` (never the ids Ray chose for the actor) and the run mark (marks.py);
 * its exit is seen through a pidfd on the actor's event loop (no polling) and handed to
   whoever awaits `wait_exit` (the driver, on behalf of the supervisor);
+* its health is probed here, on the node's 127.0.0.1 (`probe`), where the backend listens;
 * `stop` is the same sequence as a local stop: TERM to the group and to every marked
   descendant that left it, wait, KILL, before the driver `ray.kill`s the actor (which would
   SIGKILL only the direct children, and not in every path: ray-project/ray#42861, #45596).
@@ -26,6 +27,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..health import health_from_wire, probe
 from ..logfiles import LogFile
 from ..marks import MARK_ENV, Mark
 from ..procscan import ProcessTable, marked, read_proc, tree
@@ -123,6 +125,11 @@ class InstanceActor:
 
     def tail(self, log_path: str, lines: int = 20) -> list[str]:
         return LogFile(Path(log_path)).tail(lines)
+
+    async def probe(self, health: dict[str, Any], port: int) -> dict[str, Any]:
+        """The health probe, on this node's loopback (where the backend listens)."""
+        result = await probe(health_from_wire(health), port)
+        return {"ok": result.ok, "detail": result.detail}
 
     # -- stopping --------------------------------------------------------------------------
     async def stop(self, signum: int, timeout: float) -> dict[str, int | None]:

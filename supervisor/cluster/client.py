@@ -39,13 +39,14 @@ class ClusterError(Exception):
 class ClusterClient:
     def __init__(self, address: str, namespace: str, python: str, log_path: Path,
                  env: dict[str, str] | None = None, connect_timeout: float = 30.0,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, driver_args: list[str] | None = None) -> None:
         self.address = address
         self.namespace = namespace
         self.python = python
         self.log_path = log_path
         self.env = env or {}
         self.connect_timeout = connect_timeout
+        self.driver_args = driver_args or []
         self.backoff = backoff or Backoff(1.0, 2.0, 30.0, 0.1)
         self.reason: str | None = "not connected yet"
         self.nodes: list[dict[str, Any]] = []
@@ -58,6 +59,8 @@ class ClusterClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 0
         self._listeners: dict[str, Listener] = {}
+        #: Events about no actor in particular ("nodes": the node agents' samples), by type.
+        self._subscribers: dict[str, list[Listener]] = {}
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -112,6 +115,9 @@ class ClusterClient:
         if listener is None or self._listeners.get(name) is listener:
             self._listeners.pop(name, None)
 
+    def subscribe(self, event: str, listener: Listener) -> None:
+        self._subscribers.setdefault(event, []).append(listener)
+
     async def close(self) -> None:
         """End the driver (the detached actors live on); waits for it."""
         self._closing = True
@@ -147,7 +153,7 @@ class ClusterClient:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 self.python, "-m", "supervisor.cluster.driver", "--address", self.address,
-                "--namespace", self.namespace, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                "--namespace", self.namespace, *self.driver_args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=errfd, env={**os.environ, **self.env}, limit=16 << 20, start_new_session=True)
         except OSError as exc:
             return f"cannot start the Ray driver {self.python!r}: {exc}", False
@@ -199,7 +205,7 @@ class ClusterClient:
             self._tell_all({"event": "unreachable", "reason": reason})
 
     def _tell_all(self, message: dict[str, Any]) -> None:
-        for listener in list(self._listeners.values()):
+        for listener in [*self._listeners.values(), *self._subscribers.get(message["event"], ())]:
             try:
                 listener(message)
             except Exception:
@@ -213,6 +219,14 @@ class ClusterClient:
                     fut.set_result(message.get("result"))
                 else:
                     fut.set_exception(ClusterError(message.get("error") or "unknown error"))
+            return
+        subscribers = self._subscribers.get(message.get("event", ""))
+        if subscribers and "name" not in message:
+            for subscriber in subscribers:
+                try:
+                    subscriber(message)
+                except Exception:
+                    log.exception("cluster subscriber failed on a %s event", message.get("event"))
             return
         listener = self._listeners.get(message.get("name", ""))
         if listener is not None:

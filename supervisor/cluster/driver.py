@@ -12,7 +12,8 @@ Protocol, one JSON object per line:
   driver, never the actors (they are detached: a later supervisor adopts them by name);
 * out (stdout): `{"id": N, "ok": true, "result": ...}` or `{"id": N, "ok": false, "error": "..."}`,
   and events: `{"event": "ready", "nodes": [...]}`, `{"event": "exit", "name": ..., "status": {...}}`
-  (the backend exited), `{"event": "lost", "name": ..., "reason": "..."}` (its actor or node died).
+  (the backend exited), `{"event": "lost", "name": ..., "reason": "..."}` (its actor or node died),
+  `{"event": "nodes", "samples": [...]}` (every node agent's GPU sample and runs, each interval).
 Ray's own output is sent to stderr so it can never corrupt the protocol.
 """
 
@@ -31,7 +32,7 @@ _GONE = ValueError
 
 
 class Driver:
-    def __init__(self, namespace: str, out: Any) -> None:
+    def __init__(self, namespace: str, out: Any, agents: AgentOptions | None = None) -> None:
         import ray
 
         from .actor import InstanceActor
@@ -40,7 +41,11 @@ class Driver:
         self.namespace = namespace
         self.out = out
         self.actor_class = ray.remote(InstanceActor)
+        self.agents = AgentPool(self, agents or AgentOptions())
         self.watches: dict[str, asyncio.Task] = {}
+        #: Actors this driver launched or attached to: `ray.get_actor` costs a GCS round trip
+        #: (~0.1 s), too slow for a probe every few hundred milliseconds.
+        self.handles: dict[str, Any] = {}
         self.tasks: set[asyncio.Task] = set()
 
     def emit(self, message: dict[str, Any]) -> None:
@@ -61,6 +66,8 @@ class Driver:
             self.emit({"id": rid, "ok": True, "result": result})
 
     async def _actor(self, name: str) -> Any | None:
+        if name in self.handles:
+            return self.handles[name]
         try:
             return await asyncio.to_thread(self.ray.get_actor, name, namespace=self.namespace)
         except _GONE:
@@ -103,6 +110,7 @@ class Driver:
             await asyncio.to_thread(self.ray.kill, actor)
             raise
         info["node_label"] = self._label_of(info["node_id"], nodes, label_key)
+        self.handles[name] = actor
         self._watch(name, actor)
         return info
 
@@ -118,9 +126,20 @@ class Driver:
         info = await _get(actor.info.remote())
         nodes = await asyncio.to_thread(self._nodes)
         info["node_label"] = self._label_of(info["node_id"], nodes, label_key)
+        self.handles[name] = actor
         if not info["exited"]:
             self._watch(name, actor)
         return info
+
+    async def op_probe(self, name: str, health: dict[str, Any], port: int) -> dict[str, Any]:
+        """The instance's health probe, run by its actor on the node's loopback."""
+        actor = self.handles.get(name)
+        if actor is None:
+            return {"ok": False, "detail": "its actor is not attached"}
+        try:
+            return await _get(actor.probe.remote(health, port))
+        except self.ray.exceptions.RayActorError as exc:
+            return {"ok": False, "detail": f"its actor did not answer: {_lost_reason(exc)}"}
 
     async def op_stop(self, name: str, signum: int, timeout: float) -> dict[str, Any] | None:
         actor = await self._actor(name)
@@ -140,8 +159,22 @@ class Driver:
             # and the stop already swept what the run left.
             left = 0
         self._unwatch(name)
+        self.handles.pop(name, None)
         await asyncio.to_thread(self.ray.kill, actor)
         return left
+
+    async def op_reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:
+        """Stop what run `token` left, on every node (only its own node has any)."""
+        return await self.agents.reap(token, signum, timeout)
+
+    async def op_log(self, node_id: str, method: str, path: str, **args: Any) -> Any:
+        """An instance log on its node: `tail` (lines), `size`, or `read_from` (offset)."""
+        if method not in ("tail", "size", "read_from"):
+            raise ValueError(f"unknown log method {method!r}")
+        agent = self.agents.on(node_id)
+        if agent is None:
+            raise LookupError(f"no agent on node {node_id[:12]} (is the node alive?)")
+        return await _get(getattr(agent, method).remote(path, **args))
 
     async def op_list(self) -> list[str]:
         found = await asyncio.to_thread(self.ray.util.list_named_actors, all_namespaces=True)
@@ -153,6 +186,7 @@ class Driver:
         except self.ray.exceptions.RayActorError:
             status = None  # the actor is already gone: nothing left to stop gracefully
         self._unwatch(name)
+        self.handles.pop(name, None)
         await asyncio.to_thread(self.ray.kill, actor)
         return status
 
@@ -179,10 +213,87 @@ class Driver:
                 await asyncio.sleep(1.0)
                 continue
             except errors.RayActorError as exc:
+                if self.handles.get(name) is actor:
+                    del self.handles[name]
                 self.emit({"event": "lost", "name": name, "reason": _lost_reason(exc)})
                 return
             self.emit({"event": "exit", "name": name, "status": status})
             return
+
+
+class AgentOptions:
+    def __init__(self, gpu_source: str = "auto", gpu_file: str | None = None, interval: float = 1.0) -> None:
+        self.gpu_source, self.gpu_file, self.interval = gpu_source, gpu_file, interval
+
+
+class AgentPool:
+    """One node agent (`supervisor.cluster.agent`) pinned to every live node, created as nodes
+    appear; every `interval`, all of them sampled at once and the results sent to the
+    supervisor as one `{"event": "nodes", "samples": [...]}`."""
+
+    def __init__(self, driver: Driver, options: AgentOptions) -> None:
+        from .agent import NodeAgent
+
+        self.driver = driver
+        self.options = options
+        self.agent_class = driver.ray.remote(NodeAgent)
+        self.agents: dict[str, Any] = {}  # node id -> agent handle
+        self.labels: dict[str, str] = {}  # node id -> its label (or short id)
+        self.scope = driver.namespace.removeprefix("msup-")
+
+    def on(self, node_id: str) -> Any | None:
+        return self.agents.get(node_id)
+
+    def _ensure(self, nodes: list[dict[str, Any]]) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .plan import LABEL_KEY
+
+        alive = {n["id"]: n for n in nodes if n["alive"]}
+        for node_id in list(self.agents):
+            if node_id not in alive:
+                del self.agents[node_id]
+                self.labels.pop(node_id, None)
+        for node_id, node in alive.items():
+            if node_id in self.agents:
+                continue
+            label = node["labels"].get(LABEL_KEY) or node_id[:12]
+            self.labels[node_id] = label
+            # Not detached and not named: it dies with this driver, never outlives a supervisor.
+            self.agents[node_id] = self.agent_class.options(
+                num_cpus=0, max_concurrency=16, max_restarts=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self.scope, label, self.options.gpu_source, self.options.gpu_file)
+
+    async def run(self) -> None:
+        while True:
+            began = time.monotonic()
+            try:
+                self._ensure(await asyncio.to_thread(self.driver._nodes))
+                self.driver.emit({"event": "nodes", "samples": await self._sample_all()})
+            except Exception as exc:  # a GCS hiccup: the next round tries again
+                self.driver.emit({"event": "error", "error": f"node agents: {_describe(exc)}"})
+            await asyncio.sleep(max(0.05, self.options.interval - (time.monotonic() - began)))
+
+    async def _sample_all(self) -> list[dict[str, Any]]:
+        agents = list(self.agents.items())
+        results = await asyncio.gather(*(asyncio.wait_for(_get(a.sample.remote()), 30) for _, a in agents),
+                                       return_exceptions=True)
+        out = []
+        for (node_id, _), result in zip(agents, results):
+            if isinstance(result, BaseException):
+                out.append({"node_id": node_id, "label": self.labels.get(node_id, node_id[:12]),
+                            "error": "no answer" if isinstance(result, asyncio.TimeoutError) else _describe(result)})
+            else:
+                out.append(result)
+        return out
+
+    async def reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:
+        agents = list(self.agents.items())
+        results = await asyncio.gather(*(_get(a.reap.remote(token, signum, timeout)) for _, a in agents),
+                                       return_exceptions=True)
+        return {self.labels.get(node_id, node_id[:12]): result for (node_id, _), result in zip(agents, results)
+                if not isinstance(result, BaseException) and result}
 
 
 async def _get(ref: Any) -> Any:
@@ -221,8 +332,11 @@ async def serve(args: argparse.Namespace, out: Any) -> None:
 
     began = time.monotonic()
     ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level="WARNING")
-    driver = Driver(args.namespace, out)
+    agents = AgentOptions(args.gpu_source, args.gpu_file, args.sample_interval)
+    driver = Driver(args.namespace, out, agents)
     driver.emit({"event": "ready", "nodes": await driver.op_nodes(), "seconds": round(time.monotonic() - began, 3)})
+    sampler = asyncio.ensure_future(driver.agents.run())
+    sampler.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=16 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -244,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m supervisor.cluster.driver")
     parser.add_argument("--address", required=True)
     parser.add_argument("--namespace", required=True)
+    parser.add_argument("--gpu-source", default="auto", help="what the node agents sample (the gpu_source setting)")
+    parser.add_argument("--gpu-file", default=None, help="simulated GPU file; {node} becomes each node's label")
+    parser.add_argument("--sample-interval", type=float, default=1.0, help="seconds between node samples")
     args = parser.parse_args(argv)
     # The protocol gets a private copy of stdout; fd 1 becomes stderr, so nothing Ray or a
     # library prints can land between two protocol lines.

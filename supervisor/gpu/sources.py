@@ -624,6 +624,12 @@ class NoGpuSource:
 SourceKind = Literal["auto", "nvml", "simulated", "none"]
 
 
+def node_file(path: Path | str | None, node: str) -> Path | None:
+    """The simulated GPU file of one node: `{node}` in the path becomes its label ("local" for
+    the supervisor's own machine), so one setting simulates different GPUs per cluster node."""
+    return Path(str(path).replace("{node}", node)) if path is not None else None
+
+
 def open_source(kind: SourceKind | str, simulated_file: Path | None) -> tuple[GpuSource, str | None]:
     """An *opened* source for the `gpu_source` setting, and why it is degraded (None if not).
 

@@ -13,13 +13,17 @@ or whose cluster stays unreachable longer than `unreachable_grace`, ends with a
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..cluster.client import ClusterClient, ClusterError, ClusterUnreachable
+from ..cluster.nodes import ClusterNodes
 from ..cluster.plan import LABEL_KEY, ClusterLaunch
-from ..logfiles import LogFile
+from ..desired import ResolvedHealth
+from ..health import ProbeResult, health_to_wire
+from ..logfiles import LogFile, LogUnavailable
 from ..marks import new_token
 from ..procscan import ProcessTable, marked
 from ..states import ExitStatus
@@ -126,6 +130,26 @@ class RayHandle:
         if not self._exit.done():
             self._exit.set_result(status)
 
+    # -- health ------------------------------------------------------------------------------
+    async def probe(self, health: ResolvedHealth, port: int) -> ProbeResult:
+        """The probe runs in the actor, on the node's loopback: the backend's port is the
+        node's, and it may listen on 127.0.0.1 only."""
+        while True:
+            try:
+                answer = await self._runner.client.call("probe", name=self.name, health=health_to_wire(health),
+                                                        port=port, wait=0)
+                break
+            except ClusterUnreachable:
+                # Not the backend's fault: the run either re-attaches or fails with "cluster
+                # unreachable" when its grace ends (which cancels this probe).
+                while not self._runner.client.up and not self.exited:
+                    await asyncio.sleep(0.5)
+                if self.exited:
+                    return ProbeResult(False, f"its run on {self.where()} ended")
+            except ClusterError as exc:
+                return ProbeResult(False, f"cannot probe on {self.where()}: {exc}")
+        return ProbeResult(bool(answer.get("ok")), f"{answer.get('detail')} (on {self.where()})")
+
     # -- stopping ------------------------------------------------------------------------------
     async def stop(self, signum: int, timeout: float) -> ExitStatus:
         try:
@@ -140,7 +164,7 @@ class RayHandle:
             self._finish(ExitStatus(**status) if status else ClusterExit(reason=f"its actor on {self.where()} was gone"))
         self._runner.client.unlisten(self.name, self._on_event)
         if self._lost:
-            await self._runner.reap_here(self.token, signum, timeout)
+            await self._runner.reap_lost(self.token, signum, timeout)
         return await self.wait()
 
     async def cleanup(self, signum: int, timeout: float) -> None:
@@ -149,7 +173,7 @@ class RayHandle:
         on this machine is reaped here."""
         self._runner.client.unlisten(self.name, self._on_event)
         if self._lost:
-            await self._runner.reap_here(self.token, signum, timeout)
+            await self._runner.reap_lost(self.token, signum, timeout)
             return
         try:
             await self._runner.client.call("cleanup", name=self.name, signum=signum, timeout=timeout, wait=0)
@@ -162,16 +186,43 @@ class RayHandle:
                 "node": self.node, "host": self.host}
 
 
+class RemoteLog:
+    """An instance's log file on its node, read by the node's agent (`LocalLog`'s interface)."""
+
+    def __init__(self, client: ClusterClient, node_id: str, path: str) -> None:
+        self.client, self.node_id, self.path = client, node_id, path
+
+    async def _call(self, method: str, **args: Any) -> Any:
+        try:
+            return await self.client.call("log", node_id=self.node_id, method=method, path=self.path, wait=0, **args)
+        except (ClusterUnreachable, ClusterError) as exc:
+            raise LogUnavailable(f"the log is on node {self.node_id[:12]}, which cannot be read now: {exc}") from None
+
+    async def tail(self, lines: int) -> list[str]:
+        return await self._call("tail", lines=lines)
+
+    async def size(self) -> int:
+        return await self._call("size")
+
+    async def read_from(self, offset: int) -> tuple[bytes, int, int]:
+        got = await self._call("read_from", offset=offset)
+        return base64.b64decode(got["data"]), got["offset"], got["inode"]
+
+
 class RayRunner:
     name = "ray"
 
     def __init__(self, client: ClusterClient, scope: str, placement_timeout: float = 30.0,
-                 unreachable_grace: float = 30.0, table: ProcessTable | None = None) -> None:
+                 unreachable_grace: float = 30.0, table: ProcessTable | None = None,
+                 release_timeout: float = 30.0) -> None:
         self.client = client
         self.scope = scope
         self.placement_timeout = placement_timeout
         self.unreachable_grace = unreachable_grace
         self.table = table or ProcessTable()
+        self.nodes = ClusterNodes(client, release_timeout)
+        #: instance id -> (node id, log path) of its latest run: where its log is read.
+        self.log_places: dict[str, tuple[str, str]] = {}
 
     def unavailable_reason(self) -> str | None:
         return None if self.client.up else f"cluster unreachable: {self.client.reason}"
@@ -181,6 +232,7 @@ class RayRunner:
         self.client.ensure_started()
 
     async def close(self) -> None:
+        await self.nodes.close()
         await self.client.close()
 
     async def adoptable(self, plan: ClusterLaunch, instance_id: str) -> bool:
@@ -206,6 +258,7 @@ class RayRunner:
             log.info("%s: its actor no longer runs the recorded backend (pid %s); replacing it", instance_id,
                      record.get("pid"))
             return None  # the launch replaces the actor (it stops any actor of this name first)
+        self.log_places[instance_id] = (info.get("node_id") or "", str(log_file.path.absolute()))
         return RayHandle(self, name, info, adopted=True)
 
     async def launch(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str = "",
@@ -226,13 +279,27 @@ class RayRunner:
             raise LaunchError(f"cluster unreachable: {exc}") from None
         except ClusterError as exc:
             raise LaunchError(str(exc)) from None
+        self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
         return RayHandle(self, instance_id, info, adopted=False)
 
-    async def reap_here(self, token: str, signum: int, timeout: float) -> None:
-        """The reaper for a lost run whose node is this machine (the test rig, a head that is
-        also a worker): its processes carry the run's mark. Remote nodes need their own agent."""
+    def log_of(self, instance_id: str) -> RemoteLog | None:
+        """Where the API reads the instance's log: on the node of its latest run."""
+        place = self.log_places.get(instance_id)
+        return RemoteLog(self.client, *place) if place is not None else None
+
+    async def reap_lost(self, token: str, signum: int, timeout: float) -> None:
+        """A lost run's processes, stopped by their mark: by the node agents (a node that was
+        lost has no agent until it rejoins; then the reaper in `ClusterNodes` finds the run),
+        and on this machine, which need not be a node."""
         if not token:
             return
+        stopped = await self.nodes.reap(token, signum, timeout)
+        if stopped:
+            log.warning("the node agents stopped what the lost run %s left: %s", token, stopped)
+        await self.reap_here(token, signum, timeout)
+
+    async def reap_here(self, token: str, signum: int, timeout: float) -> None:
+        """What a lost run left on this machine (a head that is also a worker, the test rig)."""
         table = await self.table.snapshot()
         victims = marked(table, self.scope, token)
         if victims:
@@ -248,5 +315,14 @@ def from_settings(settings: Any, scope: str, table: ProcessTable | None = None) 
         address=settings.ray_address, namespace=f"msup-{scope}", python=settings.ray_python or sys.executable,
         log_path=settings.state_dir / "logs" / "ray-driver.log",
         env={"RAY_gcs_rpc_server_reconnect_timeout_s": str(settings.ray_reconnect_timeout)},
-        connect_timeout=max(10.0, settings.ray_placement_timeout))
-    return RayRunner(client, scope, settings.ray_placement_timeout, settings.ray_unreachable_grace, table)
+        connect_timeout=max(10.0, settings.ray_placement_timeout), driver_args=_agent_args(settings))
+    return RayRunner(client, scope, settings.ray_placement_timeout, settings.ray_unreachable_grace, table,
+                     settings.gpu_release_timeout)
+
+
+def _agent_args(settings: Any) -> list[str]:
+    """What the node agents sample, as the driver's arguments: this machine's GPU settings."""
+    args = ["--gpu-source", settings.gpu_source, "--sample-interval", str(settings.gpu_sample_interval)]
+    if settings.gpu_simulated_file is not None:
+        args += ["--gpu-file", str(settings.gpu_simulated_file)]
+    return args

@@ -18,6 +18,7 @@ ERRORS: dict[int, tuple[type[BaseModel], str]] = {
     409: (ErrorBody, "conflicts with the declared state"),
     422: (ValidationErrorBody, "invalid request (detail lists each bad field with its location)"),
     502: (ErrorBody, "the backend failed to start"),
+    503: (ErrorBody, "not available now (e.g. the log is on a cluster node that cannot be reached)"),
 }
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections import Counter
+from typing import Any
 from urllib.parse import unquote
 
 from sanic import Blueprint, Request, Sanic
@@ -16,7 +17,7 @@ from sanic_ext import openapi
 
 from ... import __version__
 from ...control import NotFound
-from ...logfiles import LogFile
+from ...logfiles import LogFile, LogUnavailable
 from ...storage import StateDirHealth
 from ..errors import error_response, parse_bool, parse_int, query
 from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
@@ -24,7 +25,8 @@ from . import Parameter, dashboard, responses
 
 bp = Blueprint("system", url_prefix="/api/v1")
 
-INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@(cpu|gpu\d+(-\d+)*)$")
+#: `demo@cpu`, `llama@gpu0-1`; in cluster mode `llama@gpu-a:gpu1` (a node label, spec.NODE_LABEL_RE).
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@([a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?:)?(cpu|gpu\d+(-\d+)*)$")
 HEARTBEAT = 15.0
 FOLLOW_POLL = 0.2  # a followed log is checked for growth this often
 
@@ -48,6 +50,8 @@ def health_body(app: Sanic) -> dict:
         # How a run's processes are kept together: "cgroup", "mark+subreaper" or "mark".
         "containment": engine.containment(),
         "containment_note": engine.containment_note,
+        # Cluster mode: every node its agent reports on (label, host, GPU source, errors).
+        **({"nodes": app.ctx.gpus.cluster_nodes.nodes()} if app.ctx.gpus.cluster_nodes is not None else {}),
     }
 
 
@@ -140,7 +144,7 @@ async def reload(request: Request) -> HTTPResponse:
                          description="how many lines (default 100)"),
                Parameter("follow", {"type": "boolean"}, "query",
                          description="keep streaming what is appended (across rotation) until the client leaves")],
-    response=responses({200: (None, "log lines, oldest first")}, 404, 422),
+    response=responses({200: (None, "log lines, oldest first")}, 404, 422, 503),
 )
 async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | None:
     instance_id = unquote(instance_id)  # "demo%40cpu" from clients that encode the "@"
@@ -155,23 +159,32 @@ async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | No
     log_file = inst.log_file if inst else LogFile(engine.settings.state_dir / "logs" / f"{instance_id}.log")
     if inst is None and not log_file.path.exists():
         raise NotFound(f"no instance {instance_id!r}")
-    if not follow:
-        lines = await asyncio.to_thread(log_file.tail, tail)
-        return text("".join(line + "\n" for line in lines))
-    return await _follow(request, log_file, tail)
+    reader = engine.log_reader(instance_id, log_file)  # on a cluster node: read by its agent
+    try:
+        if not follow:
+            lines = await reader.tail(tail)
+            return text("".join(line + "\n" for line in lines))
+        offset = await reader.size()
+        lines = await reader.tail(tail)
+    except LogUnavailable as exc:
+        return error_response(503, str(exc))
+    return await _follow(request, reader, offset, lines)
 
 
-async def _follow(request: Request, log_file: LogFile, tail: int) -> None:
+async def _follow(request: Request, reader: Any, offset: int, lines: list[str]) -> None:
     closing: asyncio.Event = request.app.ctx.closing
     response = await request.respond(content_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
-    offset = await asyncio.to_thread(log_file.size)
-    lines = await asyncio.to_thread(log_file.tail, tail)
     await response.send("".join(line + "\n" for line in lines))
     inode = None
     while not closing.is_set() and not request.transport.is_closing():
-        data, new_offset, new_inode = await asyncio.to_thread(log_file.read_from, offset)
-        if inode is not None and new_inode != inode:  # replaced (rename rotation): start over
-            data, new_offset, new_inode = await asyncio.to_thread(log_file.read_from, 0)
+        try:
+            data, new_offset, new_inode = await reader.read_from(offset)
+            if inode is not None and new_inode != inode:  # replaced (rename rotation): start over
+                data, new_offset, new_inode = await reader.read_from(0)
+        except LogUnavailable as exc:
+            await response.send(f"[model-supervisor] {exc}; retrying\n")
+            await asyncio.sleep(1.0)
+            continue
         inode, offset = new_inode, new_offset
         if data:
             await response.send(data)

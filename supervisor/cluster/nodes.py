@@ -1,0 +1,270 @@
+"""What the supervisor knows about the cluster's nodes, from their agents' samples.
+
+Every `interval` the driver sends one sample per node (`supervisor.cluster.agent`): its GPUs
+(the same GPU source code as this machine's) and the processes of every run of this scope by
+run mark. From them, on the event loop and without waiting for anything:
+
+* ownership: a GPU process belongs to the instance whose live run's mark it carries; the rest
+  are strays of that node (reported, with the node, in /api/v1/gpus/strays);
+* the GPU-gated restart per node (`gate`): a run on a node restarts on the same GPUs only
+  once its previous processes are off them and their memory is free (`gpu_release_timeout`);
+* the reaper: a run seen on a node in `REAP_AFTER` samples in a row and at least `REAP_MIN_AGE`
+  seconds, that no instance owns (a lost node's backend that outlived its actor, an actor
+  killed behind our back), is stopped there by its mark, and logged.
+
+`is_live(token, instance)` is the engine's answer to "is this run one of ours now?".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
+from ..gpu.release import still_held
+from .client import ClusterClient, ClusterError, ClusterUnreachable
+from .plan import ClusterLaunch
+
+log = logging.getLogger(__name__)
+
+#: A run nobody owns is reaped once seen in this many samples in a row, spanning at least
+#: REAP_MIN_AGE seconds: a launch in flight or an adoption under way is never mistaken for one.
+REAP_AFTER = 3
+REAP_MIN_AGE = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRun:
+    instance: str
+    pids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class NodeSample:
+    node_id: str
+    label: str
+    host: str | None
+    snapshot: GpuSnapshot
+    runs: dict[str, NodeRun]  # token -> the run's processes on this node
+    error: str | None = None
+
+
+@dataclass
+class _LastRun:
+    node: str
+    pids: set[int]
+    memory_mib: dict[int, int] = field(default_factory=dict)
+
+
+def snapshot_from_wire(sample: dict[str, Any]) -> GpuSnapshot:
+    devices = tuple(GpuDevice(
+        index=d["index"], uuid=d.get("uuid"), name=d.get("name"), memory_total_mib=d.get("memory_total_mib"),
+        memory_used_mib=d.get("memory_used_mib"), power_draw_w=d.get("power_draw_w"),
+        power_limit_w=d.get("power_limit_w"), utilization_percent=d.get("utilization_percent"),
+        memory_utilization_percent=d.get("memory_utilization_percent"), temperature_c=d.get("temperature_c"),
+        processes=tuple(GpuProcess(p["pid"], p.get("name"), p.get("used_memory_mib"), p.get("kind", "compute"))
+                        for p in d.get("processes", ())),
+        errors=dict(d.get("errors") or {})) for d in sample.get("devices", ()))
+    sampled = sample.get("sampled_at")
+    return GpuSnapshot(source=sample.get("source", "none"), devices=devices, reason=sample.get("reason"),
+                       sampled_at=datetime.fromtimestamp(sampled, timezone.utc) if sampled else None,
+                       sample_seconds=sample.get("sample_seconds"), simulated=bool(sample.get("simulated")),
+                       driver_version=sample.get("driver_version"))
+
+
+def unowned_runs(runs: dict[str, NodeRun], is_live: Callable[[str, str], bool], seen: dict[str, tuple[int, float]],
+                 now: float) -> list[str]:
+    """Tokens of runs to reap now; updates `seen` (token -> samples in a row, first seen)."""
+    due = []
+    for token in list(seen):
+        if token not in runs:
+            del seen[token]
+    for token, run in runs.items():
+        if is_live(token, run.instance):
+            seen.pop(token, None)
+            continue
+        count, first = seen.get(token, (0, now))
+        seen[token] = (count + 1, first)
+        if count + 1 >= REAP_AFTER and now - first >= REAP_MIN_AGE:
+            due.append(token)
+    return due
+
+
+class ClusterNodes:
+    def __init__(self, client: ClusterClient, release_timeout: float = 30.0) -> None:
+        self.client = client
+        self.release_timeout = release_timeout
+        self.samples: dict[str, NodeSample] = {}  # label -> latest sample
+        #: Set by the engine; until then no run is ever taken for unowned.
+        self.is_live: Callable[[str, str], bool] = lambda token, instance: True
+        self.on_reaped: Callable[[str, str, dict[str, list[int]]], None] | None = None
+        self.last_run: dict[str, _LastRun] = {}
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (label, token) -> count, first
+        self._reaping: set[str] = set()
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        client.subscribe("nodes", self._on_nodes)
+        client.subscribe("unreachable", lambda _m: self.samples.clear())
+
+    # -- samples -------------------------------------------------------------------------------
+    def _on_nodes(self, message: dict[str, Any]) -> None:
+        samples: dict[str, NodeSample] = {}
+        for raw in message.get("samples", ()):
+            label = raw.get("label") or str(raw.get("node_id", ""))[:12]
+            if raw.get("error"):
+                old = self.samples.get(label)
+                snap = old.snapshot if old is not None else snapshot_from_wire({"reason": raw["error"]})
+                samples[label] = NodeSample(raw.get("node_id", ""), label, None, snap, {}, raw["error"])
+                continue
+            runs = {token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
+                    for token, r in (raw.get("runs") or {}).items()}
+            samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs)
+        self.samples = samples
+        self._remember_runs()
+        self._find_unowned()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def owners(self, sample: NodeSample) -> dict[int, str]:
+        """GPU pid on that node -> instance id, for runs that are live."""
+        out = {}
+        for token, run in sample.runs.items():
+            if self.is_live(token, run.instance):
+                for pid in run.pids:
+                    out[pid] = run.instance
+        return out
+
+    def _remember_runs(self) -> None:
+        for label, sample in self.samples.items():
+            owners = self.owners(sample)
+            seen: dict[str, _LastRun] = {}
+            for d in sample.snapshot.devices:
+                for p in d.processes:
+                    owner = owners.get(p.pid)
+                    if owner is not None:
+                        run = seen.setdefault(owner, _LastRun(label, set()))
+                        run.pids.add(p.pid)
+                        run.memory_mib[d.index] = run.memory_mib.get(d.index, 0) + (p.used_memory_mib or 0)
+            self.last_run.update(seen)  # kept after the run ends: the gate needs it then
+
+    # -- the reaper ------------------------------------------------------------------------------
+    def _find_unowned(self) -> None:
+        now = time.monotonic()
+        for label, sample in self.samples.items():
+            seen = {tok: v for (lab, tok), v in self._seen.items() if lab == label}
+            due = unowned_runs(sample.runs, self.is_live, seen, now)
+            self._seen = {k: v for k, v in self._seen.items() if k[0] != label} | {(label, t): v for t, v in seen.items()}
+            for token in due:
+                if token not in self._reaping:
+                    self._reaping.add(token)
+                    run = sample.runs[token]
+                    self._spawn(self._reap(label, token, run))
+
+    async def _reap(self, label: str, token: str, run: NodeRun) -> None:
+        log.warning("node %s: run %s of %s (pids %s) belongs to no instance any more: stopping it", label, token,
+                    run.instance or "?", list(run.pids))
+        try:
+            stopped = await self.client.call("reap", token=token, signum=15, timeout=10.0, wait=0)
+        except (ClusterUnreachable, ClusterError) as exc:
+            log.warning("node %s: could not reap run %s: %s", label, token, exc)
+            stopped = {}
+        finally:
+            self._reaping.discard(token)
+        if self.on_reaped is not None:
+            self.on_reaped(run.instance, token, stopped)
+
+    async def reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:
+        """Stop run `token` wherever an agent finds it (a lost run, from the runner)."""
+        try:
+            return await self.client.call("reap", token=token, signum=signum, timeout=timeout, wait=0)
+        except (ClusterUnreachable, ClusterError) as exc:
+            log.warning("could not reap run %s on the nodes: %s", token, exc)
+            return {}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- GPU-gated restart ------------------------------------------------------------------------
+    async def gate(self, inst: Any, spec: Any) -> None:
+        """Before a start of a cluster run on GPUs: wait until its previous run on that node let
+        go of them (a prestart check, like the local GPU tracker's)."""
+        if not isinstance(spec.launch, ClusterLaunch) or not spec.gpus:
+            return
+        last = self.last_run.pop(spec.id, None)
+        if last is None or last.node not in self.samples:
+            return
+        began = time.monotonic()
+        deadline = began + self.release_timeout
+        while True:
+            sample = self.samples.get(last.node)
+            if sample is None:
+                return  # the node is gone: nothing there to wait for
+            holding = still_held(sample.snapshot, spec.gpus, last.pids, last.memory_mib)
+            if not holding:
+                if time.monotonic() - began > 0.01:
+                    log.info("%s: GPU memory of the previous run on node %s released after %.2f s", spec.id,
+                             last.node, time.monotonic() - began)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("%s: starting anyway after %g s; still held on node %s: %s", spec.id,
+                            self.release_timeout, last.node, "; ".join(holding))
+                return
+            log.info("%s: waiting for node %s to release its GPUs (%s)", spec.id, last.node, "; ".join(holding))
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- views ------------------------------------------------------------------------------------
+    def gpu_infos(self) -> list[dict[str, Any]]:
+        """The remote nodes' GPUs, in /api/v1/gpus' shape, each with its node."""
+        out = []
+        for label in sorted(self.samples):
+            sample = self.samples[label]
+            snap, owners = sample.snapshot, self.owners(sample)
+            for d in snap.devices:
+                out.append({
+                    "id": d.index, "node": label,
+                    "memory_usage": round(d.memory_used_percent, 2) if d.memory_used_percent is not None else None,
+                    "power_draw": d.power_draw_w,
+                    "processes": [{"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
+                                   "instance_id": owners.get(p.pid), "type": p.kind} for p in d.processes],
+                    "uuid": d.uuid, "name": d.name, "memory_total": d.memory_total_mib,
+                    "memory_used": d.memory_used_mib, "power_limit": d.power_limit_w,
+                    "utilization": d.utilization_percent, "memory_utilization": d.memory_utilization_percent,
+                    "temperature": d.temperature_c,
+                    "sampled_at": snap.sampled_at.isoformat() if snap.sampled_at else None,
+                    "source": snap.source, "simulated": snap.simulated, "errors": dict(d.errors),
+                })
+        return out
+
+    def strays(self) -> list[dict[str, Any]]:
+        out = []
+        for label in sorted(self.samples):
+            sample = self.samples[label]
+            owners = self.owners(sample)
+            for d in sample.snapshot.devices:
+                for p in d.processes:
+                    if p.pid not in owners:
+                        out.append({"pid": p.pid, "gpu": d.index, "node": label, "name": p.name, "user": None,
+                                    "gpu_memory_usage": p.used_memory_mib, "policy": "report", "action": "reported"})
+        return out
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """One line per node for /healthz: its label, host, GPU source, and what is wrong."""
+        return [{"node": s.label, "node_id": s.node_id, "host": s.host, "gpu_source": s.snapshot.source,
+                 "gpus": len(s.snapshot.devices), "runs": len(s.runs), "error": s.error or s.snapshot.reason}
+                for s in (self.samples[k] for k in sorted(self.samples))]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -263,6 +263,14 @@ class Engine:
                     and (spec is None or not spec.enabled)):
                 timeout = spec.stop.timeout if spec is not None else self.defaults.stop.timeout
                 self.spawn_background(docker.remove_stale(iid, timeout), f"remove leftover container of {iid}")
+        ray = self.runners.get("ray")
+        if ray is not None and hasattr(ray, "sweep_actors"):
+            # Cluster runs of declarations removed or disabled while we were down, recorded or
+            # not (a record is lost with its state dir): their actors hold GPUs in Ray.
+            keep = {iid for iid, spec in catalog.instances.items()
+                    if spec.enabled and getattr(spec.launch, "runner", None) == "ray"} | set(decision.deferred)
+            self.spawn_background(ray.sweep_actors(keep, self._launched_here, bool(broken), self.defaults.stop.timeout),
+                                  "stop the actors no declaration wants")
         for iid in decision.deferred:
             log.warning("%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
                         iid, decision.deferred[iid].get("pid"))
@@ -405,6 +413,10 @@ class Engine:
             if remote is not None:
                 return remote
         return LocalLog(log_file)
+
+    def _launched_here(self, iid: str) -> bool:
+        inst = self.instances.get(iid) or self.removing.get(iid)
+        return inst is not None and (inst.spawning or inst.pid is not None)
 
     def _reaped(self, instance_id: str, token: str, stopped: dict[str, list[int]]) -> None:
         self.bus.publish("reaped", {"instance": instance_id, "run": token, "stopped": stopped})

@@ -686,3 +686,46 @@ async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, 
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
+
+
+@needs_ray
+async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(tmp_path, rig, monkeypatch) -> None:
+    docs = [declaration("stays", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
+            declaration("gone", demo_cmd(), node="gpu-b", gpus=[0], health=HEALTH),
+            declaration("norecord", demo_cmd(), node="gpu-b", health=HEALTH),
+            declaration("off", demo_cmd(), node="gpu-a", health=HEALTH)]
+    engine = await started(tmp_path, rig, monkeypatch, docs)
+    track = Tracker()
+    second = None
+    try:
+        ids = ["stays@gpu-a:gpu0", "gone@gpu-b:gpu0", "norecord@gpu-b:cpu", "off@gpu-a:cpu"]
+        for iid in ids:
+            await engine.instances[iid].wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        pids = {iid: engine.instances[iid].pid for iid in ids}
+        conf, state = engine.settings.conf_dir, engine.settings.state_dir
+        await asyncio.wait_for(engine.shutdown(keep_running=True), 60)  # an upgrade: all left running
+        assert all(alive(p) for p in pids.values())
+        # While it is down: one declaration removed, one removed and its run record lost too,
+        # one disabled.
+        (conf / "gone.toml").unlink()
+        (conf / "norecord.toml").unlink()
+        (state / "run" / "norecord@gpu-b:cpu.json").unlink()
+        write_decl(conf, declaration("off", demo_cmd(), node="gpu-a", health=HEALTH, enabled=False))
+        second = Engine(engine.settings)
+        await second.start()
+        stays = second.instances["stays@gpu-a:gpu0"]
+        await stays.wait_state(State.RUNNING, timeout=60)
+        assert stays.pid == pids["stays@gpu-a:gpu0"] and stays.restarts == 0  # adopted
+        client = second.runners["ray"].client
+        deadline = time.monotonic() + 30
+        while await client.call("list") != ["stays@gpu-a:gpu0"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await client.call("list") == ["stays@gpu-a:gpu0"]
+        wait_for_dead({pids[i] for i in ids[1:]}, 15)
+    finally:
+        if second is not None:
+            await asyncio.wait_for(second.shutdown(), 60)
+        else:
+            await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +282,34 @@ class RayRunner:
             raise LaunchError(str(exc)) from None
         self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
         return RayHandle(self, instance_id, info, adopted=False)
+
+    async def sweep_actors(self, keep: set[str], launched_here: Callable[[str], bool], broken_files: bool,
+                           timeout: float) -> None:
+        """At start-up: stop every actor of our namespace that no declaration wants (removed or
+        disabled while the supervisor was down, with or without a run record). While a file is
+        broken its instances are unknown, so then nothing without a record is touched."""
+        while True:
+            try:
+                names = await self.client.call("list")
+                break
+            except ClusterUnreachable:
+                await asyncio.sleep(10.0)  # the driver reconnects with backoff meanwhile
+            except ClusterError as exc:
+                log.warning("cannot list the cluster's actors: %s", exc)
+                return
+        for name in names:
+            if name in keep or launched_here(name):
+                continue
+            if broken_files:
+                log.warning("actor %s: no valid declaration wants it, but a file in conf.d is broken; left alone",
+                            name)
+                continue
+            log.warning("actor %s: no declaration wants it any more (removed or disabled while the supervisor "
+                        "was down); stopping it and its backend", name)
+            try:
+                await self.client.call("stop", name=name, signum=15, timeout=timeout)
+            except (ClusterUnreachable, ClusterError) as exc:
+                log.warning("actor %s: could not stop it: %s", name, exc)
 
     def log_of(self, instance_id: str) -> RemoteLog | None:
         """Where the API reads the instance's log: on the node of its latest run."""

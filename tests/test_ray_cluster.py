@@ -729,3 +729,43 @@ async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(tm
         else:
             await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
+
+
+@needs_ray
+def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, rig, request) -> None:
+    """In a real Chromium against a cluster-mode `serve`: one card per GPU per node, the owner
+    of a remote GPU process, a remote stray highlighted but not killable from this machine."""
+    from .browser_helpers import Server, browser, demo_declaration, expect
+
+    simulated_nodes(tmp_path)
+    stranger = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"])
+    server = Server(tmp_path)
+    pids: set[int] = {stranger.pid}
+    try:
+        server.declare(demo_declaration("far", node="gpu-a", gpus=[1]))
+        server.start(MODEL_SUPERVISOR_CLUSTER="ray", MODEL_SUPERVISOR_RAY_ADDRESS=rig["cluster"].address,
+                     MODEL_SUPERVISOR_RAY_PYTHON=str(rig["python"]), MODEL_SUPERVISOR_GPU_SOURCE="simulated",
+                     MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(tmp_path / "gpus-{node}.toml"),
+                     MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.25")
+        far = server.wait_state("far@gpu-a:gpu1", "RUNNING", timeout=60)["pid"]
+        pids.add(far)
+        write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {}, 1: {"processes": [(far, 3072)]}})
+        write_gpus(tmp_path / "gpus-gpu-b.toml", {0: {"processes": [(stranger.pid, 256)]}, 1: {}})
+        with browser(request, server) as ui:
+            page = ui.page
+            page.goto(server.url + "/")
+            expect(page.locator("article.gpu")).to_have_count(6)  # 2 here, 2 on each node
+            card = page.locator('article[data-node="gpu-a"][data-gpu="1"]')
+            expect(card.locator(".badge.node")).to_have_text("gpu-a")
+            expect(card.locator(f'tr[data-pid="{far}"] .owner')).to_have_text("far@gpu-a:gpu1", timeout=15_000)
+            stray = page.locator(f'article[data-node="gpu-b"][data-gpu="0"] tr[data-pid="{stranger.pid}"]')
+            expect(stray.locator(".owner")).to_have_text("stray", timeout=15_000)
+            expect(stray.locator("[data-action=kill]")).to_be_hidden()
+            expect(page.locator('article.gpu:not([data-node]) .plots')).to_have_count(2)  # history: here only
+            expect(ui.row("far@gpu-a:gpu1").locator("[data-field=gpus]")).to_have_text("gpu-a: 1")
+            assert ui.console_errors == []
+    finally:
+        server.stop()
+        stranger.kill()
+        stranger.wait()
+    wait_for_dead(pids, 15)

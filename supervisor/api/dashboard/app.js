@@ -300,7 +300,8 @@ function updateRow(tr, entry) {
   setText(c.uptime, up === null ? "—" : duration(up));
   setText(c.port, item.port ?? "—");
   const gpus = item.gpu_ids || [];
-  setText(c.gpus, gpus.length ? gpus.join(", ") : "cpu");
+  // Cluster mode: where it runs, e.g. "gpu-a: 1" (GPU ids are the node's).
+  setText(c.gpus, `${item.node ? `${item.node}: ` : ""}${gpus.length ? gpus.join(", ") : "cpu"}`);
   setText(c.memory, gpus.length && item.gpu_memory_mib !== null && item.gpu_memory_mib !== undefined ? `${item.gpu_memory_mib} MiB` : "—");
   const wanted = item.desired === "running";
   const stopped = ["STOPPED", "EXITED", "FATAL"].includes(item.state);
@@ -392,8 +393,10 @@ function applyGpuSample(ev) {
   }
   gpuEventAt = performance.now();
   recordGpuSample(ev);
-  const known = new Map(gpuList.map((g) => [g.id, g]));
-  let changed = ev.gpus.length !== gpuList.length;
+  // Samples are this machine's; a cluster node's GPUs (g.node) come with the full fetch.
+  const local = gpuList.filter((g) => !g.node);
+  const known = new Map(local.map((g) => [g.id, g]));
+  let changed = ev.gpus.length !== local.length;
   for (const sample of ev.gpus) {
     const gpu = known.get(sample.id);
     if (!gpu) {
@@ -408,6 +411,9 @@ function applyGpuSample(ev) {
   renderGpus(gpuList);
   if (changed) refreshGpus(); // a process came or went: the summary has no pids
 }
+
+/** A card's key: GPU ids repeat across cluster nodes. */
+const gpuKey = (gpu) => (gpu.node ? `${gpu.node}:${gpu.id}` : String(gpu.id));
 
 const mib = (n) => (n >= 1024 ? `${(n / 1024).toFixed(1)} GiB` : `${n} MiB`);
 const num = (v, unit, digits = 0) => (v === null || v === undefined ? "—" : `${Number(v).toFixed(digits)} ${unit}`);
@@ -427,11 +433,12 @@ function renderGpus(gpus) {
   const box = $("#gpus");
   const seen = new Set();
   for (const gpu of gpus) {
-    seen.add(gpu.id);
-    let card = cards.get(gpu.id);
+    const key = gpuKey(gpu);
+    seen.add(key);
+    let card = cards.get(key);
     if (!card) {
-      card = createCard(gpu.id);
-      cards.set(gpu.id, card);
+      card = createCard(gpu.id, gpu.node);
+      cards.set(key, card);
       box.append(card);
     }
     updateCard(card, gpu);
@@ -444,8 +451,9 @@ function renderGpus(gpus) {
   }
 }
 
-function createCard(id) {
+function createCard(id, node) {
   const p = {
+    node: node || null,
     name: h("span", { class: "muted" }),
     sim: h("span", { class: "badge sim", hidden: true }, "simulated"),
     fill: h("span", {}),
@@ -462,11 +470,11 @@ function createCard(id) {
     h("thead", {}, h("tr", {}, h("th", {}, "PID"), h("th", {}, "Process"), h("th", { class: "num" }, "Memory"),
       h("th", {}, "Owner"), h("th", {}, ""))),
     p.procs);
-  const card = h("article", { class: "gpu", "data-gpu": id },
-    h("h3", {}, `GPU ${id}`, p.name, p.sim),
+  const card = h("article", { class: "gpu", "data-gpu": id, "data-node": node || null },
+    h("h3", {}, node ? h("span", { class: "badge node", title: "cluster node" }, node) : null, `GPU ${id}`, p.name, p.sim),
     p.bar,
     h("div", { class: "facts" }, p.memory, p.power, p.util, p.temp),
-    createPlots(id, p),
+    node ? null : createPlots(id, p), // the 15-minute history is this machine's
     p.errors,
     p.table);
   card.parts = p;
@@ -492,7 +500,7 @@ function updateCard(card, gpu) {
   setText(p.util, `Util ${num(gpu.utilization, "%")}`);
   setText(p.temp, `Temp ${num(gpu.temperature, "°C")}`);
   p.powerLimit = gpu.power_limit;
-  drawPlots(gpu.id, p);
+  if (!p.node) drawPlots(gpu.id, p);
   const errors = Object.entries(gpu.errors || {});
   p.errors.hidden = errors.length === 0;
   setText(p.errors, errors.map(([field, why]) => `${field}: ${why}`).join(" · "));
@@ -504,7 +512,7 @@ function updateCard(card, gpu) {
     seen.add(proc.pid);
     let tr = p.rows.get(proc.pid);
     if (!tr) {
-      tr = createProcRow(proc.pid, gpu.id);
+      tr = createProcRow(proc.pid, gpu.id, p.node);
       p.rows.set(proc.pid, tr);
     }
     updateProcRow(tr, proc);
@@ -520,13 +528,14 @@ function updateCard(card, gpu) {
   }
 }
 
-function createProcRow(pid, gpu) {
+function createProcRow(pid, gpu, node) {
   const c = {
     name: h("td", { "data-label": "Process", class: "mono" }),
     memory: h("td", { "data-label": "Memory", class: "num" }),
     owner: h("td", { "data-label": "Owner", class: "owner" }),
   };
   const tr = h("tr", { "data-pid": pid });
+  tr.remote = Boolean(node); // DELETE /api/v1/processes acts on this machine only
   c.kill = h("button", { type: "button", class: "btn danger", "data-action": "kill", hidden: true,
     onclick: () => killStray(tr, gpu) }, "Kill");
   tr.append(h("td", { "data-label": "PID", class: "mono" }, pid), c.name, c.memory, c.owner,
@@ -545,7 +554,8 @@ function updateProcRow(tr, proc) {
   setText(c.memory, proc.gpu_memory_usage === null || proc.gpu_memory_usage === undefined ? "—" : `${proc.gpu_memory_usage} MiB`);
   setText(c.owner, stray ? "stray" : proc.instance_id);
   setAttr(c.owner, "title", stray ? "belongs to no supervised instance" : null);
-  c.kill.hidden = !stray;
+  c.kill.hidden = !stray || tr.remote;
+  if (stray && tr.remote) setAttr(c.owner, "title", "belongs to no supervised instance (on a cluster node: not killable from here)");
 }
 
 async function killStray(tr, gpu) {

@@ -71,7 +71,7 @@ class GpuTracker:
         self.monitor: GpuMonitor | None = None
         self.owners: dict[int, str] = {}  # GPU pid -> instance id, as of the last attribution
         self.attributed: GpuSnapshot = NOT_STARTED  # the sample `owners` belongs to
-        self.version = 0  # bumped after every attribution (views cache per version)
+        self.local_version = 0  # bumped after every attribution
         self.stray_list: dict[tuple[int, int], _Stray] = {}  # (gpu, pid) -> stray
         self.last_run: dict[str, _LastRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,7 +159,7 @@ class GpuTracker:
                              if pids else ({}, {}))
             self.owners = owners
             self.attributed = snapshot
-            self.version += 1
+            self.local_version += 1
             self._remember_runs(snapshot)
             await self._handle_strays(snapshot, table)
             self._publish_sample(snapshot)
@@ -310,6 +310,12 @@ class GpuTracker:
         return set(self.snapshot().pids())
 
     @property
+    def version(self) -> tuple[int, int]:
+        """Changes with every attribution, here or (cluster mode) on a node: views cache per version."""
+        nodes = self.cluster_nodes
+        return self.local_version, nodes.version if nodes is not None else 0
+
+    @property
     def cluster_nodes(self) -> Any | None:
         """Cluster mode: the node agents' view (`supervisor.cluster.nodes`); None otherwise."""
         return getattr(self.engine.runners.get("ray"), "nodes", None)
@@ -350,24 +356,35 @@ class GpuTracker:
         procs = []
         total = 0
         known = False
-        for d in self._view().devices:
-            for p in d.processes:
-                if self.owners.get(p.pid) == instance_id:
-                    procs.append({"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
-                                  "instance_id": instance_id, "type": p.kind, "gpu": d.index})
-                    if p.used_memory_mib is not None:
-                        total += p.used_memory_mib
-                        known = True
+        nodes = self.cluster_nodes
+        views = [(None, self._view(), self.owners)]
+        if nodes is not None:  # a cluster run's processes are on its node
+            views += [(label, sample.snapshot, nodes.owners(sample)) for label, sample in sorted(nodes.samples.items())]
+        for node, snap, owners in views:
+            for d in snap.devices:
+                for p in d.processes:
+                    if owners.get(p.pid) == instance_id:
+                        procs.append({"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
+                                      "instance_id": instance_id, "type": p.kind, "gpu": d.index,
+                                      **({"node": node} if nodes is not None else {})})
+                        if p.used_memory_mib is not None:
+                            total += p.used_memory_mib
+                            known = True
         return {"memory_mib": total if known else (0 if not procs else None), "processes": procs}
 
     def memory_by_instance(self) -> dict[str, int]:
-        """MiB of GPU memory each instance's processes use, from one pass over the sample."""
+        """MiB of GPU memory each instance's processes use, from one pass over the sample
+        (and, in cluster mode, over each node's)."""
         out: dict[str, int] = {}
         for d in self._view().devices:
             for p in d.processes:
                 owner = self.owners.get(p.pid)
                 if owner is not None and p.used_memory_mib:
                     out[owner] = out.get(owner, 0) + p.used_memory_mib
+        nodes = self.cluster_nodes
+        if nodes is not None:
+            for iid, mib in nodes.memory_by_instance().items():
+                out[iid] = out.get(iid, 0) + mib
         return out
 
     def strays(self) -> list[dict[str, Any]]:

@@ -144,9 +144,26 @@ class _Collector(Collector):
         temp = _Family(f"{PREFIX}_gpu_temperature_celsius", "gauge", "GPU temperature")
         procs = _Family(f"{PREFIX}_gpu_processes", "gauge", "Processes on the GPU")
         strays = _Family(f"{PREFIX}_gpu_stray_processes", "gauge", "GPU processes that belong to no instance")
-        stray_count = Counter(gpu for gpu, _pid in tracker.stray_list)
+        nodes = tracker.cluster_nodes
+        # Cluster mode: every node's GPUs too, each with its `node` label ("" for this machine's).
+        where = [("", snap, Counter(gpu for gpu, _pid in tracker.stray_list))]
+        if nodes is not None:
+            where += [(label, sample.snapshot, Counter(s["gpu"] for s in nodes.strays() if s["node"] == label))
+                      for label, sample in sorted(nodes.samples.items())]
+        for node, view, stray_count in where:
+            self._gpu_rows(view, node if nodes is not None else None, stray_count,
+                           used, total, util, power, temp, procs, strays)
+        sample = _Family(f"{PREFIX}_gpu_sample_seconds", "gauge", "CPU time the last GPU sample took")
+        if snap.sample_seconds is not None:
+            sample.add(_labels(["source"], [snap.source]), snap.sample_seconds)
+        return [used, total, util, power, temp, procs, strays, sample]
+
+    @staticmethod
+    def _gpu_rows(snap: Any, node: str | None, stray_count: Counter, used: _Family, total: _Family, util: _Family,
+                  power: _Family, temp: _Family, procs: _Family, strays: _Family) -> None:
         for d in snap.devices:
-            labels = _labels(GPU_LABELS, [str(d.index), d.uuid or "", d.name or ""])
+            values = [str(d.index), d.uuid or "", d.name or ""]
+            labels = _labels(GPU_LABELS, values) if node is None else _labels([*GPU_LABELS, "node"], [*values, node])
             if d.memory_used_mib is not None:
                 used.add(labels, d.memory_used_mib * MIB)
             if d.memory_total_mib is not None:
@@ -159,10 +176,6 @@ class _Collector(Collector):
                 temp.add(labels, d.temperature_c)
             procs.add(labels, len(d.processes))
             strays.add(labels, stray_count.get(d.index, 0))
-        sample = _Family(f"{PREFIX}_gpu_sample_seconds", "gauge", "CPU time the last GPU sample took")
-        if snap.sample_seconds is not None:
-            sample.add(_labels(["source"], [snap.source]), snap.sample_seconds)
-        return [used, total, util, power, temp, procs, strays, sample]
 
     def _supervisor(self) -> list[_Family]:
         engine = self.m._engine

@@ -64,8 +64,8 @@ def gpu_settings(settings: Settings, sim: SimGpus, **extra: Any) -> Settings:
 
 async def wait_gpu_sample(api: Api) -> None:
     tracker = api.app.ctx.gpus
-    version = tracker.version
-    await wait_until(lambda: tracker.version >= version + 2)
+    version = tracker.local_version
+    await wait_until(lambda: tracker.local_version >= version + 2)
 
 
 @pytest.fixture

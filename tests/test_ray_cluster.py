@@ -558,6 +558,8 @@ def simulated_nodes(tmp_path: Path) -> dict:
 @needs_ray
 async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_the_node(
         tmp_path, rig, monkeypatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     from supervisor.runners.ray import RemoteLog
 
     from .api_helpers import running_api
@@ -597,6 +599,15 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
             assert [(p["pid"], p["instance_id"], p["gpu_memory_usage"]) for p in by[("gpu-a", 1)]["processes"]] == [
                 (seen.pid, "seen@gpu-a:gpu1", 2048)]
             assert by[("gpu-a", 1)]["simulated"] is True and by[("gpu-a", 1)]["memory_used"] == 2048
+            items = {it["instance_id"]: it for it in (await api.get("/api/v1/models/status")).json()}
+            assert items["seen@gpu-a:gpu1"]["gpu_memory_mib"] == 2048  # from its node's sample
+            metrics = list(text_string_to_metric_families((await api.get("/metrics")).text))
+            used = {(s.labels["node"], s.labels["gpu"]): s.value for f in metrics
+                    if f.name == "model_supervisor_gpu_memory_used_bytes" for s in f.samples}
+            assert used[("gpu-a", "1")] == 2048 * 2**20 and ("", "0") in used and ("gpu-b", "1") in used
+            mine = {s.labels["instance"]: s.value for f in metrics
+                    if f.name == "model_supervisor_instance_gpu_memory_bytes" for s in f.samples}
+            assert mine["seen@gpu-a:gpu1"] == 2048 * 2**20
             await wait_until(lambda: bool(api.engine.runners["ray"].nodes.strays()), 15)
             strays = (await api.get("/api/v1/gpus/strays")).json()
             assert [(s["node"], s["gpu"], s["pid"]) for s in strays] == [("gpu-b", 0, stranger.pid)]

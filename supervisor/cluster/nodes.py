@@ -100,6 +100,7 @@ class ClusterNodes:
         self.client = client
         self.release_timeout = release_timeout
         self.samples: dict[str, NodeSample] = {}  # label -> latest sample
+        self.version = 0  # bumped with every round of samples (views cache per version)
         #: Set by the engine; until then no run is ever taken for unowned.
         self.is_live: Callable[[str, str], bool] = lambda token, instance: True
         self.on_reaped: Callable[[str, str, dict[str, list[int]]], None] | None = None
@@ -109,9 +110,13 @@ class ClusterNodes:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         client.subscribe("nodes", self._on_nodes)
-        client.subscribe("unreachable", lambda _m: self.samples.clear())
+        client.subscribe("unreachable", self._on_unreachable)
 
     # -- samples -------------------------------------------------------------------------------
+    def _on_unreachable(self, _message: dict[str, Any]) -> None:
+        self.samples = {}  # nothing known about the nodes until the driver is back
+        self.version += 1
+
     def _on_nodes(self, message: dict[str, Any]) -> None:
         samples: dict[str, NodeSample] = {}
         for raw in message.get("samples", ()):
@@ -125,6 +130,7 @@ class ClusterNodes:
                     for token, r in (raw.get("runs") or {}).items()}
             samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs)
         self.samples = samples
+        self.version += 1
         self._remember_runs()
         self._find_unowned()
         self._changed.set()
@@ -244,6 +250,17 @@ class ClusterNodes:
                     "sampled_at": snap.sampled_at.isoformat() if snap.sampled_at else None,
                     "source": snap.source, "simulated": snap.simulated, "errors": dict(d.errors),
                 })
+        return out
+
+    def memory_by_instance(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for sample in self.samples.values():
+            owners = self.owners(sample)
+            for d in sample.snapshot.devices:
+                for p in d.processes:
+                    owner = owners.get(p.pid)
+                    if owner is not None and p.used_memory_mib:
+                        out[owner] = out.get(owner, 0) + p.used_memory_mib
         return out
 
     def strays(self) -> list[dict[str, Any]]:

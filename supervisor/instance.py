@@ -31,7 +31,7 @@ from .desired import InstanceSpec
 from .events import EventBus
 from .failure_line import with_log_reason
 from .health import liveness, probe
-from .logfiles import LogFile
+from .logfiles import LogFile, LogUnavailable
 from .records import RunRecords
 from .runners.base import LaunchError, RunHandle, Runner
 from .states import ExitStatus, State, Transition, check_transition, utcnow
@@ -615,11 +615,19 @@ class Instance:
         attempt = 0
         patterns = [re.compile(p) for p in getattr(spec.launch, "fail_patterns", ())]
         offset = self._log_offset
-        # A run on another node is probed there, on its loopback (RayHandle.probe).
+        # A run on another node is probed there, on its loopback (RayHandle.probe), and its log
+        # is read there (RayHandle.log).
         prober = getattr(self._handle, "probe", None)
+        remote_log = getattr(self._handle, "log", None)
         while True:  # readiness: quick probes at first, then every start_interval
             if patterns:  # e.g. textgen's "Port X is already in use. Using port Y instead"
-                data, offset, _ = await asyncio.to_thread(self.log_file.read_from, offset)
+                if remote_log is not None:
+                    try:
+                        data, offset, _ = await remote_log.read_from(offset)
+                    except LogUnavailable:
+                        data = b""
+                else:
+                    data, offset, _ = await asyncio.to_thread(self.log_file.read_from, offset)
                 for line in data.decode("utf-8", "replace").splitlines():
                     if any(p.search(line) for p in patterns):
                         self._post(StartFailed(run, line.strip()))

@@ -47,9 +47,10 @@ class ClusterExit(ExitStatus):
 class RayHandle:
     """One run on a node: its exit comes from the driver's events, its stop through the actor."""
 
-    def __init__(self, runner: RayRunner, name: str, info: dict[str, Any], adopted: bool) -> None:
+    def __init__(self, runner: RayRunner, name: str, info: dict[str, Any], adopted: bool, log_path: str) -> None:
         self._runner = runner
         self.name = name
+        self.log_path = log_path  # on its node
         self.pid: int | None = info.get("pid")
         self.pgid: int | None = info.get("pgid")
         self.starttime: int | None = info.get("starttime")
@@ -76,6 +77,11 @@ class RayHandle:
 
     async def wait(self) -> ExitStatus:
         return await asyncio.shield(self._exit)
+
+    @property
+    def log(self) -> RemoteLog:
+        """The run's log file, on its node."""
+        return RemoteLog(self._runner.client, self.node_id, self.log_path)
 
     @property
     def node_name(self) -> str:
@@ -260,7 +266,7 @@ class RayRunner:
                      record.get("pid"))
             return None  # the launch replaces the actor (it stops any actor of this name first)
         self.log_places[instance_id] = (info.get("node_id") or "", str(log_file.path.absolute()))
-        return RayHandle(self, name, info, adopted=True)
+        return RayHandle(self, name, info, adopted=True, log_path=str(log_file.path.absolute()))
 
     async def launch(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str = "",
                      stop_signal: int = 15) -> RayHandle:
@@ -281,7 +287,7 @@ class RayRunner:
         except ClusterError as exc:
             raise LaunchError(str(exc)) from None
         self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
-        return RayHandle(self, instance_id, info, adopted=False)
+        return RayHandle(self, instance_id, info, adopted=False, log_path=spec["log_path"])
 
     async def sweep_actors(self, keep: set[str], launched_here: Callable[[str], bool], broken_files: bool,
                            timeout: float) -> None:

@@ -15,8 +15,11 @@ The cluster is tests/ray_rig.py's (loopback only, one head with no workloads, 3 
 * `restart_adopt_s`: the supervisor leaves its runs (`shutdown(keep_running=True)`, as on an
   upgrade) and a new one adopts all N by actor name (same pids, no restart).
 * `memory_mib`: PSS added to the supervisor (this process's RSS growth plus the driver helper),
-  and per node: its Ray processes' growth plus the instance actors living there (the backends
-  themselves are the models' and not counted).
+  and per node: its Ray processes' growth plus the instance actors living there, and its node
+  agent (the backends themselves are the models' and not counted).
+* `node_probe_ms`: one health probe run by the actor on its node (supervisor -> driver -> actor).
+* `idle_cpu_percent_10s`: with all N RUNNING, CPU used in 10 s by the supervisor, the driver,
+  the node agents and the instance actors (liveness probes and node samples included).
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def node_pids(node) -> set[int]:
@@ -176,11 +188,40 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
                                "per_actor": round(statistics.mean(actor_pss), 1) if actor_pss else 0.0,
                                "added": round(ray_now - base[label] + sum(actor_pss), 1),
                                "ray_node_base": round(base[label], 1)}
+        samples = engine.runners["ray"].nodes.samples
+        for label in labels:
+            agent = samples[label].agent_pid if label in samples else None
+            per_node[label]["node_agent_pss"] = round(pss_mib(agent), 1) if agent else None
+            if agent:
+                all_pids.add(agent)
         result["memory_mib"] = {
             "supervisor_process_rss_growth": round(rss_mib(os.getpid()) - rss_before, 1),
             "driver_helper_pss": round(pss_mib(client.driver_pid), 1),
             "nodes": per_node}
         progress("memory", json.dumps(result["memory_mib"]))
+        # -- a health probe on the node, through driver and actor ----------------------------
+        probe_iid = ids[0]
+        handle = engine.instances[probe_iid]._handle
+        spec = engine.instances[probe_iid].spec
+        rtts = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            assert (await handle.probe(spec.health, spec.port)).ok
+            rtts.append(time.perf_counter() - t0)
+        result["node_probe_ms"] = summary(rtts, 1000, 2)
+        progress("probe on the node", result["node_probe_ms"])
+        # -- idle cost: CPU of the supervisor, its driver and the node agents over 10 s ------
+        watched = {"supervisor": [os.getpid()], "driver_helper": [client.driver_pid],
+                   "node_agents": [samples[lb].agent_pid for lb in labels if lb in samples and samples[lb].agent_pid],
+                   "instance_actors": [p for ps in actors.values() for p in ps]}
+        cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in watched.items()}
+        await asyncio.sleep(10.0)
+        result["idle_cpu_percent_10s"] = {
+            k: round(100 * (sum(cpu_seconds(p) for p in v) - cpu0[k]) / 10.0, 2) for k, v in watched.items()}
+        result["idle_cpu_percent_10s"]["note"] = (f"{len(ids)} instances, HTTP liveness every "
+                                                  f"{HEALTH['interval']} s, node samples every "
+                                                  f"{settings.gpu_sample_interval} s")
+        progress("idle CPU", result["idle_cpu_percent_10s"])
         # -- the supervisor restarts: all adopted ------------------------------------------
         t1 = time.perf_counter()
         await engine.shutdown(keep_running=True)
@@ -223,7 +264,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=5, help="runs of the drop and exit measurements")
+    parser.add_argument("--liveness-interval", type=float, default=1.0,
+                        help="seconds between liveness probes (a large value: the idle cost without probes)")
     args = parser.parse_args()
+    HEALTH["interval"] = args.liveness_interval
     tmp = Path(tempfile.mkdtemp(prefix="msb", dir="/tmp"))  # short: unix socket paths
     os.environ["RAY_TMPDIR"] = str(tmp)  # before anything imports Ray
     print(json.dumps(asyncio.run(run(args, tmp)), indent=2))

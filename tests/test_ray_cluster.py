@@ -734,6 +734,10 @@ async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(tm
             await asyncio.sleep(0.2)
         assert await client.call("list") == ["stays@gpu-a:gpu0"]
         wait_for_dead({pids[i] for i in ids[1:]}, 15)
+        # The first engine's objects still live in this process: having left the cluster, they
+        # must never judge (probe) or reap the runs they left behind.
+        await asyncio.sleep(2.0)
+        assert stays.state == State.RUNNING and stays.pid == pids["stays@gpu-a:gpu0"] and stays.restarts == 0
     finally:
         if second is not None:
             await asyncio.wait_for(second.shutdown(), 60)

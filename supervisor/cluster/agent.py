@@ -72,7 +72,8 @@ class NodeAgent:
             if mark is not None and mark.scope == self.scope and not info.zombie:
                 run = runs.setdefault(mark.token, {"instance": mark.instance, "pids": []})
                 run["pids"].append(info.pid)
-        return {"node_id": self.node_id, "label": self.label, "host": self.host, "source": source.name,
+        return {"node_id": self.node_id, "label": self.label, "host": self.host, "agent_pid": os.getpid(),
+                "source": source.name,
                 "reason": source.reason or self._reason, "sampled_at": time.time(),
                 "sample_seconds": seconds, "simulated": source.name == "simulated",
                 "driver_version": source.driver_version,

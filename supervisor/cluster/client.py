@@ -69,6 +69,10 @@ class ClusterClient:
     def up(self) -> bool:
         return self._up.is_set()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def ensure_started(self) -> None:
         if self._task is None and not self._closing:
             self._task = asyncio.ensure_future(self._supervise())
@@ -92,7 +96,8 @@ class ClusterClient:
         # Past the attempt's own timeout (plus the helper's start), so its reason is the answer.
         if not await self.wait_up(self.connect_timeout + 5.0 if wait is None else wait):
             raise ClusterUnreachable(self.reason or "not connected")
-        assert self._proc is not None and self._proc.stdin is not None
+        if self._closing or self._proc is None or self._proc.stdin is None:
+            raise ClusterUnreachable("the supervisor is closing its connection to the cluster")
         self._next_id += 1
         rid = self._next_id
         fut = asyncio.get_running_loop().create_future()
@@ -121,13 +126,16 @@ class ClusterClient:
     async def close(self) -> None:
         """End the driver (the detached actors live on); waits for it."""
         self._closing = True
+        grace = 5.0 if self.up else 0.0  # a connected driver exits by itself once stdin closes
+        self._up.clear()
+        self.reason = "closed"
         proc = self._proc
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._proc = self._proc or proc
-        await self._end_driver(grace=5.0 if self.up else 0)
+        await self._end_driver(grace=grace)
 
     # -- the driver's life -------------------------------------------------------------------
     async def _supervise(self) -> None:

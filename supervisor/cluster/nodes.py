@@ -52,6 +52,7 @@ class NodeSample:
     snapshot: GpuSnapshot
     runs: dict[str, NodeRun]  # token -> the run's processes on this node
     error: str | None = None
+    agent_pid: int | None = None  # on the node's host
 
 
 @dataclass
@@ -128,7 +129,8 @@ class ClusterNodes:
                 continue
             runs = {token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
                     for token, r in (raw.get("runs") or {}).items()}
-            samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs)
+            samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
+                                        agent_pid=raw.get("agent_pid"))
         self.samples = samples
         self.version += 1
         self._remember_runs()

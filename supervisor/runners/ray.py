@@ -149,8 +149,11 @@ class RayHandle:
             except ClusterUnreachable:
                 # Not the backend's fault: the run either re-attaches or fails with "cluster
                 # unreachable" when its grace ends (which cancels this probe).
-                while not self._runner.client.up and not self.exited:
+                while not self._runner.client.up and not self.exited and not self._runner.client.closing:
                     await asyncio.sleep(0.5)
+                if self._runner.client.closing:
+                    # Left running for the next supervisor (an upgrade): no verdict, ever.
+                    await asyncio.get_running_loop().create_future()
                 if self.exited:
                     return ProbeResult(False, f"its run on {self.where()} ended")
             except ClusterError as exc:
@@ -162,7 +165,8 @@ class RayHandle:
         try:
             status = await self._runner.client.call("stop", name=self.name, signum=signum, timeout=timeout, wait=0)
         except ClusterUnreachable as exc:
-            self._lost = True
+            # Not while leaving it for the next supervisor: a reaper must never touch that run.
+            self._lost = not self._runner.client.closing
             self._finish(ClusterExit(reason=f"cluster unreachable while stopping ({exc}); the run on "
                                             f"{self.where()} is stopped when its actor is found again"))
         except ClusterError as exc:

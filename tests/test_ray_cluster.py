@@ -656,6 +656,7 @@ async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_
         began = time.monotonic()
         await wait_until(lambda: ghost.poll() is not None, 30)
         print(f"unowned run reaped {time.monotonic() - began:.2f} s after it appeared")
+        await wait_until(lambda: any(e.type == "reaped" for e in engine.bus.history), 10)  # once the call returns
         reaped = [e.data for e in engine.bus.history if e.type == "reaped"]
         assert [r["instance"] for r in reaped] == ["ghost@gpu-a:gpu0"]
         assert ghost.pid in sum(reaped[0]["stopped"].values(), [])

@@ -104,7 +104,10 @@ class Engine:
         self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
         self.on_reconcile: Callable[[float], None] | None = None
-        nodes = getattr(self.runners.get("ray"), "nodes", None)
+        ray = self.runners.get("ray")
+        if ray is not None and hasattr(ray, "pinned_elsewhere"):
+            ray.pinned_elsewhere = self.pinned_nodes
+        nodes = getattr(ray, "nodes", None)
         if nodes is not None:  # cluster mode: the node agents' view needs to know our runs
             nodes.is_live = self.run_is_live
             nodes.on_reaped = self._reaped
@@ -413,6 +416,19 @@ class Engine:
             if remote is not None:
                 return remote
         return LocalLog(log_file)
+
+    def pinned_nodes(self, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
+        """Nodes where another enabled declaration pinned to that node names one of `gpus`: an
+        instance placed anywhere keeps off them, so it never takes a pinned model's GPU."""
+        out = set()
+        for iid, spec in self.catalog.instances.items():
+            launch = spec.launch
+            node = getattr(launch, "node", "*")
+            if iid == instance_id or not spec.enabled or getattr(launch, "runner", None) != "ray" or node == "*":
+                continue
+            if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
+                out.add(node)
+        return sorted(out)
 
     def _launched_here(self, iid: str) -> bool:
         inst = self.instances.get(iid) or self.removing.get(iid)

@@ -229,8 +229,8 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
         for iid in ids[::2]:
             await engine.instances[iid].wait_state(State.RUNNING, timeout=60)
         print(f"2 instances RUNNING on their nodes in {time.monotonic() - began:.2f} s")
-        # Declared after `pinned` runs: an unpinned run can take a GPU a pinned declaration
-        # names on that node (Ray does not know the declarations), see README "Not there yet".
+        # Declared after `pinned` runs; it keeps off gpu-a anyway (a declaration pinned there
+        # names GPU 1: test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name).
         write_decl(engine.settings.conf_dir, declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH))
         await engine.reload("test")
         assert sorted(engine.instances) == sorted(ids)
@@ -785,3 +785,33 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
         stranger.kill()
         stranger.wait()
     wait_for_dead(pids, 15)
+
+
+@needs_ray
+async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(tmp_path, rig, monkeypatch) -> None:
+    crash = [PY, "-c", "import sys; sys.exit(3)"]
+    docs = [declaration("blocker", demo_cmd(), node="gpu-b", gpus=[1], health=HEALTH),
+            # Pinned to GPU 1 of gpu-a and not running (it crash-loops): its GPU stays reserved.
+            declaration("pinned", crash, node="gpu-a", gpus=[1], restart={**FAST_RESTART, "initial_delay": 60.0})]
+    engine = await started(tmp_path, rig, monkeypatch, docs, ray_placement_timeout=3.0)
+    track = Tracker()
+    try:
+        await engine.instances["blocker@gpu-b:gpu1"].wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        write_decl(engine.settings.conf_dir, declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH,
+                                                          restart={**FAST_RESTART, "initial_delay": 0.5}))
+        await engine.reload("test")
+        anywhere = engine.instances["anywhere@gpu1"]
+        await anywhere.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=30)
+        track.add(engine)
+        reason = next(t.reason for t in anywhere.history if t.to_state == State.BACKOFF)
+        assert "no node it may use has GPU 1: on gpu-a, gpu-b a declaration pinned there names it" in reason, reason
+        assert not any(t.to_state == State.RUNNING for t in anywhere.history)
+        (engine.settings.conf_dir / "blocker.toml").unlink()  # GPU 1 of gpu-b is free now
+        await engine.reload("test")
+        await anywhere.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        assert handle_of(engine, anywhere.id).node == "gpu-b"
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()

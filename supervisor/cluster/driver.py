@@ -82,12 +82,19 @@ class Driver:
                 for n in self.ray.nodes()]
 
     async def op_launch(self, name: str, spec: dict[str, Any], node: str, label_key: str,
-                        resources: dict[str, float], num_gpus: float, placement_timeout: float) -> dict[str, Any]:
+                        resources: dict[str, float], num_gpus: float, placement_timeout: float,
+                        avoid: list[str] | None = None) -> dict[str, Any]:
+        """`avoid`: labels of nodes an unpinned run keeps off (a pinned declaration names its GPUs there)."""
         nodes = [n for n in await asyncio.to_thread(self._nodes) if n["alive"]]
         fits = [n for n in nodes if (node == "*" or n["labels"].get(label_key) == node)
                 and all(n["resources"].get(r, 0) >= amount for r, amount in resources.items())]
         if not fits:
             raise LookupError(_no_node(node, resources, nodes, label_key))
+        avoid = avoid or []
+        if avoid and not [n for n in fits if n["labels"].get(label_key) not in avoid]:
+            gpus = ", ".join(r.removeprefix("msup_gpu_") for r in sorted(resources))
+            raise LookupError(f"no node it may use has GPU {gpus}: on {', '.join(sorted(avoid))} a declaration "
+                              f"pinned there names it")
         old = await self._actor(name)
         if old is not None:  # a run nobody tracks any more: stop first, start later
             await self._stop_and_kill(name, old, 15, spec.get("stop_timeout", 30.0))
@@ -96,6 +103,8 @@ class Driver:
                                    "resources": resources, "max_concurrency": 64}
         if node != "*":
             options["label_selector"] = {label_key: node}
+        elif avoid:
+            options["label_selector"] = {label_key: f"!in({', '.join(sorted(avoid))})"}
         actor = self.actor_class.options(**options).remote()
         try:
             # A request for a GPU another instance holds stays pending: bounded here.

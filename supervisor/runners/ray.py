@@ -232,6 +232,9 @@ class RayRunner:
         self.unreachable_grace = unreachable_grace
         self.table = table or ProcessTable()
         self.nodes = ClusterNodes(client, release_timeout)
+        #: Set by the engine: (instance id, gpus, share) -> labels of nodes where a pinned
+        #: declaration names one of those GPUs (an unpinned run keeps off them).
+        self.pinned_elsewhere: Callable[[str, tuple[int, ...], bool], list[str]] = lambda iid, gpus, share: []
         #: instance id -> (node id, log path) of its latest run: where its log is read.
         self.log_places: dict[str, tuple[str, str]] = {}
 
@@ -285,7 +288,8 @@ class RayRunner:
             info = await self.client.call(
                 "launch", name=instance_id, spec=spec, node=plan.node, label_key=LABEL_KEY,
                 resources=plan.resources(), num_gpus=0 if plan.share_gpus else len(plan.gpus),
-                placement_timeout=self.placement_timeout)
+                placement_timeout=self.placement_timeout,
+                avoid=self.pinned_elsewhere(instance_id, plan.gpus, plan.share_gpus) if plan.node == "*" else [])
         except ClusterUnreachable as exc:
             raise LaunchError(f"cluster unreachable: {exc}") from None
         except ClusterError as exc:

@@ -26,6 +26,7 @@ import psutil
 from . import kill
 from .desired import InstanceSpec
 from .engine import Engine
+from .gpu.api_view import NO_NODE, gpu_info
 from .gpu.model import GpuSnapshot
 from .gpu.monitor import GpuMonitor, GpuMonitorStopped
 from .gpu.release import still_held
@@ -322,34 +323,9 @@ class GpuTracker:
 
     def gpu_infos(self) -> list[dict[str, Any]]:
         snap = self._view()
-        sampled = snap.sampled_at.isoformat() if snap.sampled_at else None
         nodes = self.cluster_nodes
-        out = []
-        for d in snap.devices:
-            out.append({
-                "id": d.index,
-                **({"node": None} if nodes is not None else {}),  # cluster mode: None is this machine
-                "memory_usage": round(d.memory_used_percent, 2) if d.memory_used_percent is not None else None,
-                "power_draw": d.power_draw_w,
-                "processes": [
-                    {"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
-                     "instance_id": self.owners.get(p.pid), "type": p.kind}
-                    for p in d.processes
-                ],
-                "uuid": d.uuid,
-                "name": d.name,
-                "memory_total": d.memory_total_mib,
-                "memory_used": d.memory_used_mib,
-                "power_limit": d.power_limit_w,
-                "utilization": d.utilization_percent,
-                "memory_utilization": d.memory_utilization_percent,
-                "temperature": d.temperature_c,
-                "sampled_at": sampled,
-                "source": snap.source,
-                "simulated": snap.simulated,
-                "errors": dict(d.errors),
-            })
-        return out + (nodes.gpu_infos() if nodes is not None else [])
+        here = [gpu_info(d, snap, self.owners, None if nodes is not None else NO_NODE) for d in snap.devices]
+        return here + (nodes.gpu_infos() if nodes is not None else [])
 
     def instance_gpu(self, instance_id: str) -> dict[str, Any]:
         """The GPU processes of one instance and the memory they use (MiB)."""

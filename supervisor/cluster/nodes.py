@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ..gpu.api_view import gpu_info
 from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from ..gpu.release import still_held
 from .client import ClusterClient, ClusterError, ClusterUnreachable
@@ -234,25 +235,8 @@ class ClusterNodes:
     # -- views ------------------------------------------------------------------------------------
     def gpu_infos(self) -> list[dict[str, Any]]:
         """The remote nodes' GPUs, in /api/v1/gpus' shape, each with its node."""
-        out = []
-        for label in sorted(self.samples):
-            sample = self.samples[label]
-            snap, owners = sample.snapshot, self.owners(sample)
-            for d in snap.devices:
-                out.append({
-                    "id": d.index, "node": label,
-                    "memory_usage": round(d.memory_used_percent, 2) if d.memory_used_percent is not None else None,
-                    "power_draw": d.power_draw_w,
-                    "processes": [{"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
-                                   "instance_id": owners.get(p.pid), "type": p.kind} for p in d.processes],
-                    "uuid": d.uuid, "name": d.name, "memory_total": d.memory_total_mib,
-                    "memory_used": d.memory_used_mib, "power_limit": d.power_limit_w,
-                    "utilization": d.utilization_percent, "memory_utilization": d.memory_utilization_percent,
-                    "temperature": d.temperature_c,
-                    "sampled_at": snap.sampled_at.isoformat() if snap.sampled_at else None,
-                    "source": snap.source, "simulated": snap.simulated, "errors": dict(d.errors),
-                })
-        return out
+        return [gpu_info(d, sample.snapshot, self.owners(sample), label)
+                for label, sample in sorted(self.samples.items()) for d in sample.snapshot.devices]
 
     def memory_by_instance(self) -> dict[str, int]:
         out: dict[str, int] = {}

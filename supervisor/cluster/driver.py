@@ -142,9 +142,12 @@ class Driver:
 
     async def op_probe(self, name: str, health: dict[str, Any], port: int) -> dict[str, Any]:
         """The instance's health probe, run by its actor on the node's loopback."""
-        actor = self.handles.get(name)
+        # A driver started since the run began (after a reconnect) knows its actor only once the
+        # run re-attaches; a probe that comes first looks it up by name (the cache's miss path),
+        # or a healthy backend would fail a health check after every driver restart.
+        actor = await self._actor(name)
         if actor is None:
-            return {"ok": False, "detail": "its actor is not attached"}
+            return {"ok": False, "detail": "its actor is gone"}
         try:
             return await _get(actor.probe.remote(health, port))
         except self.ray.exceptions.RayActorError as exc:
@@ -286,7 +289,9 @@ class AgentPool:
 
     async def _sample_all(self) -> list[dict[str, Any]]:
         agents = list(self.agents.items())
-        results = await asyncio.gather(*(asyncio.wait_for(_get(a.sample.remote()), 30) for _, a in agents),
+        # A node that does not answer (a hung raylet) must not hold up the others' samples.
+        timeout = max(5.0, 3 * self.options.interval)
+        results = await asyncio.gather(*(asyncio.wait_for(_get(a.sample.remote()), timeout) for _, a in agents),
                                        return_exceptions=True)
         out = []
         for (node_id, _), result in zip(agents, results):

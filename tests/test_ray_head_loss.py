@@ -36,7 +36,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.cluster.client import ClusterClient
 from supervisor.cluster.plan import LABEL_KEY
+from supervisor.health import health_to_wire
 from supervisor.states import State
 
 from .conftest import alive, declaration, demo_cmd, free_port, wait_until
@@ -130,6 +132,18 @@ async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_h
         info = await client.call("attach", name=remote.id, label_key=LABEL_KEY)
         assert info["pid"] == remote.pid and info["actor_pid"] != actor
         track.pids |= {info["actor_pid"], client.driver_pid}
+
+        # Any new driver (this one after the reconnect) may be asked to probe a run before the
+        # run's re-attach reaches it: it finds the actor by name, never fails a healthy backend.
+        fresh = ClusterClient(new.address, client.namespace, str(rig_python(short)), tmp_path / "fresh.log")
+        try:
+            spec = remote.running_spec or remote.spec
+            answer = await fresh.call("probe", name=remote.id, health=health_to_wire(spec.health),
+                                      port=spec.port, wait=30)
+            track.pids.add(fresh.driver_pid)
+        finally:
+            await fresh.close()
+        assert answer["ok"], answer
 
         # The local instance never noticed.
         assert here.state == State.RUNNING and here.pid == here_pid and here.restarts == 0

@@ -36,7 +36,7 @@ from .marks import scope_of
 from .runners.docker import DockerRunner
 from .runners.process import ProcessRunner, stop_processes
 from .settings import Settings
-from .states import utcnow
+from .states import State, utcnow
 from .watcher import ConfWatcher
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Engine:
         ray = self.runners.get("ray")
         if ray is not None and hasattr(ray, "pinned_elsewhere"):
             ray.pinned_elsewhere = self.pinned_nodes
+            ray.client.subscribe("connected", self._cluster_reachable)
         nodes = getattr(ray, "nodes", None)
         if nodes is not None:  # cluster mode: the node agents' view needs to know our runs
             nodes.is_live = self.run_is_live
@@ -429,6 +430,12 @@ class Engine:
             if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
                 out.add(node)
         return sorted(out)
+
+    def _cluster_reachable(self, _message: dict[str, Any]) -> None:
+        """Instances backing off only because the cluster was unreachable start at once."""
+        for inst in self.instances.values():
+            if inst.state == State.BACKOFF and inst.unavailable_waits:
+                inst.start("the cluster is reachable again")
 
     def _launched_here(self, iid: str) -> bool:
         inst = self.instances.get(iid) or self.removing.get(iid)

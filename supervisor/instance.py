@@ -33,7 +33,7 @@ from .failure_line import with_log_reason
 from .health import liveness, probe
 from .logfiles import LogFile, LogUnavailable
 from .records import RunRecords
-from .runners.base import LaunchError, RunHandle, Runner
+from .runners.base import LaunchError, RunHandle, Runner, RunnerUnavailable
 from .states import ExitStatus, State, Transition, check_transition, utcnow
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class LaunchFailed:
     run: int
     reason: str
     tail: tuple[str, ...] = ()
+    unavailable: bool = False  # RunnerUnavailable: backs off, never counts toward max_retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,7 @@ class Instance:
         self.failures = 0  # consecutive failed starts / early exits
         self.restarts = 0  # automatic restarts since the instance was created
         self.adoptions = 0  # runs of an earlier supervisor taken over (0 or 1: only at start-up)
+        self.unavailable_waits = 0  # starts in a row its runner could not be reached for (backoff only)
         self.last_exit: ExitStatus | None = None
         self.last_error: str | None = None
         self.last_probe: str | None = None
@@ -552,7 +554,7 @@ class Instance:
             except Exception as exc:  # the run is fine; only a later adoption would miss it
                 log.error("%s: cannot write its run record: %s", self.id, exc)
         except LaunchError as exc:
-            self._post(LaunchFailed(run, str(exc)))
+            self._post(LaunchFailed(run, str(exc), unavailable=isinstance(exc, RunnerUnavailable)))
             return
         except Exception as exc:  # a bug (ours or a plugin's) must fail the start, not wedge it
             log.exception("%s: launch failed unexpectedly", self.id)
@@ -567,6 +569,7 @@ class Instance:
             return
         self._launch_task = None
         self._spawning = False
+        self.unavailable_waits = 0
         self._handle = m.handle
         self._run_node = getattr(m.handle, "node_name", None)  # None for runs on this machine
         spec = self.running_spec or self.spec
@@ -608,7 +611,7 @@ class Instance:
             self._transition(State.STOPPED, f"launch abandoned: {m.reason}")
             self._reached_stopped()
         else:
-            self._fail(f"could not start: {m.reason}", tail=m.tail)
+            self._fail(f"could not start: {m.reason}", tail=m.tail, counts=not m.unavailable)
 
     # -- readiness and liveness --------------------------------------------------------------
     async def _probe_loop(self, run: int, spec: InstanceSpec) -> None:
@@ -617,8 +620,9 @@ class Instance:
         offset = self._log_offset
         # A run on another node is probed there, on its loopback (RayHandle.probe), and its log
         # is read there (RayHandle.log).
-        prober = getattr(self._handle, "probe", None)
-        remote_log = getattr(self._handle, "log", None)
+        handle = self._handle
+        prober = getattr(handle, "probe", None)
+        remote_log = getattr(handle, "log", None)
         while True:  # readiness: quick probes at first, then every start_interval
             if patterns:  # e.g. textgen's "Port X is already in use. Using port Y instead"
                 if remote_log is not None:
@@ -649,6 +653,8 @@ class Instance:
             if result.ok:
                 failures = 0
                 continue
+            if handle is not None and handle.exited:
+                return  # the run ended (its exit says why); a probe of it is no verdict
             failures += 1
             log.warning("%s: health check failed (%d/%d): %s", self.id, failures, health.failure_threshold, result.detail)
             if failures >= health.failure_threshold:
@@ -770,12 +776,22 @@ class Instance:
             _resolve(self._finished)
 
     # -- failures, backoff, timers -----------------------------------------------------------
-    def _fail(self, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = ()) -> None:
+    def _fail(self, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = (),
+              counts: bool = True) -> None:
         spec = self.running_spec or self.spec
         r = spec.restart
-        self.failures += 1
         reason = with_log_reason(reason, tail)  # "exited (exit code 1): error: creating server: ..."
         self.last_error = reason
+        if not counts:  # its runner is unreachable: wait for it with backoff, never give up
+            self.unavailable_waits += 1
+            # At least 1 s: the runner answers at once while it is down (no spinning on it).
+            delay = max(1.0, Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(
+                self.unavailable_waits, self.services.rng))
+            self._transition(State.BACKOFF, f"{reason}; trying again in {delay:.2f} s (waiting for it: not counted "
+                                            "as a failure)", exit=exit, tail=tail)
+            self._arm(delay, "backoff")
+            return
+        self.failures += 1
         if gives_up(self.failures, r.max_retries):
             retry = f"; retrying once after {r.fatal_cooldown:g} s" if r.fatal_cooldown else ""
             self._transition(State.FATAL, f"{reason}; gave up after {self.failures} consecutive failures{retry}",

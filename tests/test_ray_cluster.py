@@ -473,7 +473,8 @@ async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are
         tmp_path, rig, monkeypatch) -> None:
     from .conftest import free_port
 
-    docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART),
+    docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH,
+                        restart={**FAST_RESTART, "max_retries": 1}),
             declaration("here", demo_cmd(), node="local", health=HEALTH)]
     # Nothing listens there: ray.init would retry for ever; the helper is given up on instead.
     engine = await started(tmp_path, rig, monkeypatch, docs, ray_address=f"127.0.0.1:{free_port()}",
@@ -485,6 +486,10 @@ async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are
         await remote.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=60)
         reason = next(t.reason for t in remote.history if t.to_state == State.BACKOFF)
         assert "could not start: cluster unreachable: no connection to the Ray head at 127.0.0.1:" in reason
+        assert "not counted as a failure" in reason
+        # An outage is not the model's fault: past max_retries it keeps waiting, never FATAL.
+        await remote.wait_for(lambda i: sum(t.to_state == State.BACKOFF for t in i.history) >= 2, timeout=60)
+        assert remote.failures == 0 and not any(t.to_state == State.FATAL for t in remote.history)
         assert here.state == State.RUNNING and here.restarts == 0
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,7 @@ class ClusterClient:
         self._settle(True)
         log.info("connected to the Ray cluster at %s in %.2f s (%d live nodes)", self.address,
                  message.get("seconds", 0), sum(1 for n in self.nodes if n.get("alive")))
+        self._tell_all({"event": "connected"})  # e.g. starts waiting for the cluster: try now
         if self.connects > 1:
             self._tell_all({"event": "reconnected"})
         while True:
@@ -280,7 +282,8 @@ def _last_line(path: Path) -> str:
         return ""
     for line in reversed(lines):
         if not line.startswith(("at ", "File ", "Traceback", "*** ")) and "SIGTERM handler" not in line:
-            return line[:300]
+            # Ray's own prefix ("[2026-12-01 23:13:42,484 E 123 456] rpc_client.h:204: ") says nothing.
+            return re.sub(r"^\[[^\]]*\]\s+\S+:\d+:\s*", "", line)[:300]
     return ""
 
 

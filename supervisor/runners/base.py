@@ -12,6 +12,12 @@ class LaunchError(Exception):
     """The backend could not be started at all (bad executable, missing image, no daemon)."""
 
 
+class RunnerUnavailable(LaunchError):
+    """Not the backend's fault: what runs it cannot be reached now (the Ray cluster). The
+    instance backs off and tries again, but this never counts toward `max_retries`: an outage
+    of the cluster must not leave its models FATAL once it is back."""
+
+
 class RunHandle(Protocol):
     """One run of one instance: a process tree or a container."""
 

@@ -28,7 +28,7 @@ from ..logfiles import LogFile, LogUnavailable
 from ..marks import new_token
 from ..procscan import ProcessTable, marked
 from ..states import ExitStatus
-from .base import LaunchError
+from .base import LaunchError, RunnerUnavailable
 from .process import KILL_GRACE, stop_processes
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class RayRunner:
                 placement_timeout=self.placement_timeout,
                 avoid=self.pinned_elsewhere(instance_id, plan.gpus, plan.share_gpus) if plan.node == "*" else [])
         except ClusterUnreachable as exc:
-            raise LaunchError(f"cluster unreachable: {exc}") from None
+            raise RunnerUnavailable(f"cluster unreachable: {exc}") from None
         except ClusterError as exc:
             raise LaunchError(str(exc)) from None
         self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])

@@ -52,7 +52,7 @@ NODE_RECONNECT = 3
 #: given up on: the reaper then meets a true orphan.
 GRACE = 8.0
 #: A short fixed delay: while unreachable each start waits for the helper's attempt anyway.
-#: Never giving up: each start while unreachable counts as a failed start.
+#: While unreachable, a failed start backs off without counting toward max_retries (RunnerUnavailable).
 RESTART = {"initial_delay": 0.3, "factor": 1.0, "jitter": 0.0, "max_retries": 0, "min_uptime": 1.0}
 
 

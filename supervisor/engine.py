@@ -457,11 +457,13 @@ class Engine:
         return [e.as_dict() for errors in self.catalog.errors.values() for e in errors]
 
     # -- helpers -----------------------------------------------------------------------------
-    def _give_up_port(self, iid: str, key: str) -> None:
-        """A stranger took an automatic port: forget it and settle again (a new port)."""
+    def _give_up_port(self, iid: str, key: str, port: int) -> None:
+        """A stranger took an automatic port: forget it and settle again (a new port). Only if
+        `key` still has that port: a retry of the old spec must not forget the new one."""
         try:
-            self.ports.record({key: None})
-        except (OSError, KeyError) as exc:
+            if not self.ports.forget(key, port):
+                return
+        except OSError as exc:
             log.error("%s: cannot forget its automatic port: %s", iid, exc)
             return
         self._last_inputs = None  # the files did not change, but the outcome will

@@ -145,7 +145,7 @@ class InstanceServices:
     port_holder: Callable[[int], Awaitable[str | None]]
     #: Called with (instance id, assignment key) when a stranger holds an automatic port: the
     #: engine forgets that assignment and reloads, so the instance gets another port.
-    give_up_port: Callable[[str, str], None] | None = None
+    give_up_port: Callable[[str, str, int], None] | None = None
     prestart: list[PrestartCheck] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
 
@@ -531,7 +531,7 @@ class Instance:
                         # An automatic port stays automatic: another one from the range, not a
                         # crash loop against a stranger (a fixed port is the user's to free).
                         log.warning("%s: automatic port %d is held by %s; taking another one", self.id, port, holder)
-                        self.services.give_up_port(spec.id, auto_key)
+                        self.services.give_up_port(spec.id, auto_key, port)
                         raise LaunchError(f"automatic port {port} is held by {holder}; moving to another port")
                     raise LaunchError(f"port {port} is already in use by {holder}")
             for step in spec.launch.prepare:

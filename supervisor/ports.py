@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class PortAllocator:
         self.path = path
         self.is_free = is_free
         self.assigned: dict[str, int] = {}
+        # Reloads assign in a thread (resolve) while the loop may forget a port a stranger took
+        # (give_up_port): one read-modify-write of the table and its file at a time.
+        self._lock = threading.RLock()
         if path is not None and path.exists():
             try:
                 saved = json.loads(path.read_text())
@@ -85,14 +89,15 @@ class PortAllocator:
 
     def assign(self, instance_id: str, reserved: set[int]) -> int:
         """The instance's port: its previous one when still usable, else the lowest free one."""
-        taken = {p for i, p in self.assigned.items() if i != instance_id} | reserved
-        current = self.assigned.get(instance_id)
-        if current is not None and current not in taken:
-            return current
-        for port in range(self.start, self.end + 1):
-            if port not in taken and self.is_free(port):
-                self.record({instance_id: port})  # raises OSError (a full disk): no port, nothing changed
-                return port
+        with self._lock:
+            taken = {p for i, p in self.assigned.items() if i != instance_id} | reserved
+            current = self.assigned.get(instance_id)
+            if current is not None and current not in taken:
+                return current
+            for port in range(self.start, self.end + 1):
+                if port not in taken and self.is_free(port):
+                    self.record({instance_id: port})  # raises OSError (a full disk): no port, nothing changed
+                    return port
         raise PortRangeExhausted(f"no free port left in the automatic range {self.start}-{self.end}")
 
     def dry_run(self) -> PortAllocator:
@@ -105,25 +110,35 @@ class PortAllocator:
         """Remember `updates` (None: forget that id) once they are on disk. A failed write (a
         full disk) raises and leaves memory and file as they were, so ports.json never lacks a
         port in use (issue 11)."""
-        new = {**self.assigned, **updates}
-        for key, port in updates.items():
-            if port is None:
-                del new[key]
-        self._save(new)
-        self.assigned = new  # type: ignore[assignment]
+        with self._lock:
+            new = {**self.assigned, **updates}
+            for key, port in updates.items():
+                if port is None:
+                    new.pop(key, None)  # forgetting twice (two give-ups in a row) is no error
+            self._save(new)
+            self.assigned = new  # type: ignore[assignment]
+
+    def forget(self, key: str, port: int) -> bool:
+        """Forget `key`'s assignment if it is still `port`; True if it was (and is gone)."""
+        with self._lock:
+            if self.assigned.get(key) != port:
+                return False
+            self.record({key: None})
+            return True
 
     def release_unused(self, live_ids: set[str]) -> None:
         """Forget assignments of instances that no longer exist (a declaration removed, or a
         model moved to other GPUs). Keys are instance ids, or "<instance id>#<name>" for a
         kind's extra ports."""
-        kept = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
-        if len(kept) != len(self.assigned):
-            try:
-                self._save(kept)
-            except OSError as exc:  # tidying only: never fail the reload that called it
-                log.warning("cannot forget unused port assignments in %s: %s", self.path, exc)
-                return
-            self.assigned = kept
+        with self._lock:
+            kept = {i: p for i, p in self.assigned.items() if i.split("#")[0] in live_ids}
+            if len(kept) != len(self.assigned):
+                try:
+                    self._save(kept)
+                except OSError as exc:  # tidying only: never fail the reload that called it
+                    log.warning("cannot forget unused port assignments in %s: %s", self.path, exc)
+                    return
+                self.assigned = kept
 
     def _save(self, assigned: dict[str, int]) -> None:
         if self.path is None:

@@ -475,7 +475,7 @@ class Controller:
         parsed = dict(engine.parsed)
         parsed[str(path)] = candidate
         ports = engine.ports.dry_run()
-        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts())
+        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts)
         return catalog, {k: p for k, p in ports.assigned.items() if engine.ports.assigned.get(k) != p}
 
     async def _write_all_or_nothing(self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]) -> None:

@@ -171,6 +171,7 @@ def resolve(
     assign_port: PortAssigner,
     work_root: Path = DEFAULT_WORK_ROOT,
     facts: GpuFacts = NO_FACTS,
+    node_facts: Callable[[str], GpuFacts] | None = None,
 ) -> Catalog:
     """Settle names, ports and GPUs across files and expand every model into its instances.
 
@@ -200,7 +201,7 @@ def resolve(
     for file in incumbents + newcomers:
         for model in candidates(file):
             try:
-                sets = _gpu_sets(model, facts, claims, previous.placements)
+                sets = _gpu_sets(model, facts, claims, previous.placements, node_facts)
                 problems = _conflicts(model, sets, catalog, explicit, claims)
             except PlacementError as exc:
                 problems = [ConfigError(file, str(exc), key="gpus", loc=("gpus",), type="conflict")]
@@ -256,8 +257,8 @@ def _port_problem(exc: Exception) -> str:
     return str(exc)
 
 
-def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims,
-              sticky: dict[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
+def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, sticky: dict[str, tuple[int, ...]],
+              node_facts: Callable[[str], GpuFacts] | None = None) -> list[tuple[int, ...]]:
     decl = model.decl
     if decl.gpus != "auto":
         sets = decl.gpu_sets()
@@ -267,11 +268,19 @@ def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims,
         return sets
     sets: list[tuple[int, ...]] = []
     trial = GpuClaims()  # this model's own instances may not land on one another's GPUs
-    trial.by_gpu = {g: list(c) for g, c in claims.by_gpu.items()}
+    if model.node is None:
+        trial.by_gpu = {g: list(c) for g, c in claims.by_gpu.items()}
+    else:  # `node = "gpu-a"`: that node's GPUs, as its agent last reported them
+        facts = node_facts(model.node) if node_facts is not None else GpuFacts.unknown("no cluster connection")
+        if facts.known is None:
+            facts = GpuFacts.unknown(f"node {model.node} has not reported its GPUs ({facts.reason})")
+        prefix = f"{model.node}:"
+        trial.by_gpu = {int(str(k)[len(prefix):]): list(c) for k, c in claims.by_gpu.items()
+                        if str(k).startswith(prefix)}
     for replica in range(decl.instances):
         gpus = place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial,
                      sticky.get(f"{model.name}#{replica}"))
-        trial.add(gpus, Claim(instance_id(model.name, gpus), str(model.source), decl.share_gpus,
+        trial.add(gpus, Claim(instance_id(model.name, gpus, model.node), str(model.source), decl.share_gpus,
                               decl.min_free_memory_mb))
         sets.append(gpus)
     return sets

@@ -109,9 +109,13 @@ class Engine:
             ray.pinned_elsewhere = self.pinned_nodes
             ray.client.subscribe("connected", self._cluster_reachable)
         nodes = getattr(ray, "nodes", None)
+        #: Cluster mode: the GPUs of a node, for `gpus = "auto"` with `node` (desired.resolve).
+        self.node_facts: Callable[[str], GpuFacts] | None = None
         if nodes is not None:  # cluster mode: the node agents' view needs to know our runs
             nodes.is_live = self.run_is_live
             nodes.on_reaped = self._reaped
+            nodes.on_gpus_changed = lambda: self.request_reload("cluster nodes' GPUs changed")
+            self.node_facts = nodes.facts
             self.services.prestart.append(nodes.gate)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -220,7 +224,8 @@ class Engine:
         facts = self.gpu_facts()
         if self._unchanged(parsed, facts):
             return Plan()  # a resync that found nothing new: nothing to settle again
-        catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts)
+        catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts,
+                                          self.node_facts)
         self._last_inputs = (dict(parsed), facts.known)
         self.parsed = parsed
         if catalog.placements != self.catalog.placements:
@@ -246,7 +251,8 @@ class Engine:
             parsed.pop(str(path), None)
         else:
             parsed[str(path)] = candidate
-        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts())
+        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts(),
+                          self.node_facts)
         return catalog.errors.get(str(path), [])
 
     def _sort_records(self, catalog: Catalog, broken: set[str]) -> dict[str, dict[str, Any]]:

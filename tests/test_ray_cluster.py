@@ -820,3 +820,30 @@ async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(tmp_p
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
+
+
+@needs_ray
+async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, monkeypatch) -> None:
+    extra = simulated_nodes(tmp_path)
+    # gpu-a's GPU 0 is nearly full (someone else's memory); GPU 1 has room. This machine's
+    # GPUs (gpus-local.toml) are all free: the choice must come from the node's sample.
+    write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {"used": 9000}, 1: {"used": 500}})
+    docs = [declaration("chooser", demo_cmd(), node="gpu-a", gpus="auto", min_free_memory_mb=4000, health=HEALTH),
+            declaration("greedy", demo_cmd(), node="gpu-b", gpus="auto", instances=3, health=HEALTH)]
+    engine = await started(tmp_path, rig, monkeypatch, docs, **extra)
+    track = Tracker()
+    try:
+        # Settled once the node's agent has reported its GPUs (a reload of its own).
+        await wait_until(lambda: "chooser@gpu-a:gpu1" in engine.instances, 30)
+        inst = engine.instances["chooser@gpu-a:gpu1"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        assert environ(inst.pid)["CUDA_VISIBLE_DEVICES"] == "1"
+        assert engine.catalog.placements["chooser#0"] == (1,)
+        # gpu-b has two GPUs for three exclusive instances: the file is an error naming them.
+        errors = [e for e in engine.config_errors() if e["file"].endswith("greedy.toml")]
+        assert errors and errors[0]["key"] == "gpus", errors
+        assert "cannot place" in errors[0]["message"] and "held by greedy@gpu-b:gpu" in errors[0]["message"], errors
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()

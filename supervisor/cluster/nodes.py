@@ -28,6 +28,7 @@ from typing import Any
 from ..gpu.api_view import gpu_info
 from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from ..gpu.release import still_held
+from ..placement import GpuFacts
 from .client import ClusterClient, ClusterError, ClusterUnreachable
 from .plan import ClusterLaunch
 
@@ -106,6 +107,8 @@ class ClusterNodes:
         #: Set by the engine; until then no run is ever taken for unowned.
         self.is_live: Callable[[str, str], bool] = lambda token, instance: True
         self.on_reaped: Callable[[str, str, dict[str, list[int]]], None] | None = None
+        #: Called when a node appears, goes, or reports other GPUs (the engine settles again).
+        self.on_gpus_changed: Callable[[], None] | None = None
         self.last_run: dict[str, _LastRun] = {}
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (label, token) -> count, first
         self._reaping: set[str] = set()
@@ -132,8 +135,11 @@ class ClusterNodes:
                     for token, r in (raw.get("runs") or {}).items()}
             samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
                                         agent_pid=raw.get("agent_pid"))
+        before = self.gpu_sets()
         self.samples = samples
         self.version += 1
+        if self.on_gpus_changed is not None and self.gpu_sets() != before:
+            self.on_gpus_changed()
         self._remember_runs()
         self._find_unowned()
         self._changed.set()
@@ -237,6 +243,29 @@ class ClusterNodes:
         """The remote nodes' GPUs, in /api/v1/gpus' shape, each with its node."""
         return [gpu_info(d, sample.snapshot, self.owners(sample), label)
                 for label, sample in sorted(self.samples.items()) for d in sample.snapshot.devices]
+
+    def facts(self, label: str) -> GpuFacts:
+        """What `gpus = "auto"` on node `label` may know (placement.py), from its last sample."""
+        sample = self.samples.get(label)
+        if sample is None:
+            return GpuFacts.unknown("no sample from it yet" if self.client.up else "the cluster is unreachable")
+        snap = sample.snapshot
+        if not snap.devices and snap.source == "none":
+            return GpuFacts.unknown(snap.reason or "it has no GPU source")
+        owners = self.owners(sample)
+        used: dict[str, dict[int, int]] = {}
+        for d in snap.devices:
+            for p in d.processes:
+                owner = owners.get(p.pid)
+                if owner is not None and p.used_memory_mib:
+                    per_gpu = used.setdefault(owner, {})
+                    per_gpu[d.index] = per_gpu.get(d.index, 0) + p.used_memory_mib
+        return GpuFacts(frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices},
+                        used)
+
+    def gpu_sets(self) -> dict[str, frozenset[int]]:
+        """Label -> the GPU indices it reports: when this changes, `gpus = "auto"` settles again."""
+        return {label: frozenset(d.index for d in s.snapshot.devices) for label, s in self.samples.items()}
 
     def memory_by_instance(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -160,20 +160,9 @@ class ClusterProcess:
 def descendants(root: int) -> set[int]:
     """The live descendants of `root` (an orphan reparented away is no longer one: take this
     while the tree is whole)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
-        found |= frontier
-    return found
+    from supervisor.procscan import scan, tree
+
+    return tree(scan(), root)
 
 
 def _alive(pid: int) -> bool:

@@ -31,6 +31,7 @@ from supervisor.spec import instance_id
 from supervisor.states import State
 
 from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_range, wait_until, write_decl
+from .ray_rig import descendants
 from .serve_helpers import Serve
 
 HEALTH = {"type": "http", "start_interval": 0.05, "interval": 0.5}
@@ -254,22 +255,6 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
     track.check()
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
-        found |= frontier
-    return found
-
-
 @needs_ray
 def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path, rig) -> None:
     cluster = rig["cluster"]
@@ -296,7 +281,7 @@ def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path,
         resources = node["Resources"]
         assert resources.get("msup_gpu_0") == 1 and resources.get("msup_gpu_1") == 1 and resources.get("GPU") == 2
         assert not any(k.startswith("msup_gpu_") and k not in ("msup_gpu_0", "msup_gpu_1") for k in resources)
-        pids = _descendants(proc.pid) | {proc.pid}
+        pids = descendants(proc.pid) | {proc.pid}
         assert len(pids) > 2  # the raylet and its agents, below the pid the command became
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) is not None
@@ -847,3 +832,18 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
+
+
+def test_a_run_is_reaped_only_after_three_samples_and_three_seconds_unowned() -> None:
+    from supervisor.cluster.nodes import NodeRun, unowned_runs
+
+    runs = {"lost": NodeRun("a@gpu-a:gpu0", (10,)), "ours": NodeRun("b@gpu-a:gpu1", (11,))}
+    live = lambda token, instance: token == "ours"  # noqa: E731
+    seen: dict = {}
+    assert unowned_runs(runs, live, seen, now=0.0) == []
+    assert unowned_runs(runs, live, seen, now=1.0) == []
+    assert unowned_runs(runs, live, seen, now=2.0) == []  # 3 samples, but only 2 s
+    assert unowned_runs(runs, live, seen, now=3.0) == ["lost"]
+    assert "ours" not in seen
+    # Gone from a sample (it ended, or it was a launch in flight that is ours now): counting restarts.
+    assert unowned_runs({}, live, seen, now=4.0) == [] and seen == {}

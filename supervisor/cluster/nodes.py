@@ -55,6 +55,9 @@ class NodeSample:
     runs: dict[str, NodeRun]  # token -> the run's processes on this node
     error: str | None = None
     agent_pid: int | None = None  # on the node's host
+    #: Settled once per round of samples (views read these, never recompute them):
+    owners: dict[int, str] = field(default_factory=dict)  # GPU pid -> instance id (live runs only)
+    used_by: dict[str, dict[int, int]] = field(default_factory=dict)  # instance -> GPU -> MiB
 
 
 @dataclass
@@ -110,7 +113,7 @@ class ClusterNodes:
         #: Called when a node appears, goes, or reports other GPUs (the engine settles again).
         self.on_gpus_changed: Callable[[], None] | None = None
         self.last_run: dict[str, _LastRun] = {}
-        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (label, token) -> count, first
+        self._seen: dict[str, dict[str, tuple[int, float]]] = {}  # label -> token -> (count, first seen)
         self._reaping: set[str] = set()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -135,6 +138,8 @@ class ClusterNodes:
                     for token, r in (raw.get("runs") or {}).items()}
             samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
                                         agent_pid=raw.get("agent_pid"))
+        for sample in samples.values():
+            self._settle(sample)
         before = self.gpu_sets()
         self.samples = samples
         self.version += 1
@@ -145,35 +150,41 @@ class ClusterNodes:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def owners(self, sample: NodeSample) -> dict[int, str]:
-        """GPU pid on that node -> instance id, for runs that are live."""
-        out = {}
+    def _settle(self, sample: NodeSample) -> None:
+        """Who owns each GPU process of the sample (runs that are live), and their memory."""
         for token, run in sample.runs.items():
             if self.is_live(token, run.instance):
                 for pid in run.pids:
-                    out[pid] = run.instance
-        return out
+                    sample.owners[pid] = run.instance
+        for d in sample.snapshot.devices:
+            for p in d.processes:
+                owner = sample.owners.get(p.pid)
+                if owner is not None and p.used_memory_mib:
+                    per_gpu = sample.used_by.setdefault(owner, {})
+                    per_gpu[d.index] = per_gpu.get(d.index, 0) + p.used_memory_mib
+
+    @staticmethod
+    def owners(sample: NodeSample) -> dict[int, str]:
+        """GPU pid on that node -> instance id, for runs that were live at the sample."""
+        return sample.owners
 
     def _remember_runs(self) -> None:
         for label, sample in self.samples.items():
-            owners = self.owners(sample)
-            seen: dict[str, _LastRun] = {}
+            on_gpus: dict[str, set[int]] = {}
             for d in sample.snapshot.devices:
                 for p in d.processes:
-                    owner = owners.get(p.pid)
+                    owner = sample.owners.get(p.pid)
                     if owner is not None:
-                        run = seen.setdefault(owner, _LastRun(label, set()))
-                        run.pids.add(p.pid)
-                        run.memory_mib[d.index] = run.memory_mib.get(d.index, 0) + (p.used_memory_mib or 0)
-            self.last_run.update(seen)  # kept after the run ends: the gate needs it then
+                        on_gpus.setdefault(owner, set()).add(p.pid)
+            for owner, pids in on_gpus.items():  # kept after the run ends: the gate needs it then
+                self.last_run[owner] = _LastRun(label, pids, dict(sample.used_by.get(owner, {})))
 
     # -- the reaper ------------------------------------------------------------------------------
     def _find_unowned(self) -> None:
         now = time.monotonic()
+        self._seen = {label: seen for label, seen in self._seen.items() if label in self.samples}
         for label, sample in self.samples.items():
-            seen = {tok: v for (lab, tok), v in self._seen.items() if lab == label}
-            due = unowned_runs(sample.runs, self.is_live, seen, now)
-            self._seen = {k: v for k, v in self._seen.items() if k[0] != label} | {(label, t): v for t, v in seen.items()}
+            due = unowned_runs(sample.runs, self.is_live, self._seen.setdefault(label, {}), now)
             for token in due:
                 if token not in self._reaping:
                     self._reaping.add(token)
@@ -252,16 +263,8 @@ class ClusterNodes:
         snap = sample.snapshot
         if not snap.devices and snap.source == "none":
             return GpuFacts.unknown(snap.reason or "it has no GPU source")
-        owners = self.owners(sample)
-        used: dict[str, dict[int, int]] = {}
-        for d in snap.devices:
-            for p in d.processes:
-                owner = owners.get(p.pid)
-                if owner is not None and p.used_memory_mib:
-                    per_gpu = used.setdefault(owner, {})
-                    per_gpu[d.index] = per_gpu.get(d.index, 0) + p.used_memory_mib
         return GpuFacts(frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices},
-                        used)
+                        sample.used_by)
 
     def gpu_sets(self) -> dict[str, frozenset[int]]:
         """Label -> the GPU indices it reports: when this changes, `gpus = "auto"` settles again."""
@@ -270,12 +273,8 @@ class ClusterNodes:
     def memory_by_instance(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for sample in self.samples.values():
-            owners = self.owners(sample)
-            for d in sample.snapshot.devices:
-                for p in d.processes:
-                    owner = owners.get(p.pid)
-                    if owner is not None and p.used_memory_mib:
-                        out[owner] = out.get(owner, 0) + p.used_memory_mib
+            for owner, per_gpu in sample.used_by.items():
+                out[owner] = out.get(owner, 0) + sum(per_gpu.values())
         return out
 
     def strays(self) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from .marks import scope_of
 from .runners.docker import DockerRunner
 from .runners.process import ProcessRunner, stop_processes
 from .settings import Settings
-from .states import State, utcnow
+from .states import utcnow
 from .watcher import ConfWatcher
 
 log = logging.getLogger(__name__)
@@ -104,19 +104,13 @@ class Engine:
         self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
         self.on_reconcile: Callable[[float], None] | None = None
-        ray = self.runners.get("ray")
-        if ray is not None and hasattr(ray, "pinned_elsewhere"):
-            ray.pinned_elsewhere = self.pinned_nodes
-            ray.client.subscribe("connected", self._cluster_reachable)
-        nodes = getattr(ray, "nodes", None)
         #: Cluster mode: the GPUs of a node, for `gpus = "auto"` with `node` (desired.resolve).
         self.node_facts: Callable[[str], GpuFacts] | None = None
-        if nodes is not None:  # cluster mode: the node agents' view needs to know our runs
-            nodes.is_live = self.run_is_live
-            nodes.on_reaped = self._reaped
-            nodes.on_gpus_changed = lambda: self.request_reload("cluster nodes' GPUs changed")
-            self.node_facts = nodes.facts
-            self.services.prestart.append(nodes.gate)
+        ray = self.runners.get("ray")
+        if ray is not None and hasattr(ray, "nodes"):
+            from .cluster.binding import bind
+
+            bind(self, ray)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, watch: bool = False) -> Plan:
@@ -424,31 +418,9 @@ class Engine:
                 return remote
         return LocalLog(log_file)
 
-    def pinned_nodes(self, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
-        """Nodes where another enabled declaration pinned to that node names one of `gpus`: an
-        instance placed anywhere keeps off them, so it never takes a pinned model's GPU."""
-        out = set()
-        for iid, spec in self.catalog.instances.items():
-            launch = spec.launch
-            node = getattr(launch, "node", "*")
-            if iid == instance_id or not spec.enabled or getattr(launch, "runner", None) != "ray" or node == "*":
-                continue
-            if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
-                out.add(node)
-        return sorted(out)
-
-    def _cluster_reachable(self, _message: dict[str, Any]) -> None:
-        """Instances backing off only because the cluster was unreachable start at once."""
-        for inst in self.instances.values():
-            if inst.state == State.BACKOFF and inst.unavailable_waits:
-                inst.start("the cluster is reachable again")
-
     def _launched_here(self, iid: str) -> bool:
         inst = self.instances.get(iid) or self.removing.get(iid)
         return inst is not None and (inst.spawning or inst.pid is not None)
-
-    def _reaped(self, instance_id: str, token: str, stopped: dict[str, list[int]]) -> None:
-        self.bus.publish("reaped", {"instance": instance_id, "run": token, "stopped": stopped})
 
     def instance(self, iid: str) -> Instance | None:
         return self.instances.get(iid)

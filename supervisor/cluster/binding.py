@@ -1,0 +1,46 @@
+"""What the cluster pieces need to know of the engine, wired in one place (cluster mode only).
+
+The engine knows its runs and its catalog; the Ray runner and its node view (`nodes`) need
+some of that, and the engine needs their node facts and GPU gate. `bind` connects them, so
+engine.py stays free of cluster details beyond calling it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..states import State
+from .plan import ANYWHERE
+
+
+def pinned_nodes(catalog: Any, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
+    """Nodes where another enabled declaration pinned to that node names one of `gpus`: an
+    instance placed anywhere keeps off them, so it never takes a pinned model's GPU (pure)."""
+    out = set()
+    for iid, spec in catalog.instances.items():
+        launch = spec.launch
+        node = getattr(launch, "node", ANYWHERE)
+        if iid == instance_id or not spec.enabled or getattr(launch, "runner", None) != "ray" or node == ANYWHERE:
+            continue
+        if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
+            out.add(node)
+    return sorted(out)
+
+
+def bind(engine: Any, runner: Any) -> None:
+    nodes = runner.nodes
+    runner.pinned_elsewhere = lambda iid, gpus, share: pinned_nodes(engine.catalog, iid, gpus, share)
+
+    def reachable(_message: dict[str, Any]) -> None:
+        # Instances backing off only because the cluster was unreachable start at once.
+        for inst in engine.instances.values():
+            if inst.state == State.BACKOFF and inst.unavailable_waits:
+                inst.start("the cluster is reachable again")
+
+    runner.client.subscribe("connected", reachable)
+    nodes.is_live = engine.run_is_live
+    nodes.on_reaped = lambda iid, token, stopped: engine.bus.publish(
+        "reaped", {"instance": iid, "run": token, "stopped": stopped})
+    nodes.on_gpus_changed = lambda: engine.request_reload("cluster nodes' GPUs changed")
+    engine.node_facts = nodes.facts
+    engine.services.prestart.append(nodes.gate)

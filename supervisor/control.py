@@ -475,7 +475,7 @@ class Controller:
         parsed = dict(engine.parsed)
         parsed[str(path)] = candidate
         ports = engine.ports.dry_run()
-        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts)
+        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts())
         return catalog, {k: p for k, p in ports.assigned.items() if engine.ports.assigned.get(k) != p}
 
     async def _write_all_or_nothing(self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]) -> None:
@@ -493,8 +493,8 @@ class Controller:
         try:
             if ports:
                 await asyncio.to_thread(engine.ports.record, dict(ports))
-            if catalog.placements != engine.catalog.placements:
-                await asyncio.to_thread(engine._save_placements, catalog.placements)
+            if catalog.placement_record() != engine.catalog.placement_record():
+                await asyncio.to_thread(engine._save_placements, catalog)
         except OSError as exc:
             raise StorageFailed(exc, exc.filename or state_dir) from None
         try:

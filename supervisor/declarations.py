@@ -253,9 +253,6 @@ def _where(decl: Declaration, runner: str, defaults: Defaults, file: str) -> tup
     if defaults.nodes and decl.node is not None and decl.node not in defaults.nodes:
         known = ", ".join(sorted(defaults.nodes))
         return error("node", f"unknown node {decl.node!r} (ray_nodes in the settings: {known}, or \"local\")")
-    if decl.gpus == "auto" and decl.node is None:
-        return error("gpus", 'gpus = "auto" in cluster mode needs node = "<label>" (whose GPUs to choose '
-                             'from; across nodes it is not supported yet), or node = "local"')
     return decl.node or "*", []
 
 

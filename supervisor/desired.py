@@ -22,7 +22,8 @@ from pathlib import Path
 from .backends.base import LaunchContext, LaunchPlan
 from .declarations import ConfigError, ModelSpec
 from . import storage
-from .placement import NO_FACTS, Claim, GpuClaims, GpuFacts, PlacementError, check_exists, place
+from .placement import (NO_CLUSTER, NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError, check_exists,
+                        place, place_on_nodes)
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 from .cluster.plan import in_cluster
 
@@ -89,14 +90,18 @@ def _digest(obj: object) -> str:
 
 
 def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
-                  extra_ports: tuple[tuple[str, int], ...] = (), work_root: Path = DEFAULT_WORK_ROOT) -> InstanceSpec:
+                  extra_ports: tuple[tuple[str, int], ...] = (), work_root: Path = DEFAULT_WORK_ROOT,
+                  node: str | None = None) -> InstanceSpec:
+    """`node`: where this instance runs, if not where its model says (`gpus = "auto"` placed
+    across the cluster's nodes)."""
     decl = model.decl
-    iid = instance_id(decl.name, gpus, model.node)
+    node = node or model.node
+    iid = instance_id(decl.name, gpus, node)
     ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
                         work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
     launch = model.kind.launch(model.options, ctx, decl.env)
-    if model.node is not None:  # cluster mode: the same plan, run by the ray runner on a node
-        launch = in_cluster(launch, model.node, gpus, decl.share_gpus)
+    if node is not None:  # cluster mode: the same plan, run by the ray runner on a node
+        launch = in_cluster(launch, node, gpus, decl.share_gpus)
     default = model.kind.instance_health(model.options, ctx)
     h = decl.health
     health_type = h.type or default.type
@@ -152,8 +157,40 @@ class Catalog:
     instances: dict[str, InstanceSpec] = field(default_factory=dict)  # by instance id
     errors: dict[str, list[ConfigError]] = field(default_factory=dict)  # by file
     owners: dict[str, str] = field(default_factory=dict)  # model name -> file
-    gpu_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # model name -> one set per instance
     placements: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "<model>#<n>" -> GPUs (gpus = "auto")
+    placed_on: dict[str, str] = field(default_factory=dict)  # "<model>#<n>" -> node (auto across nodes)
+    slots: dict[str, list[Slot]] = field(default_factory=dict)  # model name -> where each instance runs
+
+    def placement_record(self) -> dict[str, object]:
+        """placements.json: `[gpus]`, or `{"node": label, "gpus": [...]}` for one placed on a node."""
+        return {key: ({"node": self.placed_on[key], "gpus": list(gpus)} if key in self.placed_on else list(gpus))
+                for key, gpus in sorted(self.placements.items())}
+
+    @classmethod
+    def from_placement_record(cls, record: dict[str, object]) -> Catalog:
+        """An empty catalog that remembers the placements of `record` (placement_record's shape)."""
+        catalog = cls()
+        for key, value in record.items():
+            if isinstance(value, dict):
+                catalog.placements[key] = tuple(int(g) for g in value["gpus"])
+                catalog.placed_on[key] = str(value["node"])
+            else:
+                catalog.placements[key] = tuple(int(g) for g in value)  # type: ignore[union-attr]
+        return catalog
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Where one instance of a model runs: its GPUs, and its node (None, "*" or a label)."""
+
+    node: str | None
+    gpus: tuple[int, ...]
+
+    def claim_keys(self) -> tuple:
+        """What it holds exclusively: GPU g of this machine, or "gpu-a:g" of a named node."""
+        if self.node is None:
+            return self.gpus
+        return tuple(f"{self.node}:{g}" for g in self.gpus)
 
 
 
@@ -171,7 +208,7 @@ def resolve(
     assign_port: PortAssigner,
     work_root: Path = DEFAULT_WORK_ROOT,
     facts: GpuFacts = NO_FACTS,
-    node_facts: Callable[[str], GpuFacts] | None = None,
+    cluster: ClusterFacts = NO_CLUSTER,
 ) -> Catalog:
     """Settle names, ports and GPUs across files and expand every model into its instances.
 
@@ -191,9 +228,15 @@ def resolve(
             out.append(old)
         return out
 
+    def chooses_gpus(file: str) -> bool:
+        return any(m.decl.gpus == "auto" for m in candidates(file)[:1])
+
     # Files that already owned a name go first so they keep it; then the rest in name order.
-    incumbents = sorted(f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f)
-    newcomers = sorted(f for f in parsed if f not in incumbents)
+    # In each group, `gpus = "auto"` comes after declarations that name their GPUs: it fits
+    # around them, whatever the file names.
+    incumbents = sorted((f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f),
+                        key=lambda f: (chooses_gpus(f), f))
+    newcomers = sorted((f for f in parsed if f not in incumbents), key=lambda f: (chooses_gpus(f), f))
 
     catalog = Catalog()
     explicit: dict[int, str] = {}  # port -> instance id claiming it
@@ -201,31 +244,34 @@ def resolve(
     for file in incumbents + newcomers:
         for model in candidates(file):
             try:
-                sets = _gpu_sets(model, facts, claims, previous.placements, node_facts)
-                problems = _conflicts(model, sets, catalog, explicit, claims)
+                slots = _slots(model, facts, claims, previous, cluster)
+                problems = _conflicts(model, slots, catalog, explicit, claims)
             except PlacementError as exc:
                 problems = [ConfigError(file, str(exc), key="gpus", loc=("gpus",), type="conflict")]
             if not problems:
                 catalog.models[model.name] = model
                 catalog.owners[model.name] = file
-                catalog.gpu_sets[model.name] = sets
+                catalog.slots[model.name] = slots
                 decl = model.decl
-                for replica, gpus in enumerate(sets):
-                    iid = instance_id(model.name, gpus, model.node)
+                for replica, slot in enumerate(slots):
+                    iid = instance_id(model.name, slot.gpus, slot.node)
                     if decl.port != "auto":
-                        explicit[instance_port(decl.port, gpus)] = iid
-                    if gpus and model.node != "*":  # "*": Ray's per-GPU resources keep them apart
-                        claims.add(_claim_keys(model, gpus), Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
+                        explicit[instance_port(decl.port, slot.gpus)] = iid
+                    if slot.gpus and slot.node != "*":  # "*": Ray's per-GPU resources keep them apart
+                        claims.add(slot.claim_keys(), Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
                     if decl.gpus == "auto":
-                        catalog.placements[f"{model.name}#{replica}"] = gpus
+                        catalog.placements[f"{model.name}#{replica}"] = slot.gpus
+                        if slot.node != model.node:
+                            catalog.placed_on[f"{model.name}#{replica}"] = str(slot.node)
                 break
             if model is parsed[file]:
                 errors.setdefault(file, []).extend(problems)
 
     reserved = set(explicit)
     for model in catalog.models.values():
-        for gpus in catalog.gpu_sets[model.name]:
-            iid = instance_id(model.name, gpus, model.node)
+        for slot in catalog.slots[model.name]:
+            gpus = slot.gpus
+            iid = instance_id(model.name, gpus, slot.node)
             if model.decl.port == "auto" and not _listens(model):
                 port = 0  # nothing listens: do not spend a port of the range on it
             elif model.decl.port == "auto":
@@ -244,7 +290,7 @@ def resolve(
                 errors.setdefault(str(model.source), []).append(
                     ConfigError(str(model.source), f"instance {iid}: {_port_problem(exc)}", key="port", loc=("port",), type="conflict"))
                 continue
-            catalog.instances[iid] = make_instance(model, gpus, port, extra, work_root)
+            catalog.instances[iid] = make_instance(model, gpus, port, extra, work_root, slot.node)
     catalog.errors = {f: e for f, e in errors.items() if e}
     return catalog
 
@@ -257,33 +303,37 @@ def _port_problem(exc: Exception) -> str:
     return str(exc)
 
 
-def _gpu_sets(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, sticky: dict[str, tuple[int, ...]],
-              node_facts: Callable[[str], GpuFacts] | None = None) -> list[tuple[int, ...]]:
+def _slots(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catalog,
+           cluster: ClusterFacts) -> list[Slot]:
     decl = model.decl
     if decl.gpus != "auto":
         sets = decl.gpu_sets()
         for gpus in sets:
             if model.node is None:  # a cluster node's GPUs are not this machine's
                 check_exists(gpus, facts)
-        return sets
-    sets: list[tuple[int, ...]] = []
+        return [Slot(model.node, gpus) for gpus in sets]
+    slots: list[Slot] = []
     trial = GpuClaims()  # this model's own instances may not land on one another's GPUs
-    if model.node is None:
-        trial.by_gpu = {g: list(c) for g, c in claims.by_gpu.items()}
-    else:  # `node = "gpu-a"`: that node's GPUs, as its agent last reported them
-        facts = node_facts(model.node) if node_facts is not None else GpuFacts.unknown("no cluster connection")
-        if facts.known is None:
-            facts = GpuFacts.unknown(f"node {model.node} has not reported its GPUs ({facts.reason})")
-        prefix = f"{model.node}:"
-        trial.by_gpu = {int(str(k)[len(prefix):]): list(c) for k, c in claims.by_gpu.items()
-                        if str(k).startswith(prefix)}
+    trial.by_gpu = {g: list(c) for g, c in claims.by_gpu.items()}
     for replica in range(decl.instances):
-        gpus = place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial,
-                     sticky.get(f"{model.name}#{replica}"))
-        trial.add(gpus, Claim(instance_id(model.name, gpus, model.node), str(model.source), decl.share_gpus,
-                              decl.min_free_memory_mb))
-        sets.append(gpus)
-    return sets
+        key = f"{model.name}#{replica}"
+        sticky = previous.placements.get(key)
+        if model.node is None:
+            slot = Slot(None, place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial,
+                                    sticky))
+        elif model.node == "*":  # any node: the node is chosen here, then the instance is pinned to it
+            was = (previous.placed_on[key], sticky) if sticky is not None and key in previous.placed_on else None
+            slot = Slot(*place_on_nodes(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, cluster,
+                                        trial, was))
+        else:  # `node = "gpu-a"`: that node's GPUs, as its agent last reported them
+            slot = Slot(model.node, place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus,
+                                          cluster.of(model.node), trial.on_node(model.node,
+                                                                                cluster.occupied.get(model.node)),
+                                          sticky))
+        trial.add(slot.claim_keys(), Claim(instance_id(model.name, slot.gpus, slot.node), str(model.source),
+                                           decl.share_gpus, decl.min_free_memory_mb))
+        slots.append(slot)
+    return slots
 
 
 def _listens(model: ModelSpec) -> bool:
@@ -295,7 +345,7 @@ def _name_of(model: ModelSpec | None) -> str | None:
     return model.name if model is not None else None
 
 
-def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, explicit: dict[int, str],
+def _conflicts(model: ModelSpec, slots: list[Slot], catalog: Catalog, explicit: dict[int, str],
                claims: GpuClaims) -> list[ConfigError]:
     file = str(model.source)
     if model.name in catalog.models:
@@ -304,25 +354,28 @@ def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, 
                             key="name", loc=("name",), type="conflict")]
     problems = []
     if model.decl.port != "auto":
-        for gpus in sets:
-            port = instance_port(model.decl.port, gpus)
+        for slot in slots:
+            port = instance_port(model.decl.port, slot.gpus)
+            iid = instance_id(model.name, slot.gpus, slot.node)
             if not 1 <= port <= 65535:
-                problems.append(ConfigError(file, f"instance {instance_id(model.name, gpus, model.node)} would get port {port}, out of range",
+                problems.append(ConfigError(file, f"instance {iid} would get port {port}, out of range",
                                             key="port", loc=("port",)))
             elif port in explicit:
                 owner = explicit[port]
                 problems.append(
                     ConfigError(
                         file,
-                        f"port {port} (instance {instance_id(model.name, gpus, model.node)}) is already declared by "
+                        f"port {port} (instance {iid}) is already declared by "
                         f"{owner} in {catalog.owners[owner.split('@')[0]]}",
                         key="port",
                         loc=("port",),
                         type="conflict",
                     )
                 )
-    for gpus in sets if model.node != "*" else ():
-        held = claims.blocking(_claim_keys(model, gpus), model.decl.share_gpus)
+    for slot in slots:
+        if slot.node == "*":
+            continue
+        held = claims.blocking(slot.claim_keys(), model.decl.share_gpus)
         if held is not None:
             gpu, claim = held
             problems.append(ConfigError(
@@ -332,10 +385,3 @@ def _conflicts(model: ModelSpec, sets: list[tuple[int, ...]], catalog: Catalog, 
                 key="gpus", loc=("gpus",), type="conflict"))
             break
     return problems
-
-
-def _claim_keys(model: ModelSpec, gpus: tuple[int, ...]) -> tuple:
-    """What an instance holds exclusively: GPU g of this machine, or "gpu-a:g" of a named node."""
-    if model.node is None:
-        return gpus
-    return tuple(f"{model.node}:{g}" for g in gpus)

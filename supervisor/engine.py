@@ -26,7 +26,7 @@ from .desired import Catalog, resolve
 from .events import EventBus
 from .instance import Instance, InstanceServices, PrestartCheck
 from .logfiles import LocalLog, LogFile
-from .placement import NO_FACTS, GpuFacts
+from .placement import NO_CLUSTER, NO_FACTS, ClusterFacts, GpuFacts
 from .plan import Plan, plan
 from .ports import PortAllocator, describe_holder, port_is_free
 from .procscan import ProcessTable
@@ -83,7 +83,7 @@ class Engine:
             give_up_port=self._give_up_port,
             prestart=list(prestart or []),
         )
-        self.catalog = Catalog(placements=self._load_placements())
+        self.catalog = self._load_placements()
         #: What placement may know about the GPUs; the GPU tracker replaces this when it starts.
         self.gpu_facts: Callable[[], GpuFacts] = lambda: NO_FACTS
         self.parsed: dict[str, ModelSpec | list[ConfigError]] = {}  # the last read of conf.d/
@@ -104,8 +104,8 @@ class Engine:
         self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
         self.on_reconcile: Callable[[float], None] | None = None
-        #: Cluster mode: the GPUs of a node, for `gpus = "auto"` with `node` (desired.resolve).
-        self.node_facts: Callable[[str], GpuFacts] | None = None
+        #: Cluster mode: the nodes' GPUs as last reported, for `gpus = "auto"` (desired.resolve).
+        self.node_facts: Callable[[], ClusterFacts] = lambda: NO_CLUSTER
         ray = self.runners.get("ray")
         if ray is not None and hasattr(ray, "nodes"):
             from .cluster.binding import bind
@@ -215,27 +215,29 @@ class Engine:
         except FileNotFoundError:
             log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
             return Plan()
-        facts = self.gpu_facts()
-        if self._unchanged(parsed, facts):
+        facts, nodes = self.gpu_facts(), self.node_facts()
+        known = (facts.known, {label: f.known for label, f in nodes.nodes.items()}, nodes.reason is None)
+        if self._unchanged(parsed, known):
             return Plan()  # a resync that found nothing new: nothing to settle again
         catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts,
-                                          self.node_facts)
-        self._last_inputs = (dict(parsed), facts.known)
+                                          nodes)
+        self._last_inputs = (dict(parsed), known)
         self.parsed = parsed
-        if catalog.placements != self.catalog.placements:
+        if catalog.placement_record() != self.catalog.placement_record():
             try:
-                await asyncio.to_thread(self._save_placements, catalog.placements)
+                await asyncio.to_thread(self._save_placements, catalog)
             except OSError as exc:  # a full state disk: run as settled, say so, retry next reload
                 log.error("cannot save GPU placements: %s; they are kept in memory for now",
                           storage.describe(exc, self.settings.state_dir / "placements.json"))
         return self._apply(catalog, reason)
 
-    def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], facts: GpuFacts) -> bool:
-        """Same parse results (the very same objects), same GPUs, and nothing waiting on either."""
+    def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], known: object) -> bool:
+        """Same parse results (the very same objects), same GPUs (here and on the nodes), and
+        nothing waiting on either."""
         if self._last_inputs is None or self.catalog.errors:
             return False
         last_parsed, last_known = self._last_inputs
-        return (last_known == facts.known and last_parsed.keys() == parsed.keys()
+        return (last_known == known and last_parsed.keys() == parsed.keys()
                 and all(parsed[k] is last_parsed[k] for k in parsed))
 
     def check_candidate(self, path: Path, candidate: ModelSpec | None) -> list[ConfigError]:
@@ -246,7 +248,7 @@ class Engine:
         else:
             parsed[str(path)] = candidate
         catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts(),
-                          self.node_facts)
+                          self.node_facts())
         return catalog.errors.get(str(path), [])
 
     def _sort_records(self, catalog: Catalog, broken: set[str]) -> dict[str, dict[str, Any]]:
@@ -362,21 +364,22 @@ class Engine:
         self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
         return steps
 
-    def _load_placements(self) -> dict[str, tuple[int, ...]]:
+    def _load_placements(self) -> Catalog:
+        """An empty catalog with the `gpus = "auto"` placements an earlier run settled."""
         path = self.settings.state_dir / "placements.json"
         try:
-            return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+            return Catalog.from_placement_record(json.loads(path.read_text()))
         except FileNotFoundError:
-            return {}
-        except (ValueError, OSError, AttributeError, TypeError) as exc:
+            return Catalog()
+        except (ValueError, OSError, AttributeError, TypeError, KeyError) as exc:
             log.warning("ignoring unreadable GPU placements in %s: %s", path, exc)
-            return {}
+            return Catalog()
 
-    def _save_placements(self, placements: dict[str, tuple[int, ...]]) -> None:
+    def _save_placements(self, catalog: Catalog) -> None:
         path = self.settings.state_dir / "placements.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".placements.json.tmp")
-        tmp.write_text(json.dumps({k: list(v) for k, v in sorted(placements.items())}, indent=1))
+        tmp.write_text(json.dumps(catalog.placement_record(), indent=1))
         os.replace(tmp, path)
 
     def _removed(self, iid: str, inst: Instance) -> None:

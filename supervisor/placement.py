@@ -9,7 +9,12 @@ Pure: the GPU facts come in as data (from the last NVML sample), decisions go ou
 * `gpus = "auto"` picks, for each instance, the GPUs with the most memory available: free
   memory minus what the other declared instances placed there will still need
   (`min_free_memory_mb` minus what their processes already use). A placement is sticky: an
-  instance keeps its GPUs across its restarts and the supervisor's.
+  instance keeps its GPUs across its restarts and the supervisor's, and while nothing is known
+  about the GPUs (a driver that stopped answering, a cluster out of reach): lack of
+  information never moves or drops a model that is placed.
+* In cluster mode, `gpus = "auto"` without `node` chooses a node too (`place_on_nodes`): the
+  node whose best GPUs have the most memory available. Sticky as well, until that node leaves
+  the cluster; then the instance is placed again elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from dataclasses import dataclass, field
 
 class PlacementError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    instance: str
+    file: str
+    share: bool
+    need_mib: int
 
 
 @dataclass(frozen=True)
@@ -37,12 +50,24 @@ class GpuFacts:
 NO_FACTS = GpuFacts.unknown("no GPU information")
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    instance: str
-    file: str
-    share: bool
-    need_mib: int
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What the cluster's node agents last reported: the facts of every labelled node."""
+
+    nodes: Mapping[str, GpuFacts] = field(default_factory=dict)  # label -> its GPUs
+    reason: str | None = None  # None: the nodes have reported; else why nothing is known
+    #: GPUs that runs placed by Ray (declarations without `node`) hold now: label -> GPU -> claim.
+    occupied: Mapping[str, Mapping[int, Claim]] = field(default_factory=dict)
+
+    def of(self, label: str) -> GpuFacts:
+        facts = self.nodes.get(label)
+        if facts is None:
+            why = self.reason or "it is not in the cluster"
+            return GpuFacts.unknown(f"node {label} has not reported its GPUs ({why})")
+        return facts
+
+
+NO_CLUSTER = ClusterFacts(reason="no cluster connection")
 
 
 class GpuClaims:
@@ -65,6 +90,16 @@ class GpuClaims:
     def still_needed(self, gpu: int, facts: GpuFacts) -> int:
         return sum(max(0, c.need_mib - facts.used_by.get(c.instance, {}).get(gpu, 0)) for c in self.by_gpu.get(gpu, []))
 
+    def on_node(self, label: str, occupied: Mapping[int, Claim] | None = None) -> GpuClaims:
+        """The claims on node `label` (keys "label:g") by GPU index, plus what runs there now."""
+        prefix = f"{label}:"
+        out = GpuClaims()
+        out.by_gpu = {int(str(k)[len(prefix):]): list(c) for k, c in self.by_gpu.items() if str(k).startswith(prefix)}
+        for gpu, claim in (occupied or {}).items():
+            if all(c.instance != claim.instance for c in out.by_gpu.get(gpu, [])):
+                out.by_gpu.setdefault(gpu, []).append(claim)
+        return out
+
 
 def check_exists(gpus: tuple[int, ...], facts: GpuFacts) -> None:
     if facts.known is None:
@@ -78,10 +113,63 @@ def check_exists(gpus: tuple[int, ...], facts: GpuFacts) -> None:
 def place(count: int, need_mib: int, share: bool, facts: GpuFacts, claims: GpuClaims,
           sticky: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The GPUs for one `gpus = "auto"` instance; raises PlacementError saying why none fit."""
+    if _keeps(sticky, count, share, facts, claims):
+        assert sticky is not None
+        return sticky
     if facts.known is None:
         raise PlacementError(f'gpus = "auto" needs to know the GPUs, and {facts.reason or "nothing is known"}')
-    if sticky and all(g in facts.known for g in sticky) and len(sticky) == count and claims.blocking(sticky, share) is None:
-        return sticky
+    available, notes = _room(need_mib, share, facts, claims)
+    if len(available) < count:
+        raise PlacementError(f"cannot place: needs {_wanted(count, need_mib)}; " + ("; ".join(notes) or "no GPU"))
+    return _best(available, count)
+
+
+def place_on_nodes(count: int, need_mib: int, share: bool, cluster: ClusterFacts, claims: GpuClaims,
+                   sticky: tuple[str, tuple[int, ...]] | None = None) -> tuple[str, tuple[int, ...]]:
+    """The node and GPUs for one `gpus = "auto"` instance without `node` (claims keyed "label:g").
+
+    The node chosen is the one whose `count` best GPUs leave the most memory on the tightest
+    of them (ties: the first label). A sticky placement stays while its node is in the
+    cluster, or while nothing is known of the nodes at all."""
+    if sticky is not None:
+        label, gpus = sticky
+        node_claims = claims.on_node(label, cluster.occupied.get(label))
+        if cluster.reason is not None or label in cluster.nodes:
+            if _keeps(gpus, count, share, cluster.of(label) if label in cluster.nodes else GpuFacts.unknown(""),
+                      node_claims):
+                return sticky
+    if cluster.reason is not None:
+        raise PlacementError(f'gpus = "auto" needs to know the nodes\' GPUs, and {cluster.reason}')
+    best: tuple[int, str, tuple[int, ...]] | None = None
+    notes = []
+    for label in sorted(cluster.nodes):
+        facts = cluster.nodes[label]
+        if facts.known is None:
+            notes.append(f"{label}: {facts.reason or 'GPUs unknown'}")
+            continue
+        available, why = _room(need_mib, share, facts, claims.on_node(label, cluster.occupied.get(label)))
+        if len(available) < count:
+            notes.append(f"{label}: " + ("; ".join(why) or "no GPU"))
+            continue
+        tightest = sorted(available, key=lambda item: (-item[0], item[1]))[count - 1][0]
+        if best is None or tightest > best[0]:
+            best = (tightest, label, _best(available, count))
+    if best is None:
+        raise PlacementError(f"cannot place on any node: needs {_wanted(count, need_mib)}; "
+                             + (" | ".join(notes) or "no node has reported GPUs"))
+    return best[1], best[2]
+
+
+def _keeps(sticky: tuple[int, ...] | None, count: int, share: bool, facts: GpuFacts, claims: GpuClaims) -> bool:
+    """A placement stays where it is if its GPUs still exist (or nothing is known) and are free."""
+    if not sticky or len(sticky) != count or claims.blocking(sticky, share) is not None:
+        return False
+    return facts.known is None or all(g in facts.known for g in sticky)
+
+
+def _room(need_mib: int, share: bool, facts: GpuFacts, claims: GpuClaims) -> tuple[list[tuple[int, int]], list[str]]:
+    """(MiB available, GPU) for every GPU an instance needing `need_mib` fits on, and why not the rest."""
+    assert facts.known is not None
     available: list[tuple[int, int]] = []
     notes = []
     for gpu in sorted(facts.known):
@@ -98,8 +186,13 @@ def place(count: int, need_mib: int, share: bool, facts: GpuFacts, claims: GpuCl
             notes.append(f"GPU {gpu}: {left} MiB available")
             continue
         available.append((left, gpu))
-    if len(available) < count:
-        wanted = f"{count} GPU(s)" + (f" with {need_mib} MiB free" if need_mib else "")
-        raise PlacementError(f"cannot place: needs {wanted}; " + ("; ".join(notes) or "no GPU"))
+    return available, notes
+
+
+def _best(available: list[tuple[int, int]], count: int) -> tuple[int, ...]:
     chosen = sorted(available, key=lambda item: (-item[0], item[1]))[:count]
     return tuple(sorted(gpu for _, gpu in chosen))
+
+
+def _wanted(count: int, need_mib: int) -> str:
+    return f"{count} GPU(s)" + (f" with {need_mib} MiB free" if need_mib else "")

@@ -12,6 +12,7 @@ The load rules (node without cluster mode, unknown labels, ids) need no Ray and 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -58,15 +59,13 @@ def test_unknown_or_malformed_node_labels_are_load_errors() -> None:
     with pytest.raises(DeclarationInvalid) as err:
         _parse(declaration("x", node="GPU_A"), cluster)
     assert err.value.errors[0].key == "node" and "not a node label" in err.value.errors[0].message
-    with pytest.raises(DeclarationInvalid) as err:
-        _parse(declaration("x", gpus="auto"), cluster)
-    assert err.value.errors[0].key == "gpus" and "cluster" in err.value.errors[0].message
 
 
 def test_where_a_declaration_runs() -> None:
     cluster = Defaults(cluster=True, nodes=frozenset({"gpu-a"}))
     assert _parse(declaration("x", node="gpu-a"), cluster).node == "gpu-a"
     assert _parse(declaration("x"), cluster).node == "*"  # any node with the GPUs free
+    assert _parse(declaration("x", gpus="auto"), cluster).node == "*"  # the node is chosen with the GPUs
     assert _parse(declaration("x", node="local"), cluster).node is None  # this machine, no Ray
     assert _parse(declaration("x"), Defaults()).node is None
     assert instance_id("llama", (1,), "gpu-a") == "llama@gpu-a:gpu1"
@@ -831,6 +830,69 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
         assert "cannot place" in errors[0]["message"] and "held by greedy@gpu-b:gpu" in errors[0]["message"], errors
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
+    track.check()
+
+
+@needs_ray
+async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_it_leaves(
+        tmp_path, rig, monkeypatch) -> None:
+    from .ray_rig import node_args
+
+    cluster = rig["cluster"]
+    extra = simulated_nodes(tmp_path)
+    # GPU 2 exists on gpu-c and gpu-d only; gpu-c's has the most room, gpu-a and gpu-b are full.
+    for label in ("gpu-a", "gpu-b"):
+        write_gpus(tmp_path / f"gpus-{label}.toml", {0: {"used": 9900}, 1: {"used": 9900}})
+    write_gpus(tmp_path / "gpus-gpu-c.toml", {2: {"used": 1000}})
+    write_gpus(tmp_path / "gpus-gpu-d.toml", {2: {"used": 4000}})
+    added = {label: cluster.add_node(**node_args(label, [2], rig["tmp"])) for label in ("gpu-c", "gpu-d")}
+    cluster.wait_for_nodes()
+    doc = declaration("roamer", demo_cmd(), gpus="auto", min_free_memory_mb=3000, port="auto", health=HEALTH,
+                      restart=FAST_RESTART)
+    engine = await started(tmp_path, rig, monkeypatch, [doc], **extra)
+    track = Tracker()
+    try:
+        await wait_until(lambda: "roamer@gpu-c:gpu2" in engine.instances, 30)
+        inst = engine.instances["roamer@gpu-c:gpu2"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        assert handle_of(engine, inst.id).node == "gpu-c" and environ(inst.pid)["CUDA_VISIBLE_DEVICES"] == "2"
+        assert inst.snapshot()["node"] == "gpu-c"
+        placements = json.loads((engine.settings.state_dir / "placements.json").read_text())
+        assert placements == {"roamer#0": {"node": "gpu-c", "gpus": [2]}}
+        old_pid, old_port = inst.pid, inst.spec.port
+        # gpu-d has more room now: nothing moves (the model keeps running where it is).
+        write_gpus(tmp_path / "gpus-gpu-d.toml", {2: {"used": 0}})
+        await engine.reload("test")
+        assert list(engine.instances) == ["roamer@gpu-c:gpu2"] and inst.pid == old_pid
+        # An upgrade: this supervisor leaves, the next one adopts the run where it was placed,
+        # before and after its cluster connection brings the nodes' GPUs.
+        await asyncio.wait_for(engine.shutdown(keep_running=True), 60)
+        engine = Engine(engine.settings)  # the same state dir and port range
+        await engine.start()
+        inst = engine.instances["roamer@gpu-c:gpu2"]
+        await inst.wait_state(State.RUNNING, timeout=60)
+        assert inst.pid == old_pid and inst.restarts == 0
+        await asyncio.sleep(1.0)  # the nodes' first samples and the reload they cause
+        assert list(engine.instances) == ["roamer@gpu-c:gpu2"] and inst.pid == old_pid
+        # gpu-c leaves the cluster: the run fails, and the instance is placed again on gpu-d,
+        # under a new id, with a fresh port; the old backend does not outlive its node.
+        began = time.monotonic()
+        cluster.remove_node(added.pop("gpu-c"))
+        await wait_until(lambda: "roamer@gpu-d:gpu2" in engine.instances, 60)
+        moved = engine.instances["roamer@gpu-d:gpu2"]
+        await moved.wait_state(State.RUNNING, timeout=60)
+        print(f"placed again on gpu-d and RUNNING {time.monotonic() - began:.2f} s after gpu-c was removed")
+        track.add(engine)
+        assert list(engine.instances) == ["roamer@gpu-d:gpu2"]
+        assert handle_of(engine, moved.id).node == "gpu-d" and moved.spec.port != old_port
+        assert engine.catalog.placed_on == {"roamer#0": "gpu-d"}
+        await wait_until(lambda: not alive(old_pid), 30)
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+        for node in added.values():
+            cluster.remove_node(node)
+    track.pids.add(old_pid)
     track.check()
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..placement import Claim
 from ..states import State
-from .plan import ANYWHERE
+from .plan import ANYWHERE, ClusterLaunch
 
 
 def pinned_nodes(catalog: Any, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
@@ -25,6 +26,26 @@ def pinned_nodes(catalog: Any, instance_id: str, gpus: tuple[int, ...], share: b
         if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
             out.add(node)
     return sorted(out)
+
+
+#: States in which a run holds its GPUs on its node.
+HOLDING = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+
+
+def occupied(instances: Any) -> dict[str, dict[int, Claim]]:
+    """Node label -> GPU -> the run Ray placed there (a declaration without `node`, with GPUs)
+    that holds it now: `gpus = "auto"` keeps off those GPUs (pure)."""
+    out: dict[str, dict[int, Claim]] = {}
+    for inst in instances:
+        spec = inst.running_spec or inst.spec
+        launch = spec.launch
+        if not isinstance(launch, ClusterLaunch) or launch.node != ANYWHERE or not spec.gpus:
+            continue
+        if inst.state not in HOLDING or inst.node is None:
+            continue
+        for gpu in spec.gpus:
+            out.setdefault(inst.node, {})[gpu] = Claim(inst.id, str(spec.source), launch.share_gpus, 0)
+    return out
 
 
 def bind(engine: Any, runner: Any) -> None:
@@ -42,5 +63,5 @@ def bind(engine: Any, runner: Any) -> None:
     nodes.on_reaped = lambda iid, token, stopped: engine.bus.publish(
         "reaped", {"instance": iid, "run": token, "stopped": stopped})
     nodes.on_gpus_changed = lambda: engine.request_reload("cluster nodes' GPUs changed")
-    engine.node_facts = nodes.facts
+    engine.node_facts = lambda: nodes.facts(occupied(engine.instances.values()))
     engine.services.prestart.append(nodes.gate)

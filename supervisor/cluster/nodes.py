@@ -28,7 +28,7 @@ from typing import Any
 from ..gpu.api_view import gpu_info
 from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from ..gpu.release import still_held
-from ..placement import GpuFacts
+from ..placement import Claim, ClusterFacts, GpuFacts
 from .client import ClusterClient, ClusterError, ClusterUnreachable
 from .plan import ClusterLaunch
 
@@ -55,6 +55,7 @@ class NodeSample:
     runs: dict[str, NodeRun]  # token -> the run's processes on this node
     error: str | None = None
     agent_pid: int | None = None  # on the node's host
+    labelled: bool = True  # it carries our node label (else `label` is its short id: nothing is pinned there)
     #: Settled once per round of samples (views read these, never recompute them):
     owners: dict[int, str] = field(default_factory=dict)  # GPU pid -> instance id (live runs only)
     used_by: dict[str, dict[int, int]] = field(default_factory=dict)  # instance -> GPU -> MiB
@@ -106,6 +107,7 @@ class ClusterNodes:
         self.client = client
         self.release_timeout = release_timeout
         self.samples: dict[str, NodeSample] = {}  # label -> latest sample
+        self.reported = False  # a round of samples arrived since the driver (re)connected
         self.version = 0  # bumped with every round of samples (views cache per version)
         #: Set by the engine; until then no run is ever taken for unowned.
         self.is_live: Callable[[str, str], bool] = lambda token, instance: True
@@ -123,27 +125,31 @@ class ClusterNodes:
     # -- samples -------------------------------------------------------------------------------
     def _on_unreachable(self, _message: dict[str, Any]) -> None:
         self.samples = {}  # nothing known about the nodes until the driver is back
+        self.reported = False
         self.version += 1
 
     def _on_nodes(self, message: dict[str, Any]) -> None:
         samples: dict[str, NodeSample] = {}
         for raw in message.get("samples", ()):
             label = raw.get("label") or str(raw.get("node_id", ""))[:12]
+            labelled = bool(raw.get("label"))
             if raw.get("error"):
                 old = self.samples.get(label)
                 snap = old.snapshot if old is not None else snapshot_from_wire({"reason": raw["error"]})
-                samples[label] = NodeSample(raw.get("node_id", ""), label, None, snap, {}, raw["error"])
+                samples[label] = NodeSample(raw.get("node_id", ""), label, None, snap, {}, raw["error"],
+                                            labelled=labelled)
                 continue
             runs = {token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
                     for token, r in (raw.get("runs") or {}).items()}
             samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
-                                        agent_pid=raw.get("agent_pid"))
+                                        agent_pid=raw.get("agent_pid"), labelled=labelled)
         for sample in samples.values():
             self._settle(sample)
-        before = self.gpu_sets()
+        before = self.gpu_sets(), self.reported
         self.samples = samples
+        self.reported = True
         self.version += 1
-        if self.on_gpus_changed is not None and self.gpu_sets() != before:
+        if self.on_gpus_changed is not None and (self.gpu_sets(), self.reported) != before:
             self.on_gpus_changed()
         self._remember_runs()
         self._find_unowned()
@@ -255,16 +261,23 @@ class ClusterNodes:
         return [gpu_info(d, sample.snapshot, self.owners(sample), label)
                 for label, sample in sorted(self.samples.items()) for d in sample.snapshot.devices]
 
-    def facts(self, label: str) -> GpuFacts:
-        """What `gpus = "auto"` on node `label` may know (placement.py), from its last sample."""
-        sample = self.samples.get(label)
-        if sample is None:
-            return GpuFacts.unknown("no sample from it yet" if self.client.up else "the cluster is unreachable")
-        snap = sample.snapshot
-        if not snap.devices and snap.source == "none":
-            return GpuFacts.unknown(snap.reason or "it has no GPU source")
-        return GpuFacts(frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices},
-                        sample.used_by)
+    def facts(self, occupied: dict[str, dict[int, Claim]] | None = None) -> ClusterFacts:
+        """What `gpus = "auto"` may know of the labelled nodes (placement.py), from their last
+        samples; `occupied`: the GPUs runs placed by Ray hold now, by node label."""
+        if not self.reported:
+            reason = "no sample from the nodes yet" if self.client.up else "the cluster is unreachable"
+            return ClusterFacts(reason=reason, occupied=occupied or {})
+        nodes = {}
+        for label, sample in self.samples.items():
+            if not sample.labelled:
+                continue
+            snap = sample.snapshot
+            if not snap.devices and snap.source == "none":
+                nodes[label] = GpuFacts.unknown(snap.reason or "it has no GPU source")
+            else:
+                nodes[label] = GpuFacts(frozenset(d.index for d in snap.devices),
+                                        {d.index: d.memory_free_mib for d in snap.devices}, sample.used_by)
+        return ClusterFacts(nodes, occupied=occupied or {})
 
     def gpu_sets(self) -> dict[str, frozenset[int]]:
         """Label -> the GPU indices it reports: when this changes, `gpus = "auto"` settles again."""

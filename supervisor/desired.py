@@ -24,6 +24,7 @@ from .declarations import ConfigError, ModelSpec
 from . import storage
 from .placement import (NO_CLUSTER, NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError, check_exists,
                         place, place_on_nodes)
+from .ports import PortRangeExhausted
 from .spec import RestartSpec, StopSpec, instance_id, instance_port
 from .cluster.plan import in_cluster
 
@@ -100,8 +101,6 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
     ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
                         work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
     launch = model.kind.launch(model.options, ctx, decl.env)
-    if node is not None:  # cluster mode: the same plan, run by the ray runner on a node
-        launch = in_cluster(launch, node, gpus, decl.share_gpus)
     default = model.kind.instance_health(model.options, ctx)
     h = decl.health
     health_type = h.type or default.type
@@ -117,6 +116,10 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
                    or "/health") if health_type in ("http", "https") else None,
         headers=default.headers if health_type in ("http", "https") else (),
     )
+    uses_port = port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env))
+    if node is not None:  # cluster mode: the same plan, run by the ray runner on a node
+        ports = (port, *(p for _, p in extra_ports)) if uses_port else ()
+        launch = in_cluster(launch, node, gpus, decl.share_gpus, ports)
     # Only what reaches the process decides whether it must be replaced. Restart, health and
     # stop settings change how we supervise it: applied in place, so a tweak to a backoff
     # never costs a model that took ten minutes to load.
@@ -136,7 +139,7 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
         gpus=gpus,
         port=port,
         extra_ports=extra_ports,
-        uses_port=port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env)),
+        uses_port=uses_port,
         enabled=decl.enabled,
         launch=launch,
         health=health,
@@ -192,10 +195,6 @@ class Slot:
             return self.gpus
         return tuple(f"{self.node}:{g}" for g in self.gpus)
 
-
-
-class PortRangeExhausted(Exception):
-    pass
 
 
 PortAssigner = Callable[[str, set[int]], int]

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .backoff import Backoff, gives_up
 from .desired import InstanceSpec
@@ -33,7 +33,7 @@ from .failure_line import with_log_reason
 from .health import liveness, probe
 from .logfiles import LogFile, LogUnavailable
 from .records import RunRecords
-from .runners.base import LaunchError, RunHandle, Runner, RunnerUnavailable
+from .runners.base import LaunchError, PortInUse, RunHandle, Runner, RunnerUnavailable
 from .states import ExitStatus, State, Transition, check_transition, utcnow
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,19 @@ class Instance:
         }
 
     # == the actor ========================================================================
+    def _port_taken(self, spec: InstanceSpec, port: int, holder: str) -> NoReturn:
+        """A port of `spec` is held by `holder`: fail the start. An automatic port stays
+        automatic: another one from the range, not a crash loop against a stranger (a fixed
+        port is the user's to free)."""
+        auto_keys = {**({spec.port: spec.id} if spec.auto_port else {}),
+                     **{p: f"{spec.id}#{name}" for name, p in spec.extra_ports}}
+        auto_key = auto_keys.get(port)
+        if auto_key is not None and self.services.give_up_port is not None:
+            log.warning("%s: automatic port %d is held by %s; taking another one", self.id, port, holder)
+            self.services.give_up_port(spec.id, auto_key, port)
+            raise LaunchError(f"automatic port {port} is held by {holder}; moving to another port")
+        raise LaunchError(f"port {port} is already in use by {holder}")
+
     def _post(self, message: object) -> None:
         self._inbox.put_nowait(message)
 
@@ -520,20 +533,11 @@ class Instance:
             if runner is None:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
             # A run of ours that survived a supervisor restart holds the port legitimately.
-            if spec.uses_port and not await runner.adoptable(spec.launch, spec.id):
-                ports = [(spec.port, spec.id if spec.auto_port else None),
-                         *((p, f"{spec.id}#{name}") for name, p in spec.extra_ports)]
-                for port, auto_key in ports:
+            if spec.uses_port and getattr(runner, "ports_here", True) and not await runner.adoptable(spec.launch, spec.id):
+                for port in (spec.port, *(p for _, p in spec.extra_ports)):
                     holder = await self.services.port_holder(port)
-                    if holder is None:
-                        continue
-                    if auto_key is not None and self.services.give_up_port is not None:
-                        # An automatic port stays automatic: another one from the range, not a
-                        # crash loop against a stranger (a fixed port is the user's to free).
-                        log.warning("%s: automatic port %d is held by %s; taking another one", self.id, port, holder)
-                        self.services.give_up_port(spec.id, auto_key, port)
-                        raise LaunchError(f"automatic port {port} is held by {holder}; moving to another port")
-                    raise LaunchError(f"port {port} is already in use by {holder}")
+                    if holder is not None:
+                        self._port_taken(spec, port, holder)
             for step in spec.launch.prepare:
                 try:
                     await asyncio.to_thread(step.run)
@@ -543,7 +547,10 @@ class Instance:
             # not treat the launch as abandonable until it has handled Launched/LaunchFailed.
             self._spawning = True
             self._log_offset = self.log_file.size()  # fail_patterns look at this run's lines only
-            handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
+            try:
+                handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
+            except PortInUse as exc:  # found where the run listens (a cluster node)
+                self._port_taken(spec, exc.port, exc.holder)
             # Recorded before anyone hears of the run: a supervisor killed from here on finds
             # and adopts it instead of starting a second copy.
             record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,

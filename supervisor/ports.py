@@ -16,11 +16,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
-from .desired import PortRangeExhausted
-
 log = logging.getLogger(__name__)
+
+
+class PortRangeExhausted(Exception):
+    pass
 
 
 def port_is_free(port: int) -> bool:
@@ -49,6 +49,8 @@ def port_is_free(port: int) -> bool:
 
 def describe_holder(port: int) -> str:
     """Who listens on `port`: "pid 1234 (python3 -m http.server 8000)". Blocking: a full scan."""
+    import psutil  # only when a port is taken: a node's actors never pay for it otherwise
+
     try:
         conns = psutil.net_connections(kind="inet")
     except psutil.AccessDenied:

@@ -896,6 +896,60 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
     track.check()
 
 
+@needs_ray
+async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one_moves(
+        tmp_path, rig, monkeypatch) -> None:
+    import socket
+
+    from .conftest import free_port
+
+    fixed = free_port()
+    stranger = socket.socket()  # holds the fixed port from the start
+    stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    stranger.bind(("127.0.0.1", fixed))
+    stranger.listen()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    docs = [declaration("fixed", demo_cmd(), node="gpu-b", port=fixed, health=HEALTH,
+                        restart={**FAST_RESTART, "initial_delay": 5.0}),
+            declaration("mover", demo_cmd(), node="gpu-a", health=HEALTH,
+                        restart={**FAST_RESTART, "initial_delay": 1.0})]
+    engine = await started(tmp_path, rig, monkeypatch, docs)
+    track = Tracker()
+    try:
+        fixed_inst = engine.instances["fixed@gpu-b:cpu"]
+        await fixed_inst.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=60)
+        reason = next(t.reason for t in fixed_inst.history if t.to_state == State.BACKOFF)
+        # Found by the run's actor, on its node (not by a check on the supervisor's machine).
+        assert f"port {fixed} is already in use by pid {os.getpid()}" in reason and "on node gpu-b" in reason, reason
+        mover = engine.instances["mover@gpu-a:cpu"]
+        await mover.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        old_pid, old_port = mover.pid, mover.spec.port
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # take its port while it backs off
+            try:
+                squatter.bind(("127.0.0.1", old_port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the old backend's port was never released"
+                await asyncio.sleep(0.02)
+        squatter.listen()
+        await wait_until(lambda: "mover@gpu-a:cpu" in engine.instances
+                         and engine.instances["mover@gpu-a:cpu"].spec.port != old_port, 30)
+        mover = engine.instances["mover@gpu-a:cpu"]
+        await mover.wait_state(State.RUNNING, timeout=60)
+        track.add(engine)
+        assert any(f"automatic port {old_port} is held by pid {os.getpid()}" in t.reason and "on node gpu-a" in t.reason
+                   for t in mover.history), [t.reason for t in mover.history]
+    finally:
+        await asyncio.wait_for(engine.shutdown(), 60)
+        stranger.close()
+        squatter.close()
+    track.check()
+
+
 def test_a_run_is_reaped_only_after_three_samples_and_three_seconds_unowned() -> None:
     from supervisor.cluster.nodes import NodeRun, unowned_runs
 

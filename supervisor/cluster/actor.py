@@ -30,6 +30,7 @@ from typing import Any
 from ..health import health_from_wire, probe
 from ..logfiles import LogFile
 from ..marks import MARK_ENV, Mark
+from ..ports import describe_holder, port_is_free
 from ..procscan import ProcessTable, marked, read_proc, tree
 from ..runners.process import KILL_GRACE, stop_processes
 
@@ -66,9 +67,11 @@ class InstanceActor:
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.scope, self.token, self.instance = spec["scope"], spec["token"], spec["instance"]
-        port = spec.get("port") or 0
-        if port and not _port_free(port):
-            raise RuntimeError(f"port {port} is already in use on node {spec.get('node_label') or self.node_id[:12]}")
+        for port in spec.get("ports", ()):
+            if not port_is_free(port):  # refused, not raised: an automatic port then moves on
+                where = spec.get("node_label") or self.node_id[:12]
+                holder = await asyncio.to_thread(describe_holder, port)
+                return {"refused": {"port": port, "holder": f"{holder} on node {where}"}}
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_RAY_ENV_PREFIXES) and k not in spec.get("unset_env", ())}
         env.update(spec["env"])
@@ -169,13 +172,3 @@ def _gpu_env(gpus: list[int]) -> dict[str, str]:
     # unset one shows every GPU of the node.
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible,
             "NVIDIA_VISIBLE_DEVICES": visible or "void"}
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

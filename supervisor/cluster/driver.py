@@ -118,6 +118,9 @@ class Driver:
         except Exception:
             await asyncio.to_thread(self.ray.kill, actor)
             raise
+        if info.get("refused"):  # a port of the run is taken on that node: nothing was started
+            await asyncio.to_thread(self.ray.kill, actor)
+            return info
         info["node_label"] = self._label_of(info["node_id"], nodes, label_key)
         self.handles[name] = actor
         self._watch(name, actor)

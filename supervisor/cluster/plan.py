@@ -35,6 +35,8 @@ class ClusterLaunch(ProcessLaunch):
     node: str = ANYWHERE  # a label, or ANYWHERE
     gpus: tuple[int, ...] = ()
     share_gpus: bool = False
+    #: Checked free on the node before the backend starts (there, not on this machine).
+    ports: tuple[int, ...] = ()
     runner: ClassVar[str] = "ray"
 
     def fingerprint(self) -> dict:
@@ -49,6 +51,7 @@ class ClusterLaunch(ProcessLaunch):
         return {gpu_resource(g): amount for g in self.gpus}
 
 
-def in_cluster(plan: ProcessLaunch, node: str, gpus: tuple[int, ...], share: bool) -> ClusterLaunch:
+def in_cluster(plan: ProcessLaunch, node: str, gpus: tuple[int, ...], share: bool,
+               ports: tuple[int, ...] = ()) -> ClusterLaunch:
     fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
-    return ClusterLaunch(**fields, node=node, gpus=gpus, share_gpus=share)
+    return ClusterLaunch(**fields, node=node, gpus=gpus, share_gpus=share, ports=ports)

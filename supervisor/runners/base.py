@@ -18,6 +18,15 @@ class RunnerUnavailable(LaunchError):
     of the cluster must not leave its models FATAL once it is back."""
 
 
+class PortInUse(LaunchError):
+    """A port of the run is held by another process (found where the run would listen)."""
+
+    def __init__(self, port: int, holder: str) -> None:
+        super().__init__(f"port {port} is already in use by {holder}")
+        self.port = port
+        self.holder = holder
+
+
 class RunHandle(Protocol):
     """One run of one instance: a process tree or a container."""
 
@@ -46,6 +55,9 @@ class RunHandle(Protocol):
 
 class Runner(Protocol):
     name: str
+    #: Its runs listen on this machine: their ports are checked free here before a launch.
+    #: (A cluster runner checks them on the node, and raises PortInUse from `launch`.)
+    ports_here: bool
 
     async def launch(self, plan, log: LogFile, instance_id: str = "", stop_signal: int = 15) -> RunHandle:
         """Start (or adopt) the run; raises LaunchError with a reason a user can act on."""

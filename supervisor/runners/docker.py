@@ -169,6 +169,7 @@ class DockerHandle:
 
 class DockerRunner:
     name = "docker"
+    ports_here = True  # published on this machine
 
     def __init__(self, scope: str) -> None:
         self.scope = scope

@@ -235,6 +235,7 @@ async def stop_processes(table: dict[int, ProcInfo], pids: set[int], signum: int
 
 class ProcessRunner:
     name = "process"
+    ports_here = True
 
     def __init__(self, table: ProcessTable | None = None, scope: str = "local",
                  cgroups: RunCgroups | None = None) -> None:

@@ -28,7 +28,7 @@ from ..logfiles import LogFile, LogUnavailable
 from ..marks import new_token
 from ..procscan import ProcessTable, marked
 from ..states import ExitStatus
-from .base import LaunchError, RunnerUnavailable
+from .base import LaunchError, PortInUse, RunnerUnavailable
 from .process import KILL_GRACE, stop_processes
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class RemoteLog:
 
 class RayRunner:
     name = "ray"
+    ports_here = False  # its actor checks the run's ports on the node (PortInUse)
 
     def __init__(self, client: ClusterClient, scope: str, placement_timeout: float = 30.0,
                  unreachable_grace: float = 30.0, table: ProcessTable | None = None,
@@ -282,7 +283,7 @@ class RayRunner:
         token = new_token()
         spec = {"argv": list(plan.argv), "cwd": plan.cwd, "env": dict(plan.env), "unset_env": list(plan.unset_env),
                 "gpus": list(plan.gpus), "log_path": str(log_file.path.absolute()), "scope": self.scope,
-                "token": token, "instance": instance_id, "node_label": plan.node,
+                "token": token, "instance": instance_id, "node_label": plan.node, "ports": list(plan.ports),
                 "marker": f"starting {instance_id}: {plan.describe()}"}
         try:
             info = await self.client.call(
@@ -294,6 +295,8 @@ class RayRunner:
             raise RunnerUnavailable(f"cluster unreachable: {exc}") from None
         except ClusterError as exc:
             raise LaunchError(str(exc)) from None
+        if refused := info.get("refused"):
+            raise PortInUse(int(refused["port"]), str(refused["holder"]))
         self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
         return RayHandle(self, instance_id, info, adopted=False, log_path=spec["log_path"])
 

@@ -329,8 +329,9 @@ def _slots(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catal
                                           cluster.of(model.node), trial.on_node(model.node,
                                                                                 cluster.occupied.get(model.node)),
                                           sticky))
+        # Never shared with its own siblings (a GPU appears once per model, and one id per instance).
         trial.add(slot.claim_keys(), Claim(instance_id(model.name, slot.gpus, slot.node), str(model.source),
-                                           decl.share_gpus, decl.min_free_memory_mb))
+                                           False, decl.min_free_memory_mb))
         slots.append(slot)
     return slots
 

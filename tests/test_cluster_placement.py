@@ -120,3 +120,13 @@ def test_unlabelled_and_unknown_nodes_are_never_chosen() -> None:
         place_on_nodes(1, 0, False, nodes, GpuClaims())
     assert place_on_nodes(1, 0, False, ClusterFacts({"gpu-a": GpuFacts.unknown("x"), "gpu-b": gpus({3: 10})}),
                           GpuClaims()) == ("gpu-b", (3,))
+
+
+def test_instances_of_one_sharing_model_never_land_on_one_gpu() -> None:
+    doc = declaration("s", gpus="auto", share_gpus=True, instances=2)
+    catalog = settle([doc], ClusterFacts(), defaults=Defaults(), facts=gpus({0: 9000, 1: 100}))
+    assert sorted(catalog.instances) == ["s@gpu0", "s@gpu1"]  # before: both on GPU 0, one id for two
+    catalog = settle([doc], ClusterFacts(), defaults=Defaults(), facts=gpus({0: 9000}))
+    assert "held by s@gpu0" in catalog.errors["/c/s.toml"][0].message and not catalog.instances
+    catalog = settle([doc], ClusterFacts({"gpu-a": gpus({0: 9000}), "gpu-b": gpus({0: 100})}))
+    assert sorted(catalog.instances) == ["s@gpu-a:gpu0", "s@gpu-b:gpu0"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .kill import owners_of
 from .placement import GpuFacts
 from .procscan import ProcInfo, scan
 from .settings import Settings
+from .strays import Stray, StrayRules
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,6 @@ FIRST_SAMPLE_TIMEOUT = 10.0
 
 NOT_STARTED = GpuSnapshot(source="none", devices=(), reason="GPU monitoring has not started", sampled_at=None,
                           sample_seconds=None, simulated=False)
-
-
-@dataclass
-class _Stray:
-    pid: int
-    gpu: int
-    name: str | None
-    user: str | None
-    memory_mib: int | None
-    first_seen: float
-    action: str = "reported"  # "reported" | "allowed" | "killing" | "killed" | "kill failed"
 
 
 @dataclass
@@ -73,7 +62,7 @@ class GpuTracker:
         self.owners: dict[int, str] = {}  # GPU pid -> instance id, as of the last attribution
         self.attributed: GpuSnapshot = NOT_STARTED  # the sample `owners` belongs to
         self.local_version = 0  # bumped after every attribution
-        self.stray_list: dict[tuple[int, int], _Stray] = {}  # (gpu, pid) -> stray
+        self.stray_list: dict[tuple[int, int], Stray] = {}  # (gpu, pid) -> stray
         self.last_run: dict[str, _LastRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
@@ -240,11 +229,11 @@ class GpuTracker:
                 del self.stray_list[key]
         new = [key for key in current if key not in self.stray_list]
         users = await asyncio.to_thread(_users, [pid for _, pid in new]) if new else {}
+        rules = StrayRules.from_settings(s)
         for gpu, pid in new:
             p = current[(gpu, pid)]
-            stray = _Stray(pid, gpu, p.name, users.get(pid), p.used_memory_mib, now)
-            allowed = (p.name and os.path.basename(p.name) in s.strays_allow_names) or (
-                stray.user is not None and stray.user in s.strays_allow_users)
+            stray = Stray(pid, gpu, p.name, users.get(pid), p.used_memory_mib, now)
+            allowed = rules.allowed(p.name, stray.user)
             stray.action = "allowed" if allowed else "reported"
             self.stray_list[(gpu, pid)] = stray
             log.warning("stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no instance%s",
@@ -253,14 +242,13 @@ class GpuTracker:
             self.engine.bus.publish("stray", {"pid": pid, "gpu": gpu, "name": p.name, "user": stray.user,
                                               "memory_mib": p.used_memory_mib, "allowed": bool(allowed)})
         for stray in self.stray_list.values():
-            policy = s.strays_per_gpu.get(stray.gpu, s.strays)
-            if policy == "kill" and stray.action == "reported" and now - stray.first_seen >= s.strays_kill_after:
+            if rules.due(stray, now):
                 for other in self.stray_list.values():  # one process may hold several GPUs
                     if other.pid == stray.pid and other.action == "reported":
                         other.action = "killing"
                 self._spawn(self._kill_stray(stray, table))
 
-    async def _kill_stray(self, stray: _Stray, table: dict[int, ProcInfo]) -> None:
+    async def _kill_stray(self, stray: Stray, table: dict[int, ProcInfo]) -> None:
         facts = kill.facts_for(stray.pid, table, {}, {stray.pid})
         verdict = kill.judge(facts, force=False)
         if not verdict.allowed:
@@ -364,10 +352,10 @@ class GpuTracker:
         return out
 
     def strays(self) -> list[dict[str, Any]]:
-        policy = self.settings
+        rules = StrayRules.from_settings(self.settings)
         nodes = self.cluster_nodes
         here = [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,
-                 "policy": policy.strays_per_gpu.get(s.gpu, policy.strays), "action": s.action,
+                 "policy": rules.policy(s.gpu), "action": s.action,
                  **({"node": None} if nodes is not None else {})}
                 for s in sorted(self.stray_list.values(), key=lambda s: (s.gpu, s.pid))]
         return here + (nodes.strays() if nodes is not None else [])

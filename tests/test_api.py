@@ -305,6 +305,11 @@ async def test_kill_refuses_dangerous_and_unrelated_pids(api: Api) -> None:
     assert r.status_code == 404 and r.json()["detail"] == "Process not found"
     r = await api.delete("/api/v1/processes/abc")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "pid"]
+    r = await api.delete("/api/v1/processes/99999999?node=gpu-a")  # a cluster node, outside cluster mode
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "node"], r.text
+    assert "needs cluster mode" in r.json()["detail"][0]["msg"]
+    r = await api.delete("/api/v1/processes/99999999?node=local")  # this machine, by name
+    assert r.status_code == 404 and r.json()["detail"] == "Process not found"
 
 
 async def test_kill_of_a_supervised_process_names_the_instance_and_it_restarts(api: Api, conf_dir: Path) -> None:

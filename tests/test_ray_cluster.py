@@ -622,6 +622,63 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
 
 
 @needs_ray
+async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_path, rig, monkeypatch) -> None:
+    from .api_helpers import running_api
+
+    extra = simulated_nodes(tmp_path)
+    settings = cluster_settings(tmp_path, rig, monkeypatch, **extra, strays_per_gpu={1: "kill"},
+                                strays_kill_after=1.0)
+    write_decl(settings.conf_dir, declaration("own", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH))
+    sleep = [PY, "-c", "import time; time.sleep(120)"]
+    reported, doomed, unrelated = (subprocess.Popen(sleep) for _ in range(3))
+    track = Tracker()
+    track.pids |= {reported.pid, doomed.pid, unrelated.pid}
+    try:
+        async with running_api(settings) as api:
+            events = api.engine.bus.open()
+            own = api.engine.instances["own@gpu-a:gpu0"]
+            await own.wait_state(State.RUNNING, timeout=60)
+            track.add(api.engine)
+            write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {"processes": [(own.pid, 1024)]}, 1: {}})
+            # GPU 0 of gpu-b: reported only; GPU 1: "kill" after 1 s.
+            write_gpus(tmp_path / "gpus-gpu-b.toml", {0: {"processes": [(reported.pid, 256)]},
+                                                      1: {"processes": [(doomed.pid, 512)]}})
+            await wait_until(lambda: doomed.poll() is not None, 20)
+            assert doomed.returncode == -signal.SIGTERM  # by gpu-b's agent, on its own
+            seen: dict[str, list[dict]] = {}
+            while "stray_killed" not in seen:
+                event = await asyncio.wait_for(events.get(), 10)
+                seen.setdefault(event.type, []).append(event.data)
+            assert {(e["node"], e["gpu"], e["pid"]) for e in seen["stray"]} >= {
+                ("gpu-b", 0, reported.pid), ("gpu-b", 1, doomed.pid)}
+            assert seen["stray_killed"] == [{"pid": doomed.pid, "gpu": 1, "node": "gpu-b", "how": "terminated"}]
+            strays = {s["pid"]: s for s in (await api.get("/api/v1/gpus/strays")).json()}
+            assert (strays[reported.pid]["node"], strays[reported.pid]["policy"], strays[reported.pid]["action"]) == (
+                "gpu-b", "report", "reported")
+            assert strays[reported.pid]["user"]  # its user on the node, for strays_allow_users
+            assert own.pid not in strays and own.state == State.RUNNING
+            # Through the API, judged on the node by the local rules.
+            got = await api.delete(f"/api/v1/processes/{unrelated.pid}?node=gpu-b")
+            assert got.status_code == 403 and "neither using a GPU" in got.json()["detail"], got.text
+            assert "on node gpu-b" in got.json()["detail"] and unrelated.poll() is None
+            got = await api.delete(f"/api/v1/processes/{reported.pid}?node=gpu-c")
+            assert got.status_code == 404 and "no node 'gpu-c'" in got.json()["detail"], got.text
+            got = await api.delete(f"/api/v1/processes/{reported.pid}?node=gpu-b")
+            assert got.status_code == 200, got.text
+            body = got.json()
+            assert (body["status"], body["node"], body["instance_id"]) == ("killed", "gpu-b", None)
+            assert "is a GPU process that belongs to no supervised instance (on node gpu-b)" in body["message"]
+            assert reported.poll() == -signal.SIGTERM  # the API answers once it is gone
+            assert own.state == State.RUNNING and unrelated.poll() is None
+            events.close()
+    finally:
+        for proc in (reported, doomed, unrelated):
+            proc.kill()
+            proc.wait()
+    track.check()
+
+
+@needs_ray
 async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_path, rig, monkeypatch) -> None:
     from supervisor.marks import new_token
 
@@ -739,7 +796,7 @@ async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(tm
 @needs_ray
 def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, rig, request) -> None:
     """In a real Chromium against a cluster-mode `serve`: one card per GPU per node, the owner
-    of a remote GPU process, a remote stray highlighted but not killable from this machine."""
+    of a remote GPU process, a remote stray highlighted and killed on its node by its agent."""
     from .browser_helpers import Server, browser, demo_declaration, expect
 
     simulated_nodes(tmp_path)
@@ -765,9 +822,15 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
             expect(card.locator(f'tr[data-pid="{far}"] .owner')).to_have_text("far@gpu-a:gpu1", timeout=15_000)
             stray = page.locator(f'article[data-node="gpu-b"][data-gpu="0"] tr[data-pid="{stranger.pid}"]')
             expect(stray.locator(".owner")).to_have_text("stray", timeout=15_000)
-            expect(stray.locator("[data-action=kill]")).to_be_hidden()
             expect(page.locator('article.gpu:not([data-node]) .plots')).to_have_count(2)  # history: here only
             expect(ui.row("far@gpu-a:gpu1").locator("[data-field=gpus]")).to_have_text("gpu-a: 1")
+            expect(card.locator(f'tr[data-pid="{far}"] [data-action=kill]')).to_be_hidden()  # owned: no button
+            stray.locator("[data-action=kill]").click()
+            expect(page.locator("#confirm-dialog")).to_contain_text(f"pid {stranger.pid}) uses GPU 0 of node gpu-b")
+            page.click("#confirm-ok")
+            assert stranger.wait(timeout=15) == -signal.SIGTERM  # by the agent of gpu-b
+            expect(page.locator("#notices .notice").last).to_contain_text("(on node gpu-b)", timeout=10_000)
+            assert alive(far)
             assert ui.console_errors == []
     finally:
         server.stop()

@@ -58,6 +58,7 @@ class KillProcessResponse(BaseModel):
     status: str = Field(description='"killed" once the process is gone')
     message: str | None = None
     instance_id: str | None = Field(None, description="the supervised instance it belonged to (it will restart)")
+    node: str | None = Field(None, description="cluster mode: the node it ran on (with ?node=)")
 
 
 NAME_SCHEMA = {"pattern": NAME_PATTERN, "maxLength": 64}

@@ -9,6 +9,9 @@ What the supervisor does for its own machine, the agent does for its node, with 
 * `reap`: stops every process that carries the mark of one run (TERM, wait, KILL): what a
   lost run left on the node (a backend in its own session survives its actor's node being
   removed, and keeps its GPU memory);
+* `kill`: one process of the node by pid, judged there by the same rules as
+  DELETE /api/v1/processes on the supervisor's machine (kill.judge: a GPU process or one of
+  our runs; never the agent, its ancestors (the raylet) or its group; others only by force);
 * `tail`, `read_from`, `size`: an instance's log file, which lives on the node.
 
 Owned by the driver (not detached): it dies with it and the next driver starts a new one, so
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import kill as killing
 from ..gpu.sources import GpuSource, GpuUnavailable, NoGpuSource, node_file, open_source
 from ..logfiles import LogFile
 from ..procscan import ProcessTable, marked, scan
@@ -49,6 +53,7 @@ class NodeAgent:
         self._reason: str | None = None
         self._lock = threading.Lock()  # one sampler at a time: NVML handles are not shared
         self._table = ProcessTable()
+        self._gpu_pids: set[int] = set()  # in the last sample
 
     # -- sampling --------------------------------------------------------------------------
     async def sample(self) -> dict[str, Any]:
@@ -67,17 +72,21 @@ class NodeAgent:
             devices = source.sample()
             seconds = time.monotonic() - began
         runs: dict[str, dict[str, Any]] = {}
-        for info in scan(marks=True).values():
+        table = scan(marks=True)
+        for info in table.values():
             mark = info.mark
             if mark is not None and mark.scope == self.scope and not info.zombie:
                 run = runs.setdefault(mark.token, {"instance": mark.instance, "pids": []})
                 run["pids"].append(info.pid)
+        gpu_pids = {p.pid for d in devices for p in d.processes}
+        self._gpu_pids = gpu_pids
         return {"node_id": self.node_id, "label": self.label, "host": self.host, "agent_pid": os.getpid(),
                 "source": source.name,
                 "reason": source.reason or self._reason, "sampled_at": time.time(),
                 "sample_seconds": seconds, "simulated": source.name == "simulated",
                 "driver_version": source.driver_version,
-                "devices": [d.as_dict() for d in devices], "runs": runs}
+                "devices": [d.as_dict() for d in devices], "runs": runs,
+                "users": {str(pid): _user(pid) for pid in gpu_pids if pid in table}}
 
     # -- reaping ---------------------------------------------------------------------------
     async def reap(self, token: str, signum: int, timeout: float) -> list[int]:
@@ -89,6 +98,31 @@ class NodeAgent:
             log.warning("reaping %d process(es) of lost run %s: %s", len(victims), token, sorted(victims))
             await stop_processes(table, victims, signum, timeout)
         return sorted(victims)
+
+    async def kill(self, pid: int, grace: float, force: bool = False) -> dict[str, Any]:
+        """Kill process `pid` of this node if kill.judge allows it: {"how", "reason", "instance"},
+        or {"refused": why}, or {"missing": True} when there is no such process."""
+        table = await self._table.snapshot()
+        if pid > 1 and pid not in table:
+            return {"missing": True}
+        target = table.get(pid)
+        mark = target.mark if target is not None else None
+        owner = mark.instance if mark is not None and mark.scope == self.scope else None
+        facts = killing.Facts(pid=pid, self_pid=os.getpid(), self_pgid=os.getpgrp(),
+                              target_pgid=target.pgid if target is not None else None,
+                              ancestors=killing.ancestors(os.getpid(), table), owner=owner,
+                              on_gpu=pid in self._gpu_pids)
+        verdict = killing.judge(facts, force)
+        if not verdict.allowed:
+            return {"refused": verdict.reason}
+        log.warning("killing pid %s on node %s: %s", pid, self.label, verdict.reason)
+        try:
+            how = await killing.terminate(pid, grace)
+        except ProcessLookupError:
+            return {"missing": True}
+        except PermissionError:
+            return {"refused": "permission denied on the node"}
+        return {"how": how, "reason": verdict.reason, "instance": verdict.instance}
 
     # -- logs ------------------------------------------------------------------------------
     def tail(self, path: str, lines: int) -> list[str]:
@@ -105,3 +139,17 @@ class NodeAgent:
         with self._lock:
             if self._source is not None:
                 self._source.close()
+
+
+def _user(pid: int) -> str | None:
+    """The user running `pid` on this node (the stray allow-list matches names)."""
+    import pwd
+
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..placement import Claim
 from ..states import State
+from ..strays import StrayRules
 from .plan import ANYWHERE, ClusterLaunch
 
 
@@ -63,5 +64,7 @@ def bind(engine: Any, runner: Any) -> None:
     nodes.on_reaped = lambda iid, token, stopped: engine.bus.publish(
         "reaped", {"instance": iid, "run": token, "stopped": stopped})
     nodes.on_gpus_changed = lambda: engine.request_reload("cluster nodes' GPUs changed")
+    nodes.rules = StrayRules.from_settings(engine.settings)
+    nodes.publish = engine.bus.publish
     engine.node_facts = lambda: nodes.facts(occupied(engine.instances.values()))
     engine.services.prestart.append(nodes.gate)

@@ -191,6 +191,13 @@ class Driver:
             raise LookupError(f"no agent on node {node_id[:12]} (is the node alive?)")
         return await _get(getattr(agent, method).remote(path, **args))
 
+    async def op_kill(self, node_id: str, pid: int, grace: float, force: bool = False) -> dict[str, Any]:
+        """Kill process `pid` on node `node_id`, judged there (NodeAgent.kill)."""
+        agent = self.agents.on(node_id)
+        if agent is None:
+            raise LookupError(f"no agent on node {node_id[:12]} (is the node alive?)")
+        return await _get(agent.kill.remote(pid, grace, force))
+
     async def op_list(self) -> list[str]:
         found = await asyncio.to_thread(self.ray.util.list_named_actors, all_namespaces=True)
         return sorted(a["name"] for a in found if a.get("namespace") == self.namespace)

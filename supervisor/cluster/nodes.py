@@ -5,7 +5,10 @@ Every `interval` the driver sends one sample per node (`supervisor.cluster.agent
 run mark. From them, on the event loop and without waiting for anything:
 
 * ownership: a GPU process belongs to the instance whose live run's mark it carries; the rest
-  are strays of that node (reported, with the node, in /api/v1/gpus/strays);
+  are strays of that node (with the node in /api/v1/gpus/strays and the `stray` events),
+  handled by the same rules as this machine's (strays.py): reported, allow-listed, or killed
+  by the node's agent once `strays_kill_after` has passed where the policy says "kill". A
+  process with one of our run marks is never a stray: it is a run (live, or the reaper's);
 * the GPU-gated restart per node (`gate`): a run on a node restarts on the same GPUs only
   once its previous processes are off them and their memory is free (`gpu_release_timeout`);
 * the reaper: a run seen on a node in `REAP_AFTER` samples in a row and at least `REAP_MIN_AGE`
@@ -29,6 +32,7 @@ from ..gpu.api_view import gpu_info
 from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from ..gpu.release import still_held
 from ..placement import Claim, ClusterFacts, GpuFacts
+from ..strays import Stray, StrayRules
 from .client import ClusterClient, ClusterError, ClusterUnreachable
 from .plan import ClusterLaunch
 
@@ -54,6 +58,7 @@ class NodeSample:
     snapshot: GpuSnapshot
     runs: dict[str, NodeRun]  # token -> the run's processes on this node
     error: str | None = None
+    users: dict[int, str | None] = field(default_factory=dict)  # GPU pid -> its user on the node
     agent_pid: int | None = None  # on the node's host
     labelled: bool = True  # it carries our node label (else `label` is its short id: nothing is pinned there)
     #: Settled once per round of samples (views read these, never recompute them):
@@ -117,6 +122,10 @@ class ClusterNodes:
         self.last_run: dict[str, _LastRun] = {}
         self._seen: dict[str, dict[str, tuple[int, float]]] = {}  # label -> token -> (count, first seen)
         self._reaping: set[str] = set()
+        #: Set by the engine (settings, event bus); until then strays are only reported.
+        self.rules = StrayRules()
+        self.publish: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+        self.stray_list: dict[tuple[str, int, int], Stray] = {}  # (label, gpu, pid) -> stray
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         client.subscribe("nodes", self._on_nodes)
@@ -141,8 +150,9 @@ class ClusterNodes:
                 continue
             runs = {token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
                     for token, r in (raw.get("runs") or {}).items()}
+            users = {int(pid): user for pid, user in (raw.get("users") or {}).items()}
             samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
-                                        agent_pid=raw.get("agent_pid"), labelled=labelled)
+                                        users=users, agent_pid=raw.get("agent_pid"), labelled=labelled)
         for sample in samples.values():
             self._settle(sample)
         before = self.gpu_sets(), self.reported
@@ -153,6 +163,7 @@ class ClusterNodes:
             self.on_gpus_changed()
         self._remember_runs()
         self._find_unowned()
+        self._track_strays()
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -291,16 +302,72 @@ class ClusterNodes:
         return out
 
     def strays(self) -> list[dict[str, Any]]:
-        out = []
-        for label in sorted(self.samples):
-            sample = self.samples[label]
-            owners = self.owners(sample)
+        return [{"pid": s.pid, "gpu": s.gpu, "node": label, "name": s.name, "user": s.user,
+                 "gpu_memory_usage": s.memory_mib, "policy": self.rules.policy(s.gpu), "action": s.action}
+                for (label, _, _), s in sorted(self.stray_list.items())]
+
+    # -- strays -----------------------------------------------------------------------------------
+    def _track_strays(self) -> None:
+        now = time.monotonic()
+        current: dict[tuple[str, int, int], Any] = {}
+        for label, sample in self.samples.items():
+            if sample.error is not None:  # its runs are unknown: keep what it had, judge nothing new
+                current.update({k: None for k in self.stray_list if k[0] == label})
+                continue
+            ours = {pid for run in sample.runs.values() for pid in run.pids}
             for d in sample.snapshot.devices:
                 for p in d.processes:
-                    if p.pid not in owners:
-                        out.append({"pid": p.pid, "gpu": d.index, "node": label, "name": p.name, "user": None,
-                                    "gpu_memory_usage": p.used_memory_mib, "policy": "report", "action": "reported"})
-        return out
+                    if p.pid not in sample.owners and p.pid not in ours:
+                        current[(label, d.index, p.pid)] = (p, sample.users.get(p.pid))
+        for key in [k for k in self.stray_list if k not in current]:
+            del self.stray_list[key]
+        for key, seen in current.items():
+            if key in self.stray_list or seen is None:
+                continue
+            label, gpu, pid = key
+            p, user = seen
+            stray = Stray(pid, gpu, p.name, user, p.used_memory_mib, now)
+            allowed = self.rules.allowed(p.name, user)
+            stray.action = "allowed" if allowed else "reported"
+            self.stray_list[key] = stray
+            log.warning("node %s: stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no "
+                        "instance%s", label, pid, p.name or "?", user or "?", gpu, p.used_memory_mib,
+                        " (allow-listed)" if allowed else "")
+            self.publish("stray", {"pid": pid, "gpu": gpu, "node": label, "name": p.name, "user": user,
+                                   "memory_mib": p.used_memory_mib, "allowed": allowed})
+        for (label, _, pid), stray in list(self.stray_list.items()):
+            if self.rules.due(stray, now):
+                for (other_label, _, other_pid), other in self.stray_list.items():  # one process, several GPUs
+                    if (other_label, other_pid) == (label, pid) and other.action == "reported":
+                        other.action = "killing"
+                self._spawn(self._kill_stray(label, stray))
+
+    async def _kill_stray(self, label: str, stray: Stray) -> None:
+        log.warning("node %s: killing stray GPU process pid %s (%s) on GPU %s (strays = \"kill\")", label, stray.pid,
+                    stray.name, stray.gpu)
+        try:
+            answer = await self.kill(label, stray.pid, force=False)
+        except (LookupError, ClusterUnreachable, ClusterError) as exc:
+            answer = {"failed": str(exc)}
+        action = ("killed" if "how" in answer or answer.get("missing") else
+                  "kill refused" if "refused" in answer else "kill failed")
+        if action != "killed":
+            log.error("node %s: killing stray pid %s failed: %s", label, stray.pid,
+                      answer.get("refused") or answer.get("failed"))
+        for (other_label, _, other_pid), other in self.stray_list.items():
+            if (other_label, other_pid) == (label, stray.pid):
+                other.action = action
+        if "how" in answer:
+            self.publish("stray_killed", {"pid": stray.pid, "gpu": stray.gpu, "node": label, "how": answer["how"]})
+
+    async def kill(self, label: str, pid: int, force: bool, grace: float = 5.0) -> dict[str, Any]:
+        """Kill `pid` on node `label`, judged by its agent (NodeAgent.kill). LookupError: no such
+        node; ClusterUnreachable / ClusterError: the node could not be asked."""
+        sample = self.samples.get(label)
+        if sample is None:
+            known = ", ".join(sorted(self.samples)) or "none"
+            raise LookupError(f"no node {label!r} in the cluster (nodes: {known})")
+        return await self.client.call("kill", node_id=sample.node_id, pid=pid, grace=grace, force=force)
 
     def nodes(self) -> list[dict[str, Any]]:
         """One line per node for /healthz: its label, host, GPU source, and what is wrong."""

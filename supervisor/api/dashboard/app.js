@@ -535,7 +535,7 @@ function createProcRow(pid, gpu, node) {
     owner: h("td", { "data-label": "Owner", class: "owner" }),
   };
   const tr = h("tr", { "data-pid": pid });
-  tr.remote = Boolean(node); // DELETE /api/v1/processes acts on this machine only
+  tr.node = node || null; // a cluster node's process: killed there, by its agent (?node=)
   c.kill = h("button", { type: "button", class: "btn danger", "data-action": "kill", hidden: true,
     onclick: () => killStray(tr, gpu) }, "Kill");
   tr.append(h("td", { "data-label": "PID", class: "mono" }, pid), c.name, c.memory, c.owner,
@@ -554,19 +554,20 @@ function updateProcRow(tr, proc) {
   setText(c.memory, proc.gpu_memory_usage === null || proc.gpu_memory_usage === undefined ? "—" : `${proc.gpu_memory_usage} MiB`);
   setText(c.owner, stray ? "stray" : proc.instance_id);
   setAttr(c.owner, "title", stray ? "belongs to no supervised instance" : null);
-  c.kill.hidden = !stray || tr.remote;
-  if (stray && tr.remote) setAttr(c.owner, "title", "belongs to no supervised instance (on a cluster node: not killable from here)");
+  c.kill.hidden = !stray;
 }
 
 async function killStray(tr, gpu) {
   const { pid, name } = tr.proc;
-  const ok = await confirmAction(`Kill process ${pid}?`,
-    `${name || "This process"} (pid ${pid}) uses GPU ${gpu} and belongs to no instance. ` +
+  const where = tr.node ? ` of node ${tr.node}` : "";
+  const ok = await confirmAction(`Kill process ${pid}${where}?`,
+    `${name || "This process"} (pid ${pid}) uses GPU ${gpu}${where} and belongs to no instance. ` +
     "It gets SIGTERM, then SIGKILL after 5 s.", "Kill");
   if (!ok) return;
-  await act(tr.cells_.kill, `kill ${pid}`, async () => {
-    const answer = await api(`/api/v1/processes/${encodeURIComponent(pid)}`, { method: "DELETE" });
-    return `pid ${pid}: ${answer.message || answer.status}`;
+  const query = tr.node ? `?node=${encodeURIComponent(tr.node)}` : "";
+  await act(tr.cells_.kill, `kill ${pid}${where}`, async () => {
+    const answer = await api(`/api/v1/processes/${encodeURIComponent(pid)}${query}`, { method: "DELETE" });
+    return `pid ${pid}${where}: ${answer.message || answer.status}`;
   });
   refreshGpus();
 }

@@ -1,4 +1,5 @@
-"""DELETE /api/v1/processes/{pid}: kill a stray GPU process, safely."""
+"""DELETE /api/v1/processes/{pid}: kill a stray GPU process, safely (here, or with `node`
+on a cluster node, where its agent judges it by the same rules)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 
 from ... import kill
-from ...control import Forbidden, NotFound
+from ...control import Forbidden, NotFound, invalid
 from ...procscan import scan
-from ..errors import parse_bool, parse_int, query
+from ..errors import error_response, parse_bool, parse_int, query
 from ..schemas import KillProcessResponse
 from . import Parameter, responses
 
@@ -33,15 +34,20 @@ PID_MAX = 4194304
     description="Allowed for a process of a supervised instance (which then restarts under its policy) or a "
                 "process using a GPU. Refused (403) for pid <= 1, the supervisor itself, its process group and "
                 "its ancestors, always; and for any other process unless force=true. SIGTERM, then SIGKILL after "
-                f"{KILL_GRACE:g} s. Answers once the process is gone.",
+                f"{KILL_GRACE:g} s. Answers once the process is gone. In cluster mode, node=<label> kills a "
+                "process of that node, judged there by the same rules (503 while the node cannot be reached).",
     tag="GPU and processes",
     parameter=[Parameter("pid", {"type": "integer", "minimum": 1, "maximum": PID_MAX}, "path", required=True),
-               Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway")],
-    response=responses({200: (KillProcessResponse, "the process is gone")}, 403, 404, 422),
+               Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway"),
+               Parameter("node", {"type": "string"}, "query", description="cluster mode: the node's label")],
+    response=responses({200: (KillProcessResponse, "the process is gone")}, 403, 404, 422, 503),
 )
 async def kill_process(request: Request, pid: str) -> HTTPResponse:
     target = parse_int(pid, ["path", "pid"])
     force = parse_bool(query(request, "force"), ["query", "force"])
+    node = query(request, "node")
+    if node is not None and node != "local":
+        return await _kill_on_node(request, node, target, force)
     engine = request.app.ctx.engine
     table = await asyncio.to_thread(scan)
     if target > 1 and target not in table:
@@ -61,3 +67,27 @@ async def kill_process(request: Request, pid: str) -> HTTPResponse:
     message = f"{verdict.reason}; " + ("exited after SIGTERM" if how == "terminated" else
                                        f"SIGKILLed after {KILL_GRACE:g} s")
     return json_response({"pid": target, "status": "killed", "message": message, "instance_id": verdict.instance})
+
+
+async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> HTTPResponse:
+    from ...cluster.client import ClusterError, ClusterUnreachable  # cluster mode only
+
+    nodes = request.app.ctx.gpus.cluster_nodes
+    if nodes is None:
+        raise invalid(["query", "node"], 'needs cluster mode (cluster = "ray" in the settings); '
+                                         'leave it out for this machine')
+    try:
+        answer = await nodes.kill(node, pid, force, KILL_GRACE)
+    except LookupError as exc:
+        raise NotFound(str(exc)) from None
+    except (ClusterUnreachable, ClusterError) as exc:
+        return error_response(503, f"node {node} cannot be reached: {exc}")
+    if answer.get("missing"):
+        raise NotFound(f"Process not found on node {node}")
+    if "refused" in answer:
+        raise Forbidden(f"{answer['refused']} (on node {node})")
+    how = answer["how"]
+    message = (f"{answer['reason']} (on node {node}); " +
+               ("exited after SIGTERM" if how == "terminated" else f"SIGKILLed after {KILL_GRACE:g} s"))
+    return json_response({"pid": pid, "status": "killed", "message": message, "instance_id": answer.get("instance"),
+                          "node": node})

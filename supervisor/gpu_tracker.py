@@ -30,7 +30,7 @@ from .gpu.model import GpuSnapshot
 from .gpu.monitor import GpuMonitor, GpuMonitorStopped
 from .gpu.release import still_held
 from .gpu.sources import GpuUnavailable, NoGpuSource, node_file, open_source
-from .gpu_history import GpuHistory, GpuPoint
+from .gpu_history import GpuHistory, points_of, sample_event
 from .instance import Instance
 from .kill import owners_of
 from .placement import GpuFacts
@@ -164,20 +164,12 @@ class GpuTracker:
         if not snapshot.devices:
             return
         strays = Counter(gpu for gpu, _pid in self.stray_list)
-        self.engine.bus.publish("gpu", {
-            "sampled_at": snapshot.sampled_at.isoformat() if snapshot.sampled_at else None,
-            "simulated": snapshot.simulated,
-            "gpus": [{"id": d.index, "memory_used": d.memory_used_mib, "memory_total": d.memory_total_mib,
-                      "utilization": d.utilization_percent, "power_draw": d.power_draw_w,
-                      "temperature": d.temperature_c, "processes": len(d.processes), "strays": strays.get(d.index, 0)}
-                     for d in snapshot.devices],
-        }, keep=False)
+        here = NO_NODE if self.cluster_nodes is None else None
+        self.engine.bus.publish("gpu", sample_event(snapshot, strays, here), keep=False)
 
     def _record(self, snapshot: GpuSnapshot) -> None:
         if snapshot.devices and snapshot.sampled_at is not None:
-            self.history.add(snapshot.sampled_at.timestamp(), tuple(
-                GpuPoint(d.index, d.memory_used_mib, d.memory_total_mib, d.utilization_percent, d.power_draw_w)
-                for d in snapshot.devices))
+            self.history.add(snapshot.sampled_at.timestamp(), points_of(snapshot))
 
     # -- GPUs that are not known -------------------------------------------------------------------
     def unknown_gpu_warnings(self) -> list[str]:
@@ -349,6 +341,15 @@ class GpuTracker:
         if nodes is not None:
             for iid, mib in nodes.memory_by_instance().items():
                 out[iid] = out.get(iid, 0) + mib
+        return out
+
+    def history_dict(self, now: float, seconds: float | None) -> dict[str, Any]:
+        """GET /api/v1/gpus/history: this machine's GPUs, then (cluster mode) every node's."""
+        nodes = self.cluster_nodes
+        out = self.history.as_dict(now, seconds, NO_NODE if nodes is None else None)
+        if nodes is not None:
+            for label, history in sorted(nodes.history.items()):
+                out["gpus"] += history.as_dict(now, seconds, label)["gpus"]
         return out
 
     def strays(self) -> list[dict[str, Any]]:

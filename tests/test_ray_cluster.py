@@ -822,7 +822,18 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
             expect(card.locator(f'tr[data-pid="{far}"] .owner')).to_have_text("far@gpu-a:gpu1", timeout=15_000)
             stray = page.locator(f'article[data-node="gpu-b"][data-gpu="0"] tr[data-pid="{stranger.pid}"]')
             expect(stray.locator(".owner")).to_have_text("stray", timeout=15_000)
-            expect(page.locator('article.gpu:not([data-node]) .plots')).to_have_count(2)  # history: here only
+            # Every node's GPUs have their history plots too: loaded, then fed by the node's `gpu` events.
+            history = json.loads(server.request("/api/v1/gpus/history")[2])
+            mine = next(g for g in history["gpus"] if (g.get("node"), g["id"]) == ("gpu-a", 1))
+            assert mine["memory_used"][-1] == 3072 and {g.get("node") for g in history["gpus"]} == {
+                None, "gpu-a", "gpu-b"}
+            plot = card.locator('svg.plot[data-metric="memory_used"]')
+            expect(plot).to_have_attribute("data-last", "3072", timeout=15_000)
+            first = int(plot.get_attribute("data-points"))
+            write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {}, 1: {"processes": [(far, 4096)]}})
+            expect(plot).to_have_attribute("data-last", "4096", timeout=15_000)
+            assert int(plot.get_attribute("data-points")) > first
+            expect(page.locator("article.gpu .plots")).to_have_count(6)
             expect(ui.row("far@gpu-a:gpu1").locator("[data-field=gpus]")).to_have_text("gpu-a: 1")
             expect(card.locator(f'tr[data-pid="{far}"] [data-action=kill]')).to_be_hidden()  # owned: no button
             stray.locator("[data-action=kill]").click()

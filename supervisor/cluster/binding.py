@@ -66,5 +66,6 @@ def bind(engine: Any, runner: Any) -> None:
     nodes.on_gpus_changed = lambda: engine.request_reload("cluster nodes' GPUs changed")
     nodes.rules = StrayRules.from_settings(engine.settings)
     nodes.publish = engine.bus.publish
+    nodes.sample_interval = engine.settings.gpu_sample_interval
     engine.node_facts = lambda: nodes.facts(occupied(engine.instances.values()))
     engine.services.prestart.append(nodes.gate)

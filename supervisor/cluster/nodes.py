@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..gpu.api_view import gpu_info
+from ..gpu_history import GpuHistory, points_of, sample_event
 from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from ..gpu.release import still_held
 from ..placement import Claim, ClusterFacts, GpuFacts
@@ -124,8 +125,10 @@ class ClusterNodes:
         self._reaping: set[str] = set()
         #: Set by the engine (settings, event bus); until then strays are only reported.
         self.rules = StrayRules()
-        self.publish: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+        self.publish: Callable[..., Any] = lambda kind, data, keep=True: None
         self.stray_list: dict[tuple[str, int, int], Stray] = {}  # (label, gpu, pid) -> stray
+        self.sample_interval = 1.0  # set by the engine (gpu_sample_interval): sizes the histories
+        self.history: dict[str, GpuHistory] = {}  # label -> its GPUs' last 15 minutes
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         client.subscribe("nodes", self._on_nodes)
@@ -164,6 +167,7 @@ class ClusterNodes:
         self._remember_runs()
         self._find_unowned()
         self._track_strays()
+        self._record()
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -305,6 +309,21 @@ class ClusterNodes:
         return [{"pid": s.pid, "gpu": s.gpu, "node": label, "name": s.name, "user": s.user,
                  "gpu_memory_usage": s.memory_mib, "policy": self.rules.policy(s.gpu), "action": s.action}
                 for (label, _, _), s in sorted(self.stray_list.items())]
+
+    def _record(self) -> None:
+        """Each node's history and its `gpu` event (not kept in the event history)."""
+        self.history = {label: h for label, h in self.history.items() if label in self.samples}
+        for label, sample in self.samples.items():
+            snap = sample.snapshot
+            if sample.error is not None or not snap.devices or snap.sampled_at is None:
+                continue
+            history = self.history.setdefault(label, GpuHistory(self.sample_interval))
+            if history.add(snap.sampled_at.timestamp(), points_of(snap)):  # a new sample, not the last again
+                strays: dict[int, int] = {}
+                for (node, gpu, _pid) in self.stray_list:
+                    if node == label:
+                        strays[gpu] = strays.get(gpu, 0) + 1
+                self.publish("gpu", sample_event(snap, strays, label), keep=False)
 
     # -- strays -----------------------------------------------------------------------------------
     def _track_strays(self) -> None:

@@ -393,8 +393,8 @@ function applyGpuSample(ev) {
   }
   gpuEventAt = performance.now();
   recordGpuSample(ev);
-  // Samples are this machine's; a cluster node's GPUs (g.node) come with the full fetch.
-  const local = gpuList.filter((g) => !g.node);
+  // One event per machine: this one's (no node), or a cluster node's (ev.node).
+  const local = gpuList.filter((g) => (g.node || null) === (ev.node || null));
   const known = new Map(local.map((g) => [g.id, g]));
   let changed = ev.gpus.length !== local.length;
   for (const sample of ev.gpus) {
@@ -474,7 +474,7 @@ function createCard(id, node) {
     h("h3", {}, node ? h("span", { class: "badge node", title: "cluster node" }, node) : null, `GPU ${id}`, p.name, p.sim),
     p.bar,
     h("div", { class: "facts" }, p.memory, p.power, p.util, p.temp),
-    node ? null : createPlots(id, p), // the 15-minute history is this machine's
+    createPlots(id, p, node),
     p.errors,
     p.table);
   card.parts = p;
@@ -500,7 +500,7 @@ function updateCard(card, gpu) {
   setText(p.util, `Util ${num(gpu.utilization, "%")}`);
   setText(p.temp, `Temp ${num(gpu.temperature, "°C")}`);
   p.powerLimit = gpu.power_limit;
-  if (!p.node) drawPlots(gpu.id, p);
+  drawPlots(gpuKey(gpu), p);
   const errors = Object.entries(gpu.errors || {});
   p.errors.hidden = errors.length === 0;
   setText(p.errors, errors.map(([field, why]) => `${field}: ${why}`).join(" · "));
@@ -781,7 +781,7 @@ async function followLog(id, signal) {
 const HISTORY_SECONDS = 900;
 const SVG = "http://www.w3.org/2000/svg";
 const PLOT_METRICS = [["memory_used", "Memory"], ["utilization", "Util"], ["power_draw", "Power"]];
-const gpuHistory = new Map();   // gpu id -> {t: [], memory_used: [], utilization: [], power_draw: [], memory_total}
+const gpuHistory = new Map();   // gpuKey -> {t: [], memory_used: [], utilization: [], power_draw: [], memory_total}
 const stateHistory = new Map(); // instance id -> {state: at the window's start, transitions: [{t, to}]}
 let clockSkew = 0;              // server clock - this browser's clock, seconds
 const serverNow = () => Date.now() / 1000 + clockSkew;
@@ -796,12 +796,13 @@ async function loadHistory() {
   const [gpus, states] = await Promise.all([api("/api/v1/gpus/history"), api("/api/v1/instances/history")]);
   clockSkew = gpus.now - Date.now() / 1000;
   for (const g of gpus.gpus) {
-    const have = gpuHistory.get(g.id);
+    const key = gpuKey(g);
+    const have = gpuHistory.get(key);
     const newer = have ? have.t.filter((t) => t > g.t[g.t.length - 1]).length : 0; // events that came meanwhile
     const series = { t: g.t, memory_used: g.memory_used, utilization: g.utilization, power_draw: g.power_draw,
       memory_total: g.memory_total };
     if (have && newer) for (const key of ["t", ...PLOT_METRICS.map(([m]) => m)]) series[key].push(...have[key].slice(-newer));
-    gpuHistory.set(g.id, series);
+    gpuHistory.set(key, series);
   }
   for (const i of states.instances) {
     const have = stateHistory.get(i.instance_id);
@@ -809,15 +810,16 @@ async function loadHistory() {
     const later = have ? have.transitions.filter((t) => t.t > last) : [];
     stateHistory.set(i.instance_id, { state: i.state, transitions: [...i.transitions.map((t) => ({ t: t.t, to: t.to })), ...later] });
   }
-  for (const [id, card] of cards) drawPlots(id, card.parts);
+  for (const [key, card] of cards) drawPlots(key, card.parts);
   drawStrips();
 }
 
 function recordGpuSample(ev) {
   const t = ev.sampled_at ? Date.parse(ev.sampled_at) / 1000 : serverNow();
   for (const g of ev.gpus) {
-    let s = gpuHistory.get(g.id);
-    if (!s) gpuHistory.set(g.id, s = { t: [], memory_used: [], utilization: [], power_draw: [], memory_total: null });
+    const key = gpuKey({ id: g.id, node: ev.node });
+    let s = gpuHistory.get(key);
+    if (!s) gpuHistory.set(key, s = { t: [], memory_used: [], utilization: [], power_draw: [], memory_total: null });
     if (s.t.length && t <= s.t[s.t.length - 1]) continue;
     s.t.push(t);
     for (const [m] of PLOT_METRICS) s[m].push(g[m] ?? null);
@@ -836,13 +838,14 @@ function recordTransition(ev) {
   s.transitions.push({ t: ev.at ? Date.parse(ev.at) / 1000 : serverNow(), to: ev.to });
 }
 
-function createPlots(id, p) {
+function createPlots(id, p, node) {
   p.plots = {};
   const box = h("div", { class: "plots" });
   for (const [metric, label] of PLOT_METRICS) {
     const line = svg("polyline", { points: "" });
     const el = svg("svg", { class: "plot", viewBox: "0 0 300 40", preserveAspectRatio: "none",
-      "data-gpu": id, "data-metric": metric, role: "img", "aria-label": `GPU ${id} ${label}, last 15 minutes` });
+      "data-gpu": id, "data-metric": metric, role: "img",
+      "aria-label": `GPU ${id}${node ? ` of ${node}` : ""} ${label}, last 15 minutes` });
     el.append(line);
     const value = h("span", { class: "num" });
     box.append(h("div", { class: "plot-row" }, h("span", { class: "muted" }, label), el, value));
@@ -851,8 +854,8 @@ function createPlots(id, p) {
   return box;
 }
 
-function drawPlots(id, p) {
-  const s = gpuHistory.get(id);
+function drawPlots(key, p) {
+  const s = gpuHistory.get(key);
   if (!p || !p.plots || !s) return;
   const now = serverNow();
   const start = now - HISTORY_SECONDS;

@@ -85,12 +85,13 @@ def _seconds(request: Request) -> float:
 @openapi.definition(
     summary="Each GPU's memory used, utilisation and power over the last minutes",
     description="From the sampler's bounded in-memory history (15 minutes); empty without a GPU source. Live "
-                "updates arrive as `gpu` events on GET /api/v1/events.",
+                "updates arrive as `gpu` events on GET /api/v1/events. In cluster mode every GPU has `node` "
+                "(null: this machine), and each node's samples arrive as `gpu` events with its `node`.",
     tag="GPU and processes", parameter=[SECONDS],
     response=responses({200: (GPU_HISTORY, "columns per GPU")}, 422),
 )
 async def gpu_history(request: Request) -> HTTPResponse:
-    return json_response(request.app.ctx.gpus.history.as_dict(time.time(), _seconds(request)))
+    return json_response(request.app.ctx.gpus.history_dict(time.time(), _seconds(request)))
 
 
 @bp.get("/instances/history")

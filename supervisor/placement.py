@@ -133,11 +133,9 @@ def place_on_nodes(count: int, need_mib: int, share: bool, cluster: ClusterFacts
     cluster, or while nothing is known of the nodes at all."""
     if sticky is not None:
         label, gpus = sticky
-        node_claims = claims.on_node(label, cluster.occupied.get(label))
-        if cluster.reason is not None or label in cluster.nodes:
-            if _keeps(gpus, count, share, cluster.of(label) if label in cluster.nodes else GpuFacts.unknown(""),
-                      node_claims):
-                return sticky
+        there = cluster.reason is not None or label in cluster.nodes  # nothing known, or still in the cluster
+        if there and _keeps(gpus, count, share, cluster.of(label), claims.on_node(label, cluster.occupied.get(label))):
+            return sticky
     if cluster.reason is not None:
         raise PlacementError(f'gpus = "auto" needs to know the nodes\' GPUs, and {cluster.reason}')
     best: tuple[int, str, tuple[int, ...]] | None = None

@@ -348,7 +348,9 @@ def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(server: Server
 
 
 def test_a_gpu_nobody_knows_is_a_warning_on_the_page(server: Server, ui: Browser) -> None:
-    server.declare(demo_declaration("ghostly", gpus=[5]))
+    # `port` is a base: the instance on GPU 5 listens on base + 5, which must be the free one
+    # (a free base with base + 5 held by a client socket failed CI once).
+    server.declare(demo_declaration("ghostly", port=free_port() - 5, gpus=[5]))
     server.start()  # no GPU source
     server.wait_state("ghostly@gpu5", "RUNNING")  # it still runs
     page = ui.page

@@ -31,7 +31,7 @@ from supervisor.settings import load_settings
 from supervisor.spec import instance_id
 from supervisor.states import State
 
-from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_range, wait_until, write_decl
+from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_port, free_range, wait_until, write_decl
 from .ray_rig import descendants
 from .serve_helpers import Serve
 
@@ -215,6 +215,15 @@ async def started(tmp_path, rig, monkeypatch, docs, **extra) -> Engine:
 
 def handle_of(engine: Engine, iid: str):
     return engine.instances[iid]._handle
+
+
+async def running(engine: Engine, iid: str, track: Tracker):
+    """Instance `iid` once it is declared (it may wait for the nodes' GPUs) and RUNNING; tracked."""
+    await wait_until(lambda: iid in engine.instances, 30)
+    inst = engine.instances[iid]
+    await inst.wait_state(State.RUNNING, timeout=60)
+    track.add(engine)
+    return inst
 
 
 @needs_ray
@@ -455,8 +464,6 @@ async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path,
 @needs_ray
 async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are_untouched(
         tmp_path, rig, monkeypatch) -> None:
-    from .conftest import free_port
-
     docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH,
                         restart={**FAST_RESTART, "max_retries": 1}),
             declaration("here", demo_cmd(), node="local", health=HEALTH)]
@@ -804,7 +811,7 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
     server = Server(tmp_path)
     pids: set[int] = {stranger.pid}
     try:
-        server.declare(demo_declaration("far", node="gpu-a", gpus=[1]))
+        server.declare(demo_declaration("far", node="gpu-a", gpus=[1], port=free_port() - 1))  # base + 1 is free
         server.start(MODEL_SUPERVISOR_CLUSTER="ray", MODEL_SUPERVISOR_RAY_ADDRESS=rig["cluster"].address,
                      MODEL_SUPERVISOR_RAY_PYTHON=str(rig["python"]), MODEL_SUPERVISOR_GPU_SOURCE="simulated",
                      MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(tmp_path / "gpus-{node}.toml"),
@@ -892,10 +899,7 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
     track = Tracker()
     try:
         # Settled once the node's agent has reported its GPUs (a reload of its own).
-        await wait_until(lambda: "chooser@gpu-a:gpu1" in engine.instances, 30)
-        inst = engine.instances["chooser@gpu-a:gpu1"]
-        await inst.wait_state(State.RUNNING, timeout=60)
-        track.add(engine)
+        inst = await running(engine, "chooser@gpu-a:gpu1", track)
         assert environ(inst.pid)["CUDA_VISIBLE_DEVICES"] == "1"
         assert engine.catalog.placements["chooser#0"] == (1,)
         # gpu-b has two GPUs for three exclusive instances: the file is an error naming them.
@@ -926,10 +930,7 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
     engine = await started(tmp_path, rig, monkeypatch, [doc], **extra)
     track = Tracker()
     try:
-        await wait_until(lambda: "roamer@gpu-c:gpu2" in engine.instances, 30)
-        inst = engine.instances["roamer@gpu-c:gpu2"]
-        await inst.wait_state(State.RUNNING, timeout=60)
-        track.add(engine)
+        inst = await running(engine, "roamer@gpu-c:gpu2", track)
         assert handle_of(engine, inst.id).node == "gpu-c" and environ(inst.pid)["CUDA_VISIBLE_DEVICES"] == "2"
         assert inst.snapshot()["node"] == "gpu-c"
         placements = json.loads((engine.settings.state_dir / "placements.json").read_text())
@@ -974,8 +975,6 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
 async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one_moves(
         tmp_path, rig, monkeypatch) -> None:
     import socket
-
-    from .conftest import free_port
 
     fixed = free_port()
     stranger = socket.socket()  # holds the fixed port from the start

@@ -237,7 +237,7 @@ async def test_environment_and_gpu_pinning(engine: Engine, conf_dir: Path, tmp_p
     code = ("import os, time; keys = ['CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'CUDA_DEVICE_ORDER', "
             "'MODEL_SUPERVISOR_INSTANCE', 'MODEL_SUPERVISOR_PORT', 'GREETING'];"
             f"open({str(out)!r}, 'w').write(repr([os.environ.get(k) for k in keys])); time.sleep(3600)")
-    write_decl(conf_dir, declaration("envy", [PY, "-c", code], gpus=[[1, 3]], port=free_port(),
+    write_decl(conf_dir, declaration("envy", [PY, "-c", code], gpus=[[1, 3]], port=free_port() - 1,  # a base: the instance listens on base + 1
                                      env={"GREETING": "hi {name}"}))
     await engine.start()
     inst = engine.instances["envy@gpu1-3"]

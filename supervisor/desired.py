@@ -196,7 +196,6 @@ class Slot:
         return tuple(f"{self.node}:{g}" for g in self.gpus)
 
 
-
 PortAssigner = Callable[[str, set[int]], int]
 """(instance id, ports reserved by explicit declarations) -> a port for that instance."""
 
@@ -325,10 +324,9 @@ def _slots(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catal
             slot = Slot(*place_on_nodes(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, cluster,
                                         trial, was))
         else:  # `node = "gpu-a"`: that node's GPUs, as its agent last reported them
+            on_node = trial.on_node(model.node, cluster.occupied.get(model.node))
             slot = Slot(model.node, place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus,
-                                          cluster.of(model.node), trial.on_node(model.node,
-                                                                                cluster.occupied.get(model.node)),
-                                          sticky))
+                                          cluster.of(model.node), on_node, sticky))
         # Never shared with its own siblings (a GPU appears once per model, and one id per instance).
         trial.add(slot.claim_keys(), Claim(instance_id(model.name, slot.gpus, slot.node), str(model.source),
                                            False, decl.min_free_memory_mb))

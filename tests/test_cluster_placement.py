@@ -130,3 +130,62 @@ def test_instances_of_one_sharing_model_never_land_on_one_gpu() -> None:
     assert "held by s@gpu0" in catalog.errors["/c/s.toml"][0].message and not catalog.instances
     catalog = settle([doc], ClusterFacts({"gpu-a": gpus({0: 9000}), "gpu-b": gpus({0: 100})}))
     assert sorted(catalog.instances) == ["s@gpu-a:gpu0", "s@gpu-b:gpu0"]
+
+
+class _Client:
+    """What ClusterNodes needs of the driver connection, for feeding it samples by hand."""
+
+    up = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def subscribe(self, event: str, listener) -> None:
+        pass
+
+    async def call(self, op: str, **args):
+        self.calls.append((op, args))
+        return {"how": "terminated", "reason": "a GPU process", "instance": None}
+
+
+def _sample(label: str | None, node_id: str, processes: list[tuple[int, int]], runs: dict | None = None,
+            error: str | None = None) -> dict:
+    import time
+
+    return {"node_id": node_id, "label": label or node_id[:12], "labelled": label is not None, "error": error,
+            "sampled_at": time.time(),
+            "devices": [{"index": 0, "memory_total_mib": 10000, "memory_used_mib": 100,
+                         "processes": [{"pid": pid, "used_memory_mib": mib} for pid, mib in processes]}],
+            "runs": runs or {}, "users": {str(pid): "alice" for pid, _ in processes}}
+
+
+async def test_node_facts_and_strays_from_the_agents_samples() -> None:
+    import asyncio
+
+    from supervisor.cluster.nodes import ClusterNodes
+    from supervisor.strays import StrayRules
+
+    client = _Client()
+    nodes = ClusterNodes(client)  # type: ignore[arg-type]
+    assert nodes.facts().reason == "no sample from the nodes yet"  # nothing moves before the first round
+    nodes.rules = StrayRules(default="kill", kill_after=0.05)
+    events: list[tuple[str, dict]] = []
+    nodes.publish = lambda kind, data, keep=True: events.append((kind, data))
+    ours = {"tok": {"instance": "m@gpu-a:gpu0", "pids": [11]}}
+    nodes._on_nodes({"samples": [_sample("gpu-a", "a" * 20, [(10, 500), (11, 900)], ours),
+                                 _sample(None, "f" * 20, [(20, 100)])]})
+    facts = nodes.facts()
+    assert list(facts.nodes) == ["gpu-a"]  # a node without our label is never chosen
+    assert facts.nodes["gpu-a"].free_mib == {0: 9900}
+    # pid 11 carries a run mark of ours (the reaper's, if no instance owns it): never a stray.
+    assert [(s["node"], s["pid"], s["user"]) for s in nodes.strays()] == [("ffffffffffff", 20, "alice"),
+                                                                         ("gpu-a", 10, "alice")]
+    await asyncio.sleep(0.1)
+    # A failed sample judges nothing (its runs are unknown), and keeps the strays it had.
+    nodes._on_nodes({"samples": [_sample("gpu-a", "a" * 20, [], error="no answer"),
+                                 _sample(None, "f" * 20, [(20, 100)])]})
+    await asyncio.sleep(0.05)
+    assert client.calls == [("kill", {"node_id": "f" * 20, "pid": 20, "grace": 5.0, "force": False})]
+    assert {s["pid"]: s["action"] for s in nodes.strays()} == {10: "reported", 20: "killed"}
+    assert ("stray_killed", {"pid": 20, "gpu": 0, "node": "ffffffffffff", "how": "terminated"}) in events
+    assert [d["node"] for kind, d in events if kind == "gpu"] == ["gpu-a", "ffffffffffff", "ffffffffffff"]

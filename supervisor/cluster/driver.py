@@ -261,6 +261,7 @@ class AgentPool:
         self.agent_class = driver.ray.remote(NodeAgent)
         self.agents: dict[str, Any] = {}  # node id -> agent handle
         self.labels: dict[str, str] = {}  # node id -> its label (or short id)
+        self.labelled: set[str] = set()  # node ids that carry our label (`model-supervisor node --label`)
         self.scope = driver.namespace.removeprefix("msup-")
 
     def on(self, node_id: str) -> Any | None:
@@ -276,11 +277,14 @@ class AgentPool:
             if node_id not in alive:
                 del self.agents[node_id]
                 self.labels.pop(node_id, None)
+                self.labelled.discard(node_id)
         for node_id, node in alive.items():
             if node_id in self.agents:
                 continue
             label = node["labels"].get(LABEL_KEY) or node_id[:12]
             self.labels[node_id] = label
+            if node["labels"].get(LABEL_KEY):
+                self.labelled.add(node_id)
             # Not detached and not named: it dies with this driver, never outlives a supervisor.
             self.agents[node_id] = self.agent_class.options(
                 num_cpus=0, max_concurrency=16, max_restarts=-1,
@@ -306,10 +310,9 @@ class AgentPool:
         out = []
         for (node_id, _), result in zip(agents, results):
             if isinstance(result, BaseException):
-                out.append({"node_id": node_id, "label": self.labels.get(node_id, node_id[:12]),
-                            "error": "no answer" if isinstance(result, asyncio.TimeoutError) else _describe(result)})
-            else:
-                out.append(result)
+                result = {"node_id": node_id, "label": self.labels.get(node_id, node_id[:12]),
+                          "error": "no answer" if isinstance(result, asyncio.TimeoutError) else _describe(result)}
+            out.append({**result, "labelled": node_id in self.labelled})
         return out
 
     async def reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:

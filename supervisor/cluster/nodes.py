@@ -144,7 +144,7 @@ class ClusterNodes:
         samples: dict[str, NodeSample] = {}
         for raw in message.get("samples", ()):
             label = raw.get("label") or str(raw.get("node_id", ""))[:12]
-            labelled = bool(raw.get("label"))
+            labelled = bool(raw.get("labelled"))
             if raw.get("error"):
                 old = self.samples.get(label)
                 snap = old.snapshot if old is not None else snapshot_from_wire({"reason": raw["error"]})
@@ -355,7 +355,7 @@ class ClusterNodes:
             self.publish("stray", {"pid": pid, "gpu": gpu, "node": label, "name": p.name, "user": user,
                                    "memory_mib": p.used_memory_mib, "allowed": allowed})
         for (label, _, pid), stray in list(self.stray_list.items()):
-            if self.rules.due(stray, now):
+            if self.samples[label].error is None and self.rules.due(stray, now):
                 for (other_label, _, other_pid), other in self.stray_list.items():  # one process, several GPUs
                     if (other_label, other_pid) == (label, pid) and other.action == "reported":
                         other.action = "killing"

@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
 from . import kill
 from .desired import InstanceSpec
 from .engine import Engine
@@ -34,7 +32,7 @@ from .gpu_history import GpuHistory, points_of, sample_event
 from .instance import Instance
 from .kill import owners_of
 from .placement import GpuFacts
-from .procscan import ProcInfo, scan
+from .procscan import ProcInfo, scan, user_of
 from .settings import Settings
 from .strays import Stray, StrayRules
 
@@ -363,13 +361,7 @@ class GpuTracker:
 
 
 def _users(pids: list[int]) -> dict[int, str | None]:
-    out: dict[int, str | None] = {}
-    for pid in pids:
-        try:
-            out[pid] = psutil.Process(pid).username()
-        except (psutil.Error, KeyError):
-            out[pid] = None
-    return out
+    return {pid: user_of(pid) for pid in pids}
 
 
 def _scan_owners(pids: frozenset[int], roots: dict[str, int], scope: str = "",

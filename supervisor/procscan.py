@@ -160,3 +160,19 @@ async def wait_fds_readable(fds: Iterable[int], timeout: float) -> set[int]:
         for fd in pending:
             loop.remove_reader(fd)
     return pending
+
+
+def user_of(pid: int) -> str | None:
+    """The name of the user running `pid` (its real uid, as `ps` shows it); None if it is gone.
+    Blocking (a /proc read); the stray allow-list matches these names."""
+    import pwd
+
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

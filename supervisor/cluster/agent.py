@@ -33,7 +33,7 @@ from typing import Any
 from .. import kill as killing
 from ..gpu.sources import GpuSource, GpuUnavailable, NoGpuSource, node_file, open_source
 from ..logfiles import LogFile
-from ..procscan import ProcessTable, marked, scan
+from ..procscan import ProcessTable, marked, scan, user_of
 from ..runners.process import stop_processes
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class NodeAgent:
                 "sample_seconds": seconds, "simulated": source.name == "simulated",
                 "driver_version": source.driver_version,
                 "devices": [d.as_dict() for d in devices], "runs": runs,
-                "users": {str(pid): _user(pid) for pid in gpu_pids if pid in table}}
+                "users": {str(pid): user_of(pid) for pid in gpu_pids if pid in table}}
 
     # -- reaping ---------------------------------------------------------------------------
     async def reap(self, token: str, signum: int, timeout: float) -> list[int]:
@@ -139,17 +139,3 @@ class NodeAgent:
         with self._lock:
             if self._source is not None:
                 self._source.close()
-
-
-def _user(pid: int) -> str | None:
-    """The user running `pid` on this node (the stray allow-list matches names)."""
-    import pwd
-
-    try:
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)

@@ -64,8 +64,7 @@ async def kill_process(request: Request, pid: str) -> HTTPResponse:
         raise NotFound("Process not found") from None
     except PermissionError:
         raise Forbidden("Permission denied") from None
-    message = f"{verdict.reason}; " + ("exited after SIGTERM" if how == "terminated" else
-                                       f"SIGKILLed after {KILL_GRACE:g} s")
+    message = f"{verdict.reason}; {_ended(how)}"
     return json_response({"pid": target, "status": "killed", "message": message, "instance_id": verdict.instance})
 
 
@@ -87,7 +86,10 @@ async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> H
     if "refused" in answer:
         raise Forbidden(f"{answer['refused']} (on node {node})")
     how = answer["how"]
-    message = (f"{answer['reason']} (on node {node}); " +
-               ("exited after SIGTERM" if how == "terminated" else f"SIGKILLed after {KILL_GRACE:g} s"))
+    message = f"{answer['reason']} (on node {node}); {_ended(how)}"
     return json_response({"pid": pid, "status": "killed", "message": message, "instance_id": answer.get("instance"),
                           "node": node})
+
+
+def _ended(how: str) -> str:
+    return "exited after SIGTERM" if how == "terminated" else f"SIGKILLed after {KILL_GRACE:g} s"

@@ -112,13 +112,16 @@ def _add(container: Any, key: str, value: Any) -> None:
     if _is_table(value) or _is_table_array(value):
         _fill(container, {key: value})
         return
-    # A new plain key goes right after the last plain key: tomlkit alone would put it under
-    # the comment that introduces the first table.
-    body = container.value.body if isinstance(container, Table) else container.body
-    plain_keys = [k.key for k, v in body if k is not None and not isinstance(v, (Table, AoT))]
+    # A new plain key goes right after the last plain key. tomlkit alone puts it just above the
+    # first table, under the comment that introduces that table, and 0.15 adds a blank line too.
+    # `_insert_at` (in every tomlkit from 0.12 to 0.15, unlike `_insert_after`, gone in 0.15)
+    # places it by index in the body, which keeps every other line where it was.
     target = container.value if isinstance(container, Table) else container
-    if plain_keys and hasattr(target, "_insert_after"):
-        target._insert_after(plain_keys[-1], key, tomlkit.item(value))
+    body = target.body
+    last_plain = max((i for i, (k, v) in enumerate(body) if k is not None and not isinstance(v, (Table, AoT))),
+                     default=None)
+    if last_plain is not None and last_plain + 1 < len(body):
+        target._insert_at(last_plain + 1, key, tomlkit.item(value))
     else:
         container[key] = tomlkit.item(value)
 

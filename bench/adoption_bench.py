@@ -33,7 +33,7 @@ from tempfile import TemporaryDirectory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import REPO, call, free_port  # noqa: E402
-from supervisor.marks import MARK_ENV, scope_of  # noqa: E402
+from supervisor.adapters.marks import MARK_ENV, scope_of  # noqa: E402
 
 PY = sys.executable
 DEMO = REPO / "examples" / "backends" / "demo_server.py"

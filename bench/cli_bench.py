@@ -55,7 +55,7 @@ def ours(runs: int) -> dict:
             argv = [sys.executable, "-m", "supervisor", "status", "--url", base]
             timed(argv, 2, env)  # warm the page cache
             wall = timed(argv, runs, env)
-            probe = ("import sys; from supervisor.cli import main; main(['status', '--url', %r]); "
+            probe = ("import sys; from supervisor.cli.main import main; main(['status', '--url', %r]); "
                      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                      "('pydantic', 'pydantic_settings', 'sanic', 'asyncio')))" % base)
             heavy = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,

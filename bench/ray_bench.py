@@ -85,7 +85,7 @@ def summary(values: list[float], scale: float = 1.0, digits: int = 3) -> dict:
 
 async def wait_running(engine, ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    from supervisor.states import State
+    from supervisor.core.states import State
 
     while True:
         missing = [i for i in ids if i not in engine.instances or engine.instances[i].state != State.RUNNING]
@@ -98,9 +98,9 @@ async def wait_running(engine, ids: list[str], timeout: float) -> None:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict:
-    from supervisor.engine import Engine
-    from supervisor.settings import load_settings
-    from supervisor.states import State
+    from supervisor.runtime.engine import Engine
+    from supervisor.config.settings import load_settings
+    from supervisor.core.states import State
     from tests.conftest import declaration, demo_cmd, free_range, write_decl
     from tests.ray_rig import ray_pids, rig_python, start_cluster
 

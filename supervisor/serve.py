@@ -17,10 +17,10 @@ import asyncio
 import logging
 import signal
 
-from .engine import Engine
-from .gpu_tracker import GpuTracker
-from .settings import Settings
-from .subreaper import become_subreaper, reap_orphans
+from supervisor.runtime.engine import Engine
+from supervisor.runtime.gpu_tracker import GpuTracker
+from supervisor.config.settings import Settings
+from supervisor.adapters.subreaper import become_subreaper, reap_orphans
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ async def serve(settings: Settings) -> int:
         for _ in range(3):  # let the launches spawn (actor, then launch task) before the slow import
             await asyncio.sleep(0)
         if not stop.is_set():
-            from .api.app import create_app
-            from .api.listeners import create_servers
+            from supervisor.api.app import create_app
+            from supervisor.api.listeners import create_servers
 
             app = create_app(settings, engine, tracker, manage_lifecycle=False)
             server = await create_servers(app, settings)  # TCP and/or the unix socket

@@ -77,7 +77,7 @@ def ensure_image(client: Any) -> str:
 
 
 def containers_of(client: Any, label_value: str | None = None) -> list[Any]:
-    from supervisor.runners.docker import LABEL_INSTANCE, LABEL_MANAGED
+    from supervisor.adapters.runners.docker import LABEL_INSTANCE, LABEL_MANAGED
 
     import docker
 

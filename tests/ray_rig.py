@@ -160,7 +160,7 @@ class ClusterProcess:
 def descendants(root: int) -> set[int]:
     """The live descendants of `root` (an orphan reparented away is no longer one: take this
     while the tree is whole)."""
-    from supervisor.procscan import scan, tree
+    from supervisor.adapters.procscan import scan, tree
 
     return tree(scan(), root)
 

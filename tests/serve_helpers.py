@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from supervisor.marks import MARK_ENV, scope_of
+from supervisor.adapters.marks import MARK_ENV, scope_of
 
 from .conftest import PY, REPO, free_port
 
@@ -117,7 +117,7 @@ def kill_marked(state: Path) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    from supervisor.cgroups import RunCgroups
+    from supervisor.adapters.cgroups import RunCgroups
 
     cgroups, _ = RunCgroups.detect(scope_of(state))
     if cgroups is not None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.marks import parse_environ
-from supervisor.procscan import read_proc
+from supervisor.adapters.marks import parse_environ
+from supervisor.adapters.procscan import read_proc
 
 from .conftest import alive, declaration, demo_cmd, free_range, sleep_cmd, write_decl
 from .serve_helpers import Serve, kill_marked, marked_processes, wait_for
@@ -232,7 +232,7 @@ def marked_stray(state: Path, token: str):
     no run record) and ignores SIGTERM."""
     import subprocess
 
-    from supervisor.marks import MARK_ENV, Mark, scope_of
+    from supervisor.adapters.marks import MARK_ENV, Mark, scope_of
 
     env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), token, "quiet@cpu").value()})
     stray = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

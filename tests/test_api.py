@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends.process import ProcessKind
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import Api, running_api
 from .conftest import PY, alive, declaration, demo_cmd, free_port, wait_until, write_decl

@@ -21,7 +21,7 @@ import pytest
 
 from supervisor.api import guard
 from supervisor.api.errors import MAX_JSON_DEPTH
-from supervisor.settings import Settings
+from supervisor.config.settings import Settings
 
 from .api_helpers import Api, running_api
 from .conftest import PY, declaration, sleep_cmd, wait_until, write_decl

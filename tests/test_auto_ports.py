@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import socket
 
-from supervisor.engine import Engine
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .conftest import FAST_RESTART, declaration, demo_cmd, free_port, wait_until, write_decl
 

@@ -17,10 +17,10 @@ import tomli_w
 from supervisor.backends.base import (BackendKind, ContainerLaunch, DefaultHealth, HealthType, LaunchContext,
                                       ProcessLaunch)
 from supervisor.backends.registry import default_registry
-from supervisor.confd import read_dir
-from supervisor.declarations import Defaults
-from supervisor.desired import Catalog, resolve
-from supervisor.ports import PortAllocator
+from supervisor.adapters.confd import read_dir
+from supervisor.config.declarations import Defaults
+from supervisor.config.desired import Catalog, resolve
+from supervisor.adapters.ports import PortAllocator
 
 REGISTRY = default_registry(load_plugins=False)
 KINDS = REGISTRY.names()

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from supervisor.backoff import Backoff, gives_up
+from supervisor.core.backoff import Backoff, gives_up
 
 
 def test_exponential_and_capped() -> None:

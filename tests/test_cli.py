@@ -389,7 +389,7 @@ def test_small_wrongs_kill_logs_and_help(served: Served) -> None:
 
 def test_client_commands_import_no_pydantic_sanic_or_asyncio(served: Served) -> None:
     served.start()
-    probe = ("import sys\nfrom supervisor.cli import main\ncode = main(['status'])\n"
+    probe = ("import sys\nfrom supervisor.cli.main import main\ncode = main(['status'])\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'sanic', "
              "'sanic_ext', 'asyncio', 'uvloop', 'httpx'))\nprint('HEAVY', heavy, code)\n")
     out = subprocess.run([PY, "-c", probe], cwd=REPO, env=served.env, capture_output=True, text=True, timeout=60)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends.registry import default_registry
-from supervisor.declarations import Defaults, parse_declaration
-from supervisor.desired import Catalog, resolve
-from supervisor.placement import (NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError,
+from supervisor.config.declarations import Defaults, parse_declaration
+from supervisor.config.desired import Catalog, resolve
+from supervisor.core.placement import (NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError,
                                   place_on_nodes)
-from supervisor.ports import PortAllocator
+from supervisor.adapters.ports import PortAllocator
 
 from .conftest import declaration
 
@@ -163,7 +163,7 @@ async def test_node_facts_and_strays_from_the_agents_samples() -> None:
     import asyncio
 
     from supervisor.cluster.nodes import ClusterNodes
-    from supervisor.strays import StrayRules
+    from supervisor.core.strays import StrayRules
 
     client = _Client()
     nodes = ClusterNodes(client)  # type: ignore[arg-type]

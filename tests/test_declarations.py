@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends.registry import default_registry
-from supervisor.confd import read_dir
-from supervisor.declarations import ModelSpec
-from supervisor.desired import Catalog, resolve
-from supervisor.ports import PortAllocator
+from supervisor.adapters.confd import read_dir
+from supervisor.config.declarations import ModelSpec
+from supervisor.config.desired import Catalog, resolve
+from supervisor.adapters.ports import PortAllocator
 
 from .conftest import REPO, declaration, write_decl
 
@@ -20,7 +20,7 @@ REGISTRY = default_registry(load_plugins=False)
 
 
 def load(conf_dir: Path, previous: Catalog | None = None) -> Catalog:
-    from supervisor.declarations import Defaults
+    from supervisor.config.declarations import Defaults
 
     parsed = read_dir(conf_dir, REGISTRY, Defaults())
     ports = PortAllocator(30000, 30999, is_free=lambda _p: True)
@@ -192,7 +192,7 @@ def test_policy_change_is_not_a_launch_change(conf_dir: Path) -> None:
 
 def test_spec_has_every_default_documented_in_readme() -> None:
     readme = (REPO / "README.md").read_text()
-    from supervisor.spec import Declaration, HealthSpec, RestartSpec, StopSpec
+    from supervisor.core.spec import Declaration, HealthSpec, RestartSpec, StopSpec
 
     for model, table in ((Declaration, ""), (RestartSpec, "restart."), (HealthSpec, "health."), (StopSpec, "stop.")):
         for key in model.model_fields:

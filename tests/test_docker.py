@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from supervisor.engine import Engine
-from supervisor.runners.docker import LABEL_SCOPE, container_name, scope_of
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.adapters.runners.docker import LABEL_SCOPE, container_name, scope_of
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .conftest import REPO, PY, declaration, free_port, free_range, wait_until, write_decl
 from .docker_helpers import IMAGE, containers_of, docker_client, ensure_image

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.runners.docker import DockerRunner, daemon_reason
+from supervisor.adapters.runners.docker import DockerRunner, daemon_reason
 
 
 def test_no_daemon_at_a_socket_that_does_not_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,8 @@ import difflib
 import tomllib
 from pathlib import Path
 
-from supervisor import tomledit
-from supervisor.settings import Settings
+from supervisor.core import tomledit
+from supervisor.config.settings import Settings
 
 from .api_helpers import running_api
 from .conftest import sleep_cmd

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.engine import Engine
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, free_port, wait_until, write_decl
 

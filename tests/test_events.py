@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from supervisor.events import EventBus
+from supervisor.core.events import EventBus
 
 
 async def test_replay_after_last_id_then_live() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.failure_line import MAX_LENGTH, last_error_line, with_log_reason
+from supervisor.core.failure_line import MAX_LENGTH, last_error_line, with_log_reason
 
 TRITON = """\
 I1012 10:00:00.100 1 pinned_memory_manager.cc:277] Pinned memory pool is created at '0x7f' with size 268435456

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from supervisor.engine import Engine
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.core.states import State
 
 from .conftest import FAST_RESTART, PY, declaration, write_decl
 

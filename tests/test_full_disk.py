@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import running_api
 from .conftest import declaration, wait_until, write_decl

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 import pytest
 import tomli_w
 
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import Api, running_api
 from .conftest import alive, declaration, demo_cmd, wait_until, write_decl

@@ -29,7 +29,7 @@ import pynvml as real_nvml
 import pytest
 import tomli_w
 
-from supervisor.gpu import (
+from supervisor.adapters.gpu import (
     GpuDevice,
     GpuMonitor,
     GpuMonitorStopped,
@@ -790,7 +790,7 @@ def test_simulated_file_invalid_later_keeps_last_good(
     source.open()
     good = source.sample()
     path.write_text("[[gpu]]\nindex = zero\n")
-    with caplog.at_level(logging.WARNING, logger="supervisor.gpu.sources"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.adapters.gpu.sources"):
         degraded = source.sample()
         source.sample()
     assert [d.memory_used_mib for d in degraded] == [d.memory_used_mib for d in good] == [10]
@@ -1018,7 +1018,7 @@ async def test_sample_raising_once_keeps_sampling(
     monitor = run(monitors, source)
     snap = await monitor.wait_for_sample(timeout=5)
     seen = [snap.devices[0].memory_used_mib]  # each sample's number
-    with caplog.at_level(logging.ERROR, logger="supervisor.gpu.monitor"):
+    with caplog.at_level(logging.ERROR, logger="supervisor.adapters.gpu.monitor"):
         source.fail_next = 1
         while source.failed_sample is None or seen[-1] <= source.failed_sample:
             snap = await monitor.wait_for_sample(after=snap.sampled_at, timeout=5)

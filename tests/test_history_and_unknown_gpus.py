@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.gpu_history import GpuHistory, GpuPoint
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.adapters.gpu.history import GpuHistory, GpuPoint
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import running_api
 from .conftest import declaration, sleep_cmd, wait_until, write_decl
@@ -64,7 +64,7 @@ async def test_instance_history_shows_restarts(settings: Settings, conf_dir: Pat
 async def test_gpus_that_are_not_known_are_said_everywhere(settings: Settings, conf_dir: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     write_decl(conf_dir, declaration("phantom", sleep_cmd(), gpus=[5, 7]))
-    caplog.set_level(logging.WARNING, logger="supervisor.gpu_tracker")
+    caplog.set_level(logging.WARNING, logger="supervisor.runtime.gpu_tracker")
     async with running_api(settings.model_copy(update={"gpu_source": "none"})) as api:
         for iid in ("phantom@gpu5", "phantom@gpu7"):  # they still run: a laptop demo needs that
             await api.engine.instances[iid].wait_state(State.RUNNING, timeout=10)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import confd
+from supervisor.adapters import confd
 from supervisor.backends.registry import default_registry
-from supervisor.declarations import Defaults
-from supervisor.engine import Engine
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.declarations import Defaults
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import running_api
 from .conftest import REPO, declaration, sleep_cmd, wait_until, write_decl

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from supervisor.engine import Engine
-from supervisor.events import Event, EventBus
-from supervisor.settings import Settings
-from supervisor.states import State
-from supervisor.watcher import ConfWatcher
+from supervisor.runtime.engine import Engine
+from supervisor.core.events import Event, EventBus
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
+from supervisor.adapters.watcher import ConfWatcher
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, wait_until, write_decl
 
@@ -315,7 +315,7 @@ async def test_watcher_ignores_non_declarations(tmp_path: Path) -> None:
 async def test_resync_of_an_unchanged_directory_parses_nothing(live: Engine, conf_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The periodic safety-net resync costs a stat per file, not a parse (idle CPU)."""
-    from supervisor import confd
+    from supervisor.adapters import confd
 
     path = write_decl(conf_dir, declaration("cached", SLEEP))
     await running(live, "cached@cpu")

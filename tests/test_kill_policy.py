@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.kill import Facts, judge, owners_of
-from supervisor.procscan import ProcInfo
+from supervisor.adapters.kill import Facts, judge, owners_of
+from supervisor.adapters.procscan import ProcInfo
 
 
 def proc(pid: int, ppid: int, pgid: int | None = None, state: str = "S") -> ProcInfo:

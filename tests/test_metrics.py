@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import Api, running_api
 from .conftest import declaration, demo_cmd, wait_until, write_decl

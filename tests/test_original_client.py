@@ -11,7 +11,7 @@ from typing import List, Optional
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from supervisor.settings import Settings
+from supervisor.config.settings import Settings
 
 from .api_helpers import running_api
 from .conftest import write_decl

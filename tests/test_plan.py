@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from supervisor.backends.base import ProcessLaunch
-from supervisor.desired import InstanceSpec, ResolvedHealth
-from supervisor.plan import plan
-from supervisor.spec import RestartSpec, StopSpec
+from supervisor.config.desired import InstanceSpec, ResolvedHealth
+from supervisor.config.plan import plan
+from supervisor.core.spec import RestartSpec, StopSpec
 
 HEALTH = ResolvedHealth("none", None, 1, 1, 1, 1, 1)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends.registry import ENTRY_POINT_GROUP, Registry, builtin_kinds, default_registry
-from supervisor.engine import Engine
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .conftest import REPO, write_decl
 

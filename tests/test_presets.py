@@ -21,12 +21,12 @@ import pytest
 from supervisor.backends.base import ContainerLaunch, ProcessLaunch
 from supervisor.backends.registry import default_registry
 from supervisor.backends.triton import DEFAULT_IMAGE, TritonRepositoryOverlay, shm_prefix
-from supervisor.confd import read_dir
-from supervisor.declarations import Defaults
-from supervisor.desired import Catalog, InstanceSpec, resolve
-from supervisor.engine import Engine
-from supervisor.ports import PortAllocator
-from supervisor.states import State
+from supervisor.adapters.confd import read_dir
+from supervisor.config.declarations import Defaults
+from supervisor.config.desired import Catalog, InstanceSpec, resolve
+from supervisor.runtime.engine import Engine
+from supervisor.adapters.ports import PortAllocator
+from supervisor.core.states import State
 
 from .conftest import PY, alive, wait_until
 
@@ -446,7 +446,7 @@ def test_triton_model_list_is_live_not_part_of_the_launch(tmp_path: Path) -> Non
     assert one.launch_hash == two.launch_hash and one.launch.live != two.launch.live
     assert two.launch.live.models == (("MAM", 3), ("Other", 1))
     assert flag.launch_hash != one.launch_hash
-    from supervisor.plan import plan
+    from supervisor.config.plan import plan
     assert plan({one.id: two}, {one.id: one}).update == [one.id]
 
 
@@ -934,7 +934,9 @@ def test_comfyui_tls_flags_switch_the_probe_to_https(tmp_path: Path) -> None:
 
 
 def _owned_and_syntax():
-    from supervisor.backends import comfyui, textgen, vllm
+    from supervisor.backends import comfyui
+    from supervisor.backends import textgen
+    from supervisor.backends import vllm
     from supervisor.backends.parser_options import COMFYUI, TEXTGEN, VLLM
     return [("comfyui", comfyui.OWNED_FLAGS, COMFYUI), ("vllm", vllm.OWNED_FLAGS, VLLM),
             ("textgen", textgen.OWNED_FLAGS, TEXTGEN)]
@@ -985,8 +987,8 @@ def test_textgen_abbreviated_owned_flags_are_refused(tmp_path: Path, args: list[
 
 async def test_unset_env_reaches_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner removes `unset_env` from what the child inherits (a real child process)."""
-    from supervisor.logfiles import LogFile
-    from supervisor.runners.process import ProcessRunner
+    from supervisor.adapters.logfiles import LogFile
+    from supervisor.adapters.runners.process import ProcessRunner
     monkeypatch.setenv("OPENEDAI_DISABLE_IPV4", "1")
     monkeypatch.setenv("KEEP_ME", "yes")
     out = tmp_path / "env.json"
@@ -1125,7 +1127,7 @@ def test_user_data_dir_is_found_like_modules_paths_does(tmp_path: Path) -> None:
 def test_owned_flags_in_cmd_flags_are_load_errors_naming_the_file(tmp_path: Path, flags: str, words: str) -> None:
     import tomllib
 
-    from supervisor.declarations import parse_declaration, preflight
+    from supervisor.config.declarations import parse_declaration, preflight
 
     tgw = textgen_checkout(tmp_path / "tgw", flags)
     spec = parse_declaration(tomllib.loads(textgen_decl(tgw)), tmp_path / "decl.toml", REGISTRY, Defaults())
@@ -1181,7 +1183,7 @@ async def test_api_key_in_cmd_flags_is_sent_by_readiness_and_liveness(engine: En
     assert inst.state == State.RUNNING and inst.pid == pid
     assert "s3cret-key" not in json.dumps(engine.status(), default=str)
     # the same server without the header answers 401: the probe is what sends it
-    from supervisor.health import probe
+    from supervisor.adapters.health import probe
     bare = dataclasses.replace(inst.spec.health, headers=())
     result = await probe(bare, inst.spec.port)
     assert not result.ok and "401" in result.detail and "s3cret" not in result.detail

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.declarations import Defaults, DeclarationInvalid, parse_declaration
+from supervisor.config.declarations import Defaults, DeclarationInvalid, parse_declaration
 from supervisor.backends.registry import default_registry
-from supervisor.engine import Engine
-from supervisor.marks import MARK_ENV, scope_of
-from supervisor.settings import load_settings
-from supervisor.spec import instance_id
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.adapters.marks import MARK_ENV, scope_of
+from supervisor.config.settings import load_settings
+from supervisor.core.spec import instance_id
+from supervisor.core.states import State
 
 from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_port, free_range, wait_until, write_decl
 from .ray_rig import descendants
@@ -74,7 +74,7 @@ def test_where_a_declaration_runs() -> None:
 
 
 def test_cluster_settings_are_checked() -> None:
-    from supervisor.settings import SettingsError
+    from supervisor.config.settings import SettingsError
 
     with pytest.raises(SettingsError, match="needs ray_address"):
         load_settings(cluster="ray")
@@ -83,7 +83,7 @@ def test_cluster_settings_are_checked() -> None:
 
 
 def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
-    code = ("import sys; from supervisor.settings import load_settings; from supervisor.engine import Engine;"
+    code = ("import sys; from supervisor.config.settings import load_settings; from supervisor.runtime.engine import Engine;"
             "import asyncio\n"
             "async def main():\n"
             "    e = Engine(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup'))\n"
@@ -96,7 +96,7 @@ def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
 
 def test_node_command_plans_resources_and_label_from_the_gpus() -> None:
     from supervisor.cluster.node import NodeError, plan_join
-    from supervisor.cluster.plan import gpu_resource
+    from supervisor.config.cluster_launch import gpu_resource
 
     nvml = lambda: (0, 1, 2, 3)  # noqa: E731 - what NVML would report
     join = plan_join("10.0.0.1:6379", "gpu-a", None, None, detect=nvml)
@@ -312,7 +312,7 @@ def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path,
 async def test_the_node_shows_in_api_status_metrics_events_and_cli(tmp_path, rig, monkeypatch) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from supervisor.cli_client import _status_table
+    from supervisor.cli.remote import _status_table
 
     from .api_helpers import running_api
 
@@ -556,7 +556,7 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
         tmp_path, rig, monkeypatch) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from supervisor.runners.ray import RemoteLog
+    from supervisor.adapters.runners.ray import RemoteLog
 
     from .api_helpers import running_api
 
@@ -687,7 +687,7 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_
 
 @needs_ray
 async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_path, rig, monkeypatch) -> None:
-    from supervisor.marks import new_token
+    from supervisor.adapters.marks import new_token
 
     docs = [declaration("live", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
             declaration("here", demo_cmd(), node="local", health=HEALTH)]

@@ -37,9 +37,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.cluster.client import ClusterClient
-from supervisor.cluster.plan import LABEL_KEY
-from supervisor.health import health_to_wire
-from supervisor.states import State
+from supervisor.config.cluster_launch import LABEL_KEY
+from supervisor.adapters.health import health_to_wire
+from supervisor.core.states import State
 
 from .conftest import alive, declaration, demo_cmd, free_port, wait_until
 from .test_ray_cluster import HEALTH, Tracker, handle_of, needs_ray, started

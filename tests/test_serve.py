@@ -114,7 +114,7 @@ def test_bad_settings_are_a_clear_error(serve, tmp_path: Path) -> None:
 
 
 def test_settings_sources_and_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.settings import load_settings
+    from supervisor.config.settings import load_settings
 
     for key in list(os.environ):
         if key.startswith("MODEL_SUPERVISOR_"):

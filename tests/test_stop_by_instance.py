@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from supervisor.settings import Settings
-from supervisor.states import State
+from supervisor.config.settings import Settings
+from supervisor.core.states import State
 
 from .api_helpers import Api, running_api
 from .conftest import alive, declaration, demo_cmd, sleep_cmd, write_decl

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import pwd
 
-from supervisor.procscan import user_of
-from supervisor.strays import Stray, StrayRules
+from supervisor.adapters.procscan import user_of
+from supervisor.core.strays import Stray, StrayRules
 
 
 def test_policy_per_gpu_allow_lists_and_the_kill_delay() -> None:

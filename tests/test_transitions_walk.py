@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from supervisor.engine import Engine
-from supervisor.settings import Settings
-from supervisor.states import State, TRANSITIONS
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
+from supervisor.core.states import State, TRANSITIONS
 
 from .conftest import FAST_RESTART, PY, declaration, demo_cmd, wait_until, write_decl
 

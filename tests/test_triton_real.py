@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from supervisor.backends import triton
-from supervisor.engine import Engine
-from supervisor.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.core.states import State
 
 from .conftest import REPO, alive, wait_until
 from .test_presets import errors

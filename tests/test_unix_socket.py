@@ -20,8 +20,8 @@ import pytest
 
 from supervisor.api.app import create_app
 from supervisor.api.listeners import ListenerError, bind_unix, create_servers
-from supervisor.engine import Engine
-from supervisor.settings import Settings
+from supervisor.runtime.engine import Engine
+from supervisor.config.settings import Settings
 
 from .conftest import PY, REPO, declaration, free_port, sleep_cmd, wait_until, write_decl
 

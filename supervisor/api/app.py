@@ -16,16 +16,22 @@ from typing import Any
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
-from .. import __version__
-from ..control import Controller
-from ..engine import Engine
-from ..gpu_tracker import GpuTracker
-from ..metrics import Metrics
-from ..settings import Settings
-from . import docs, errors, guard
-from .routes import dashboard, gpus, models, processes, system
-from .schemas import components
-from .views import StatusCache
+from supervisor import __version__
+from supervisor.runtime.control import Controller
+from supervisor.runtime.engine import Engine
+from supervisor.runtime.gpu_tracker import GpuTracker
+from supervisor.runtime.metrics import Metrics
+from supervisor.config.settings import Settings
+from supervisor.api import docs
+from supervisor.api import errors
+from supervisor.api import guard
+from supervisor.api.routes import dashboard
+from supervisor.api.routes import gpus
+from supervisor.api.routes import models
+from supervisor.api.routes import processes
+from supervisor.api.routes import system
+from supervisor.api.schemas import components
+from supervisor.api.views import StatusCache
 
 log = logging.getLogger(__name__)
 

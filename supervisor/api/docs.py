@@ -16,7 +16,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, file
 from sanic_ext import openapi
 
-from .errors import error_response
+from supervisor.api.errors import error_response
 
 ASSETS = Path(swagger_ui_bundle.swagger_ui_path)
 ALLOWED = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "favicon-32x32.png",

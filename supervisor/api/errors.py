@@ -16,8 +16,8 @@ from sanic.exceptions import SanicException
 from sanic.response import JSONResponse
 from sanic.response import json as json_response
 
-from ..control import ControlError, Invalid
-from . import guard
+from supervisor.runtime.control import ControlError, Invalid
+from supervisor.api import guard
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 
-from ..settings import Settings
+from supervisor.config.settings import Settings
 
 #: The largest request body the API accepts (a declaration is a few KiB).
 MAX_BODY = 1024 * 1024

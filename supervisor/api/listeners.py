@@ -23,7 +23,7 @@ from sanic import Sanic
 from sanic.server.async_server import AsyncioServer
 from sanic.server.socket import bind_unix_socket
 
-from ..settings import Settings
+from supervisor.config.settings import Settings
 
 SOCKET_MODE = 0o600
 

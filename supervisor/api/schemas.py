@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from ..spec import NAME_PATTERN
+from supervisor.core.spec import NAME_PATTERN
 
 # -- the original contract -------------------------------------------------------------------
 

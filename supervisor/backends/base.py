@@ -1,5 +1,9 @@
 """What a backend kind is: declaration options in, a launch plan plus a default health check out.
 
+This module is the plugin API: a third-party kind imports what it needs from here only
+(`BackendKind`, `LaunchContext`, `ProcessLaunch`, `ContainerLaunch`, `DefaultHealth`, `expand`,
+`instance_env`, `StrictModel` for its options model); everything else may move between releases.
+
 A kind never starts anything itself. It turns one instance of a declaration into a plan
 (`ProcessLaunch` or, later, a container plan) that a runner executes, so every kind gets
 the same restart, backoff, health and stop behaviour for free.
@@ -17,6 +21,26 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 from pydantic import BaseModel
+
+from supervisor.core.spec import StrictModel
+
+__all__ = [
+    "BackendKind",
+    "ContainerLaunch",
+    "DefaultHealth",
+    "HealthType",
+    "LaunchContext",
+    "LaunchPlan",
+    "LiveConfig",
+    "PrepareStep",
+    "PlaceholderError",
+    "ProcessLaunch",
+    "StrictModel",
+    "expand",
+    "expand_env",
+    "gpu_env",
+    "instance_env",
+]
 
 #: "https": HTTP over TLS, certificate not verified (the probe only connects to 127.0.0.1).
 HealthType = Literal["http", "https", "tcp", "none"]

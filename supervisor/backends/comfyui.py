@@ -21,12 +21,12 @@ from pathlib import Path
 
 from pydantic import AfterValidator, field_validator
 
-from ..spec import StrictModel
-from . import checks
-from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, instance_env
-from .flags import read_options
-from .parser_options import COMFYUI
-from .preset import PROBE_REACHABLE, NonEmpty, executable, expand_all, local_path, owned_args
+from supervisor.core.spec import StrictModel
+from supervisor.backends import checks
+from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, instance_env
+from supervisor.backends.flags import read_options
+from supervisor.backends.parser_options import COMFYUI
+from supervisor.backends.preset import PROBE_REACHABLE, NonEmpty, executable, expand_all, local_path, owned_args
 
 #: Flags this preset sets itself, refused in extra_args in every spelling ComfyUI's argparse
 #: accepts (`--po 9999` is --port). `--cuda-device` would override CUDA_VISIBLE_DEVICES (ComfyUI

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..spec import StrictModel
-from .base import BackendKind, ContainerLaunch, DefaultHealth, LaunchContext, PlaceholderError, expand
+from supervisor.core.spec import StrictModel
+from supervisor.backends.base import BackendKind, ContainerLaunch, DefaultHealth, LaunchContext, PlaceholderError, expand
 
 _SIZE = re.compile(r"^\d+[bkmgBKMG]?$")
 _ULIMIT_NAMES = {"core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss",

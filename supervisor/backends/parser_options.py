@@ -12,7 +12,7 @@ named in `source` (argparse's BooleanOptionalAction also accepts `--no-X`, recor
 
 from __future__ import annotations
 
-from .flags import ParserSyntax
+from supervisor.backends.flags import ParserSyntax
 
 _COMFYUI_LONG = frozenset({
     "--async-offload", "--auto-launch", "--base-directory", "--bf16-text-enc", "--bf16-unet",

@@ -17,9 +17,9 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..spec import NAME_RE
-from .base import LaunchContext, PlaceholderError, expand
-from .flags import ParserSyntax, owned_flag_findings
+from supervisor.core.spec import NAME_RE
+from supervisor.backends.base import LaunchContext, PlaceholderError, expand
+from supervisor.backends.flags import ParserSyntax, owned_flag_findings
 
 #: Health probes always connect to 127.0.0.1, so a server must listen there or everywhere.
 PROBE_REACHABLE = ("127.0.0.1", "0.0.0.0", "::")

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from pydantic import Field
 
-from ..spec import StrictModel
-from . import checks
-from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.core.spec import StrictModel
+from supervisor.backends import checks
+from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
 
 
 class ProcessOptions(StrictModel):

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
-from .base import BackendKind
+from supervisor.backends.base import BackendKind
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ class Registry:
 
 
 def builtin_kinds() -> list[BackendKind]:
-    from .comfyui import ComfyUIKind
-    from .docker import DockerKind
-    from .process import ProcessKind
-    from .textgen import TextgenKind
-    from .triton import TritonKind
-    from .vllm import VllmKind
+    from supervisor.backends.comfyui import ComfyUIKind
+    from supervisor.backends.docker import DockerKind
+    from supervisor.backends.process import ProcessKind
+    from supervisor.backends.textgen import TextgenKind
+    from supervisor.backends.triton import TritonKind
+    from supervisor.backends.vllm import VllmKind
 
     return [ProcessKind(), DockerKind(), TritonKind(), ComfyUIKind(), VllmKind(), TextgenKind()]
 

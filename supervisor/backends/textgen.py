@@ -29,12 +29,12 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from ..spec import StrictModel
-from . import checks
-from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
-from .flags import owned_flag_findings, read_options, value_of
-from .parser_options import TEXTGEN
-from .preset import NonEmpty, executable, expand_all, local_path, owned_args
+from supervisor.core.spec import StrictModel
+from supervisor.backends import checks
+from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.backends.flags import owned_flag_findings, read_options, value_of
+from supervisor.backends.parser_options import TEXTGEN
+from supervisor.backends.preset import NonEmpty, executable, expand_all, local_path, owned_args
 
 OWNED_FLAGS = {
     "--api-port": "port",

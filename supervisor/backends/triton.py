@@ -60,12 +60,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..spec import StrictModel
-from . import checks
-from .base import BackendKind, DefaultHealth, LaunchContext, LaunchPlan, ProcessLaunch, expand, instance_env
-from .docker import DockerOptions, UlimitRange, build_container, container_env
-from .flags import ParserSyntax, owned_flag_findings, read_options, value_of
-from .preset import BindAddress, ModelName, NonEmpty, OptionError, executable, expand_all, local_path, model_name
+from supervisor.core.spec import StrictModel
+from supervisor.backends import checks
+from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, LaunchPlan, ProcessLaunch, expand, instance_env
+from supervisor.backends.docker import DockerOptions, UlimitRange, build_container, container_env
+from supervisor.backends.flags import ParserSyntax, owned_flag_findings, read_options, value_of
+from supervisor.backends.preset import BindAddress, ModelName, NonEmpty, OptionError, executable, expand_all, local_path, model_name
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from ..spec import StrictModel
-from . import checks
-from .base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
-from .flags import read_options
-from .parser_options import VLLM
-from .preset import BindAddress, NonEmpty, executable, expand_all, owned_args
+from supervisor.core.spec import StrictModel
+from supervisor.backends import checks
+from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.backends.flags import read_options
+from supervisor.backends.parser_options import VLLM
+from supervisor.backends.preset import BindAddress, NonEmpty, executable, expand_all, owned_args
 
 #: Refused in extra_args in every spelling vllm's parser accepts (`--hos`, `--por=1`, `-t 4`,
 #: `--tensor_parallel_size`). The last four would take the API away from where readiness looks.

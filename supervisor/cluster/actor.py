@@ -27,12 +27,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..health import health_from_wire, probe
-from ..logfiles import LogFile
-from ..marks import MARK_ENV, Mark
-from ..ports import describe_holder, port_is_free
-from ..procscan import ProcessTable, marked, read_proc, tree
-from ..runners.process import KILL_GRACE, stop_processes
+from supervisor.adapters.health import health_from_wire, probe
+from supervisor.adapters.logfiles import LogFile
+from supervisor.adapters.marks import MARK_ENV, Mark
+from supervisor.adapters.ports import describe_holder, port_is_free
+from supervisor.adapters.procscan import ProcessTable, marked, read_proc, tree
+from supervisor.adapters.runners.process import KILL_GRACE, stop_processes
 
 #: Set by Ray in its workers; a backend must not think it is part of the Ray job.
 _RAY_ENV_PREFIXES = ("RAY_", "RAYLET_")

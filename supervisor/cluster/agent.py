@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import kill as killing
-from ..gpu.sources import GpuSource, GpuUnavailable, NoGpuSource, node_file, open_source
-from ..logfiles import LogFile
-from ..procscan import ProcessTable, marked, scan, user_of
-from ..runners.process import stop_processes
+from supervisor.adapters import kill as killing
+from supervisor.adapters.gpu.sources import GpuSource, GpuUnavailable, NoGpuSource, node_file, open_source
+from supervisor.adapters.logfiles import LogFile
+from supervisor.adapters.procscan import ProcessTable, marked, scan, user_of
+from supervisor.adapters.runners.process import stop_processes
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..backoff import Backoff
+from supervisor.core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class Driver:
     def __init__(self, namespace: str, out: Any, agents: AgentOptions | None = None) -> None:
         import ray
 
-        from .actor import InstanceActor
+        from supervisor.cluster.actor import InstanceActor
 
         self.ray = ray
         self.namespace = namespace
@@ -254,7 +254,7 @@ class AgentPool:
     supervisor as one `{"event": "nodes", "samples": [...]}`."""
 
     def __init__(self, driver: Driver, options: AgentOptions) -> None:
-        from .agent import NodeAgent
+        from supervisor.cluster.agent import NodeAgent
 
         self.driver = driver
         self.options = options
@@ -270,7 +270,7 @@ class AgentPool:
     def _ensure(self, nodes: list[dict[str, Any]]) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from .plan import LABEL_KEY
+        from supervisor.config.cluster_launch import LABEL_KEY
 
         alive = {n["id"]: n for n in nodes if n["alive"]}
         for node_id in list(self.agents):

@@ -18,8 +18,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ..spec import NODE_LABEL_RE
-from .plan import LABEL_KEY, gpu_resource
+from supervisor.core.spec import NODE_LABEL_RE
+from supervisor.config.cluster_launch import LABEL_KEY, gpu_resource
 
 
 class NodeError(Exception):
@@ -65,7 +65,7 @@ def parse_gpus(text: str) -> tuple[int, ...]:
 def detected_gpus() -> tuple[int, ...]:
     """This machine's GPU ids in NVML's order (PCI bus order, which is the CUDA_DEVICE_ORDER the
     backends get), through the same NVML code as the supervisor's GPU monitor."""
-    from ..gpu.sources import GpuUnavailable, NvmlSource
+    from supervisor.adapters.gpu.sources import GpuUnavailable, NvmlSource
 
     source = NvmlSource()
     try:

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..gpu.api_view import gpu_info
-from ..gpu_history import GpuHistory, points_of, sample_event
-from ..gpu.model import GpuDevice, GpuProcess, GpuSnapshot
-from ..gpu.release import still_held
-from ..placement import Claim, ClusterFacts, GpuFacts
-from ..strays import Stray, StrayRules
-from .client import ClusterClient, ClusterError, ClusterUnreachable
-from .plan import ClusterLaunch
+from supervisor.adapters.gpu.api_view import gpu_info
+from supervisor.adapters.gpu.history import GpuHistory, points_of, sample_event
+from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, GpuSnapshot
+from supervisor.adapters.gpu.release import still_held
+from supervisor.core.placement import Claim, ClusterFacts, GpuFacts
+from supervisor.core.strays import Stray, StrayRules
+from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
+from supervisor.config.cluster_launch import ClusterLaunch
 
 log = logging.getLogger(__name__)
 

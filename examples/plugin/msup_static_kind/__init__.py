@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
-from supervisor.spec import StrictModel
+from supervisor.backends.base import (BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, StrictModel, expand,
+                                      instance_env)
 
 
 class StaticOptions(StrictModel):

@@ -9,7 +9,7 @@ from sanic_ext.extensions.openapi import definitions
 from sanic_ext.extensions.openapi.definitions import Response
 from sanic_ext.extensions.openapi.types import Schema
 
-from ..schemas import ErrorBody, ValidationErrorBody, array_of, ref
+from supervisor.api.schemas import ErrorBody, ValidationErrorBody, array_of, ref
 
 ERRORS: dict[int, tuple[type[BaseModel], str]] = {
     401: (ErrorBody, "missing or wrong bearer token"),

@@ -24,7 +24,7 @@ from sanic.exceptions import InvalidHeader
 from sanic.response import HTTPResponse
 from sanic_ext import openapi
 
-from ..errors import error_response
+from supervisor.api.errors import error_response
 
 DIRECTORY = Path(__file__).resolve().parent.parent / "dashboard"
 PAGE = "index.html"

@@ -11,10 +11,10 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 
 
-from ...gpu_history import WINDOW_SECONDS
-from ..errors import parse_int, query
-from ..schemas import GPUInfo, StrayProcess
-from . import Parameter, responses
+from supervisor.adapters.gpu.history import WINDOW_SECONDS
+from supervisor.api.errors import parse_int, query
+from supervisor.api.schemas import GPUInfo, StrayProcess
+from supervisor.api.routes import Parameter, responses
 
 bp = Blueprint("gpus", url_prefix="/api/v1")
 

@@ -1,6 +1,6 @@
 """Models: the old tool's start/stop/status endpoints, and the declarations themselves.
 
-Start and stop edit conf.d/ (see `supervisor.control`): what they do survives a restart of
+Start and stop edit conf.d/ (see `supervisor.runtime.control`): what they do survives a restart of
 the supervisor.
 """
 
@@ -11,10 +11,10 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from ...control import FAILED_STATES, LAUNCH_WAIT, Invalid, UpstreamFailed, settle
-from ...spec import NAME_PATTERN
-from ..errors import parse_body, parse_bool, parse_int, query
-from ..schemas import (
+from supervisor.runtime.control import FAILED_STATES, LAUNCH_WAIT, Invalid, UpstreamFailed, settle
+from supervisor.core.spec import NAME_PATTERN
+from supervisor.api.errors import parse_body, parse_bool, parse_int, query
+from supervisor.api.schemas import (
     Declaration,
     DeleteResult,
     ModelInstanceInfo,
@@ -23,8 +23,8 @@ from ..schemas import (
     StartRequest,
     StopRequest,
 )
-from ..views import instance_info
-from . import Parameter, json_body, responses
+from supervisor.api.views import instance_info
+from supervisor.api.routes import Parameter, json_body, responses
 
 bp = Blueprint("models", url_prefix="/api/v1")
 

@@ -11,12 +11,12 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from ... import kill
-from ...control import Forbidden, NotFound, invalid
-from ...procscan import scan
-from ..errors import error_response, parse_bool, parse_int, query
-from ..schemas import KillProcessResponse
-from . import Parameter, responses
+from supervisor.adapters import kill
+from supervisor.runtime.control import Forbidden, NotFound, invalid
+from supervisor.adapters.procscan import scan
+from supervisor.api.errors import error_response, parse_bool, parse_int, query
+from supervisor.api.schemas import KillProcessResponse
+from supervisor.api.routes import Parameter, responses
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ async def kill_process(request: Request, pid: str) -> HTTPResponse:
 
 
 async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> HTTPResponse:
-    from ...cluster.client import ClusterError, ClusterUnreachable  # cluster mode only
+    from supervisor.cluster.client import ClusterError, ClusterUnreachable  # cluster mode only
 
     nodes = request.app.ctx.gpus.cluster_nodes
     if nodes is None:

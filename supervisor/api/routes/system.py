@@ -15,13 +15,13 @@ from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
-from ... import __version__
-from ...control import NotFound
-from ...logfiles import LogFile, LogUnavailable
-from ...storage import StateDirHealth
-from ..errors import error_response, parse_bool, parse_int, query
-from ..schemas import ConfigErrorItem, Health, ReloadResult, Welcome
-from . import Parameter, dashboard, responses
+from supervisor import __version__
+from supervisor.runtime.control import NotFound
+from supervisor.adapters.logfiles import LogFile, LogUnavailable
+from supervisor.adapters.storage import StateDirHealth
+from supervisor.api.errors import error_response, parse_bool, parse_int, query
+from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
+from supervisor.api.routes import Parameter, dashboard, responses
 
 bp = Blueprint("system", url_prefix="/api/v1")
 

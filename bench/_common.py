@@ -26,22 +26,45 @@ def free_port() -> int:
 
 
 def call(base: str, method: str, path: str, body: object = None, timeout: float = 60) -> object:
-    req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base + path,
+        method=method,
+        data=json.dumps(body).encode() if body else None,
+        headers={"Content-Type": "application/json"},
+    )
     return json.loads(urllib.request.urlopen(req, timeout=timeout).read())
 
 
 @contextlib.contextmanager
-def serve(conf: Path, state: Path, env: dict[str, str] | None = None, log_level: str = "WARNING") -> Iterator[str]:
+def serve(
+    conf: Path, state: Path, env: dict[str, str] | None = None, log_level: str = "WARNING"
+) -> Iterator[str]:
     """`python -m supervisor serve` on a free port; yields its base URL once /healthz answers,
     and stops it (SIGTERM, then SIGKILL of its group) when the block ends."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     environment.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir",
-                             str(state), "--port", str(port), "--log-level", log_level],
-                            cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(conf),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+            "--log-level",
+            log_level,
+        ],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -84,17 +107,25 @@ def wait_instances(base: str, count: int, timeout: float = 60) -> list[dict]:
 
 
 def wrk(url: str, seconds: int, connections: int = 4) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return {"tool": f"wrk -t1 -c{connections}", "requests_per_second":
-            float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": ms("50"), "p90_ms": ms("90"), "p99_ms": ms("99"),
-            "errors": "Non-2xx" in out or "Socket errors" in out}
+    return {
+        "tool": f"wrk -t1 -c{connections}",
+        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": ms("50"),
+        "p90_ms": ms("90"),
+        "p99_ms": ms("99"),
+        "errors": "Non-2xx" in out or "Socket errors" in out,
+    }
 
 
 def python_load(url: str, seconds: int) -> dict:
@@ -106,12 +137,20 @@ def python_load(url: str, seconds: int) -> dict:
         urllib.request.urlopen(url, timeout=10).read()
         lat.append((time.perf_counter() - t) * 1000)
     lat.sort()
-    return {"tool": "python urllib, 1 connection", "requests_per_second": len(lat) / seconds,
-            "p50_ms": statistics.median(lat), "p90_ms": lat[int(0.9 * len(lat))], "p99_ms": lat[int(0.99 * len(lat))],
-            "errors": False}
+    return {
+        "tool": "python urllib, 1 connection",
+        "requests_per_second": len(lat) / seconds,
+        "p50_ms": statistics.median(lat),
+        "p90_ms": lat[int(0.9 * len(lat))],
+        "p99_ms": lat[int(0.99 * len(lat))],
+        "errors": False,
+    }
 
 
 def summary(values: list[float]) -> dict:
     ordered = sorted(values)
-    return {"n": len(values), "median_ms": round(statistics.median(values), 1),
-            "p95_ms": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 1)}
+    return {
+        "n": len(values),
+        "median_ms": round(statistics.median(values), 1),
+        "p95_ms": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 1),
+    }

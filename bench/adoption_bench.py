@@ -32,8 +32,8 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import REPO, call, free_port  # noqa: E402
-from supervisor.adapters.marks import MARK_ENV, scope_of  # noqa: E402
+from bench._common import REPO, call, free_port
+from supervisor.adapters.marks import MARK_ENV, scope_of
 
 PY = sys.executable
 DEMO = REPO / "examples" / "backends" / "demo_server.py"
@@ -49,8 +49,13 @@ def write(conf: Path, name: str, body: str) -> None:
 
 
 def decl(name: str, command: list[str], http: bool) -> str:
-    lines = [f'name = "{name}"', 'backend = "process"', f"command = {json.dumps(command)}",
-             "[restart]", *(f"{k} = {json.dumps(v)}" for k, v in FAST.items())]
+    lines = [
+        f'name = "{name}"',
+        'backend = "process"',
+        f"command = {json.dumps(command)}",
+        "[restart]",
+        *(f"{k} = {json.dumps(v)}" for k, v in FAST.items()),
+    ]
     if http:
         lines += ["[health]", 'type = "http"', 'path = "/health"', "start_interval = 0.05", "interval = 2.0"]
     return "\n".join(lines) + "\n"
@@ -63,9 +68,26 @@ class Serve:
         env["MODEL_SUPERVISOR_PORT_RANGE"] = port_range
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state), "--port",
-             str(self.port), "--log-level", "WARNING"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                PY,
+                "-m",
+                "supervisor",
+                "serve",
+                "--conf-dir",
+                str(conf),
+                "--state-dir",
+                str(state),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.base = f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, dict] | None:
@@ -117,7 +139,7 @@ def marked(state: Path) -> dict[int, tuple[str, str]]:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 for item in f.read().split(b"\0"):
                     if item.startswith(prefix):
-                        token, _, instance = item[len(prefix):].decode().partition(":")
+                        token, _, instance = item[len(prefix) :].decode().partition(":")
                         found[int(entry)] = (token, instance)
         except (OSError, IndexError):
             continue
@@ -170,8 +192,12 @@ def adopt_100(root: Path, port_range: str) -> dict:
         seconds = time.perf_counter() - second.started
         same = after is not None and all(after[i]["pid"] == before[i]["pid"] for i in before)
         second.terminate()
-        return {"instances": 100, "seconds_to_all_adopted_and_running": round(seconds, 3),
-                "same_pids": same, "target_s": 1.0}
+        return {
+            "instances": 100,
+            "seconds_to_all_adopted_and_running": round(seconds, 3),
+            "same_pids": same,
+            "target_s": 1.0,
+        }
     finally:
         kill_all_marked(state)
 
@@ -220,19 +246,28 @@ def soak(root: Path, port_range: str, restarts: int, kills: int, rng: random.Ran
             d, o = audit(state)
             duplicated += d
             orphaned += o
-            progress(f"soak round {r + 1}/{restarts}: {done} kills, dup {duplicated}, orphans {orphaned}, lost {lost}")
+            progress(
+                f"soak round {r + 1}/{restarts}: {done} kills, dup {duplicated}, orphans {orphaned}, lost {lost}"
+            )
         samples.append(current.rss_mib_and_fds())
         current.terminate()
         left = len(marked(state))
     finally:
         current.kill()
         kill_all_marked(state)
-    return {"instances": count, "supervisor_sigkills": restarts, "random_kills": done,
-            "seconds": round(time.perf_counter() - began, 1),
-            "lost": lost, "duplicated": duplicated, "orphaned": orphaned, "left_after_stop": left,
-            "rss_mib_first_last_max": [samples[0][0], samples[-1][0], max(s[0] for s in samples)],
-            "open_fds_first_last_max": [samples[0][1], samples[-1][1], max(s[1] for s in samples)],
-            "target": "0 lost / 0 duplicated / 0 orphaned"}
+    return {
+        "instances": count,
+        "supervisor_sigkills": restarts,
+        "random_kills": done,
+        "seconds": round(time.perf_counter() - began, 1),
+        "lost": lost,
+        "duplicated": duplicated,
+        "orphaned": orphaned,
+        "left_after_stop": left,
+        "rss_mib_first_last_max": [samples[0][0], samples[-1][0], max(s[0] for s in samples)],
+        "open_fds_first_last_max": [samples[0][1], samples[-1][1], max(s[1] for s in samples)],
+        "target": "0 lost / 0 duplicated / 0 orphaned",
+    }
 
 
 def main() -> None:

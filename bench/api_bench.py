@@ -26,18 +26,20 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import call, serve, wrk  # noqa: E402
+from _common import call, serve, wrk
 
 
 def declarations(conf: Path, idle: int, crashing: int) -> None:
     for i in range(idle):
         (conf / f"idle{i:03d}.toml").write_text(
-            f'name = "idle{i:03d}"\nbackend = "process"\ncommand = ["sleep", "100000"]\n')
+            f'name = "idle{i:03d}"\nbackend = "process"\ncommand = ["sleep", "100000"]\n'
+        )
     for i in range(crashing):
         (conf / f"crash{i:03d}.toml").write_text(
             f'name = "crash{i:03d}"\nbackend = "process"\n'
             'command = ["sh", "-c", "sleep 0.5; exit 1"]\n'
-            "[restart]\ninitial_delay = 0.2\nfactor = 1.0\njitter = 0.5\nmax_retries = 0\n")
+            "[restart]\ninitial_delay = 0.2\nfactor = 1.0\njitter = 0.5\nmax_retries = 0\n"
+        )
 
 
 def _python_worker(args: tuple[str, float]) -> list[float]:
@@ -61,16 +63,25 @@ def python_processes(url: str, seconds: int, workers: int) -> dict:
     with ProcessPoolExecutor(workers) as pool:
         lat = [x for chunk in pool.map(_python_worker, [(url, until)] * workers) for x in chunk]
     lat.sort()
-    return {"tool": f"python http.client x{workers} processes", "requests_per_second": len(lat) / seconds,
-            "p50_ms": statistics.median(lat), "p90_ms": lat[int(0.9 * len(lat))], "p99_ms": lat[int(0.99 * len(lat))],
-            "errors": False}
+    return {
+        "tool": f"python http.client x{workers} processes",
+        "requests_per_second": len(lat) / seconds,
+        "p50_ms": statistics.median(lat),
+        "p90_ms": lat[int(0.9 * len(lat))],
+        "p99_ms": lat[int(0.99 * len(lat))],
+        "errors": False,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--python", action="store_true", help="use the Python load generator even if wrk exists")
+    parser.add_argument(
+        "--python", action="store_true", help="use the Python load generator even if wrk exists"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="api-bench-"))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, serve, stop_group, summary  # noqa: E402
+from _common import REPO, serve, stop_group, summary
 
 TARGET_MS = 120.0
 
@@ -35,8 +35,13 @@ def timed(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list
 
 
 def import_ms(base: str) -> float:
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "supervisor", "status", "--url", base], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "supervisor", "status", "--url", base],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     total = 0
     for line in r.stderr.splitlines():  # "import time: self | cumulative | name": top-level entries only
         parts = line.split("|")
@@ -55,13 +60,19 @@ def ours(runs: int) -> dict:
             argv = [sys.executable, "-m", "supervisor", "status", "--url", base]
             timed(argv, 2, env)  # warm the page cache
             wall = timed(argv, runs, env)
-            probe = ("import sys; from supervisor.cli.main import main; main(['status', '--url', %r]); "
-                     "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                     "('pydantic', 'pydantic_settings', 'sanic', 'asyncio')))" % base)
-            heavy = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                                   timeout=60).stdout.splitlines()[-1]
-            return {"status_ms": summary(wall), "import_ms": round(import_ms(base), 1),
-                    "heavy_modules_imported": json.loads(heavy.replace("'", '"'))}
+            probe = (
+                "import sys; from supervisor.cli.main import main; main(['status', '--url', %r]); "
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                "('pydantic', 'pydantic_settings', 'sanic', 'asyncio')))" % base
+            )
+            heavy = subprocess.run(
+                [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+            ).stdout.splitlines()[-1]
+            return {
+                "status_ms": summary(wall),
+                "import_ms": round(import_ms(base), 1),
+                "heavy_modules_imported": json.loads(heavy.replace("'", '"')),
+            }
 
 
 def supervisorctl(runs: int) -> dict:
@@ -72,15 +83,35 @@ def supervisorctl(runs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         conf = work / "supervisord.conf"
-        conf.write_text("\n".join([
-            "[unix_http_server]", f"file = {work / 'supervisor.sock'}", "",
-            "[supervisord]", f"logfile = {work / 'supervisord.log'}", f"pidfile = {work / 'supervisord.pid'}", "",
-            "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-            "[supervisorctl]", f"serverurl = unix://{work / 'supervisor.sock'}", "",
-            "[program:d]", "command = sleep 3600", ""]))
-        proc = subprocess.Popen([str(venv / "bin" / "supervisord"), "-n", "-c", str(conf)], cwd=work,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        conf.write_text(
+            "\n".join(
+                [
+                    "[unix_http_server]",
+                    f"file = {work / 'supervisor.sock'}",
+                    "",
+                    "[supervisord]",
+                    f"logfile = {work / 'supervisord.log'}",
+                    f"pidfile = {work / 'supervisord.pid'}",
+                    "",
+                    "[rpcinterface:supervisor]",
+                    "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+                    "",
+                    "[supervisorctl]",
+                    f"serverurl = unix://{work / 'supervisor.sock'}",
+                    "",
+                    "[program:d]",
+                    "command = sleep 3600",
+                    "",
+                ]
+            )
+        )
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "supervisord"), "-n", "-c", str(conf)],
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             argv = [str(venv / "bin" / "supervisorctl"), "-c", str(conf), "status"]
             deadline = time.time() + 30
@@ -99,8 +130,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--no-peer", action="store_true", help="skip supervisorctl")
     args = ap.parse_args()
-    result = {"bench": "cli_round_trip", "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-              "target_ms": TARGET_MS, "model_supervisor": ours(args.runs)}
+    result = {
+        "bench": "cli_round_trip",
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "target_ms": TARGET_MS,
+        "model_supervisor": ours(args.runs),
+    }
     if not args.no_peer:
         try:
             result["supervisorctl"] = supervisorctl(args.runs)

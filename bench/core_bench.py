@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, free_port  # noqa: E402
+from _common import REPO, free_port
 
 PEERS_DIR = REPO / "bench" / ".peers"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -87,26 +87,27 @@ SETTLE_BEFORE_STOP = 1.0
 def settle_before_stop() -> None:
     time.sleep(SETTLE_BEFORE_STOP + random.uniform(0.0, 1.0))
 
+
 #: circus' own default for `[circus] check_delay` when read from an ini file (config.py).
 CIRCUS_DEFAULT_CHECK_DELAY = 5.0
 CIRCUS_FAST_CHECK_DELAY = 0.1
 
 ROW_DOCS = {
     "restart_ms": "SIGKILL the only child; ms until a new child pid appears under the daemon (1 ms polls); "
-                  "zero restart delay configured",
+    "zero restart delay configured",
     "cold_start_100_ms": "ms from launching the daemon until 100 programs each have a running child (10 ms polls)",
     "cold_start_300_ms": "ms from launching the daemon until 300 programs each have a running child (10 ms polls)",
     "stop_all_100_ms": "100 running; SIGTERM to the daemon; ms until every child is gone and the daemon exited",
     "idle_cpu_percent": "200 idle instances: daemon user+system CPU (all its threads, not the children) / wall, "
-                        "% of one core",
+    "% of one core",
     "rss_mib": "RSS of the daemon process alone at the end of the idle window, MiB",
     "term_ignoring_stop_ms": "one child that ignores SIGTERM, stop timeout 2 s; SIGTERM to the daemon; "
-                             "ms until the child is gone",
+    "ms until the child is gone",
     "grandchild_survives_stop": "default settings; the child forks a grandchild then execs; SIGTERM to the daemon, "
-                                "wait 3 s: is the grandchild still alive?",
+    "wait 3 s: is the grandchild still alive?",
     "term_at_startup_children_left": "1 program; SIGTERM to the daemon as soon as its first child runs (2 ms "
-                                     "polls); children still running 3 s later (daemon_exited says whether it "
-                                     "exited within 15 s)",
+    "polls); children still running 3 s later (daemon_exited says whether it "
+    "exited within 15 s)",
 }
 TARGETS = {
     "restart_ms": "median < 10 ms",
@@ -134,6 +135,7 @@ class BenchError(Exception):
 # /proc helpers
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Stat:
     pid: int
@@ -155,8 +157,8 @@ def read_stat(pid: int) -> Stat | None:
         return None
     try:
         lp, rp = text.index("("), text.rindex(")")
-        rest = text[rp + 2:].split()
-        return Stat(pid, text[lp + 1:rp], rest[0], int(rest[1]), int(rest[19]))
+        rest = text[rp + 2 :].split()
+        return Stat(pid, text[lp + 1 : rp], rest[0], int(rest[1]), int(rest[19]))
     except (ValueError, IndexError):
         return None
 
@@ -288,7 +290,6 @@ def sweep_orphans(kill: bool = True) -> list[str]:
     return found
 
 
-
 def pctl(samples: list[float], q: float) -> float:
     if len(samples) == 1:
         return samples[0]
@@ -311,13 +312,19 @@ def summary(samples: list[float], digits: int = 1, **extra) -> dict:
 # Peer installation
 # --------------------------------------------------------------------------------------------
 
+
 def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
 def _installed_versions(venv: Path) -> dict[str, str]:
-    out = subprocess.run([str(_venv_python(venv)), "-m", "pip", "list", "--format=json",
-                          "--disable-pip-version-check"], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [str(_venv_python(venv)), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if out.returncode != 0:
         return {}
     return {p["name"].lower(): p["version"] for p in json.loads(out.stdout)}
@@ -340,10 +347,24 @@ def ensure_peer(name: str) -> dict[str, str]:
         r = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise BenchError(f"creating {venv} failed:\n{r.stderr}")
-    r = subprocess.run([str(_venv_python(venv)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        *PEER_PACKAGES[name]], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [
+            str(_venv_python(venv)),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *PEER_PACKAGES[name],
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
-        raise BenchError(f"pip install {' '.join(PEER_PACKAGES[name])} into {venv} failed:\n{r.stderr[-3000:]}")
+        raise BenchError(
+            f"pip install {' '.join(PEER_PACKAGES[name])} into {venv} failed:\n{r.stderr[-3000:]}"
+        )
     have = _installed_versions(venv)
     bad = {k: have.get(k) for k, v in wanted.items() if have.get(k) != v}
     if bad:
@@ -354,6 +375,7 @@ def ensure_peer(name: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # The three supervisors
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Program:
@@ -367,7 +389,9 @@ class Program:
 class Daemon:
     """One running supervisor daemon, its temp dir and every pid seen under it."""
 
-    def __init__(self, label: str, workdir: Path, argv: list[str], cwd: Path, env: dict | None = None) -> None:
+    def __init__(
+        self, label: str, workdir: Path, argv: list[str], cwd: Path, env: dict | None = None
+    ) -> None:
         self.label = label
         self.workdir = workdir
         self.argv = argv
@@ -388,8 +412,15 @@ class Daemon:
     def start(self) -> Daemon:
         with open(self.output, "wb") as out:
             self.t_launch = time.perf_counter()
-            self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _POPEN_PIDS.add(self.popen.pid)
         return self
 
@@ -446,10 +477,14 @@ class Daemon:
             if len(now) >= n:
                 return now
             if self.exited():
-                raise BenchError(f"{self.label} exited with {self.popen.returncode} before {n} children ran "
-                                 f"({len(now)} did){self.tail()}")
+                raise BenchError(
+                    f"{self.label} exited with {self.popen.returncode} before {n} children ran "
+                    f"({len(now)} did){self.tail()}"
+                )
             if time.perf_counter() > deadline:
-                raise BenchError(f"{self.label}: only {len(now)}/{n} children running after {timeout:g} s{self.tail()}")
+                raise BenchError(
+                    f"{self.label}: only {len(now)}/{n} children running after {timeout:g} s{self.tail()}"
+                )
             time.sleep(interval)
 
     def tail(self, lines: int = 15) -> str:
@@ -512,13 +547,33 @@ class Ours(Supervisor):
         for p in programs:
             lines = [f"name = {_toml(p.name)}", 'backend = "process"', f"command = {_toml(p.argv)}"]
             if p.tuned:
-                lines += ["", "[restart]", "initial_delay = 0.0", "jitter = 0.0", "max_retries = 0",
-                          "", "[stop]", f"timeout = {float(p.stop_timeout)}"]
+                lines += [
+                    "",
+                    "[restart]",
+                    "initial_delay = 0.0",
+                    "jitter = 0.0",
+                    "max_retries = 0",
+                    "",
+                    "[stop]",
+                    f"timeout = {float(p.stop_timeout)}",
+                ]
             (conf / f"{p.name}.toml").write_text("\n".join(lines) + "\n")
         # A free port rather than `--port 0`: once the API is served, Sanic may read 0 as "its
         # default" (8000) and collide with anything else on the machine.
-        argv = [sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
-                "--host", "127.0.0.1", "--port", str(free_port())]
+        argv = [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(conf),
+            "--state-dir",
+            str(state),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
         return Daemon(self.label, work, argv, REPO, env)
 
@@ -530,19 +585,32 @@ class Supervisord(Supervisor):
         work = self.new_workdir()
         (work / "childlogs").mkdir()
         lines = [
-            "[unix_http_server]", f"file = {work / 'supervisor.sock'}", "",
-            "[supervisord]", f"logfile = {work / 'supervisord.log'}", f"pidfile = {work / 'supervisord.pid'}",
-            f"childlogdir = {work / 'childlogs'}", "nodaemon = true", "",
+            "[unix_http_server]",
+            f"file = {work / 'supervisor.sock'}",
+            "",
+            "[supervisord]",
+            f"logfile = {work / 'supervisord.log'}",
+            f"pidfile = {work / 'supervisord.pid'}",
+            f"childlogdir = {work / 'childlogs'}",
+            "nodaemon = true",
+            "",
             "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-            "[supervisorctl]", f"serverurl = unix://{work / 'supervisor.sock'}", "",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl = unix://{work / 'supervisor.sock'}",
+            "",
         ]
         for p in programs:
             cmd = shlex.join(p.argv).replace("%", "%%")
             lines += [f"[program:{p.name}]", f"command = {cmd}"]
             if p.tuned:
-                lines += ["autorestart = true", "startsecs = 0", "startretries = 1000",
-                          f"stopwaitsecs = {p.stop_timeout:g}"]
+                lines += [
+                    "autorestart = true",
+                    "startsecs = 0",
+                    "startretries = 1000",
+                    f"stopwaitsecs = {p.stop_timeout:g}",
+                ]
             lines.append("")
         conf = work / "supervisord.conf"
         conf.write_text("\n".join(lines))
@@ -580,6 +648,7 @@ class Circus(Supervisor):
 # Measurements
 # --------------------------------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, quick: bool, scratch: Path) -> None:
         self.quick = quick
@@ -590,9 +659,8 @@ class Bench:
         self.helpers.mkdir()
         self.ignore_term = self.helpers / "ignore_term.py"
         self.ignore_term.write_text(
-            "import signal\nimport time\n"
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "time.sleep(100000)\n")
+            "import signal\nimport time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(100000)\n"
+        )
         self.grandchild = self.helpers / "grandchild.sh"
         self.grandchild.write_text(f"{SLEEP} 100000 &\nexec {SLEEP} 100001\n")
 
@@ -607,7 +675,8 @@ class Bench:
             killed = d.stop()
             if killed:
                 msg = f"{d.label}: cleanup had to SIGKILL: {', '.join(killed[:10])}" + (
-                    f" (+{len(killed) - 10} more)" if len(killed) > 10 else "")
+                    f" (+{len(killed) - 10} more)" if len(killed) > 10 else ""
+                )
                 log(msg)
                 self.anomalies.append(msg)
             shutil.rmtree(d.workdir, ignore_errors=True)
@@ -661,8 +730,10 @@ class Bench:
             settle_before_stop()
             kids = [(pid, d.seen[pid]) for pid in sorted(d.children()) if alive(pid)]
             if len(kids) != n:
-                raise BenchError(f"{d.label}: {len(kids)} children, expected {n}: "
-                                 f"{[read_cmdline(p) for p, _ in kids][:5]}...")
+                raise BenchError(
+                    f"{d.label}: {len(kids)} children, expected {n}: "
+                    f"{[read_cmdline(p) for p, _ in kids][:5]}..."
+                )
             t0 = time.perf_counter()
             os.kill(d.pid, signal.SIGTERM)
             t_kids = t_daemon = None
@@ -679,13 +750,18 @@ class Bench:
                 if t_daemon is None and d.exited():
                     t_daemon = now
                 if now > deadline:
-                    raise BenchError(f"{d.label}: stop-all not done after 60 s ({len(kids)} children left, "
-                                     f"daemon exited: {d.exited()}){d.tail()}")
+                    raise BenchError(
+                        f"{d.label}: stop-all not done after 60 s ({len(kids)} children left, "
+                        f"daemon exited: {d.exited()}){d.tail()}"
+                    )
                 time.sleep(0.001)
             rc = d.popen.returncode
         ms = (max(t_kids, t_daemon) - t0) * 1000
-        return ms, {"children_gone_ms": round((t_kids - t0) * 1000, 1),
-                    "daemon_exit_ms": round((t_daemon - t0) * 1000, 1), "exit_code": rc}
+        return ms, {
+            "children_gone_ms": round((t_kids - t0) * 1000, 1),
+            "daemon_exit_ms": round((t_daemon - t0) * 1000, 1),
+            "exit_code": rc,
+        }
 
     def idle(self, sup: Supervisor, n: int, window: float, settle: float) -> dict:
         import psutil
@@ -713,13 +789,20 @@ class Bench:
             sw0, run0 = (ts0[tid][1], ts0[tid][2]) if tid in ts0 else (0, 0)
             wake[name] = wake.get(name, 0.0) + (sw - sw0) / wall
             ns += run - run0
-        extra = {"window_s": round(wall, 2), "threads": threads,
-                 "cpu_percent_schedstat": round(ns / 1e9 / wall * 100, 3),
-                 "wakeups_per_s": round(sum(wake.values()), 1),
-                 "wakeups_per_s_by_thread": {k: round(v, 1) for k, v in sorted(wake.items(), key=lambda kv: -kv[1])}}
+        extra = {
+            "window_s": round(wall, 2),
+            "threads": threads,
+            "cpu_percent_schedstat": round(ns / 1e9 / wall * 100, 3),
+            "wakeups_per_s": round(sum(wake.values()), 1),
+            "wakeups_per_s_by_thread": {
+                k: round(v, 1) for k, v in sorted(wake.items(), key=lambda kv: -kv[1])
+            },
+        }
         if after != before:
-            msg = (f"{sup.label}: the set of running children changed during the idle window "
-                   f"({len(before - after)} gone, {len(after - before)} new)")
+            msg = (
+                f"{sup.label}: the set of running children changed during the idle window "
+                f"({len(before - after)} gone, {len(after - before)} new)"
+            )
             self.anomalies.append(msg)
             extra["children_changed"] = True
         return {"cpu_percent": round(cpu, 3), "rss_mib": round(rss / 2**20, 1), **extra}
@@ -741,8 +824,10 @@ class Bench:
                 if t_daemon is None and d.exited():
                     t_daemon = now
                 if now > deadline:
-                    raise BenchError(f"{d.label}: TERM-ignoring child {child} still there 60 s after SIGTERM "
-                                     f"(daemon exited: {d.exited()}){d.tail()}")
+                    raise BenchError(
+                        f"{d.label}: TERM-ignoring child {child} still there 60 s after SIGTERM "
+                        f"(daemon exited: {d.exited()}){d.tail()}"
+                    )
                 time.sleep(0.001)
         return (t_child - t0) * 1000, {"daemon_exit_ms": round((t_daemon - t0) * 1000, 1)}
 
@@ -784,12 +869,17 @@ class Bench:
                     time.sleep(0.005)
                 d.seen.pop(gpid, None)  # killed on purpose: not a cleanup anomaly
             if child_alive_3s:  # the daemon exited without stopping its own child: a bug, not a default
-                self.anomalies.append(f"{d.label}: exited on SIGTERM ({exit_ms:.0f} ms) but its child {child} "
-                                      "was still running 3 s later")
+                self.anomalies.append(
+                    f"{d.label}: exited on SIGTERM ({exit_ms:.0f} ms) but its child {child} "
+                    "was still running 3 s later"
+                )
             # d.stop() (leaving the block) kills and reaps whatever is left, the child included.
-        return {"survived": survived, "daemon_exit_ms": round(exit_ms, 1), "child_alive_after_exit": child_alive,
-                "child_alive_after_3s": child_alive_3s}
-
+        return {
+            "survived": survived,
+            "daemon_exit_ms": round(exit_ms, 1),
+            "child_alive_after_exit": child_alive,
+            "child_alive_after_3s": child_alive_3s,
+        }
 
     def term_at_startup(self, sup: Supervisor, n: int) -> tuple[float, dict]:
         with self.running(sup, self.sleepers(n)) as d:
@@ -806,17 +896,24 @@ class Bench:
             left = sorted(p for p, start in d.seen.items() if alive(p, start))
             if left:
                 what = "exited" if exit_ms is not None else "did not exit within 15 s"
-                self.anomalies.append(f"term_at_startup / {d.label}: {len(left)} child(ren) still running 3 s "
-                                      f"after a SIGTERM at start-up; the daemon {what} "
-                                      f"(exit code {d.popen.returncode})")
+                self.anomalies.append(
+                    f"term_at_startup / {d.label}: {len(left)} child(ren) still running 3 s "
+                    f"after a SIGTERM at start-up; the daemon {what} "
+                    f"(exit code {d.popen.returncode})"
+                )
             d.grace = 3.0  # a daemon that ignored the TERM need not be waited for long again
             rc = d.popen.returncode
-        return float(len(left)), {"daemon_exited": exit_ms is not None, "daemon_exit_ms": exit_ms, "exit_code": rc}
+        return float(len(left)), {
+            "daemon_exited": exit_ms is not None,
+            "daemon_exit_ms": exit_ms,
+            "exit_code": rc,
+        }
 
 
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
+
 
 def machine_info(peer_versions: dict[str, dict[str, str]], load_at_start: list[float]) -> dict:
     model = ""
@@ -846,7 +943,10 @@ def machine_info(peer_versions: dict[str, dict[str, str]], load_at_start: list[f
         "os": platform.platform(),
         "python": platform.python_version(),
         "python_executable": sys.executable,
-        "model_supervisor": {"version": ours_version.removeprefix("model-supervisor ").strip(), "commit": commit + ("+dirty" if dirty else "")},
+        "model_supervisor": {
+            "version": ours_version.removeprefix("model-supervisor ").strip(),
+            "commit": commit + ("+dirty" if dirty else ""),
+        },
         "supervisord": peer_versions.get(SUPERVISORD, {}).get("supervisor"),
         "circus": {k: peer_versions.get(CIRCUS, {}).get(k) for k in ("circus", "pyzmq", "tornado", "psutil")},
         "loadavg_at_start": load_at_start,
@@ -921,7 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r not in ROW_DOCS:
             ap.error(f"unknown row {r!r}")
-    wanted = ALL_SUPERVISORS if not args.supervisors else tuple(s.strip() for s in args.supervisors.split(","))
+    wanted = (
+        ALL_SUPERVISORS if not args.supervisors else tuple(s.strip() for s in args.supervisors.split(","))
+    )
     for s in wanted:
         if s not in ALL_SUPERVISORS:
             ap.error(f"unknown supervisor {s!r}")
@@ -956,7 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     if load_at_start[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: load average {load_at_start} on {os.cpu_count()} CPUs: other work will skew the numbers")
+        log(
+            f"warning: load average {load_at_start} on {os.cpu_count()} CPUs: other work will skew the numbers"
+        )
     peer_versions: dict[str, dict[str, str]] = {}
     notes: list[str] = []
     setup_errors: dict[str, str] = {}
@@ -983,9 +1087,11 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as exc:
             log(f"ERROR in {row} / {label}: {exc}")
             lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-            bench.anomalies.append(f"{row} / {label}: {lines[0]}" + (f" [...] {lines[-1]}" if len(lines) > 1 else ""))
+            bench.anomalies.append(
+                f"{row} / {label}: {lines[0]}" + (f" [...] {lines[-1]}" if len(lines) > 1 else "")
+            )
             return {"error": str(exc).split("\n")[0]}
-        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the other rows
+        except Exception as exc:
             log(f"ERROR in {row} / {label}: {exc!r}\n{traceback.format_exc()}")
             bench.anomalies.append(f"{row} / {label}: {exc!r}")
             return {"error": repr(exc)}
@@ -1003,6 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(extras):
                 out["detail"] = extras
             return out
+
         return run
 
     def jobs(row: str, s: str) -> list[tuple[str, str, object]]:
@@ -1011,10 +1118,16 @@ def main(argv: list[str] | None = None) -> int:
         fast_key = f"circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g}"
         if row == "restart_ms" and s == CIRCUS:
             return [
-                (CIRCUS, f"circus check_delay={CIRCUS_DEFAULT_CHECK_DELAY:g} (default)",
-                 functools.partial(bench.restart, sup, n_restart, spread=CIRCUS_DEFAULT_CHECK_DELAY)),
-                (fast_key, f"circus check_delay={CIRCUS_FAST_CHECK_DELAY:g}",
-                 functools.partial(bench.restart, sup, n_restart, check_delay=CIRCUS_FAST_CHECK_DELAY)),
+                (
+                    CIRCUS,
+                    f"circus check_delay={CIRCUS_DEFAULT_CHECK_DELAY:g} (default)",
+                    functools.partial(bench.restart, sup, n_restart, spread=CIRCUS_DEFAULT_CHECK_DELAY),
+                ),
+                (
+                    fast_key,
+                    f"circus check_delay={CIRCUS_FAST_CHECK_DELAY:g}",
+                    functools.partial(bench.restart, sup, n_restart, check_delay=CIRCUS_FAST_CHECK_DELAY),
+                ),
             ]
         fn = {
             "restart_ms": functools.partial(bench.restart, sup, n_restart),
@@ -1023,7 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
             "stop_all_100_ms": repeated(functools.partial(bench.stop_all, sup, 100), n_rep),
             "term_ignoring_stop_ms": repeated(functools.partial(bench.term_ignoring, sup), n_rep),
             "grandchild_survives_stop": functools.partial(bench.grandchild_survives, sup),
-            "term_at_startup_children_left": repeated(functools.partial(bench.term_at_startup, sup, 1), n_rep),
+            "term_at_startup_children_left": repeated(
+                functools.partial(bench.term_at_startup, sup, 1), n_rep
+            ),
             "_idle": functools.partial(bench.idle, sup, 200, idle_window, idle_settle),
         }[row]
         return [(s, s, fn)]
@@ -1033,15 +1148,19 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             if row in idle_rows:  # one 200-instance idle run per supervisor feeds both rows
                 if "_idle" not in results:
-                    results["_idle"] = {s: attempt("idle (idle_cpu_percent, rss_mib)", s, jobs("_idle", s)[0][2])
-                                        for s in active}
+                    results["_idle"] = {
+                        s: attempt("idle (idle_cpu_percent, rss_mib)", s, jobs("_idle", s)[0][2])
+                        for s in active
+                    }
                 for s, cell in results["_idle"].items():
                     if "error" in cell:
                         results[row][s] = cell
                     else:
                         key = "cpu_percent" if row == "idle_cpu_percent" else "rss_mib"
-                        results[row][s] = {"value": cell[key],
-                                           **{k: v for k, v in cell.items() if k not in ("cpu_percent", "rss_mib")}}
+                        results[row][s] = {
+                            "value": cell[key],
+                            **{k: v for k, v in cell.items() if k not in ("cpu_percent", "rss_mib")},
+                        }
                 continue
             for s in active:
                 for key, label, fn in jobs(row, s):
@@ -1049,8 +1168,9 @@ def main(argv: list[str] | None = None) -> int:
                     if row == "grandchild_survives_stop" and "survived" in cell:
                         cell = {"value": cell.pop("survived"), **cell}
                     if row == "restart_ms" and s == CIRCUS:
-                        cell["check_delay_s"] = (CIRCUS_DEFAULT_CHECK_DELAY if key == CIRCUS
-                                                 else CIRCUS_FAST_CHECK_DELAY)
+                        cell["check_delay_s"] = (
+                            CIRCUS_DEFAULT_CHECK_DELAY if key == CIRCUS else CIRCUS_FAST_CHECK_DELAY
+                        )
                     results[row][key] = cell
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
@@ -1084,49 +1204,76 @@ def main(argv: list[str] | None = None) -> int:
             if row == "idle_cpu_percent":  # psutil's 10 ms ticks can read 0.0 over a short window
                 for s in (SUPERVISORD, CIRCUS):
                     if s in cells and "error" not in cells[OURS] and "error" not in cells[s]:
-                        entry[f"ratio_vs_{s}_schedstat"] = _ratio(cells[OURS]["cpu_percent_schedstat"],
-                                                                  cells[s]["cpu_percent_schedstat"])
+                        entry[f"ratio_vs_{s}_schedstat"] = _ratio(
+                            cells[OURS]["cpu_percent_schedstat"], cells[s]["cpu_percent_schedstat"]
+                        )
         entry["target"] = TARGETS[row]
         entry["target_met"] = target_met(row, cells)
         out_rows[row] = entry
 
     notes += [
-        ("ratios are model-supervisor / peer, on the median (and p95 where there are samples): lower is better "
-        "for every row; null where a ratio means nothing (booleans, a zero or a missing peer value)"),
-        ("children are read from /proc/PID/task/*/children (same set as psutil children(), cheaper per poll); "
-        "a child counts as running once it has exec'd its command; a zombie counts as gone"),
-        ("the benchmark process is a child subreaper, so whatever a daemon leaves behind is re-parented to it "
-        "and killed/reaped at the end (see grandchild_survives_stop)"),
-        (f"restart: 1 program, {n_restart} samples; before each SIGKILL a random pause uniform over 0.1-1.1 s "
-        f"(0.1-{0.1 + CIRCUS_DEFAULT_CHECK_DELAY:g} s for circus at its default check_delay) so kills land at a "
-        "random phase of each supervisor's poll period; zero restart "
-        "delay: ours initial_delay=0 jitter=0 max_retries=0; supervisord autorestart=true startsecs=0 "
-        "startretries=1000; circus respawn=true"),
-        (f"circus runs with its default check_delay ({CIRCUS_DEFAULT_CHECK_DELAY:g} s from an ini file) in every "
-        f"row except restart_ms' circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g} variant"),
-        ("stop timeouts: ours [stop] timeout=2, supervisord stopwaitsecs=2, circus graceful_timeout=2, except "
-        "grandchild_survives_stop where every supervisor runs its defaults"),
-        ("child output: each supervisor's default (ours: per-instance log file in its state dir; supervisord: "
-        "AUTO child log files through pipes; circus: its default streams)"),
-        (f"cold start, stop-all, TERM-ignoring and term-at-startup rows: {n_rep} fresh daemon(s) each; idle: "
-         f"200 instances, {idle_settle:g} s settle then a {idle_window:g} s window"),
-        (f"stop_all_100_ms, term_ignoring_stop_ms and grandchild_survives_stop send the SIGTERM "
-         f"{SETTLE_BEFORE_STOP:g}-{SETTLE_BEFORE_STOP + 1:g} s (uniform) after every child runs (a daemon done "
-         "starting; the random part spreads the signal over the phase of a 1 s poll loop); "
-         "term_at_startup_children_left sends it as soon as the first child runs"),
+        (
+            "ratios are model-supervisor / peer, on the median (and p95 where there are samples): lower is better "
+            "for every row; null where a ratio means nothing (booleans, a zero or a missing peer value)"
+        ),
+        (
+            "children are read from /proc/PID/task/*/children (same set as psutil children(), cheaper per poll); "
+            "a child counts as running once it has exec'd its command; a zombie counts as gone"
+        ),
+        (
+            "the benchmark process is a child subreaper, so whatever a daemon leaves behind is re-parented to it "
+            "and killed/reaped at the end (see grandchild_survives_stop)"
+        ),
+        (
+            f"restart: 1 program, {n_restart} samples; before each SIGKILL a random pause uniform over 0.1-1.1 s "
+            f"(0.1-{0.1 + CIRCUS_DEFAULT_CHECK_DELAY:g} s for circus at its default check_delay) so kills land at a "
+            "random phase of each supervisor's poll period; zero restart "
+            "delay: ours initial_delay=0 jitter=0 max_retries=0; supervisord autorestart=true startsecs=0 "
+            "startretries=1000; circus respawn=true"
+        ),
+        (
+            f"circus runs with its default check_delay ({CIRCUS_DEFAULT_CHECK_DELAY:g} s from an ini file) in every "
+            f"row except restart_ms' circus_check_delay_{CIRCUS_FAST_CHECK_DELAY:g} variant"
+        ),
+        (
+            "stop timeouts: ours [stop] timeout=2, supervisord stopwaitsecs=2, circus graceful_timeout=2, except "
+            "grandchild_survives_stop where every supervisor runs its defaults"
+        ),
+        (
+            "child output: each supervisor's default (ours: per-instance log file in its state dir; supervisord: "
+            "AUTO child log files through pipes; circus: its default streams)"
+        ),
+        (
+            f"cold start, stop-all, TERM-ignoring and term-at-startup rows: {n_rep} fresh daemon(s) each; idle: "
+            f"200 instances, {idle_settle:g} s settle then a {idle_window:g} s window"
+        ),
+        (
+            f"stop_all_100_ms, term_ignoring_stop_ms and grandchild_survives_stop send the SIGTERM "
+            f"{SETTLE_BEFORE_STOP:g}-{SETTLE_BEFORE_STOP + 1:g} s (uniform) after every child runs (a daemon done "
+            "starting; the random part spreads the signal over the phase of a 1 s poll loop); "
+            "term_at_startup_children_left sends it as soon as the first child runs"
+        ),
         "stop_all_100_ms = max(all children gone, daemon exited); detail has both",
-        ("target_met uses the median, except term_ignoring_stop_ms and term_at_startup_children_left "
-         "(every sample)"),
-        ("circus 0.19 quirks worked around: `statsd = false` in [circus] is read as bool('false') == True and "
-         "starts circusd-stats as an extra child, so the key is left out (default off); circusd ignores a "
-         "SIGTERM that arrives while it is still spawning (right after a respawn fork or at the end of start-up) "
-         "and does not exit, so the bench lets spawning finish before it stops circus outside a measurement"),
-        (f"workload: {SLEEP} 100000 (TERM-ignoring: {sys.executable} -I ignore_term.py; grandchild: "
-        f"{SH} grandchild.sh = '{SLEEP} 100000 & exec {SLEEP} 100001')"),
+        (
+            "target_met uses the median, except term_ignoring_stop_ms and term_at_startup_children_left "
+            "(every sample)"
+        ),
+        (
+            "circus 0.19 quirks worked around: `statsd = false` in [circus] is read as bool('false') == True and "
+            "starts circusd-stats as an extra child, so the key is left out (default off); circusd ignores a "
+            "SIGTERM that arrives while it is still spawning (right after a respawn fork or at the end of start-up) "
+            "and does not exit, so the bench lets spawning finish before it stops circus outside a measurement"
+        ),
+        (
+            f"workload: {SLEEP} 100000 (TERM-ignoring: {sys.executable} -I ignore_term.py; grandchild: "
+            f"{SH} grandchild.sh = '{SLEEP} 100000 & exec {SLEEP} 100001')"
+        ),
     ]
     if max(load_at_start[0], os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
-        notes.append(f"WARNING: the machine was busy with other work (1-min load average {load_at_start[0]} at the "
-                     f"start, {os.getloadavg()[0]:.2f} at the end, {os.cpu_count()} CPUs): numbers are skewed upwards")
+        notes.append(
+            f"WARNING: the machine was busy with other work (1-min load average {load_at_start[0]} at the "
+            f"start, {os.getloadavg()[0]:.2f} at the end, {os.cpu_count()} CPUs): numbers are skewed upwards"
+        )
     if not subreaper:
         notes.append("WARNING: PR_SET_CHILD_SUBREAPER failed; orphans go to init and cannot be reaped here")
     doc = {

@@ -35,14 +35,20 @@ from typing import Any
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, free_port, stop_group  # noqa: E402
+from _common import REPO, free_port, stop_group
+
 CHROMIUM = os.environ.get("MODEL_SUPERVISOR_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 FIRST_LOAD_WINDOW_MS = 1500
 TARGET_BYTES = 200_000
 TARGET_INTERACTIVE_MS = 1000.0
-
 
 
 def shipped_demo(conf: Path) -> None:
@@ -54,13 +60,30 @@ def shipped_demo(conf: Path) -> None:
 def start_serve(conf: Path, state: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
-         "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(conf),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
-            items = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/models/status", timeout=1).read())
+            items = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/models/status", timeout=1).read()
+            )
             if any(i["state"] == "RUNNING" for i in items):
                 return proc
         except OSError:
@@ -69,7 +92,6 @@ def start_serve(conf: Path, state: Path, port: int) -> subprocess.Popen:
             stop_group(proc)
             raise RuntimeError("serve did not bring demo@cpu to RUNNING")
         time.sleep(0.05)
-
 
 
 class Wire:
@@ -84,8 +106,14 @@ class Wire:
         cdp.send("Network.enable")
 
     def _sent(self, e: dict[str, Any]) -> None:
-        self.requests[e["requestId"]] = {"url": e["request"]["url"], "type": e.get("type", ""), "at": e["timestamp"],
-                                         "headers": 0, "data": 0, "total": None}
+        self.requests[e["requestId"]] = {
+            "url": e["request"]["url"],
+            "type": e.get("type", ""),
+            "at": e["timestamp"],
+            "headers": 0,
+            "data": 0,
+            "total": None,
+        }
 
     def _response(self, e: dict[str, Any]) -> None:
         if e["requestId"] in self.requests:
@@ -145,15 +173,23 @@ def one_run(browser: Any, url: str) -> dict[str, Any]:
         by_kind: dict[str, int] = {}
         for r in requests:
             by_kind[kind(r["url"])] = by_kind.get(kind(r["url"]), 0) + r["bytes"]
-        return {"interactive_ms": timing["interactive"], "dom_content_loaded_ms": timing["dcl"],
-                "load_ms": timing["load"], "bytes": sum(r["bytes"] for r in requests), "by_kind": by_kind,
-                "requests": [r["url"].split(url.rstrip("/"), 1)[-1] or "/" for r in requests], "console_errors": errors}
+        return {
+            "interactive_ms": timing["interactive"],
+            "dom_content_loaded_ms": timing["dcl"],
+            "load_ms": timing["load"],
+            "bytes": sum(r["bytes"] for r in requests),
+            "by_kind": by_kind,
+            "requests": [r["url"].split(url.rstrip("/"), 1)[-1] or "/" for r in requests],
+            "console_errors": errors,
+        }
     finally:
         context.close()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -169,7 +205,9 @@ def main() -> int:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
                 try:
-                    one_run(browser, f"http://127.0.0.1:{port}/")  # warm-up: the server's first requests, disk cache
+                    one_run(
+                        browser, f"http://127.0.0.1:{port}/"
+                    )  # warm-up: the server's first requests, disk cache
                     runs = [one_run(browser, f"http://127.0.0.1:{port}/") for _ in range(args.runs)]
                     version = browser.version
                 finally:
@@ -181,20 +219,33 @@ def main() -> int:
     sizes = sorted(r["bytes"] for r in runs)
     result = {
         "bench": "dashboard_first_load",
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                    "browser": f"chromium {version} (headless)"},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "browser": f"chromium {version} (headless)",
+        },
         "runs": args.runs,
-        "first_load_bytes": {"median": statistics.median(sizes), "max": sizes[-1], "target_max": TARGET_BYTES},
+        "first_load_bytes": {
+            "median": statistics.median(sizes),
+            "max": sizes[-1],
+            "target_max": TARGET_BYTES,
+        },
         "first_load_by_kind": runs[len(runs) // 2]["by_kind"],
         "first_load_requests": runs[len(runs) // 2]["requests"],
-        "interactive_ms": {"median": round(statistics.median(interactive), 1), "max": round(interactive[-1], 1),
-                           "min": round(interactive[0], 1), "target_max": TARGET_INTERACTIVE_MS},
+        "interactive_ms": {
+            "median": round(statistics.median(interactive), 1),
+            "max": round(interactive[-1], 1),
+            "min": round(interactive[0], 1),
+            "target_max": TARGET_INTERACTIVE_MS,
+        },
         "dom_content_loaded_ms": round(statistics.median(r["dom_content_loaded_ms"] for r in runs), 1),
         "load_ms": round(statistics.median(r["load_ms"] for r in runs), 1),
         "console_errors": sorted({e for r in runs for e in r["console_errors"]}),
     }
-    result["ok"] = (sizes[-1] < TARGET_BYTES and interactive[-1] < TARGET_INTERACTIVE_MS
-                    and not result["console_errors"])
+    result["ok"] = (
+        sizes[-1] < TARGET_BYTES and interactive[-1] < TARGET_INTERACTIVE_MS and not result["console_errors"]
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -53,8 +53,25 @@ def by_hand(samples: int) -> list[float]:
         port = free_port()
         name = f"bench-by-hand-{os.getpid()}-{i}"
         t0 = time.time()
-        subprocess.run(["docker", "run", "-d", "--rm", "--init", "--network", "host", "--name", name, IMAGE, "sh", "-c",
-                        f"exec httpd -f -p 127.0.0.1:{port} -h /www"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "docker",
+                "run",
+                "-d",
+                "--rm",
+                "--init",
+                "--network",
+                "host",
+                "--name",
+                name,
+                IMAGE,
+                "sh",
+                "-c",
+                f"exec httpd -f -p 127.0.0.1:{port} -h /www",
+            ],
+            check=True,
+            capture_output=True,
+        )
         out.append((wait_ready(port) - t0) * 1000)
         subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
     return out
@@ -101,14 +118,20 @@ def supervised(samples: int) -> tuple[list[float], list[float]]:
         events = Events(base)
         for i in range(samples):
             name = f"bench{i:02d}"
-            doc = {"backend": "docker", "image": IMAGE, "network": "host",
-                   "command": ["sh", "-c", "exec httpd -f -p 127.0.0.1:{port} -h /www"],
-                   "health": {"type": "http", "path": "/v2/health/ready", "start_interval": 0.01},
-                   "restart": {"initial_delay": 0.0, "jitter": 0.0}}
+            doc = {
+                "backend": "docker",
+                "image": IMAGE,
+                "network": "host",
+                "command": ["sh", "-c", "exec httpd -f -p 127.0.0.1:{port} -h /www"],
+                "health": {"type": "http", "path": "/v2/health/ready", "start_interval": 0.01},
+                "restart": {"initial_delay": 0.0, "jitter": 0.0},
+            }
             t0 = time.time()
             call(base, "PUT", f"/api/v1/models/{name}", doc)
             declare.append((events.wait(f"{name}@cpu", 1) - t0) * 1000)
-            (container,) = client.containers.list(filters={"label": f"io.model-supervisor.instance={name}@cpu"})
+            (container,) = client.containers.list(
+                filters={"label": f"io.model-supervisor.instance={name}@cpu"}
+            )
             t0 = time.time()
             container.kill()
             restart.append((events.wait(f"{name}@cpu", 2) - t0) * 1000)
@@ -117,7 +140,9 @@ def supervised(samples: int) -> tuple[list[float], list[float]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=15)
     args = parser.parse_args()
     import docker
@@ -129,18 +154,23 @@ def main() -> int:
     # A restart pays Docker's own kill-to-die, remove, create and start; `docker run` by hand
     # pays create and start too: the difference is what the supervisor adds to a restart.
     restart_share = statistics.median(restart) - statistics.median(hand)
-    print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "by_hand_docker_run_to_ready": summary(hand),
-        "supervisor_declaration_to_running": summary(declare),
-        "supervisor_overhead_median_ms": round(overhead, 1),
-        "killed_container_to_running_again": summary(restart),
-        "restart_beyond_docker_run_median_ms": round(restart_share, 1),
-        "targets": "overhead < 50 ms; restart < 100 ms + backoff (0 here)",
-        "meets_overhead_target": overhead < 50,
-        "meets_restart_target_end_to_end": statistics.median(restart) < 100,
-        "meets_restart_target_beyond_docker_run": restart_share < 100,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "by_hand_docker_run_to_ready": summary(hand),
+                "supervisor_declaration_to_running": summary(declare),
+                "supervisor_overhead_median_ms": round(overhead, 1),
+                "killed_container_to_running_again": summary(restart),
+                "restart_beyond_docker_run_median_ms": round(restart_share, 1),
+                "targets": "overhead < 50 ms; restart < 100 ms + backoff (0 here)",
+                "meets_overhead_target": overhead < 50,
+                "meets_restart_target_end_to_end": statistics.median(restart) < 100,
+                "meets_restart_target_beyond_docker_run": restart_share < 100,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -27,16 +27,27 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import call, python_load, serve, wait_instances, wrk  # noqa: E402
+from _common import call, python_load, serve, wait_instances, wrk
 
 GPUS, PROCESSES, INTERVAL = 8, 100, 1.0
 
 
 def write_gpus(path: Path, processes: dict[int, list[tuple[int, int]]]) -> None:
-    doc = {"gpu": [{"index": g, "name": f"Simulated H100 {g}", "memory_total_mib": 81920, "power_draw_w": 120.0,
-                    "power_limit_w": 700.0, "utilization_percent": 35.0, "temperature_c": 41.0,
-                    "process": [{"pid": pid, "used_memory_mib": mib} for pid, mib in processes.get(g, [])]}
-                   for g in range(GPUS)]}
+    doc = {
+        "gpu": [
+            {
+                "index": g,
+                "name": f"Simulated H100 {g}",
+                "memory_total_mib": 81920,
+                "power_draw_w": 120.0,
+                "power_limit_w": 700.0,
+                "utilization_percent": 35.0,
+                "temperature_c": 41.0,
+                "process": [{"pid": pid, "used_memory_mib": mib} for pid, mib in processes.get(g, [])],
+            }
+            for g in range(GPUS)
+        ]
+    }
     tmp = path.with_name(".gpus.tmp")
     tmp.write_text(tomli_w.dumps(doc))
     os.replace(tmp, path)
@@ -51,16 +62,27 @@ def sleepers_on_simulated_gpus(prefix: str, stem: str, count: int) -> tuple[Path
     sim = work / "gpus.toml"
     write_gpus(sim, {})
     for i in range(count):
-        (conf / f"{stem}{i:03d}.toml").write_text(tomli_w.dumps({
-            "name": f"{stem}{i:03d}", "backend": "process", "command": ["sleep", "100000"], "gpus": [i % GPUS],
-            "share_gpus": True}))
+        (conf / f"{stem}{i:03d}.toml").write_text(
+            tomli_w.dumps(
+                {
+                    "name": f"{stem}{i:03d}",
+                    "backend": "process",
+                    "command": ["sleep", "100000"],
+                    "gpus": [i % GPUS],
+                    "share_gpus": True,
+                }
+            )
+        )
     return work, conf, sim
 
 
 def main() -> int:
     work, conf, sim = sleepers_on_simulated_gpus("gpu-bench-", "p", PROCESSES)
-    env = {"MODEL_SUPERVISOR_GPU_SOURCE": "simulated", "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim),
-           "MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL": str(INTERVAL)}
+    env = {
+        "MODEL_SUPERVISOR_GPU_SOURCE": "simulated",
+        "MODEL_SUPERVISOR_GPU_SIMULATED_FILE": str(sim),
+        "MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL": str(INTERVAL),
+    }
     try:
         with serve(conf, work / "state", env) as base:
             items = wait_instances(base, PROCESSES)
@@ -80,8 +102,12 @@ def main() -> int:
                 time.sleep(INTERVAL)
                 sample_ms.append(call(base, "GET", "/healthz")["gpu_sample_ms"])
             # attribution of a new GPU process
-            call(base, "PUT", "/api/v1/models/newcomer", {"backend": "process", "command": ["sleep", "100000"],
-                                                          "gpus": [0], "share_gpus": True})
+            call(
+                base,
+                "PUT",
+                "/api/v1/models/newcomer",
+                {"backend": "process", "command": ["sleep", "100000"], "gpus": [0], "share_gpus": True},
+            )
             new_pid = None
             while not new_pid:
                 new_pid = call(base, "GET", "/api/v1/models/status/newcomer")[0]["pid"]
@@ -90,24 +116,36 @@ def main() -> int:
             t0 = time.time()
             write_gpus(sim, by_gpu)
             while True:
-                seen = [p for g in call(base, "GET", "/api/v1/gpus") for p in g["processes"] if p["pid"] == new_pid]
+                seen = [
+                    p
+                    for g in call(base, "GET", "/api/v1/gpus")
+                    for p in g["processes"]
+                    if p["pid"] == new_pid
+                ]
                 if seen and seen[0]["instance_id"] == "newcomer@gpu0":
                     break
                 time.sleep(0.01)
             attribution_ms = (time.time() - t0) * 1000
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "gpus": GPUS, "gpu_processes_listed": listed, "attributed_to_instances": owned,
-        "response_bytes": size,
-        "gpus_latency": load,
-        "sample_cpu_ms": {"median": statistics.median(sample_ms), "max": max(sample_ms)},
-        "sample_interval_s": INTERVAL,
-        "attribution_ms": round(attribution_ms, 1),
-        "targets": "GET /api/v1/gpus p99 < 5 ms; attribution within one sample interval",
-        "meets_targets": load["p99_ms"] < 5 and attribution_ms <= INTERVAL * 1000 + 100,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "gpus": GPUS,
+                "gpu_processes_listed": listed,
+                "attributed_to_instances": owned,
+                "response_bytes": size,
+                "gpus_latency": load,
+                "sample_cpu_ms": {"median": statistics.median(sample_ms), "max": max(sample_ms)},
+                "sample_interval_s": INTERVAL,
+                "attribution_ms": round(attribution_ms, 1),
+                "targets": "GET /api/v1/gpus p99 < 5 ms; attribution within one sample interval",
+                "meets_targets": load["p99_ms"] < 5 and attribution_ms <= INTERVAL * 1000 + 100,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

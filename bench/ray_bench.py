@@ -79,8 +79,11 @@ def node_pids(node) -> set[int]:
 
 
 def summary(values: list[float], scale: float = 1.0, digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values) * scale, digits), "max": round(max(values) * scale, digits),
-            "n": len(values)}
+    return {
+        "median": round(statistics.median(values) * scale, digits),
+        "max": round(max(values) * scale, digits),
+        "n": len(values),
+    }
 
 
 async def wait_running(engine, ids: list[str], timeout: float) -> None:
@@ -92,15 +95,17 @@ async def wait_running(engine, ids: list[str], timeout: float) -> None:
         if not missing:
             return
         if time.monotonic() > deadline:
-            states = {i: engine.instances[i].state.value if i in engine.instances else "absent" for i in missing[:5]}
+            states = {
+                i: engine.instances[i].state.value if i in engine.instances else "absent" for i in missing[:5]
+            }
             raise SystemExit(f"not RUNNING after {timeout} s: {len(missing)} of {len(ids)}, e.g. {states}")
         await asyncio.sleep(0.002)
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict:
-    from supervisor.runtime.engine import Engine
     from supervisor.config.settings import load_settings
     from supervisor.core.states import State
+    from supervisor.runtime.engine import Engine
     from tests.conftest import declaration, demo_cmd, free_range, write_decl
     from tests.ray_rig import ray_pids, rig_python, start_cluster
 
@@ -115,9 +120,17 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
     conf.mkdir()
     for key in [k for k in os.environ if k.startswith("MODEL_SUPERVISOR_")]:
         del os.environ[key]
-    settings = load_settings(conf_dir=conf, state_dir=state, port_range=free_range(args.instances + 20),
-                             cluster="ray", ray_address=cluster.address, ray_python=str(rig_python(tmp)),
-                             ray_placement_timeout=120.0, gpu_source="none", log_level="WARNING")
+    settings = load_settings(
+        conf_dir=conf,
+        state_dir=state,
+        port_range=free_range(args.instances + 20),
+        cluster="ray",
+        ray_address=cluster.address,
+        ray_python=str(rig_python(tmp)),
+        ray_placement_timeout=120.0,
+        gpu_source="none",
+        log_level="WARNING",
+    )
     backends: set[int] = set()
     rss_before = rss_mib(os.getpid())
     engine = Engine(settings)
@@ -183,11 +196,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         for label, node in nodes.items():
             ray_now = sum(pss_mib(p) for p in node_pids(node))
             actor_pss = [pss_mib(p) for p in actors[label]]
-            per_node[label] = {"instances": len(actors[label]), "ray_processes_growth": round(ray_now - base[label], 1),
-                               "actors": round(sum(actor_pss), 1),
-                               "per_actor": round(statistics.mean(actor_pss), 1) if actor_pss else 0.0,
-                               "added": round(ray_now - base[label] + sum(actor_pss), 1),
-                               "ray_node_base": round(base[label], 1)}
+            per_node[label] = {
+                "instances": len(actors[label]),
+                "ray_processes_growth": round(ray_now - base[label], 1),
+                "actors": round(sum(actor_pss), 1),
+                "per_actor": round(statistics.mean(actor_pss), 1) if actor_pss else 0.0,
+                "added": round(ray_now - base[label] + sum(actor_pss), 1),
+                "ray_node_base": round(base[label], 1),
+            }
         samples = engine.runners["ray"].nodes.samples
         for label in labels:
             agent = samples[label].agent_pid if label in samples else None
@@ -197,7 +213,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         result["memory_mib"] = {
             "supervisor_process_rss_growth": round(rss_mib(os.getpid()) - rss_before, 1),
             "driver_helper_pss": round(pss_mib(client.driver_pid), 1),
-            "nodes": per_node}
+            "nodes": per_node,
+        }
         progress("memory", json.dumps(result["memory_mib"]))
         # -- a health probe on the node, through driver and actor ----------------------------
         probe_iid = ids[0]
@@ -211,16 +228,24 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         result["node_probe_ms"] = summary(rtts, 1000, 2)
         progress("probe on the node", result["node_probe_ms"])
         # -- idle cost: CPU of the supervisor, its driver and the node agents over 10 s ------
-        watched = {"supervisor": [os.getpid()], "driver_helper": [client.driver_pid],
-                   "node_agents": [samples[lb].agent_pid for lb in labels if lb in samples and samples[lb].agent_pid],
-                   "instance_actors": [p for ps in actors.values() for p in ps]}
+        watched = {
+            "supervisor": [os.getpid()],
+            "driver_helper": [client.driver_pid],
+            "node_agents": [
+                samples[lb].agent_pid for lb in labels if lb in samples and samples[lb].agent_pid
+            ],
+            "instance_actors": [p for ps in actors.values() for p in ps],
+        }
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in watched.items()}
         await asyncio.sleep(10.0)
         result["idle_cpu_percent_10s"] = {
-            k: round(100 * (sum(cpu_seconds(p) for p in v) - cpu0[k]) / 10.0, 2) for k, v in watched.items()}
-        result["idle_cpu_percent_10s"]["note"] = (f"{len(ids)} instances, HTTP liveness every "
-                                                  f"{HEALTH['interval']} s, node samples every "
-                                                  f"{settings.gpu_sample_interval} s")
+            k: round(100 * (sum(cpu_seconds(p) for p in v) - cpu0[k]) / 10.0, 2) for k, v in watched.items()
+        }
+        result["idle_cpu_percent_10s"]["note"] = (
+            f"{len(ids)} instances, HTTP liveness every "
+            f"{HEALTH['interval']} s, node samples every "
+            f"{settings.gpu_sample_interval} s"
+        )
         progress("idle CPU", result["idle_cpu_percent_10s"])
         # -- the supervisor restarts: all adopted ------------------------------------------
         t1 = time.perf_counter()
@@ -233,8 +258,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         adopted = time.perf_counter() - t2
         same = sum(1 for i in ids if engine.instances[i].pid == pids[i])
         restarted = sum(engine.instances[i].restarts for i in ids)
-        result["restart_adopt_s"] = {"seconds": round(adopted, 2), "old_supervisor_left_in_s": round(left, 2),
-                                     "same_pids": same, "of": len(ids), "restarts": restarted}
+        result["restart_adopt_s"] = {
+            "seconds": round(adopted, 2),
+            "old_supervisor_left_in_s": round(left, 2),
+            "same_pids": same,
+            "of": len(ids),
+            "restarts": restarted,
+        }
         progress("adopted", result["restart_adopt_s"])
     finally:
         t3 = time.perf_counter()
@@ -264,8 +294,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=5, help="runs of the drop and exit measurements")
-    parser.add_argument("--liveness-interval", type=float, default=1.0,
-                        help="seconds between liveness probes (a large value: the idle cost without probes)")
+    parser.add_argument(
+        "--liveness-interval",
+        type=float,
+        default=1.0,
+        help="seconds between liveness probes (a large value: the idle cost without probes)",
+    )
     args = parser.parse_args()
     HEALTH["interval"] = args.liveness_interval
     tmp = Path(tempfile.mkdtemp(prefix="msb", dir="/tmp"))  # short: unix socket paths

@@ -33,11 +33,10 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, stop_group  # noqa: E402
+from _common import free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_ADD_MS = {"supervisord": 160.0, "circus": 91.0}
-
 
 
 def toml(name: str, arg: str = "3600") -> str:
@@ -55,9 +54,24 @@ class Serve:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
-             "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "supervisor",
+                "serve",
+                "--conf-dir",
+                str(conf),
+                "--state-dir",
+                str(state),
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         self.ps = psutil.Process(self.proc.pid)
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
@@ -105,8 +119,13 @@ class Serve:
 def summary(samples: list[float]) -> dict:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"n": len(samples), "median_ms": round(statistics.median(samples), 1), "p95_ms": round(p95, 1),
-            "min_ms": round(ordered[0], 1), "max_ms": round(ordered[-1], 1)}
+    return {
+        "n": len(samples),
+        "median_ms": round(statistics.median(samples), 1),
+        "p95_ms": round(p95, 1),
+        "min_ms": round(ordered[0], 1),
+        "max_ms": round(ordered[-1], 1),
+    }
 
 
 def measure(samples: int, burst: int) -> dict:
@@ -170,7 +189,11 @@ def measure(samples: int, burst: int) -> dict:
         serve.stop()
     add = summary(add_child)
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "add_to_child": add,
         "add_to_running": summary(add_running),
         "edit_to_new_child": summary(edit_child),
@@ -185,7 +208,9 @@ def measure(samples: int, burst: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="10 samples, a burst of 50")

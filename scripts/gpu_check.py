@@ -32,7 +32,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,8 +83,13 @@ def free_port() -> int:
 
 def smi(query: str, what: str = "gpu") -> list[list[str]]:
     flag = "--query-gpu" if what == "gpu" else "--query-compute-apps"
-    out = subprocess.run(["nvidia-smi", f"{flag}={query}", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", f"{flag}={query}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
 
 
@@ -105,8 +110,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.2):
 def allocator(work: Path) -> list[str] | None:
     """The command that allocates `mib` MiB and waits; None if neither PyTorch nor nvcc works."""
     try:
-        probe = subprocess.run([sys.executable, "-c", "import torch; assert torch.cuda.is_available()"],
-                               capture_output=True, timeout=120)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import torch; assert torch.cuda.is_available()"],
+            capture_output=True,
+            timeout=120,
+        )
         if probe.returncode == 0:
             (work / "alloc.py").write_text(TORCH_ALLOC)
             return [sys.executable, str(work / "alloc.py")]
@@ -115,8 +123,12 @@ def allocator(work: Path) -> list[str] | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         (work / "alloc.cu").write_text(CUDA_ALLOC)
-        built = subprocess.run([nvcc, "-O2", "-o", str(work / "alloc"), str(work / "alloc.cu")],
-                               capture_output=True, text=True, timeout=180)
+        built = subprocess.run(
+            [nvcc, "-O2", "-o", str(work / "alloc"), str(work / "alloc.cu")],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if built.returncode == 0:
             return [str(work / "alloc")]
         print(built.stderr, file=sys.stderr)
@@ -124,7 +136,9 @@ def allocator(work: Path) -> list[str] | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--mib", type=int, default=1024)
     args = parser.parse_args()
@@ -138,7 +152,8 @@ def main() -> int:
         return 2
     conf = work / "conf.d"
     conf.mkdir()
-    (conf / "gpucheck.toml").write_text(textwrap.dedent(f"""\
+    (conf / "gpucheck.toml").write_text(
+        textwrap.dedent(f"""\
         name = "gpucheck"
         backend = "process"
         gpus = [{args.gpu}]
@@ -148,18 +163,35 @@ def main() -> int:
         jitter = 0.0
         [stop]
         timeout = 5.0
-        """))
+        """)
+    )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     env.update(MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.5", MODEL_SUPERVISOR_GPU_RELEASE_TIMEOUT="60")
     log_path = work / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--conf-dir", str(conf),
-                              "--state-dir", str(work / "state"), "--port", str(port)],
-                             cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(conf),
+            "--state-dir",
+            str(work / "state"),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     stray = None
     try:
+
         def running():
             try:
                 items = api(base, "/api/v1/models/status")
@@ -192,7 +224,7 @@ def main() -> int:
         problems = []
         if len(gpus) != len(rows):
             problems.append(f"{len(gpus)} GPUs in the API, {len(rows)} in nvidia-smi")
-        for g, row in zip(gpus, rows):
+        for g, row in zip(gpus, rows, strict=False):
             if g["name"] != row[1]:
                 problems.append(f"GPU {row[0]} name {g['name']!r} != {row[1]!r}")
             if abs((g["memory_total"] or 0) - int(row[2])) > 1:
@@ -210,30 +242,52 @@ def main() -> int:
             report("attribution", False, f"pid {pid} never appeared with >= {args.mib * 0.9:.0f} MiB")
         else:
             g, p = found
-            ok = p["instance_id"] == "gpucheck@gpu" + str(args.gpu) and p["gpu_memory_usage"] <= args.mib + 1536
-            report("attribution", ok, f"pid {pid} on GPU {g['id']}: {p['gpu_memory_usage']} MiB, "
-                                      f"instance {p['instance_id']}")
+            ok = (
+                p["instance_id"] == "gpucheck@gpu" + str(args.gpu)
+                and p["gpu_memory_usage"] <= args.mib + 1536
+            )
+            report(
+                "attribution",
+                ok,
+                f"pid {pid} on GPU {g['id']}: {p['gpu_memory_usage']} MiB, instance {p['instance_id']}",
+            )
 
         # 3. GPU-gated restart after SIGKILL
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)
-        gone_at = wait_for(lambda: time.time() if pid not in {int(a[0]) for a in smi("pid", "apps")} else None,
-                           60, 0.05)
+        gone_at = wait_for(
+            lambda: time.time() if pid not in {int(a[0]) for a in smi("pid", "apps")} else None, 60, 0.05
+        )
         again = wait_for(lambda: (r := running()) and r["pid"] != pid and r, 120)
-        starts = [line for line in (work / "state" / "logs" / f"gpucheck@gpu{args.gpu}.log").read_text().splitlines()
-                  if "] starting gpucheck" in line]
+        starts = [
+            line
+            for line in (work / "state" / "logs" / f"gpucheck@gpu{args.gpu}.log").read_text().splitlines()
+            if "] starting gpucheck" in line
+        ]
         if gone_at is None or again is None or len(starts) < 2:
-            report("gated-restart", False, f"gone={gone_at is not None} restarted={again is not None} starts={len(starts)}")
+            report(
+                "gated-restart",
+                False,
+                f"gone={gone_at is not None} restarted={again is not None} starts={len(starts)}",
+            )
         else:
             stamp = starts[-1].split()[1].rstrip("]")
-            started = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+            started = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
             ok = started >= gone_at - 0.25
-            report("gated-restart", ok, f"old process gone from the GPU {gone_at - killed_at:.2f} s after the kill; "
-                                        f"new one started {started - killed_at:.2f} s after it")
+            report(
+                "gated-restart",
+                ok,
+                f"old process gone from the GPU {gone_at - killed_at:.2f} s after the kill; "
+                f"new one started {started - killed_at:.2f} s after it",
+            )
 
         # 4. a stray
-        stray = subprocess.Popen(alloc + ["256"], env={**os.environ, "CUDA_VISIBLE_DEVICES": str(args.gpu)},
-                                 stdout=subprocess.DEVNULL, start_new_session=True)
+        stray = subprocess.Popen(
+            alloc + ["256"],
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": str(args.gpu)},
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         listed = wait_for(lambda: [s for s in api(base, "/api/v1/gpus/strays") if s["pid"] == stray.pid], 60)
         report("stray", bool(listed), f"pid {stray.pid} listed as a stray: {listed}")
     finally:

@@ -17,10 +17,10 @@ import asyncio
 import logging
 import signal
 
+from supervisor.adapters.subreaper import become_subreaper
+from supervisor.config.settings import Settings
 from supervisor.runtime.engine import Engine
 from supervisor.runtime.gpu_tracker import GpuTracker
-from supervisor.config.settings import Settings
-from supervisor.adapters.subreaper import become_subreaper, reap_orphans
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ async def serve(settings: Settings) -> int:
         engine.process_runner.subreaper = True
         # uvloop keeps SIGCHLD to itself for loop.add_signal_handler; a plain handler still runs
         # on the main thread (and only records: the loop does the reaping).
-        signal.signal(signal.SIGCHLD, lambda _sig, _frame: loop.call_soon_threadsafe(_on_sigchld, loop, engine))
+        signal.signal(
+            signal.SIGCHLD, lambda _sig, _frame: loop.call_soon_threadsafe(_on_sigchld, loop, engine)
+        )
     else:
         log.warning("not a child subreaper (%s): an orphaned worker is found by its mark only", why_not)
     tracker = GpuTracker(engine, settings)
@@ -79,8 +81,11 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    log.info("instances left running for the next supervisor; bye" if settings.on_exit == "keep"
-             else "all instances stopped; bye")
+    log.info(
+        "instances left running for the next supervisor; bye"
+        if settings.on_exit == "keep"
+        else "all instances stopped; bye"
+    )
     return 0
 
 
@@ -98,7 +103,7 @@ def _on_sigchld(loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
 def _reap(engine: Engine) -> None:
     global _reap_scheduled
     _reap_scheduled = False
-    reap_orphans(engine.process_runner.owns)
+    engine.process_runner.reap_orphans()
 
 
 def _on_sighup(engine: Engine) -> None:

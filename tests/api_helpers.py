@@ -11,8 +11,8 @@ import httpx
 from sanic import Sanic
 
 from supervisor.api.app import create_app
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
+from supervisor.runtime.engine import Engine
 
 from .conftest import free_port
 

@@ -28,8 +28,14 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 CHROMIUM = os.environ.get("MODEL_SUPERVISOR_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = REPO / "test-output"
 
 
@@ -57,7 +63,11 @@ def expect(target: Any, message: str | None = None) -> Any:
 def demo_declaration(name: str = "demo", port: int | None = None, **fields: Any) -> dict[str, Any]:
     """Like the shipped conf.d/demo.toml: ready after 1 s, an HTTP health check, restart after 1 s."""
     doc: dict[str, Any] = {
-        "name": name, "backend": "process", "gpus": "none", "port": port or free_port(), "cwd": str(REPO),
+        "name": name,
+        "backend": "process",
+        "gpus": "none",
+        "port": port or free_port(),
+        "cwd": str(REPO),
         "command": demo_cmd("--name", "{name}", "--ready-after", "1"),
         "health": {"type": "http", "path": "/health", "interval": 5.0, "start_interval": 0.2},
         "restart": {"policy": "always", "initial_delay": 1.0, "jitter": 0.0, "max_retries": 5},
@@ -86,30 +96,56 @@ class Server:
     def start(self, token: str | None = None, **env: str) -> None:
         low, high = free_range()
         environ = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-        environ.update(MODEL_SUPERVISOR_PORT=str(self.port), MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}",
-                       MODEL_SUPERVISOR_GPU_SOURCE="none", MODEL_SUPERVISOR_LOG_CHECK_INTERVAL="0.2")
+        environ.update(
+            MODEL_SUPERVISOR_PORT=str(self.port),
+            MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}",
+            MODEL_SUPERVISOR_GPU_SOURCE="none",
+            MODEL_SUPERVISOR_LOG_CHECK_INTERVAL="0.2",
+        )
         if token:
             environ["MODEL_SUPERVISOR_API_TOKEN"] = token
         environ.update(env)
         self.token = token
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "supervisor", "serve", "--conf-dir", str(self.conf), "--state-dir", str(self.state)],
-                cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    PY,
+                    "-m",
+                    "supervisor",
+                    "serve",
+                    "--conf-dir",
+                    str(self.conf),
+                    "--state-dir",
+                    str(self.state),
+                ],
+                cwd=REPO,
+                env=environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 20
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
                 return
             except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, f"serve did not come up:\n{self.log()}"
+                assert time.monotonic() < deadline and self.proc.poll() is None, (
+                    f"serve did not come up:\n{self.log()}"
+                )
                 time.sleep(0.05)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
-    def request(self, path: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None,
-                auth: bool = True) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        path: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+    ) -> tuple[int, dict[str, str], bytes]:
         all_headers = {"Authorization": f"Bearer {self.token}"} if self.token and auth else {}
         all_headers.update(headers or {})
         data = json.dumps(body).encode() if body is not None else None
@@ -189,14 +225,16 @@ class Browser:
 
     def states(self, instance_id: str) -> list[str]:
         prefix = instance_id + "="
-        return [s[len(prefix):] for s in self.page.evaluate("window.__states") if s.startswith(prefix)]
+        return [s[len(prefix) :] for s in self.page.evaluate("window.__states") if s.startswith(prefix)]
 
     def row(self, instance_id: str):
         return self.page.locator(f'tr[data-instance="{instance_id}"]')
 
 
 @contextmanager
-def browser(request: pytest.FixtureRequest, server: Server, viewport: dict[str, int] | None = None) -> Iterator[Browser]:
+def browser(
+    request: pytest.FixtureRequest, server: Server, viewport: dict[str, int] | None = None
+) -> Iterator[Browser]:
     """Chromium with one page; on a failed test, its screenshot, HTML and the serve log go to test-output/."""
     sync_api = require_browser()
     playwright = sync_api.sync_playwright().start()

@@ -21,8 +21,8 @@ import pytest
 import tomli_w
 import uvloop
 
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings, load_settings
+from supervisor.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "backends" / "demo_server.py"

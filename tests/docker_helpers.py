@@ -77,9 +77,9 @@ def ensure_image(client: Any) -> str:
 
 
 def containers_of(client: Any, label_value: str | None = None) -> list[Any]:
-    from supervisor.adapters.runners.docker import LABEL_INSTANCE, LABEL_MANAGED
-
     import docker
+
+    from supervisor.adapters.runners.docker import LABEL_INSTANCE, LABEL_MANAGED
 
     filters = {"label": [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_INSTANCE}={label_value}"] if label_value else [])}
     for _ in range(20):

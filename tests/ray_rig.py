@@ -46,8 +46,12 @@ def patch() -> None:
 
 
 def node_args(label: str | None, gpus: list[int], tmp: Path) -> dict:
-    args = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": len(gpus),
-            "resources": {f"msup_gpu_{g}": 1.0 for g in gpus}}
+    args = {
+        "node_ip_address": "127.0.0.1",
+        "num_cpus": 1,
+        "num_gpus": len(gpus),
+        "resources": {f"msup_gpu_{g}": 1.0 for g in gpus},
+    }
     if label is not None:
         args["labels"] = {LABEL_KEY: label}
     return args
@@ -59,8 +63,13 @@ def start_cluster(tmp: Path, workers: list[tuple[str, list[int]]], gcs_port: int
     patch()
     from ray.cluster_utils import Cluster
 
-    head = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": 0, "num_gpus": 0,
-            "temp_dir": str(tmp / "ray")}
+    head = {
+        "node_ip_address": "127.0.0.1",
+        "include_dashboard": False,
+        "num_cpus": 0,
+        "num_gpus": 0,
+        "temp_dir": str(tmp / "ray"),
+    }
     if gcs_port is not None:
         head["gcs_server_port"] = gcs_port
     cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -74,7 +83,9 @@ def start_cluster(tmp: Path, workers: list[tuple[str, list[int]]], gcs_port: int
 def rig_python(directory: Path) -> Path:
     path = directory / "rig-python"
     root = Path(__file__).resolve().parent.parent
-    path.write_text(f"#!/bin/sh\ncd {root} 2>/dev/null || true\nexec {sys.executable} -m tests.ray_rig \"$@\"\n")
+    path.write_text(
+        f'#!/bin/sh\ncd {root} 2>/dev/null || true\nexec {sys.executable} -m tests.ray_rig "$@"\n'
+    )
     path.chmod(0o755)
     return path
 
@@ -98,8 +109,13 @@ class ClusterProcess:
     (e.g. a lowered `RAY_gcs_rpc_server_reconnect_timeout_s`). Blocking: call `start` and
     `stop` from a thread in async tests."""
 
-    def __init__(self, tmp: Path, workers: list[tuple[str, list[int]]], gcs_port: int,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        workers: list[tuple[str, list[int]]],
+        gcs_port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp, self.workers, self.gcs_port = tmp, workers, gcs_port
         self.env = {**os.environ, "RAY_TMPDIR": str(tmp), **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -114,8 +130,13 @@ class ClusterProcess:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.ray_rig", "--cluster", json.dumps(config)],
-                cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=log, env=self.env, start_new_session=True)
+                cwd=Path(__file__).resolve().parent.parent,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=self.env,
+                start_new_session=True,
+            )
         finally:
             log.close()
         assert self.proc.stdout is not None
@@ -183,8 +204,10 @@ def _serve_cluster(config: dict) -> None:
     workers = [(label, gpus) for label, gpus in config["workers"]]
     cluster, nodes = start_cluster(Path(config["tmp"]), workers, config["gcs_port"])
     gcs = cluster.head_node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process.pid
-    raylets = {label: node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-               for label, node in nodes.items()}
+    raylets = {
+        label: node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        for label, node in nodes.items()
+    }
     out.write(json.dumps({"gcs_pid": gcs, "raylets": raylets, "pids": sorted(ray_pids(cluster))}) + "\n")
     sys.stdin.buffer.read()  # until the test closes it (or dies)
     cluster.shutdown()

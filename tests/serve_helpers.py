@@ -35,9 +35,24 @@ class Serve:
         state.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
-                 "--port", str(self.port), *extra],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    PY,
+                    "-m",
+                    "supervisor",
+                    "serve",
+                    "--conf-dir",
+                    str(conf),
+                    "--state-dir",
+                    str(state),
+                    "--port",
+                    str(self.port),
+                    *extra,
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def output(self) -> str:
@@ -49,8 +64,12 @@ class Serve:
 
     def post(self, path: str, body: dict | None = None, timeout: float = 10.0):
         data = json.dumps(body or {}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 
@@ -69,7 +88,9 @@ class Serve:
         try:
             wait_for(ok, timeout, f"states {wanted}")
         except AssertionError:
-            raise AssertionError(f"states not reached: {wanted}; now {self.status()}\n{self.output()[-4000:]}") from None
+            raise AssertionError(
+                f"states not reached: {wanted}; now {self.status()}\n{self.output()[-4000:]}"
+            ) from None
         return self.status() or {}
 
     def kill(self) -> None:
@@ -103,7 +124,7 @@ def marked_processes(state: Path) -> dict[int, tuple[str, str]]:
             continue
         for item in env:
             if item.startswith(prefix):
-                token, _, instance = item[len(prefix):].decode().partition(":")
+                token, _, instance = item[len(prefix) :].decode().partition(":")
                 found[int(entry)] = (token, instance)
     return found
 

@@ -51,11 +51,19 @@ def the_mix(conf: Path, tmp_path: Path) -> dict[str, str]:
     write_decl(conf, declaration("quiet", sleep_cmd(), restart=FAST))
     write_decl(conf, declaration("web", demo_cmd(), health=HTTP, restart=FAST))
     write_decl(conf, declaration("slow", demo_cmd("--ready-after", "0.8"), health=HTTP, restart=FAST))
-    write_decl(conf, declaration("stubborn", demo_cmd("--ignore-sigterm"), health=HTTP, restart=FAST,
-                                 stop={"timeout": 0.6}))
+    write_decl(
+        conf,
+        declaration(
+            "stubborn", demo_cmd("--ignore-sigterm"), health=HTTP, restart=FAST, stop={"timeout": 0.6}
+        ),
+    )
     write_decl(conf, declaration("family", demo_cmd("--spawn-grandchild"), health=HTTP, restart=FAST))
-    write_decl(conf, declaration("escapee", demo_cmd("--spawn-grandchild", "--grandchild-setsid"), health=HTTP,
-                                 restart=FAST))
+    write_decl(
+        conf,
+        declaration(
+            "escapee", demo_cmd("--spawn-grandchild", "--grandchild-setsid"), health=HTTP, restart=FAST
+        ),
+    )
     return {f"{n}@cpu": "RUNNING" for n in ("quiet", "web", "slow", "stubborn", "family", "escapee")}
 
 
@@ -67,12 +75,15 @@ def check_invariants(state: Path, status: dict[str, dict]) -> None:
     for pid, (token, instance) in marked_processes(state).items():
         by_instance.setdefault(instance, set()).add(token)
         assert tokens.get(instance) == token, (
-            f"pid {pid} of {instance} (run {token}) belongs to no current run; current: {tokens}")
+            f"pid {pid} of {instance} (run {token}) belongs to no current run; current: {tokens}"
+        )
     for instance, seen in by_instance.items():
         assert len(seen) == 1, f"{instance} has processes of {len(seen)} runs: {seen}"
     for iid, item in status.items():
         if item["state"] == "RUNNING":
-            assert records[iid]["pid"] == item["pid"], f"{iid}: API pid {item['pid']} != record {records[iid]}"
+            assert records[iid]["pid"] == item["pid"], (
+                f"{iid}: API pid {item['pid']} != record {records[iid]}"
+            )
 
 
 MOMENTS = ["start-up", "running", "stop-all", "reload", "api-write", "running"]
@@ -115,7 +126,9 @@ def test_supervisor_kill_rounds(dirs, serves, tmp_path: Path) -> None:
             kept = set(wanted) - {"quiet@cpu"}
         current.kill()
         if moment == "api-write":
-            write_decl(conf, declaration("quiet", sleep_cmd(), restart=FAST))  # enabled again for the next round
+            write_decl(
+                conf, declaration("quiet", sleep_cmd(), restart=FAST)
+            )  # enabled again for the next round
             kept.discard("quiet@cpu")
         serves.append(Serve(conf, state, port_range=ports))
         after = serves[-1].wait_states(wanted)
@@ -123,7 +136,8 @@ def test_supervisor_kill_rounds(dirs, serves, tmp_path: Path) -> None:
         still = {iid for iid in kept if before[iid]["pid"] is not None and alive(before[iid]["pid"])}
         for iid in still:
             assert after[iid]["pid"] == before[iid]["pid"], (
-                f"round {n} ({moment}): {iid} was restarted ({before[iid]['pid']} -> {after[iid]['pid']})")
+                f"round {n} ({moment}): {iid} was restarted ({before[iid]['pid']} -> {after[iid]['pid']})"
+            )
             assert "adopt" in (after[iid]["reason"] or "") or after[iid]["restarts"] == 0
     final = serves[-1]
     assert final.terminate() == 0
@@ -146,8 +160,12 @@ def test_adopted_instance_keeps_pid_log_and_health_checks(dirs, serves) -> None:
     import urllib.request
 
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics", timeout=5).read().decode()
-    assert any(line.startswith("model_supervisor_instance_adoptions_total{") and 'instance="web@cpu"' in line
-               and line.endswith(" 1.0") for line in metrics.splitlines()), metrics[:2000]
+    assert any(
+        line.startswith("model_supervisor_instance_adoptions_total{")
+        and 'instance="web@cpu"' in line
+        and line.endswith(" 1.0")
+        for line in metrics.splitlines()
+    ), metrics[:2000]
     # Health checks resumed against it: the demo logs each probe it answers, through the
     # descriptor it inherited from the first supervisor, into the same file.
     log = state / "logs" / "web@cpu.log"
@@ -182,7 +200,9 @@ def test_keep_running_upgrade_costs_the_models_nothing(dirs, serves) -> None:
     wanted = {"web@cpu": "RUNNING", "quiet@cpu": "RUNNING", "escapee@cpu": "RUNNING"}
     write_decl(conf, declaration("web", demo_cmd(), health=HTTP, restart=FAST))
     write_decl(conf, declaration("quiet", sleep_cmd()))
-    write_decl(conf, declaration("escapee", demo_cmd("--spawn-grandchild", "--grandchild-setsid"), health=HTTP))
+    write_decl(
+        conf, declaration("escapee", demo_cmd("--spawn-grandchild", "--grandchild-setsid"), health=HTTP)
+    )
     ports = free_range()
     first = Serve(conf, state, "--keep-running", port_range=ports)
     serves.append(first)
@@ -235,8 +255,15 @@ def marked_stray(state: Path, token: str):
     from supervisor.adapters.marks import MARK_ENV, Mark, scope_of
 
     env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), token, "quiet@cpu").value()})
-    stray = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                              "time.sleep(600)"], env=env, start_new_session=True)
+    stray = subprocess.Popen(
+        [
+            "python3",
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+        ],
+        env=env,
+        start_new_session=True,
+    )
     wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
     return stray
 
@@ -267,8 +294,14 @@ def test_setsid_grandchild_is_stopped_with_its_instance(dirs, serves, tmp_path: 
     finds it when the instance stops."""
     conf, state = dirs
     pidfile = tmp_path / "gc.pid"
-    write_decl(conf, declaration("escapee", demo_cmd("--spawn-grandchild", "--grandchild-setsid",
-                                                     "--grandchild-pidfile", str(pidfile)), health=HTTP))
+    write_decl(
+        conf,
+        declaration(
+            "escapee",
+            demo_cmd("--spawn-grandchild", "--grandchild-setsid", "--grandchild-pidfile", str(pidfile)),
+            health=HTTP,
+        ),
+    )
     s = Serve(conf, state, port_range=free_range())
     serves.append(s)
     leader = s.wait_states({"escapee@cpu": "RUNNING"})["escapee@cpu"]["pid"]

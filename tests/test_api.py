@@ -46,18 +46,32 @@ async def test_root_answers_like_the_old_tool(api: Api) -> None:
 
 
 async def test_start_declares_and_runs_then_stop_removes_gpu(api: Api, conf_dir: Path) -> None:
-    r = await api.post("/api/v1/models/start?wait=true",
-                       {"model_name": "MAM", "model_type": "process", "gpu_id": 0, "config": demo_config()})
+    r = await api.post(
+        "/api/v1/models/start?wait=true",
+        {"model_name": "MAM", "model_type": "process", "gpu_id": 0, "config": demo_config()},
+    )
     assert r.status_code == 202, r.text
     info = r.json()
-    assert list(info)[:10] == ["instance_id", "model_name", "model_type", "active_gpu_ids", "total_instances",
-                               "status", "pid", "port", "created_at", "updated_at"]
+    assert list(info)[:10] == [
+        "instance_id",
+        "model_name",
+        "model_type",
+        "active_gpu_ids",
+        "total_instances",
+        "status",
+        "pid",
+        "port",
+        "created_at",
+        "updated_at",
+    ]
     assert info["instance_id"] == "MAM@gpu0" and info["model_type"] == "process"
     assert info["status"] == "RUNNING" and info["active_gpu_ids"] == [0] and info["total_instances"] == 1
     assert info["created_at"].endswith("+00:00") and alive(info["pid"])
     assert read_gpus(conf_dir, "MAM") == [0]
 
-    r = await api.post("/api/v1/models/start", {"model_name": "MAM", "gpu_id": "1", "config": {}})  # "1": coerced
+    r = await api.post(
+        "/api/v1/models/start", {"model_name": "MAM", "gpu_id": "1", "config": {}}
+    )  # "1": coerced
     assert r.status_code == 202
     assert r.json()["instance_id"] == "MAM@gpu1" and r.json()["active_gpu_ids"] == [0, 1]
     assert read_gpus(conf_dir, "MAM") == [0, 1]
@@ -67,10 +81,14 @@ async def test_start_declares_and_runs_then_stop_removes_gpu(api: Api, conf_dir:
 
     r = await api.get("/api/v1/models/status")
     items = r.json()
-    assert [(i["model_name"], i["model_type"], i["gpu_id"]) for i in items] == [("MAM", "process", 0),
-                                                                                 ("MAM", "process", 1)]
+    assert [(i["model_name"], i["model_type"], i["gpu_id"]) for i in items] == [
+        ("MAM", "process", 0),
+        ("MAM", "process", 1),
+    ]
     one = (await api.get("/api/v1/models/status/MAM")).json()
-    assert [(i["instance_id"], i["state"], i["pid"]) for i in one] == [(i["instance_id"], i["state"], i["pid"]) for i in items]
+    assert [(i["instance_id"], i["state"], i["pid"]) for i in one] == [
+        (i["instance_id"], i["state"], i["pid"]) for i in items
+    ]
     assert (await api.get("/api/v1/models/supported")).json() == {"MAM": "process"}
 
     pid0 = info["pid"]
@@ -89,8 +107,15 @@ async def test_start_declares_and_runs_then_stop_removes_gpu(api: Api, conf_dir:
 
 async def test_start_survives_a_supervisor_restart(settings: Settings, conf_dir: Path) -> None:
     async with running_api(settings) as api:
-        r = await api.post("/api/v1/models/start", {"model_name": "keep", "model_type": "process", "gpu_id": 2,
-                                                    "config": {"command": ["sleep", "3600"]}})
+        r = await api.post(
+            "/api/v1/models/start",
+            {
+                "model_name": "keep",
+                "model_type": "process",
+                "gpu_id": 2,
+                "config": {"command": ["sleep", "3600"]},
+            },
+        )
         assert r.status_code == 202
     async with running_api(settings) as api:
         r = await api.get("/api/v1/models/status/keep")
@@ -98,10 +123,19 @@ async def test_start_survives_a_supervisor_restart(settings: Settings, conf_dir:
 
 
 async def test_wait_reports_a_failed_start(api: Api) -> None:
-    r = await api.post("/api/v1/models/start?wait=true&timeout=20", {
-        "model_name": "broken", "model_type": "process", "gpu_id": 0,
-        "config": {"command": [PY, "-c", "import sys; print('no weights found'); sys.exit(3)"],
-                   "health": {"type": "tcp"}, "restart": {"initial_delay": 5.0, "jitter": 0.0}}})
+    r = await api.post(
+        "/api/v1/models/start?wait=true&timeout=20",
+        {
+            "model_name": "broken",
+            "model_type": "process",
+            "gpu_id": 0,
+            "config": {
+                "command": [PY, "-c", "import sys; print('no weights found'); sys.exit(3)"],
+                "health": {"type": "tcp"},
+                "restart": {"initial_delay": 5.0, "jitter": 0.0},
+            },
+        },
+    )
     assert r.status_code == 502
     body = r.json()
     assert "failed to start" in body["detail"] and "exit code 3" in body["detail"]
@@ -109,21 +143,59 @@ async def test_wait_reports_a_failed_start(api: Api) -> None:
 
 
 # -- error paths ------------------------------------------------------------------------------
-@pytest.mark.parametrize("body,loc,type_", [
-    ({"model_name": "m", "gpu_id": -1}, ["body", "gpu_id"], "greater_than_equal"),
-    ({"model_name": "m", "gpu_id": 0, "config": None}, ["body", "config"], "dict_type"),
-    ({"gpu_id": 0}, ["body", "model_name"], "missing"),
-    ({"model_name": "m", "gpu_id": "zero"}, ["body", "gpu_id"], "int_parsing"),
-    ({"model_name": "../etc", "model_type": "process", "gpu_id": 0}, ["body", "model_name"], "value_error"),
-    ({"model_name": "m", "model_type": "tensorflow", "gpu_id": 0}, ["body", "model_type"], "enum"),
-    ({"model_name": "m", "gpu_id": 0}, ["body", "model_type"], "missing"),
-    ({"model_name": "m", "model_type": "process", "gpu_id": 0, "config": {"command": ["x"], "restart": {"max_retries": -1}}},
-     ["body", "config", "restart", "max_retries"], "greater_than_equal"),
-    ({"model_name": "m", "model_type": "process", "gpu_id": 0, "config": {"command": ["x"], "comand": 1}},
-     ["body", "config", "comand"], "extra_forbidden"),
-    ({"model_name": "m", "model_type": "process", "gpu_id": 0, "config": {}}, ["body", "config", "command"], "missing"),
-], ids=["negative-gpu", "config-null", "no-name", "gpu-not-int", "bad-name", "unknown-backend", "type-needed",
-        "bad-config-value", "unknown-config-key", "missing-command"])
+@pytest.mark.parametrize(
+    "body,loc,type_",
+    [
+        ({"model_name": "m", "gpu_id": -1}, ["body", "gpu_id"], "greater_than_equal"),
+        ({"model_name": "m", "gpu_id": 0, "config": None}, ["body", "config"], "dict_type"),
+        ({"gpu_id": 0}, ["body", "model_name"], "missing"),
+        ({"model_name": "m", "gpu_id": "zero"}, ["body", "gpu_id"], "int_parsing"),
+        (
+            {"model_name": "../etc", "model_type": "process", "gpu_id": 0},
+            ["body", "model_name"],
+            "value_error",
+        ),
+        ({"model_name": "m", "model_type": "tensorflow", "gpu_id": 0}, ["body", "model_type"], "enum"),
+        ({"model_name": "m", "gpu_id": 0}, ["body", "model_type"], "missing"),
+        (
+            {
+                "model_name": "m",
+                "model_type": "process",
+                "gpu_id": 0,
+                "config": {"command": ["x"], "restart": {"max_retries": -1}},
+            },
+            ["body", "config", "restart", "max_retries"],
+            "greater_than_equal",
+        ),
+        (
+            {
+                "model_name": "m",
+                "model_type": "process",
+                "gpu_id": 0,
+                "config": {"command": ["x"], "comand": 1},
+            },
+            ["body", "config", "comand"],
+            "extra_forbidden",
+        ),
+        (
+            {"model_name": "m", "model_type": "process", "gpu_id": 0, "config": {}},
+            ["body", "config", "command"],
+            "missing",
+        ),
+    ],
+    ids=[
+        "negative-gpu",
+        "config-null",
+        "no-name",
+        "gpu-not-int",
+        "bad-name",
+        "unknown-backend",
+        "type-needed",
+        "bad-config-value",
+        "unknown-config-key",
+        "missing-command",
+    ],
+)
 async def test_start_422_names_the_field(api: Api, conf_dir: Path, body, loc, type_) -> None:
     r = await api.post("/api/v1/models/start", body)
     assert r.status_code == 422, r.text
@@ -133,7 +205,9 @@ async def test_start_422_names_the_field(api: Api, conf_dir: Path, body, loc, ty
 
 
 async def test_malformed_json_is_422(api: Api) -> None:
-    r = await api.client.post("/api/v1/models/start", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = await api.client.post(
+        "/api/v1/models/start", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
@@ -162,8 +236,15 @@ async def test_409_port_taken_names_the_occupant(api: Api, conf_dir: Path) -> No
     port = free_port()
     write_decl(conf_dir, declaration("first", ["sleep", "3600"], port=port))
     await api.engine.reload("test")
-    r = await api.post("/api/v1/models/start", {"model_name": "second", "model_type": "process", "gpu_id": 0,
-                                                "config": {"command": ["sleep", "3600"], "port": port}})
+    r = await api.post(
+        "/api/v1/models/start",
+        {
+            "model_name": "second",
+            "model_type": "process",
+            "gpu_id": 0,
+            "config": {"command": ["sleep", "3600"], "port": port},
+        },
+    )
     assert r.status_code == 409, r.text
     assert f"port {port}" in r.json()["detail"] and "first@cpu" in r.json()["detail"]
     assert not (conf_dir / "second.toml").exists()
@@ -172,7 +253,9 @@ async def test_409_port_taken_names_the_occupant(api: Api, conf_dir: Path) -> No
 async def test_409_backend_mismatch_and_cpu_model(api: Api, conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("cpuonly", ["sleep", "3600"]))
     await api.engine.reload("test")
-    r = await api.post("/api/v1/models/start", {"model_name": "cpuonly", "model_type": "process", "gpu_id": 0})
+    r = await api.post(
+        "/api/v1/models/start", {"model_name": "cpuonly", "model_type": "process", "gpu_id": 0}
+    )
     assert r.status_code == 409 and 'gpus = "none"' in r.json()["detail"]
     api.engine.registry.register(_OtherKind())
     r = await api.post("/api/v1/models/start", {"model_name": "cpuonly", "model_type": "other", "gpu_id": 0})
@@ -206,10 +289,16 @@ async def test_put_get_delete_declaration(api: Api, conf_dir: Path) -> None:
     r = await api.put("/api/v1/models/web", {**doc, "restart": {"max_retries": 4}})
     assert r.status_code == 200 and inst.spec.restart.max_retries == 4
     listing = (await api.get("/api/v1/models")).json()
-    assert [(m["name"], m["file"], m["instances"]) for m in listing] == [("web", str(conf_dir / "web.toml"), ["web@gpu1"])]
+    assert [(m["name"], m["file"], m["instances"]) for m in listing] == [
+        ("web", str(conf_dir / "web.toml"), ["web@gpu1"])
+    ]
     pid = inst.pid
     r = await api.delete("/api/v1/models/web")
-    assert r.status_code == 200 and r.json() == {"name": "web", "file": str(conf_dir / "web.toml"), "stopped": ["web@gpu1"]}
+    assert r.status_code == 200 and r.json() == {
+        "name": "web",
+        "file": str(conf_dir / "web.toml"),
+        "stopped": ["web@gpu1"],
+    }
     assert not (conf_dir / "web.toml").exists() and not alive(pid)
 
 
@@ -247,8 +336,14 @@ async def test_config_errors_endpoint(api: Api, conf_dir: Path) -> None:
     (conf_dir / "bad.toml").write_text('name = "bad"\nbackend = "process"\ncommand = ["x"]\nport = "80"\n')
     await api.engine.reload("test")
     r = await api.get("/api/v1/config/errors")
-    assert r.json() == [{"file": str(conf_dir / "bad.toml"), "key": "port", "line": None,
-                         "message": "must be a port number (1-65535) or \"auto\", got '80'"}]
+    assert r.json() == [
+        {
+            "file": str(conf_dir / "bad.toml"),
+            "key": "port",
+            "line": None,
+            "message": "must be a port number (1-65535) or \"auto\", got '80'",
+        }
+    ]
     health = (await api.get("/healthz")).json()
     assert health["status"] == "ok" and health["config_errors"] == 1
 
@@ -287,9 +382,14 @@ async def test_concurrent_start_stop_storm_matches_the_file(api: Api, conf_dir: 
 async def test_kill_refuses_dangerous_and_unrelated_pids(api: Api) -> None:
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        for pid, words in [(0, "never a valid target"), (1, "never a valid target"), (-1, "never a valid target"),
-                           (os.getpid(), "the supervisor itself"), (os.getppid(), "ancestor"),
-                           (sleeper.pid, "neither using a GPU nor part of a supervised instance")]:
+        for pid, words in [
+            (0, "never a valid target"),
+            (1, "never a valid target"),
+            (-1, "never a valid target"),
+            (os.getpid(), "the supervisor itself"),
+            (os.getppid(), "ancestor"),
+            (sleeper.pid, "neither using a GPU nor part of a supervised instance"),
+        ]:
             r = await api.delete(f"/api/v1/processes/{pid}")
             assert r.status_code == 403, (pid, r.text)
             assert words in r.json()["detail"], (pid, r.json())
@@ -312,7 +412,9 @@ async def test_kill_refuses_dangerous_and_unrelated_pids(api: Api) -> None:
     assert r.status_code == 404 and r.json()["detail"] == "Process not found"
 
 
-async def test_kill_of_a_supervised_process_names_the_instance_and_it_restarts(api: Api, conf_dir: Path) -> None:
+async def test_kill_of_a_supervised_process_names_the_instance_and_it_restarts(
+    api: Api, conf_dir: Path
+) -> None:
     write_decl(conf_dir, declaration("victim", demo_cmd(), health=TCP, restart={"initial_delay": 0.0}))
     await api.engine.reload("test")
     inst = api.engine.instances["victim@cpu"]
@@ -320,7 +422,10 @@ async def test_kill_of_a_supervised_process_names_the_instance_and_it_restarts(a
     pid = inst.pid
     r = await api.delete(f"/api/v1/processes/{pid}")
     assert r.status_code == 200, r.text
-    assert r.json()["instance_id"] == "victim@cpu" and "restarted according to its restart policy" in r.json()["message"]
+    assert (
+        r.json()["instance_id"] == "victim@cpu"
+        and "restarted according to its restart policy" in r.json()["message"]
+    )
     await inst.wait_for(lambda i: i.state == State.RUNNING and i.pid not in (None, pid), timeout=10)
 
 
@@ -346,12 +451,24 @@ async def test_openapi_and_offline_docs(api: Api) -> None:
     spec = (await api.get("/docs/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     paths = spec["paths"]
-    for path in ["/api/v1/gpus", "/api/v1/processes/{pid}", "/api/v1/models/start", "/api/v1/models/stop",
-                 "/api/v1/models/status", "/api/v1/models/status/{model_name}", "/api/v1/models/supported",
-                 "/api/v1/models/{name}", "/api/v1/events", "/healthz", "/api/v1/config/errors"]:
+    for path in [
+        "/api/v1/gpus",
+        "/api/v1/processes/{pid}",
+        "/api/v1/models/start",
+        "/api/v1/models/stop",
+        "/api/v1/models/status",
+        "/api/v1/models/status/{model_name}",
+        "/api/v1/models/supported",
+        "/api/v1/models/{name}",
+        "/api/v1/events",
+        "/healthz",
+        "/api/v1/config/errors",
+    ]:
         assert path in paths, path
     start = paths["/api/v1/models/start"]["post"]
-    assert start["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StartRequest"}
+    assert start["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/StartRequest"
+    }
     assert spec["components"]["schemas"]["StartRequest"]["required"] == ["model_name", "gpu_id"]
     page = await api.get("/docs")
     assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text

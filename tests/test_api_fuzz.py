@@ -25,13 +25,15 @@ import pytest
 
 from .conftest import PY, REPO, declaration, demo_cmd, free_port, free_range, write_decl
 
-CHECKS = ",".join([
-    "not_a_server_error",
-    "status_code_conformance",
-    "content_type_conformance",
-    "response_schema_conformance",
-    "negative_data_rejection",
-])
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+        "negative_data_rejection",
+    ]
+)
 NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 # follow=true streams a log until the client leaves: every such case would sit out the request timeout.
 FIXED = """
@@ -51,8 +53,7 @@ def pid_namespace() -> bool:
     """Can we run a command in a new PID namespace with its own /proc (root, unshare, no seccomp block)?"""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    probe = subprocess.run([*NAMESPACE, "sh", "-c", "test $$ -eq 1"],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run([*NAMESPACE, "sh", "-c", "test $$ -eq 1"], capture_output=True, timeout=30)
     return probe.returncode == 0
 
 
@@ -79,13 +80,31 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path: Path) 
     port = free_port()
     low, high = free_range(200)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    env.update(PATH="/nonexistent", MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}", MODEL_SUPERVISOR_GPU_SOURCE="none")
+    env.update(
+        PATH="/nonexistent", MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}", MODEL_SUPERVISOR_GPU_SOURCE="none"
+    )
     isolated = pid_namespace()
     prefix = [shutil.which("unshare"), *NAMESPACE[1:]] if isolated else []
     server = subprocess.Popen(
-        [*prefix, PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state),
-         "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            *prefix,
+            PY,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(conf),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     serve_pid = namespace_child(server) if isolated else server.pid
     excluded = "^/api/v1/events" if isolated else "^/api/v1/(processes|events)"
@@ -101,10 +120,34 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path: Path) 
         config = tmp_path / "schemathesis.toml"
         config.write_text(FIXED)
         run = subprocess.run(
-            [st_binary(), "--config-file", str(config), "run", f"http://127.0.0.1:{port}/docs/openapi.json",
-             "--checks", CHECKS, "--exclude-path-regex", excluded, "--max-examples", "30", "--phases", "examples,coverage,fuzzing", "--workers", "1",
-             "--request-timeout", "60", "--generation-database", "none", "--seed", "20261127", "--no-color"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=540,
+            [
+                st_binary(),
+                "--config-file",
+                str(config),
+                "run",
+                f"http://127.0.0.1:{port}/docs/openapi.json",
+                "--checks",
+                CHECKS,
+                "--exclude-path-regex",
+                excluded,
+                "--max-examples",
+                "30",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "60",
+                "--generation-database",
+                "none",
+                "--seed",
+                "20261127",
+                "--no-color",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=540,
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "passed" in run.stdout

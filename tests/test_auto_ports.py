@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import socket
 
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .conftest import FAST_RESTART, declaration, demo_cmd, free_port, wait_until, write_decl
 
@@ -37,8 +37,13 @@ async def test_auto_port_taken_by_a_stranger_moves_to_another(settings: Settings
         second = Engine(settings)
         try:
             await second.start(watch=True)
-            await wait_until(lambda: second.instances["web@cpu"].state == State.RUNNING
-                             and second.instances["web@cpu"].spec.port != old, timeout=20)
+            await wait_until(
+                lambda: (
+                    second.instances["web@cpu"].state == State.RUNNING
+                    and second.instances["web@cpu"].spec.port != old
+                ),
+                timeout=20,
+            )
             inst = second.instances["web@cpu"]
             assert any(f"automatic port {old} is held by" in t.reason for t in inst.history)
             saved = json.loads((settings.state_dir / "ports.json").read_text())
@@ -53,8 +58,12 @@ async def test_fixed_port_taken_backs_off_naming_the_holder(engine: Engine, conf
     port = free_port()
     stranger = listener(port)
     try:
-        write_decl(conf_dir, declaration("web", demo_cmd(), health=HTTP, port=port,
-                                         restart={**FAST_RESTART, "initial_delay": 0.5}))
+        write_decl(
+            conf_dir,
+            declaration(
+                "web", demo_cmd(), health=HTTP, port=port, restart={**FAST_RESTART, "initial_delay": 0.5}
+            ),
+        )
         await engine.start()
         inst = engine.instances["web@cpu"]
         await inst.wait_state(State.BACKOFF, timeout=10)
@@ -64,7 +73,9 @@ async def test_fixed_port_taken_backs_off_naming_the_holder(engine: Engine, conf
         stranger.close()
 
 
-async def test_assignments_of_removed_declarations_are_pruned(engine: Engine, conf_dir, settings: Settings) -> None:
+async def test_assignments_of_removed_declarations_are_pruned(
+    engine: Engine, conf_dir, settings: Settings
+) -> None:
     path = write_decl(conf_dir, declaration("web", demo_cmd(), health=HTTP))
     write_decl(conf_dir, declaration("other", demo_cmd(), health=HTTP))
     await engine.start()

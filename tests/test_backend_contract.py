@@ -14,13 +14,19 @@ from typing import Any, get_args
 import pytest
 import tomli_w
 
-from supervisor.backends.base import (BackendKind, ContainerLaunch, DefaultHealth, HealthType, LaunchContext,
-                                      ProcessLaunch)
-from supervisor.backends.registry import default_registry
 from supervisor.adapters.confd import read_dir
+from supervisor.adapters.ports import PortAllocator
+from supervisor.backends.base import (
+    BackendKind,
+    ContainerLaunch,
+    DefaultHealth,
+    HealthType,
+    LaunchContext,
+    ProcessLaunch,
+)
+from supervisor.backends.registry import default_registry
 from supervisor.config.declarations import Defaults
 from supervisor.config.desired import Catalog, resolve
-from supervisor.adapters.ports import PortAllocator
 
 REGISTRY = default_registry(load_plugins=False)
 KINDS = REGISTRY.names()
@@ -36,21 +42,37 @@ class Minimal:
 
 MINIMAL: dict[str, Minimal] = {
     "process": Minimal({"command": ["true"]}, lambda s: {"command": ["true", s]}, "command[1]"),
-    "docker": Minimal({"image": "busybox"}, lambda s: {"image": "busybox", "command": ["echo", s]}, "command[1]"),
-    "triton": Minimal({"model_repository": "models"},
-                      lambda s: {"model_repository": "models", "extra_args": [s]}, "extra_args[0]"),
-    "comfyui": Minimal({"comfyui_path": "ComfyUI"},
-                       lambda s: {"comfyui_path": "ComfyUI", "extra_args": ["--verbose", s]}, "extra_args[1]"),
-    "vllm": Minimal({"model": "facebook/opt-125m"},
-                    lambda s: {"model": "facebook/opt-125m", "extra_args": [s]}, "extra_args[0]"),
-    "textgen": Minimal({"textgen_path": "text-generation-webui"},
-                       lambda s: {"textgen_path": "text-generation-webui", "extra_args": [s]}, "extra_args[0]"),
+    "docker": Minimal(
+        {"image": "busybox"}, lambda s: {"image": "busybox", "command": ["echo", s]}, "command[1]"
+    ),
+    "triton": Minimal(
+        {"model_repository": "models"},
+        lambda s: {"model_repository": "models", "extra_args": [s]},
+        "extra_args[0]",
+    ),
+    "comfyui": Minimal(
+        {"comfyui_path": "ComfyUI"},
+        lambda s: {"comfyui_path": "ComfyUI", "extra_args": ["--verbose", s]},
+        "extra_args[1]",
+    ),
+    "vllm": Minimal(
+        {"model": "facebook/opt-125m"},
+        lambda s: {"model": "facebook/opt-125m", "extra_args": [s]},
+        "extra_args[0]",
+    ),
+    "textgen": Minimal(
+        {"textgen_path": "text-generation-webui"},
+        lambda s: {"textgen_path": "text-generation-webui", "extra_args": [s]},
+        "extra_args[0]",
+    ),
 }
 
 
 def test_every_registered_kind_has_a_minimal_declaration() -> None:
     missing = sorted(set(KINDS) - set(MINIMAL))
-    assert not missing, f"add a minimal declaration to MINIMAL for {missing}: the contract must cover every kind"
+    assert not missing, (
+        f"add a minimal declaration to MINIMAL for {missing}: the contract must cover every kind"
+    )
 
 
 @pytest.fixture(params=KINDS)
@@ -91,7 +113,9 @@ def test_options_model_is_strict(kind: BackendKind, tmp_path: Path) -> None:
     assert config.get("extra") == "forbid" and config.get("strict") is True and config.get("frozen") is True
     catalog, path = load(tmp_path, declaration(kind, {**MINIMAL[kind.name].keys, "surely_not_a_key": 1}))
     found = [(e.key, e.message) for e in catalog.errors[str(path)]]
-    assert any(key == "surely_not_a_key" and message.startswith("unknown key") for key, message in found), found
+    assert any(key == "surely_not_a_key" and message.startswith("unknown key") for key, message in found), (
+        found
+    )
 
 
 @pytest.mark.parametrize("gpus", ["none", [0], [[0, 1]]], ids=["cpu", "one-gpu", "two-gpus"])
@@ -152,5 +176,7 @@ def test_unknown_placeholder_is_a_load_error_naming_the_key(kind: BackendKind, t
     minimal = MINIMAL[kind.name]
     catalog, path = load(tmp_path, declaration(kind, minimal.user("--x={nope}")))
     found = [(e.key, e.message) for e in catalog.errors.get(str(path), [])]
-    assert any(key == minimal.user_key and "unknown placeholder {nope}" in message for key, message in found), found
+    assert any(
+        key == minimal.user_key and "unknown placeholder {nope}" in message for key, message in found
+    ), found
     assert "m" not in catalog.models

@@ -23,9 +23,16 @@ def test_jitter_stays_within_bounds_and_spreads() -> None:
     assert max(delays) - min(delays) > 3  # not in lockstep
 
 
-
-@pytest.mark.parametrize("failures,max_retries,expected", [
-    (1, 3, False), (3, 3, False), (4, 3, True), (1000, 0, False), (1, 1, False), (2, 1, True),
-])
+@pytest.mark.parametrize(
+    "failures,max_retries,expected",
+    [
+        (1, 3, False),
+        (3, 3, False),
+        (4, 3, True),
+        (1000, 0, False),
+        (1, 1, False),
+        (2, 1, True),
+    ],
+)
 def test_gives_up(failures, max_retries, expected) -> None:
     assert gives_up(failures, max_retries) is expected

@@ -30,7 +30,9 @@ EVIL_HOST = "evil.example"
 # Recent Chromium asks the user before a public page may reach the local network ("Local
 # Network Access"); headless it just refuses. Other browsers, older Chromium and a user who
 # clicks "allow" do not stop the request, so the supervisor must: the check is turned off here.
-LNA_FEATURES = "LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessSendPreflights"
+LNA_FEATURES = (
+    "LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessSendPreflights"
+)
 
 
 def marker_cmd(marker: Path) -> list[str]:
@@ -38,7 +40,12 @@ def marker_cmd(marker: Path) -> list[str]:
 
 
 def attack_page(target: str, marker: Path) -> str:
-    start = {"model_name": "pwned", "model_type": "process", "gpu_id": 0, "config": {"command": marker_cmd(marker)}}
+    start = {
+        "model_name": "pwned",
+        "model_type": "process",
+        "gpu_id": 0,
+        "config": {"command": marker_cmd(marker)},
+    }
     body = json.dumps(start)
     # A text/plain form whose one field's name and value join ("name=value") into JSON.
     form_name, form_value = body[:-1] + ', "pad": "', '"}'
@@ -62,7 +69,12 @@ for (const id of ["f1", "f2", "f3"]) document.getElementById(id).submit();
 
 
 def rebinding_page(marker: Path) -> str:
-    start = {"model_name": "rebound", "model_type": "process", "gpu_id": 0, "config": {"command": marker_cmd(marker)}}
+    start = {
+        "model_name": "rebound",
+        "model_type": "process",
+        "gpu_id": 0,
+        "config": {"command": marker_cmd(marker)},
+    }
     return f"""<!doctype html><meta charset="utf-8"><title>rebinding</title><script>
 window.results = {{}};
 (async () => {{
@@ -83,7 +95,7 @@ window.results = {{}};
 class _Pages(BaseHTTPRequestHandler):
     page = b""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(self.page)))
@@ -120,9 +132,15 @@ def chromium(request: pytest.FixtureRequest) -> Iterator[object]:
     sync_api = require_browser()
     playwright = sync_api.sync_playwright().start()
     try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {EVIL_HOST} 127.0.0.1",
-                                                   f"--disable-features={LNA_FEATURES}"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                *CHROMIUM_ARGS,
+                f"--host-resolver-rules=MAP {EVIL_HOST} 127.0.0.1",
+                f"--disable-features={LNA_FEATURES}",
+            ],
+        )
         try:
             context = browser.new_context()
             context.set_default_timeout(20_000)
@@ -138,7 +156,9 @@ def refused_counts(server: Server) -> dict[tuple[str, str], int]:
     status, _, body = server.request("/metrics")
     assert status == 200
     counts: dict[tuple[str, str], int] = {}
-    for m in re.finditer(r'api_requests_total\{route="/unmatched",method="(\w+)",status="(\d+)"\} (\d+)', body.decode()):
+    for m in re.finditer(
+        r'api_requests_total\{route="/unmatched",method="(\w+)",status="(\d+)"\} (\d+)', body.decode()
+    ):
         counts[(m[1], m[2])] = int(m[3])
     return counts
 
@@ -160,7 +180,9 @@ def test_cross_origin_page_runs_nothing(server: Server, attacker, chromium, tmp_
 
     page = chromium.new_page()
     page.goto(attacker_url + "/")
-    wait_for(lambda: len(page.evaluate("Object.keys(window.results)")) == 3, what="the page's fetches to settle")
+    wait_for(
+        lambda: len(page.evaluate("Object.keys(window.results)")) == 3, what="the page's fetches to settle"
+    )
     results = page.evaluate("window.results")
     assert results["no_cors"] == "opaque"  # sent (the browser asks no one for a text/plain POST)
     assert str(results["cors"]).startswith("blocked"), results  # the preflight is refused
@@ -169,7 +191,11 @@ def test_cross_origin_page_runs_nothing(server: Server, attacker, chromium, tmp_
     assert not marker.exists(), "a cross-origin page ran a command"
     assert not (server.conf / "pwned.toml").exists()
     after = server.instance("victim@cpu")
-    assert after["state"] == "RUNNING" and after["pid"] == victim["pid"] and after["restarts"] == victim["restarts"]
+    assert (
+        after["state"] == "RUNNING"
+        and after["pid"] == victim["pid"]
+        and after["restarts"] == victim["restarts"]
+    )
     assert tomllib.loads((server.conf / "victim.toml").read_text()).get("enabled", True) is True
     # Every attempt arrived and was refused before routing: the text/plain fetch, the text/plain
     # form and the two empty forms (all 403 for their Origin); the preflight got its 405.
@@ -185,8 +211,10 @@ def test_dns_rebinding_page_is_refused(server: Server, chromium, tmp_path: Path)
     page = chromium.new_page()
     # Before the rebinding the attacker's own server answers for evil.example; then the name
     # points at 127.0.0.1, and the page's "same-origin" requests go to the supervisor.
-    page.route(f"{origin}/", lambda route: route.fulfill(status=200, content_type="text/html",
-                                                          body=rebinding_page(marker)))
+    page.route(
+        f"{origin}/",
+        lambda route: route.fulfill(status=200, content_type="text/html", body=rebinding_page(marker)),
+    )
     page.goto(f"{origin}/")
     wait_for(lambda: page.evaluate("window.results.done === true"), what="the rebinding page to finish")
     results = page.evaluate("window.results")

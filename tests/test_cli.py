@@ -35,7 +35,13 @@ class Served:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [PY, "-m", "supervisor", "serve", "--conf-dir", str(self.conf), "--state-dir", str(self.state)],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -46,8 +52,14 @@ class Served:
                 time.sleep(0.1)
 
     def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "supervisor", *args], cwd=REPO, env=env or self.env, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [PY, "-m", "supervisor", *args],
+            cwd=REPO,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def wait_state(self, instance: str, state: str, timeout: float = 20) -> dict:
         deadline = time.monotonic() + timeout
@@ -90,13 +102,33 @@ def test_status_start_stop_restart_logs_reload(served: Served) -> None:
     out = served.cli("status")
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.splitlines()[:2]
-    assert header.split() == ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "GPU", "MEM", "UPTIME", "RESTARTS", "REASON"]
+    assert header.split() == [
+        "INSTANCE",
+        "STATE",
+        "PID",
+        "PORT",
+        "GPUS",
+        "GPU",
+        "MEM",
+        "UPTIME",
+        "RESTARTS",
+        "REASON",
+    ]
     assert row.split()[:2] == ["web@cpu", "RUNNING"]
     # columns are aligned: every row starts its STATE where the header does
     assert row.index("RUNNING") == header.index("STATE")
 
-    out = served.cli("start", "gpu-model", "--gpu", "1", "--type", "process", "--wait",
-                     "--config", json.dumps({"command": demo_cmd(), "health": TCP}))
+    out = served.cli(
+        "start",
+        "gpu-model",
+        "--gpu",
+        "1",
+        "--type",
+        "process",
+        "--wait",
+        "--config",
+        json.dumps({"command": demo_cmd(), "health": TCP}),
+    )
     assert out.returncode == 0, out.stderr
     assert "gpu-model@gpu1" in out.stdout and "RUNNING" in out.stdout
     assert tomllib.loads((served.conf / "gpu-model.toml").read_text())["gpus"] == [1]
@@ -154,11 +186,18 @@ def test_logs_follow_streams_new_lines(served: Served) -> None:
     write_decl(served.conf, declaration("chatty", demo_cmd(), health=TCP))
     served.start()
     port = served.wait_state("chatty@cpu", "RUNNING")["port"]
-    follower = subprocess.Popen([PY, "-m", "supervisor", "logs", "chatty@cpu", "-f", "-n", "1"], cwd=REPO,
-                                env=served.env, stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [PY, "-m", "supervisor", "logs", "chatty@cpu", "-f", "-n", "1"],
+        cwd=REPO,
+        env=served.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)
-        body = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=b'{"inputs": [21]}', method="POST")
+        body = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/predict", data=b'{"inputs": [21]}', method="POST"
+        )
         urllib.request.urlopen(body, timeout=5).read()  # the server logs "POST /v1/predict"
         deadline = time.monotonic() + 10
         seen = ""
@@ -184,10 +223,27 @@ def test_token_from_settings(tmp_path: Path) -> None:
 
 def test_non_loopback_without_token_refuses_to_start(tmp_path: Path) -> None:
     (tmp_path / "conf.d").mkdir()
-    out = subprocess.run([PY, "-m", "supervisor", "serve", "--conf-dir", str(tmp_path / "conf.d"), "--state-dir",
-                          str(tmp_path / "state"), "--host", "0.0.0.0", "--port", str(free_port())],
-                         cwd=REPO, capture_output=True, text=True, timeout=30,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")})
+    out = subprocess.run(
+        [
+            PY,
+            "-m",
+            "supervisor",
+            "serve",
+            "--conf-dir",
+            str(tmp_path / "conf.d"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")},
+    )
     assert out.returncode == 2
     assert "refusing to serve the API on 0.0.0.0 without a token" in out.stderr and "--insecure" in out.stderr
 
@@ -200,9 +256,24 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        out = subprocess.run([PY, "-m", "supervisor", "serve", "--conf-dir", str(tmp_path / "conf.d"), "--state-dir",
-                              str(tmp_path / "state"), "--port", str(port)], cwd=REPO, capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [
+                PY,
+                "-m",
+                "supervisor",
+                "serve",
+                "--conf-dir",
+                str(tmp_path / "conf.d"),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert out.returncode == 2 and "address already in use" in out.stderr
 
 
@@ -219,8 +290,13 @@ def test_status_watch_redraws_on_a_state_change(served: Served) -> None:
     write_decl(served.conf, declaration("watched", ["sleep", "3600"]))
     served.start()
     served.wait_state("watched@cpu", "RUNNING")
-    watcher = subprocess.Popen([PY, "-m", "supervisor", "status", "-w", "--interval", "60"], cwd=REPO,
-                               env=served.env, stdout=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [PY, "-m", "supervisor", "status", "-w", "--interval", "60"],
+        cwd=REPO,
+        env=served.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.0)
         assert served.cli("stop", "watched").returncode == 0
@@ -235,6 +311,7 @@ def test_status_watch_redraws_on_a_state_change(served: Served) -> None:
 
 
 # -- issue 13: honest output, stop/start --all, exit codes, the small wrongs ------------------------
+
 
 def _rows(stdout: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split() for line in stdout.splitlines()[1:] if line.strip()}
@@ -264,8 +341,16 @@ def test_start_and_restart_print_the_state_after_the_action(served: Served) -> N
 
 
 def test_start_wait_reports_a_failed_start(served: Served) -> None:
-    write_decl(served.conf, declaration("broken", [PY, "-c", "import sys; sys.exit(3)"], health=TCP, enabled=False,
-                                        restart={"initial_delay": 30.0}))
+    write_decl(
+        served.conf,
+        declaration(
+            "broken",
+            [PY, "-c", "import sys; sys.exit(3)"],
+            health=TCP,
+            enabled=False,
+            restart={"initial_delay": 30.0},
+        ),
+    )
     served.start()
     out = served.cli("start", "broken", "--wait", "--timeout", "20")
     assert out.returncode == 1 and "broken@cpu failed to start" in out.stderr and "HTTP 502" in out.stderr
@@ -304,11 +389,18 @@ def test_reload_waits_and_prints_what_it_changed(served: Served) -> None:
     served.start()
     write_decl(served.conf, declaration("late", ["sleep", "3600"]))
     out = served.cli("reload")
-    assert out.returncode == 0 and out.stdout.startswith("reloaded: ") and "late@cpu" in out.stdout, out.stdout
+    assert out.returncode == 0 and out.stdout.startswith("reloaded: ") and "late@cpu" in out.stdout, (
+        out.stdout
+    )
     served.wait_state("late@cpu", "RUNNING")
     out = served.cli("reload", "--json")
     result = json.loads(out.stdout)
-    assert result["changes"] == {"added": [], "removed": [], "replaced": [], "updated": []}  # this reload's, not an earlier one's
+    assert result["changes"] == {
+        "added": [],
+        "removed": [],
+        "replaced": [],
+        "updated": [],
+    }  # this reload's, not an earlier one's
     assert served.cli("reload").stdout.startswith("reloaded: nothing changed")
 
 
@@ -321,7 +413,10 @@ def test_status_exit_codes_and_models_without_instances(served: Served) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     row = _rows(out.stdout)["parked"]
     assert "no instances (gpus = [])" in " ".join(row)
-    assert any(m["model"] == "parked" for m in json.loads(served.cli("status", "--json").stdout)["models_without_instances"])
+    assert any(
+        m["model"] == "parked"
+        for m in json.loads(served.cli("status", "--json").stdout)["models_without_instances"]
+    )
     assert "no instances" in served.cli("status", "parked").stdout
 
     (served.conf / "bad.toml").write_text('name = "bad"\nbackend = "process"\nport = "x"\n')
@@ -332,8 +427,14 @@ def test_status_exit_codes_and_models_without_instances(served: Served) -> None:
     assert "configuration errors:" in out.stdout
     (served.conf / "bad.toml").unlink()
 
-    write_decl(served.conf, declaration("dies", [PY, "-c", "raise SystemExit(1)"],
-                                        restart={"max_retries": 1, "initial_delay": 0.0, "jitter": 0.0}))
+    write_decl(
+        served.conf,
+        declaration(
+            "dies",
+            [PY, "-c", "raise SystemExit(1)"],
+            restart={"max_retries": 1, "initial_delay": 0.0, "jitter": 0.0},
+        ),
+    )
     served.wait_state("dies@cpu", "FATAL")
     out = served.cli("status")
     assert out.returncode == 3 and "FATAL" in out.stdout
@@ -345,8 +446,13 @@ def test_status_watch_writes_no_escape_codes_into_a_pipe(served: Served) -> None
     write_decl(served.conf, declaration("w", ["sleep", "3600"]))
     served.start()
     served.wait_state("w@cpu", "RUNNING")
-    watcher = subprocess.Popen([PY, "-m", "supervisor", "status", "-w", "--interval", "0.2"], cwd=REPO,
-                               env=served.env, stdout=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [PY, "-m", "supervisor", "status", "-w", "--interval", "0.2"],
+        cwd=REPO,
+        env=served.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.5)
     finally:
@@ -389,10 +495,14 @@ def test_small_wrongs_kill_logs_and_help(served: Served) -> None:
 
 def test_client_commands_import_no_pydantic_sanic_or_asyncio(served: Served) -> None:
     served.start()
-    probe = ("import sys\nfrom supervisor.cli.main import main\ncode = main(['status'])\n"
-             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'sanic', "
-             "'sanic_ext', 'asyncio', 'uvloop', 'httpx'))\nprint('HEAVY', heavy, code)\n")
-    out = subprocess.run([PY, "-c", probe], cwd=REPO, env=served.env, capture_output=True, text=True, timeout=60)
+    probe = (
+        "import sys\nfrom supervisor.cli.main import main\ncode = main(['status'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'sanic', "
+        "'sanic_ext', 'asyncio', 'uvloop', 'httpx'))\nprint('HEAVY', heavy, code)\n"
+    )
+    out = subprocess.run(
+        [PY, "-c", probe], cwd=REPO, env=served.env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "HEAVY [] 0" in out.stdout, out.stdout
 
@@ -401,10 +511,19 @@ def test_validate_accepts_one_file(tmp_path: Path) -> None:
     conf = tmp_path / "conf.d"
     conf.mkdir()
     good = write_decl(conf, declaration("good", ["sleep", "1"], port=7001))
-    clash = write_decl(conf, declaration("zclash", ["sleep", "1"], port=7001))  # same port: checked against the dir
-    run = lambda *a: subprocess.run([PY, "-m", "supervisor", "validate", *a], cwd=REPO, capture_output=True,
-                                    text=True, timeout=60)
+    clash = write_decl(
+        conf, declaration("zclash", ["sleep", "1"], port=7001)
+    )  # same port: checked against the dir
+    run = lambda *a: subprocess.run(
+        [PY, "-m", "supervisor", "validate", *a], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     out = run(str(good))
-    assert out.returncode == 0 and f"{good}: 1 valid model(s), 0 error(s)" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and f"{good}: 1 valid model(s), 0 error(s)" in out.stdout, (
+        out.stdout + out.stderr
+    )
     out = run(str(clash))
-    assert out.returncode == 1 and "7001" in out.stderr and "declaration directory does not exist" not in out.stderr
+    assert (
+        out.returncode == 1
+        and "7001" in out.stderr
+        and "declaration directory does not exist" not in out.stderr
+    )

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.adapters.ports import PortAllocator
 from supervisor.backends.registry import default_registry
 from supervisor.config.declarations import Defaults, parse_declaration
 from supervisor.config.desired import Catalog, resolve
-from supervisor.core.placement import (NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError,
-                                  place_on_nodes)
-from supervisor.adapters.ports import PortAllocator
+from supervisor.core.placement import (
+    NO_FACTS,
+    Claim,
+    ClusterFacts,
+    GpuClaims,
+    GpuFacts,
+    PlacementError,
+    place_on_nodes,
+)
 
 from .conftest import declaration
 
@@ -25,10 +32,17 @@ def gpus(free: dict[int, int]) -> GpuFacts:
     return GpuFacts(frozenset(free), dict(free))
 
 
-def settle(docs: list[dict], cluster: ClusterFacts, previous: Catalog | None = None,
-           defaults: Defaults = CLUSTER, facts: GpuFacts = NO_FACTS) -> Catalog:
-    parsed = {f"/c/{d['name']}.toml": parse_declaration(d, Path(f"/c/{d['name']}.toml"), REGISTRY, defaults)
-              for d in docs}
+def settle(
+    docs: list[dict],
+    cluster: ClusterFacts,
+    previous: Catalog | None = None,
+    defaults: Defaults = CLUSTER,
+    facts: GpuFacts = NO_FACTS,
+) -> Catalog:
+    parsed = {
+        f"/c/{d['name']}.toml": parse_declaration(d, Path(f"/c/{d['name']}.toml"), REGISTRY, defaults)
+        for d in docs
+    }
     ports = PortAllocator(30000, 30999, is_free=lambda _p: True)
     return resolve(parsed, previous or Catalog(), ports.assign, facts=facts, cluster=cluster)
 
@@ -55,10 +69,11 @@ def test_a_tensor_parallel_instance_goes_where_its_tightest_gpu_has_the_most_roo
 
 
 def test_gpus_other_declarations_hold_are_kept_off_exclusive_and_shared() -> None:
-    nodes = ClusterFacts({"gpu-a": gpus({0: 9000, 1: 9000}), "gpu-b": gpus({0: 5000})},
-                         occupied={"gpu-a": {1: Claim("free@gpu1", "/c/free.toml", False, 0)}})
-    docs = [declaration("pinned", node="gpu-a", gpus=[0]),
-            declaration("auto", gpus="auto")]
+    nodes = ClusterFacts(
+        {"gpu-a": gpus({0: 9000, 1: 9000}), "gpu-b": gpus({0: 5000})},
+        occupied={"gpu-a": {1: Claim("free@gpu1", "/c/free.toml", False, 0)}},
+    )
+    docs = [declaration("pinned", node="gpu-a", gpus=[0]), declaration("auto", gpus="auto")]
     catalog = settle(docs, nodes)
     # gpu-a:0 is pinned, gpu-a:1 runs `free` (placed by Ray): only gpu-b is left.
     assert "auto@gpu-b:gpu0" in catalog.instances, catalog.errors
@@ -68,8 +83,11 @@ def test_gpus_other_declarations_hold_are_kept_off_exclusive_and_shared() -> Non
     assert error.key == "gpus" and "cannot place on any node: needs 1 GPU(s)" in error.message
     assert "gpu-a: GPU 0: held by pinned@gpu-a:gpu0; GPU 1: held by free@gpu1" in error.message, error.message
     assert "gpu-b: GPU 0: held by auto@gpu-b:gpu0" in error.message, error.message
-    shared = [declaration("s1", gpus="auto", share_gpus=True), declaration("s2", gpus="auto", share_gpus=True),
-              declaration("solo", gpus="auto")]
+    shared = [
+        declaration("s1", gpus="auto", share_gpus=True),
+        declaration("s2", gpus="auto", share_gpus=True),
+        declaration("solo", gpus="auto"),
+    ]
     catalog = settle(shared, ClusterFacts({"gpu-a": gpus({0: 9000})}))
     assert sorted(catalog.instances) == ["s1@gpu-a:gpu0", "s2@gpu-a:gpu0"]
     assert "GPU 0: held by s1@gpu-a:gpu0" in catalog.errors["/c/solo.toml"][0].message
@@ -91,7 +109,10 @@ def test_a_placement_stays_put_until_its_node_leaves_the_cluster() -> None:
     # Nothing to go on and no placement yet: a load error that says why.
     none = settle([declaration("new", gpus="auto")], ClusterFacts(reason="the cluster is unreachable"))
     [error] = none.errors["/c/new.toml"]
-    assert error.key == "gpus" and "needs to know the nodes' GPUs, and the cluster is unreachable" in error.message
+    assert (
+        error.key == "gpus"
+        and "needs to know the nodes' GPUs, and the cluster is unreachable" in error.message
+    )
 
 
 def test_a_pinned_auto_placement_is_kept_while_its_node_is_silent() -> None:
@@ -118,8 +139,9 @@ def test_unlabelled_and_unknown_nodes_are_never_chosen() -> None:
     nodes = ClusterFacts({"gpu-a": GpuFacts.unknown("no GPU source")})
     with pytest.raises(PlacementError, match="gpu-a: no GPU source"):
         place_on_nodes(1, 0, False, nodes, GpuClaims())
-    assert place_on_nodes(1, 0, False, ClusterFacts({"gpu-a": GpuFacts.unknown("x"), "gpu-b": gpus({3: 10})}),
-                          GpuClaims()) == ("gpu-b", (3,))
+    assert place_on_nodes(
+        1, 0, False, ClusterFacts({"gpu-a": GpuFacts.unknown("x"), "gpu-b": gpus({3: 10})}), GpuClaims()
+    ) == ("gpu-b", (3,))
 
 
 def test_instances_of_one_sharing_model_never_land_on_one_gpu() -> None:
@@ -148,15 +170,32 @@ class _Client:
         return {"how": "terminated", "reason": "a GPU process", "instance": None}
 
 
-def _sample(label: str | None, node_id: str, processes: list[tuple[int, int]], runs: dict | None = None,
-            error: str | None = None) -> dict:
+def _sample(
+    label: str | None,
+    node_id: str,
+    processes: list[tuple[int, int]],
+    runs: dict | None = None,
+    error: str | None = None,
+) -> dict:
     import time
 
-    return {"node_id": node_id, "label": label or node_id[:12], "labelled": label is not None, "error": error,
-            "sampled_at": time.time(),
-            "devices": [{"index": 0, "memory_total_mib": 10000, "memory_used_mib": 100,
-                         "processes": [{"pid": pid, "used_memory_mib": mib} for pid, mib in processes]}],
-            "runs": runs or {}, "users": {str(pid): "alice" for pid, _ in processes}}
+    return {
+        "node_id": node_id,
+        "label": label or node_id[:12],
+        "labelled": label is not None,
+        "error": error,
+        "sampled_at": time.time(),
+        "devices": [
+            {
+                "index": 0,
+                "memory_total_mib": 10000,
+                "memory_used_mib": 100,
+                "processes": [{"pid": pid, "used_memory_mib": mib} for pid, mib in processes],
+            }
+        ],
+        "runs": runs or {},
+        "users": {str(pid): "alice" for pid, _ in processes},
+    }
 
 
 async def test_node_facts_and_strays_from_the_agents_samples() -> None:
@@ -172,18 +211,27 @@ async def test_node_facts_and_strays_from_the_agents_samples() -> None:
     events: list[tuple[str, dict]] = []
     nodes.publish = lambda kind, data, keep=True: events.append((kind, data))
     ours = {"tok": {"instance": "m@gpu-a:gpu0", "pids": [11]}}
-    nodes._on_nodes({"samples": [_sample("gpu-a", "a" * 20, [(10, 500), (11, 900)], ours),
-                                 _sample(None, "f" * 20, [(20, 100)])]})
+    nodes._on_nodes(
+        {
+            "samples": [
+                _sample("gpu-a", "a" * 20, [(10, 500), (11, 900)], ours),
+                _sample(None, "f" * 20, [(20, 100)]),
+            ]
+        }
+    )
     facts = nodes.facts()
     assert list(facts.nodes) == ["gpu-a"]  # a node without our label is never chosen
     assert facts.nodes["gpu-a"].free_mib == {0: 9900}
     # pid 11 carries a run mark of ours (the reaper's, if no instance owns it): never a stray.
-    assert [(s["node"], s["pid"], s["user"]) for s in nodes.strays()] == [("ffffffffffff", 20, "alice"),
-                                                                         ("gpu-a", 10, "alice")]
+    assert [(s["node"], s["pid"], s["user"]) for s in nodes.strays()] == [
+        ("ffffffffffff", 20, "alice"),
+        ("gpu-a", 10, "alice"),
+    ]
     await asyncio.sleep(0.1)
     # A failed sample judges nothing (its runs are unknown), and keeps the strays it had.
-    nodes._on_nodes({"samples": [_sample("gpu-a", "a" * 20, [], error="no answer"),
-                                 _sample(None, "f" * 20, [(20, 100)])]})
+    nodes._on_nodes(
+        {"samples": [_sample("gpu-a", "a" * 20, [], error="no answer"), _sample(None, "f" * 20, [(20, 100)])]}
+    )
     await asyncio.sleep(0.05)
     assert client.calls == [("kill", {"node_id": "f" * 20, "pid": 20, "grace": 5.0, "force": False})]
     assert {s["pid"]: s["action"] for s in nodes.strays()} == {10: "reported", 20: "killed"}

@@ -73,7 +73,9 @@ def test_page_loads_clean_and_follows_conf_d_live(server: Server, ui: Browser) -
 
     (server.conf / "broken.toml").write_text('name = "broken"\nbackend = "process"\nport = "8000"\n')
     errors = page.locator("#config-errors li")
-    expect(errors.filter(has_text="key port")).to_contain_text("broken.toml")  # one item per error of the file
+    expect(errors.filter(has_text="key port")).to_contain_text(
+        "broken.toml"
+    )  # one item per error of the file
     (server.conf / "broken.toml").unlink()
     expect(errors).to_have_count(0)
     expect(page.locator("#config-empty")).to_be_visible()
@@ -124,7 +126,7 @@ def test_a_crash_shows_as_a_restart_without_reload(server: Server, ui: Browser) 
     expect(row.locator("[data-field=restarts]")).to_have_text("1")
     expect(state).to_have_text("RUNNING")
     states = ui.states("demo@cpu")
-    after_crash = states[states.index("RUNNING") + 1:]
+    after_crash = states[states.index("RUNNING") + 1 :]
     assert after_crash[-1] == "RUNNING" and {"BACKOFF", "STARTING"} & set(after_crash[:-1]), states
     assert server.instance("demo@cpu")["pid"] != pid
     assert page.evaluate("window.__same_page") is True and ui.navigations == 1
@@ -173,15 +175,24 @@ def test_the_log_panel_follows_new_lines(server: Server, ui: Browser) -> None:
     predictions = page.locator("#logs-body > div", has_text="POST /v1/predict")
     expect(predictions).to_have_count(0)
     for n in (1, 2):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=json.dumps({"inputs": [n]}).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/predict",
+            data=json.dumps({"inputs": [n]}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         assert json.loads(urllib.request.urlopen(req, timeout=10).read())["outputs"] == [2 * n]
         expect(predictions).to_have_count(n)
 
     page.click("#logs-close")
     expect(page.locator("#logs")).to_be_hidden()
     # closing the panel ends the follow request (the browser aborts it)
-    wait_for(ui, lambda: any("/logs?" in r and "ERR_ABORTED" in r for r in ui.failed_requests), 5, "the log stream to end")
+    wait_for(
+        ui,
+        lambda: any("/logs?" in r and "ERR_ABORTED" in r for r in ui.failed_requests),
+        5,
+        "the log stream to end",
+    )
     assert [r for r in ui.failed_requests if "/logs?" not in r] == []
     assert ui.console_errors == []
 
@@ -217,7 +228,9 @@ def test_root_is_json_for_api_clients_and_the_page_for_browsers(server: Server) 
     server.start(token="tok")
     for accept in (None, "*/*", "application/json", "application/json, text/html", "text/html;q=0.5, */*"):
         status, headers, body = server.request("/", headers={"Accept": accept} if accept else {}, auth=False)
-        assert (status, headers["content-type"], json.loads(body)) == (200, "application/json", WELCOME), accept
+        assert (status, headers["content-type"], json.loads(body)) == (200, "application/json", WELCOME), (
+            accept
+        )
 
     status, headers, page = server.request("/", headers={"Accept": BROWSER_ACCEPT}, auth=False)
     assert status == 200 and headers["content-type"].startswith("text/html")
@@ -243,21 +256,28 @@ def test_root_is_json_for_api_clients_and_the_page_for_browsers(server: Server) 
 
 def write_gpus(path: Path, processes: list[tuple[int, int]], utilization: float = 7.0) -> None:
     procs = "".join(f"\n[[gpu.process]]\npid = {pid}\nused_memory_mib = {mib}\n" for pid, mib in processes)
-    text = ('[[gpu]]\nindex = 0\nname = "Simulated A100"\nmemory_total_mib = 81920\npower_draw_w = 61.0\n'
-            f'power_limit_w = 400.0\nutilization_percent = {utilization}\ntemperature_c = 41.0\n' + procs)
+    text = (
+        '[[gpu]]\nindex = 0\nname = "Simulated A100"\nmemory_total_mib = 81920\npower_draw_w = 61.0\n'
+        f"power_limit_w = 400.0\nutilization_percent = {utilization}\ntemperature_c = 41.0\n" + procs
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def test_a_stray_is_highlighted_and_killed_after_confirmation(server: Server, ui: Browser, tmp_path: Path) -> None:
+def test_a_stray_is_highlighted_and_killed_after_confirmation(
+    server: Server, ui: Browser, tmp_path: Path
+) -> None:
     sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
         gpus = tmp_path / "gpus.toml"
         write_gpus(gpus, [(sleeper.pid, 512)])
         server.declare(demo_declaration("gpu-demo", gpus=[0]))
-        server.start(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(gpus),
-                     MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.2")
+        server.start(
+            MODEL_SUPERVISOR_GPU_SOURCE="simulated",
+            MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(gpus),
+            MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.2",
+        )
         owned_pid = server.wait_state("gpu-demo@gpu0", "RUNNING")["pid"]
         write_gpus(gpus, [(sleeper.pid, 512), (owned_pid, 1024)])
         page = ui.page
@@ -303,12 +323,18 @@ def test_a_stray_is_highlighted_and_killed_after_confirmation(server: Server, ui
 
 # -- issue 13: history plots, state strips, warnings -------------------------------------------------
 
-def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(server: Server, ui: Browser, tmp_path: Path) -> None:
+
+def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(
+    server: Server, ui: Browser, tmp_path: Path
+) -> None:
     gpus = tmp_path / "gpus.toml"
     write_gpus(gpus, [], utilization=20.0)
     server.declare(demo_declaration("plotted", gpus=[0]))
-    server.start(MODEL_SUPERVISOR_GPU_SOURCE="simulated", MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(gpus),
-                 MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.2")
+    server.start(
+        MODEL_SUPERVISOR_GPU_SOURCE="simulated",
+        MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(gpus),
+        MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.2",
+    )
     pid = server.wait_state("plotted@gpu0", "RUNNING")["pid"]
     write_gpus(gpus, [(pid, 2048)], utilization=20.0)
     time.sleep(0.6)  # a few samples in the server's history before the page loads
@@ -338,12 +364,21 @@ def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(server: Server
     expect(strip).to_have_attribute("data-current", "RUNNING")
     os.kill(pid, signal.SIGKILL)  # a crash: visible in the strip without a reload
     server.wait_state("plotted@gpu0", "RUNNING")
-    wait_for(ui, lambda: strip.get_attribute("data-current") == "RUNNING"
-             and strip.locator('rect[data-state="BACKOFF"]').count() + strip.locator('rect[data-state="STARTING"]').count() >= 2,
-             what="the restart in the strip")
+    wait_for(
+        ui,
+        lambda: (
+            strip.get_attribute("data-current") == "RUNNING"
+            and strip.locator('rect[data-state="BACKOFF"]').count()
+            + strip.locator('rect[data-state="STARTING"]').count()
+            >= 2
+        ),
+        what="the restart in the strip",
+    )
     api_history = json.loads(server.request("/api/v1/instances/history")[2])["instances"]
     transitions = next(i for i in api_history if i["instance_id"] == "plotted@gpu0")["transitions"]
-    wait_for(ui, lambda: int(strip.get_attribute("data-transitions")) == len(transitions), what="every transition")
+    wait_for(
+        ui, lambda: int(strip.get_attribute("data-transitions")) == len(transitions), what="every transition"
+    )
     assert ui.console_errors == []
 
 

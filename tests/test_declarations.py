@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends.registry import default_registry
 from supervisor.adapters.confd import read_dir
+from supervisor.adapters.ports import PortAllocator
+from supervisor.backends.registry import default_registry
 from supervisor.config.declarations import ModelSpec
 from supervisor.config.desired import Catalog, resolve
-from supervisor.adapters.ports import PortAllocator
 
 from .conftest import REPO, declaration, write_decl
 
@@ -40,37 +40,97 @@ def write_text(conf_dir: Path, name: str, text: str) -> Path:
 CASES = [
     # (description, toml text, expected key, expected words in the message)
     ("unknown key", 'name="m"\nbackend="process"\ncommand=["x"]\ncomand=["y"]\n', "comand", "unknown key"),
-    ("unknown key in a table", 'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\npolicy="always"\nretries=3\n',
-     "restart.retries", "unknown key"),
-    ("wrong type", 'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries="3"\n',
-     "restart.max_retries", "valid integer"),
-    ("command as a shell string", 'name="m"\nbackend="process"\ncommand="python -m x"\n', "command", "valid list"),
+    (
+        "unknown key in a table",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\npolicy="always"\nretries=3\n',
+        "restart.retries",
+        "unknown key",
+    ),
+    (
+        "wrong type",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries="3"\n',
+        "restart.max_retries",
+        "valid integer",
+    ),
+    (
+        "command as a shell string",
+        'name="m"\nbackend="process"\ncommand="python -m x"\n',
+        "command",
+        "valid list",
+    ),
     ("empty command", 'name="m"\nbackend="process"\ncommand=[]\n', "command", "at least 1"),
     ("bad name", 'name="../etc"\nbackend="process"\ncommand=["x"]\n', "name", "not a valid model name"),
-    ("name too long", f'name="{"a" * 65}"\nbackend="process"\ncommand=["x"]\n', "name", "not a valid model name"),
+    (
+        "name too long",
+        f'name="{"a" * 65}"\nbackend="process"\ncommand=["x"]\n',
+        "name",
+        "not a valid model name",
+    ),
     ("missing name", 'backend="process"\ncommand=["x"]\n', "name", "required key is missing"),
     ("missing backend", 'name="m"\ncommand=["x"]\n', "backend", "required key is missing"),
     ("unknown backend", 'name="m"\nbackend="tensorflow"\n', "backend", "unknown backend 'tensorflow'"),
-    ("negative retries", 'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries=-1\n',
-     "restart.max_retries", "greater than or equal to 0"),
-    ("bad policy", 'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\npolicy="sometimes"\n',
-     "restart.policy", "'always', 'on-failure' or 'never'"),
+    (
+        "negative retries",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries=-1\n',
+        "restart.max_retries",
+        "greater than or equal to 0",
+    ),
+    (
+        "bad policy",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\npolicy="sometimes"\n',
+        "restart.policy",
+        "'always', 'on-failure' or 'never'",
+    ),
     ("port out of range", 'name="m"\nbackend="process"\ncommand=["x"]\nport=70000\n', "port", "got 70000"),
-    ("gpu listed twice", 'name="m"\nbackend="process"\ncommand=["x"]\ngpus=[0,[1,0]]\n', "gpus", "GPU 0 is listed more than once"),
-    ("negative gpu", 'name="m"\nbackend="process"\ncommand=["x"]\ngpus=[-1]\n', "gpus", "-1 is not a GPU index"),
+    (
+        "gpu listed twice",
+        'name="m"\nbackend="process"\ncommand=["x"]\ngpus=[0,[1,0]]\n',
+        "gpus",
+        "GPU 0 is listed more than once",
+    ),
+    (
+        "negative gpu",
+        'name="m"\nbackend="process"\ncommand=["x"]\ngpus=[-1]\n',
+        "gpus",
+        "-1 is not a GPU index",
+    ),
     ("gpus as a string", 'name="m"\nbackend="process"\ncommand=["x"]\ngpus="all"\n', "gpus", "got 'all'"),
-    ("reserved env", 'name="m"\nbackend="process"\ncommand=["x"]\nenv={CUDA_VISIBLE_DEVICES="1"}\n', "env",
-     "set by the supervisor"),
-    ("env value not a string", 'name="m"\nbackend="process"\ncommand=["x"]\nenv={THREADS=4}\n', "env.THREADS",
-     "valid string"),
-    ("unknown placeholder", 'name="m"\nbackend="process"\ncommand=["x", "--port", "{prot}"]\n', "command[2]",
-     "unknown placeholder {prot}"),
-    ("bad stop signal", 'name="m"\nbackend="process"\ncommand=["x"]\n[stop]\nsignal="SIGFOO"\n', "stop.signal",
-     "unknown or unusable stop signal"),
-    ("http path", 'name="m"\nbackend="process"\ncommand=["x"]\n[health]\ntype="http"\npath="health"\n', "health.path",
-     "must start with '/'"),
-    ("cap below initial", 'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\ninitial_delay=10.0\nmax_delay=1.0\n',
-     "restart", "max_delay (1.0) is smaller than initial_delay (10.0)"),
+    (
+        "reserved env",
+        'name="m"\nbackend="process"\ncommand=["x"]\nenv={CUDA_VISIBLE_DEVICES="1"}\n',
+        "env",
+        "set by the supervisor",
+    ),
+    (
+        "env value not a string",
+        'name="m"\nbackend="process"\ncommand=["x"]\nenv={THREADS=4}\n',
+        "env.THREADS",
+        "valid string",
+    ),
+    (
+        "unknown placeholder",
+        'name="m"\nbackend="process"\ncommand=["x", "--port", "{prot}"]\n',
+        "command[2]",
+        "unknown placeholder {prot}",
+    ),
+    (
+        "bad stop signal",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[stop]\nsignal="SIGFOO"\n',
+        "stop.signal",
+        "unknown or unusable stop signal",
+    ),
+    (
+        "http path",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[health]\ntype="http"\npath="health"\n',
+        "health.path",
+        "must start with '/'",
+    ),
+    (
+        "cap below initial",
+        'name="m"\nbackend="process"\ncommand=["x"]\n[restart]\ninitial_delay=10.0\nmax_delay=1.0\n',
+        "restart",
+        "max_delay (1.0) is smaller than initial_delay (10.0)",
+    ),
 ]
 
 
@@ -108,7 +168,11 @@ def test_not_utf8(conf_dir: Path) -> None:
 
 
 def test_all_errors_of_a_file_reported_at_once(conf_dir: Path) -> None:
-    bad = write_text(conf_dir, "bad.toml", 'name="m"\nbackend="process"\ncommand=["x"]\nport="1"\nfoo=1\n[restart]\nfactor=0.5\n')
+    bad = write_text(
+        conf_dir,
+        "bad.toml",
+        'name="m"\nbackend="process"\ncommand=["x"]\nport="1"\nfoo=1\n[restart]\nfactor=0.5\n',
+    )
     keys = {e.key for e in load(conf_dir).errors[str(bad)]}
     assert keys == {"port", "foo", "restart.factor"}
 
@@ -165,8 +229,17 @@ def test_gpu_sets_and_explicit_port_base(conf_dir: Path) -> None:
 
 def test_placeholders_and_relative_cwd(conf_dir: Path) -> None:
     (conf_dir / "work").mkdir()  # a cwd that does not exist is an error (issue 11)
-    write_decl(conf_dir, declaration("p", command=["{python}", "-m", "srv", "--port={port}", "--gpus={gpus}", "{instance}"],
-                                     gpus=[1], port=9300, cwd="work", env={"OUT": "/tmp/{name}"}))
+    write_decl(
+        conf_dir,
+        declaration(
+            "p",
+            command=["{python}", "-m", "srv", "--port={port}", "--gpus={gpus}", "{instance}"],
+            gpus=[1],
+            port=9300,
+            cwd="work",
+            env={"OUT": "/tmp/{name}"},
+        ),
+    )
     spec = load(conf_dir).instances["p@gpu1"]
     assert spec.launch.argv == (sys.executable, "-m", "srv", "--port=9301", "--gpus=1", "p@gpu1")
     assert spec.launch.cwd == str((conf_dir / "work").resolve())
@@ -194,7 +267,12 @@ def test_spec_has_every_default_documented_in_readme() -> None:
     readme = (REPO / "README.md").read_text()
     from supervisor.core.spec import Declaration, HealthSpec, RestartSpec, StopSpec
 
-    for model, table in ((Declaration, ""), (RestartSpec, "restart."), (HealthSpec, "health."), (StopSpec, "stop.")):
+    for model, table in (
+        (Declaration, ""),
+        (RestartSpec, "restart."),
+        (HealthSpec, "health."),
+        (StopSpec, "stop."),
+    ):
         for key in model.model_fields:
             if key in ("restart", "health", "stop"):
                 continue
@@ -203,26 +281,49 @@ def test_spec_has_every_default_documented_in_readme() -> None:
 
 def test_validate_command(tmp_path: Path, conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("ok"))
-    ok = subprocess.run([sys.executable, "-m", "supervisor", "validate", str(conf_dir)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "supervisor", "validate", str(conf_dir)], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert "1 valid model(s)" in ok.stdout
-    write_text(conf_dir, "bad.toml", 'name="bad"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries=-2\n')
-    bad = subprocess.run([sys.executable, "-m", "supervisor", "validate", str(conf_dir)], capture_output=True, text=True)
+    write_text(
+        conf_dir, "bad.toml", 'name="bad"\nbackend="process"\ncommand=["x"]\n[restart]\nmax_retries=-2\n'
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "supervisor", "validate", str(conf_dir)], capture_output=True, text=True
+    )
     assert bad.returncode == 1
-    assert f"{conf_dir}/bad.toml: restart.max_retries: Input should be greater than or equal to 0 (got -2)" in bad.stderr
+    assert (
+        f"{conf_dir}/bad.toml: restart.max_retries: Input should be greater than or equal to 0 (got -2)"
+        in bad.stderr
+    )
 
 
 def test_shipped_conf_d_is_valid() -> None:
-    out = subprocess.run([sys.executable, "-m", "supervisor", "validate", str(REPO / "conf.d")],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor", "validate", str(REPO / "conf.d")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
 
 
 def test_shipped_examples_are_valid() -> None:
     # The examples name programs and checkouts of a GPU box, not of this one.
-    out = subprocess.run([sys.executable, "-m", "supervisor", "validate", "--no-host-checks",
-                          str(REPO / "examples" / "conf.d")],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "validate",
+            "--no-host-checks",
+            str(REPO / "examples" / "conf.d"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from supervisor.runtime.engine import Engine
 from supervisor.adapters.runners.docker import LABEL_SCOPE, container_name, scope_of
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
-from .conftest import REPO, PY, declaration, free_port, free_range, wait_until, write_decl
+from .conftest import PY, REPO, declaration, free_port, free_range, wait_until, write_decl
 from .docker_helpers import IMAGE, containers_of, docker_client, ensure_image
 
 pytestmark = pytest.mark.docker
@@ -45,21 +45,27 @@ def no_leftover_containers(client: Any, settings: Settings) -> Iterator[None]:
     assert not leftovers, f"test left containers behind: {[c.name for c in leftovers]}"
 
 
-
-
 def httpd(port: str = "{port}", before: str = "") -> list[str]:
     script = f"{before}exec httpd -f -p 127.0.0.1:{port} -h /www"
     return ["sh", "-c", script]
 
 
 def docker_decl(name: str, command: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    doc = {"name": name, "backend": "docker", "image": IMAGE, "network": "host", "command": command or httpd(),
-           "health": {"type": "http", "path": "/v2/health/ready", "start_interval": 0.05}}
+    doc = {
+        "name": name,
+        "backend": "docker",
+        "image": IMAGE,
+        "network": "host",
+        "command": command or httpd(),
+        "health": {"type": "http", "path": "/v2/health/ready", "start_interval": 0.05},
+    }
     doc.update(extra)
     return doc
 
 
-async def test_container_runs_and_logs_go_to_the_instance_log(engine: Engine, conf_dir: Path, client: Any) -> None:
+async def test_container_runs_and_logs_go_to_the_instance_log(
+    engine: Engine, conf_dir: Path, client: Any
+) -> None:
     write_decl(conf_dir, docker_decl("web", httpd(before="echo hello-from-container; ")))
     await engine.start()
     inst = engine.instances["web@cpu"]
@@ -74,7 +80,9 @@ async def test_container_runs_and_logs_go_to_the_instance_log(engine: Engine, co
     assert containers_of(client, "web@cpu") == []  # removed, its name free
 
 
-async def test_docker_kill_is_noticed_and_restarted_with_backoff(engine: Engine, conf_dir: Path, client: Any) -> None:
+async def test_docker_kill_is_noticed_and_restarted_with_backoff(
+    engine: Engine, conf_dir: Path, client: Any
+) -> None:
     write_decl(conf_dir, docker_decl("killed", restart={"initial_delay": 0.3, "jitter": 0.0}))
     await engine.start()
     inst = engine.instances["killed@cpu"]
@@ -96,8 +104,14 @@ async def test_docker_kill_is_noticed_and_restarted_with_backoff(engine: Engine,
 
 async def test_stop_uses_the_stop_timeout(engine: Engine, conf_dir: Path, client: Any) -> None:
     # the shell ignores TERM (tini forwards it); the daemon SIGKILLs it after the timeout
-    write_decl(conf_dir, docker_decl("stubborn", ["sh", "-c", "trap '' TERM; httpd -p 127.0.0.1:{port} -h /www; "
-                                                 "while true; do sleep 1; done"], stop={"timeout": 1.0}))
+    write_decl(
+        conf_dir,
+        docker_decl(
+            "stubborn",
+            ["sh", "-c", "trap '' TERM; httpd -p 127.0.0.1:{port} -h /www; while true; do sleep 1; done"],
+            stop={"timeout": 1.0},
+        ),
+    )
     await engine.start()
     inst = engine.instances["stubborn@cpu"]
     await inst.wait_state(State.RUNNING, timeout=30)
@@ -109,8 +123,10 @@ async def test_stop_uses_the_stop_timeout(engine: Engine, conf_dir: Path, client
 
 
 async def test_bad_image_is_reported_and_leaves_nothing(engine: Engine, conf_dir: Path, client: Any) -> None:
-    write_decl(conf_dir, docker_decl("ghost", image="local/does-not-exist:1", pull="never",
-                                     restart={"initial_delay": 30.0}))
+    write_decl(
+        conf_dir,
+        docker_decl("ghost", image="local/does-not-exist:1", pull="never", restart={"initial_delay": 30.0}),
+    )
     write_decl(conf_dir, docker_decl("noexec", ["/bin/no-such-program"], restart={"initial_delay": 30.0}))
     await engine.start()
     ghost, noexec = engine.instances["ghost@cpu"], engine.instances["noexec@cpu"]
@@ -124,7 +140,9 @@ async def test_bad_image_is_reported_and_leaves_nothing(engine: Engine, conf_dir
     await wait_until(lambda: containers_of(client, "noexec@cpu") == [])  # the dead one is removed
 
 
-async def test_gpu_request_without_nvidia_runtime_fails_cleanly(engine: Engine, conf_dir: Path, client: Any) -> None:
+async def test_gpu_request_without_nvidia_runtime_fails_cleanly(
+    engine: Engine, conf_dir: Path, client: Any
+) -> None:
     info = client.info()
     if "nvidia" in (info.get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime; the failure path cannot be provoked")
@@ -136,8 +154,9 @@ async def test_gpu_request_without_nvidia_runtime_fails_cleanly(engine: Engine, 
     assert containers_of(client, "gpu@gpu0") == []  # removed so the name is free
 
 
-async def test_no_daemon_fails_clearly_and_processes_still_run(settings: Settings, conf_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_daemon_fails_clearly_and_processes_still_run(
+    settings: Settings, conf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"unix://{conf_dir.parent}/no-docker.sock")
     write_decl(conf_dir, docker_decl("needs-docker", restart={"initial_delay": 30.0}))
     write_decl(conf_dir, declaration("plain", ["sleep", "3600"]))
@@ -162,8 +181,12 @@ async def test_declaration_change_replaces_the_container(engine: Engine, conf_di
     (first,) = containers_of(client, "edited@cpu")
     write_decl(conf_dir, docker_decl("edited", env={"VERSION": "2"}))
     await engine.reload("test")
-    await inst.wait_for(lambda i: i.state == State.RUNNING and len([t for t in i.history if t.to_state == State.RUNNING]) == 2,
-                        timeout=30)
+    await inst.wait_for(
+        lambda i: (
+            i.state == State.RUNNING and len([t for t in i.history if t.to_state == State.RUNNING]) == 2
+        ),
+        timeout=30,
+    )
     (second,) = containers_of(client, "edited@cpu")
     assert second.id != first.id and "VERSION=2" in second.attrs["Config"]["Env"]
 
@@ -172,16 +195,24 @@ async def test_declaration_change_replaces_the_container(engine: Engine, conf_di
 def _serve(conf: Path, state: Path, port: int, low: int, high: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     env.update(MODEL_SUPERVISOR_PORT=str(port), MODEL_SUPERVISOR_PORT_RANGE=f"{low}-{high}")
-    return subprocess.Popen([PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_running(port: int, instance: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            items = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/models/status", timeout=2).read())
+            items = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/models/status", timeout=2).read()
+            )
             found = [i for i in items if i["instance_id"] == instance and i["state"] == "RUNNING"]
             if found:
                 return found[0]
@@ -191,7 +222,9 @@ def _wait_running(port: int, instance: str, timeout: float = 30) -> dict:
         time.sleep(0.1)
 
 
-def test_supervisor_restart_adopts_the_running_container(tmp_path: Path, settings: Settings, client: Any) -> None:
+def test_supervisor_restart_adopts_the_running_container(
+    tmp_path: Path, settings: Settings, client: Any
+) -> None:
     conf, state = settings.conf_dir, settings.state_dir
     write_decl(conf, docker_decl("triton-like"))
     port = free_port()
@@ -224,8 +257,9 @@ def test_supervisor_restart_adopts_the_running_container(tmp_path: Path, setting
             c.remove(force=True)
 
 
-def test_container_of_a_declaration_removed_while_down_is_removed(tmp_path: Path, settings: Settings,
-                                                                  client: Any) -> None:
+def test_container_of_a_declaration_removed_while_down_is_removed(
+    tmp_path: Path, settings: Settings, client: Any
+) -> None:
     """SIGKILL the supervisor, delete the declaration, start it again: the container goes."""
     conf, state = settings.conf_dir, settings.state_dir
     path = write_decl(conf, docker_decl("gone-while-down"))
@@ -259,19 +293,32 @@ def test_container_of_a_declaration_removed_while_down_is_removed(tmp_path: Path
 
 
 def test_container_names_are_scoped(settings: Settings) -> None:
-    assert container_name(scope_of(settings.state_dir), "m@gpu0-1") == f"msup-{scope_of(settings.state_dir)}-m.gpu0-1"
+    assert (
+        container_name(scope_of(settings.state_dir), "m@gpu0-1")
+        == f"msup-{scope_of(settings.state_dir)}-m.gpu0-1"
+    )
 
 
-async def test_healthz_reports_docker_availability(settings: Settings, monkeypatch: pytest.MonkeyPatch,
-                                                   conf_dir: Path) -> None:
+async def test_healthz_reports_docker_availability(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, conf_dir: Path
+) -> None:
     from .api_helpers import running_api
 
     async with running_api(settings) as api:
-        await wait_until(lambda: api.engine.runners["docker"]._reason is None and not any(
-            t.get_name() == "docker runner check" and not t.done() for t in api.engine._background))
+        await wait_until(
+            lambda: (
+                api.engine.runners["docker"]._reason is None
+                and not any(
+                    t.get_name() == "docker runner check" and not t.done() for t in api.engine._background
+                )
+            )
+        )
         assert (await api.get("/healthz")).json()["runners"] == {"process": None, "docker": None}
     monkeypatch.setenv("DOCKER_HOST", f"unix://{conf_dir.parent}/no-docker.sock")
     async with running_api(settings) as api:
         await wait_until(lambda: api.engine.runners["docker"].unavailable_reason() is not None)
         runners = (await api.get("/healthz")).json()["runners"]
-        assert runners["process"] is None and runners["docker"] == f"no Docker daemon at unix://{conf_dir.parent}/no-docker.sock"
+        assert (
+            runners["process"] is None
+            and runners["docker"] == f"no Docker daemon at unix://{conf_dir.parent}/no-docker.sock"
+        )

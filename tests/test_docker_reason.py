@@ -17,8 +17,16 @@ def test_no_daemon_at_a_socket_that_does_not_exist(tmp_path: Path, monkeypatch: 
 
 def test_the_reasons_in_words() -> None:
     wrapped = OSError("('Connection aborted.', FileNotFoundError(2, 'No such file or directory'))")
-    assert daemon_reason(wrapped, "unix:///var/run/docker.sock") == "no Docker daemon at unix:///var/run/docker.sock"
+    assert (
+        daemon_reason(wrapped, "unix:///var/run/docker.sock")
+        == "no Docker daemon at unix:///var/run/docker.sock"
+    )
     denied = OSError("x")
     denied.__cause__ = PermissionError(13, "Permission denied")
-    assert daemon_reason(denied, "unix:///s").startswith("no permission to use the Docker daemon at unix:///s")
-    assert daemon_reason(RuntimeError("boom"), "tcp://h:2375") == "Docker daemon at tcp://h:2375 not reachable: boom"
+    assert daemon_reason(denied, "unix:///s").startswith(
+        "no permission to use the Docker daemon at unix:///s"
+    )
+    assert (
+        daemon_reason(RuntimeError("boom"), "tcp://h:2375")
+        == "Docker daemon at tcp://h:2375 not reachable: boom"
+    )

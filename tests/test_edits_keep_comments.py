@@ -6,8 +6,8 @@ import difflib
 import tomllib
 from pathlib import Path
 
-from supervisor.core import tomledit
 from supervisor.config.settings import Settings
+from supervisor.core import tomledit
 
 from .api_helpers import running_api
 from .conftest import sleep_cmd
@@ -45,8 +45,11 @@ def _gpus_line_changed(before: str, after: str, gpus: list[int]) -> None:
 
 
 def _diff(before: str, after: str) -> list[str]:
-    return [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
-            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return [
+        line
+        for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
 
 
 async def test_start_stop_enable_disable_put_change_only_their_values(settings: Settings) -> None:
@@ -92,9 +95,20 @@ async def test_start_stop_enable_disable_put_change_only_their_values(settings: 
 
 async def test_a_new_file_has_a_natural_key_order(settings: Settings) -> None:
     async with running_api(settings) as api:
-        r = await api.post("/api/v1/models/start", json={
-            "model_name": "fresh", "gpu_id": 1, "model_type": "process",
-            "config": {"health": {"type": "none"}, "command": sleep_cmd(), "description": "new", "port": 9}})
+        r = await api.post(
+            "/api/v1/models/start",
+            json={
+                "model_name": "fresh",
+                "gpu_id": 1,
+                "model_type": "process",
+                "config": {
+                    "health": {"type": "none"},
+                    "command": sleep_cmd(),
+                    "description": "new",
+                    "port": 9,
+                },
+            },
+        )
         assert r.status_code == 202, r.text
         text = (settings.conf_dir / "fresh.toml").read_text()
     keys = [line.split("=")[0].strip() for line in text.splitlines() if line and not line.startswith("[")]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, free_port, wait_until, write_decl
 
@@ -36,11 +36,11 @@ async def test_crash_restarts_after_the_right_delays(engine: Engine, conf_dir: P
     await inst.wait_for(lambda i: len(transitions(i, State.BACKOFF)) >= 4, timeout=20)
     history = list(inst.history)
     gaps = []
-    for before, after in zip(history, history[1:]):
+    for before, after in zip(history, history[1:], strict=False):
         if before.to_state == State.BACKOFF and after.to_state == State.STARTING:
             gaps.append((after.at - before.at).total_seconds())
     assert len(gaps) >= 3
-    for gap, expected in zip(gaps, [0.2, 0.4, 0.6, 0.6]):
+    for gap, expected in zip(gaps, [0.2, 0.4, 0.6, 0.6], strict=False):
         assert expected - 0.01 <= gap < expected + 0.3, (gaps, expected)
     backoff = transitions(inst, State.BACKOFF)[0]
     assert "exited unexpectedly (exit code 3)" in backoff.reason
@@ -65,8 +65,14 @@ async def test_crash_loop_goes_fatal_and_cooldown_retries_once(engine: Engine, c
 
 async def test_explicit_start_leaves_fatal(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "fixed"
-    cmd = [PY, "-c", f"import os, sys, time; os.path.exists({str(marker)!r}) or sys.exit(2); time.sleep(3600)"]
-    inst = await start_one(engine, declaration("flaky", cmd, restart={**FAST_RESTART, "max_retries": 1}), conf_dir)
+    cmd = [
+        PY,
+        "-c",
+        f"import os, sys, time; os.path.exists({str(marker)!r}) or sys.exit(2); time.sleep(3600)",
+    ]
+    inst = await start_one(
+        engine, declaration("flaky", cmd, restart={**FAST_RESTART, "max_retries": 1}), conf_dir
+    )
     await inst.wait_state(State.FATAL, timeout=10)
     marker.touch()
     await inst.start("operator start")
@@ -76,7 +82,9 @@ async def test_explicit_start_leaves_fatal(engine: Engine, conf_dir: Path, tmp_p
 
 
 async def test_editing_the_declaration_leaves_fatal(engine: Engine, conf_dir: Path) -> None:
-    doc = declaration("edited", exit_cmd(1), restart={**FAST_RESTART, "max_retries": 1, "fatal_cooldown": 0.0})
+    doc = declaration(
+        "edited", exit_cmd(1), restart={**FAST_RESTART, "max_retries": 1, "fatal_cooldown": 0.0}
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.FATAL, timeout=10)
     write_decl(conf_dir, {**doc, "command": [PY, "-c", "import time; time.sleep(3600)"]})
@@ -85,15 +93,20 @@ async def test_editing_the_declaration_leaves_fatal(engine: Engine, conf_dir: Pa
     assert transitions(inst, State.STARTING)[-1].reason == "declaration changed"
 
 
-@pytest.mark.parametrize("policy,code,expected", [
-    ("always", 0, State.BACKOFF),
-    ("always", 1, State.BACKOFF),
-    ("on-failure", 0, State.EXITED),
-    ("on-failure", 1, State.BACKOFF),
-    ("never", 0, State.EXITED),
-    ("never", 1, State.EXITED),
-])
-async def test_restart_policy(engine: Engine, conf_dir: Path, policy: str, code: int, expected: State) -> None:
+@pytest.mark.parametrize(
+    "policy,code,expected",
+    [
+        ("always", 0, State.BACKOFF),
+        ("always", 1, State.BACKOFF),
+        ("on-failure", 0, State.EXITED),
+        ("on-failure", 1, State.BACKOFF),
+        ("never", 0, State.EXITED),
+        ("never", 1, State.EXITED),
+    ],
+)
+async def test_restart_policy(
+    engine: Engine, conf_dir: Path, policy: str, code: int, expected: State
+) -> None:
     restart = {**FAST_RESTART, "initial_delay": 5.0, "policy": policy}
     inst = await start_one(engine, declaration("p", exit_cmd(code, 0.1), restart=restart), conf_dir)
     await inst.wait_state(State.BACKOFF, State.EXITED, timeout=10)
@@ -109,8 +122,12 @@ async def test_success_exit_codes(engine: Engine, conf_dir: Path) -> None:
 
 
 async def test_term_ignoring_process_is_killed_after_stop_timeout(engine: Engine, conf_dir: Path) -> None:
-    doc = declaration("stubborn", demo_cmd("--ignore-sigterm"), health={"type": "tcp", "start_interval": 0.05},
-                      stop={"timeout": 0.5})
+    doc = declaration(
+        "stubborn",
+        demo_cmd("--ignore-sigterm"),
+        health={"type": "tcp", "start_interval": 0.05},
+        stop={"timeout": 0.5},
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.RUNNING, timeout=10)
     pid = inst.pid
@@ -125,12 +142,16 @@ async def test_term_ignoring_process_is_killed_after_stop_timeout(engine: Engine
 
 @pytest.mark.parametrize("setsid", [False, True], ids=["same-group", "own-session"])
 @pytest.mark.parametrize("ignore_term", [False, True], ids=["obeys-term", "ignores-term"])
-async def test_no_grandchild_survives_stop(engine: Engine, conf_dir: Path, tmp_path: Path, setsid, ignore_term) -> None:
+async def test_no_grandchild_survives_stop(
+    engine: Engine, conf_dir: Path, tmp_path: Path, setsid, ignore_term
+) -> None:
     pidfile = tmp_path / "grandchild.pid"
     extra = ["--spawn-grandchild", "--grandchild-pidfile", str(pidfile)]
     extra += ["--grandchild-setsid"] if setsid else []
     extra += ["--ignore-sigterm"] if ignore_term else []
-    doc = declaration("tree", demo_cmd(*extra), health={"type": "tcp", "start_interval": 0.05}, stop={"timeout": 0.5})
+    doc = declaration(
+        "tree", demo_cmd(*extra), health={"type": "tcp", "start_interval": 0.05}, stop={"timeout": 0.5}
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.RUNNING, timeout=10)
     await wait_until(pidfile.exists)
@@ -140,10 +161,16 @@ async def test_no_grandchild_survives_stop(engine: Engine, conf_dir: Path, tmp_p
     assert not alive(grandchild), "grandchild survived the stop"
 
 
-async def test_workers_left_by_a_crash_are_stopped_before_the_restart(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
+async def test_workers_left_by_a_crash_are_stopped_before_the_restart(
+    engine: Engine, conf_dir: Path, tmp_path: Path
+) -> None:
     pidfile = tmp_path / "grandchild.pid"
-    doc = declaration("leaky", demo_cmd("--spawn-grandchild", "--grandchild-pidfile", str(pidfile), "--exit-after", "0.5"),
-                      restart={**FAST_RESTART, "initial_delay": 5.0}, stop={"timeout": 0.5})
+    doc = declaration(
+        "leaky",
+        demo_cmd("--spawn-grandchild", "--grandchild-pidfile", str(pidfile), "--exit-after", "0.5"),
+        restart={**FAST_RESTART, "initial_delay": 5.0},
+        stop={"timeout": 0.5},
+    )
     inst = await start_one(engine, doc, conf_dir)
     await wait_until(pidfile.exists)
     grandchild = int(pidfile.read_text())
@@ -152,7 +179,9 @@ async def test_workers_left_by_a_crash_are_stopped_before_the_restart(engine: En
 
 
 async def test_health_gates_running(engine: Engine, conf_dir: Path) -> None:
-    doc = declaration("slow", demo_cmd("--ready-after", "1.0"), health={"type": "http", "start_interval": 0.1})
+    doc = declaration(
+        "slow", demo_cmd("--ready-after", "1.0"), health={"type": "http", "start_interval": 0.1}
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.STARTING, timeout=5)
     await asyncio.sleep(0.5)
@@ -164,9 +193,12 @@ async def test_health_gates_running(engine: Engine, conf_dir: Path) -> None:
 
 
 async def test_not_ready_within_start_timeout_is_a_failed_start(engine: Engine, conf_dir: Path) -> None:
-    doc = declaration("never-ready", demo_cmd("--ready-after", "100"),
-                      health={"type": "http", "start_interval": 0.1, "start_timeout": 0.8},
-                      restart={**FAST_RESTART, "initial_delay": 5.0})
+    doc = declaration(
+        "never-ready",
+        demo_cmd("--ready-after", "100"),
+        health={"type": "http", "start_interval": 0.1, "start_timeout": 0.8},
+        restart={**FAST_RESTART, "initial_delay": 5.0},
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.STARTING, timeout=5)
     await wait_until(lambda: inst.pid is not None)
@@ -178,9 +210,12 @@ async def test_not_ready_within_start_timeout_is_a_failed_start(engine: Engine, 
 
 
 async def test_running_instance_that_stops_answering_is_restarted(engine: Engine, conf_dir: Path) -> None:
-    doc = declaration("flaky-health", demo_cmd("--unhealthy-after", "0.6"),
-                      health={"type": "http", "start_interval": 0.05, "interval": 0.1, "failure_threshold": 2},
-                      restart=FAST_RESTART)
+    doc = declaration(
+        "flaky-health",
+        demo_cmd("--unhealthy-after", "0.6"),
+        health={"type": "http", "start_interval": 0.05, "interval": 0.1, "failure_threshold": 2},
+        restart=FAST_RESTART,
+    )
     inst = await start_one(engine, doc, conf_dir)
     await inst.wait_state(State.RUNNING, timeout=10)
     first_pid = inst.pid
@@ -197,12 +232,18 @@ async def test_port_held_by_another_process(engine: Engine, conf_dir: Path) -> N
     holder.bind(("127.0.0.1", port))
     holder.listen()
     try:
-        doc = declaration("blocked", demo_cmd(), port=port, health={"type": "tcp"},
-                          restart={**FAST_RESTART, "initial_delay": 5.0})
+        doc = declaration(
+            "blocked",
+            demo_cmd(),
+            port=port,
+            health={"type": "tcp"},
+            restart={**FAST_RESTART, "initial_delay": 5.0},
+        )
         inst = await start_one(engine, doc, conf_dir)
         await inst.wait_state(State.BACKOFF, timeout=10)
         reason = inst.history[-1].reason
         import os
+
         assert f"port {port} is already in use by pid {os.getpid()}" in reason, reason
         assert inst.pid is None
         assert not inst.log_file.path.exists() or "starting" not in inst.log_file.path.read_text()
@@ -216,7 +257,9 @@ async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, sett
     settings = settings.model_copy(update={"log_max_bytes": 20_000, "log_backups": 2})
     engine = Engine(settings)
     try:
-        doc = declaration("chatty", demo_cmd("--spam", "2000"), health={"type": "tcp", "start_interval": 0.05})
+        doc = declaration(
+            "chatty", demo_cmd("--spam", "2000"), health={"type": "tcp", "start_interval": 0.05}
+        )
         inst = await start_one(engine, doc, conf_dir)
         await inst.wait_state(State.RUNNING, timeout=10)
         backup = inst.log_file.path.with_name(inst.log_file.path.name + ".1")
@@ -225,6 +268,7 @@ async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, sett
         assert inst.log_file.size() < 20_000
         # the child keeps writing at the (new) end of the truncated file: no NUL hole
         import urllib.request
+
         urllib.request.urlopen(f"http://127.0.0.1:{inst.spec.port}/health").read()
         await wait_until(lambda: "GET /health" in inst.log_file.path.read_text(errors="replace"))
         assert "\x00" not in inst.log_file.path.read_text(errors="replace")
@@ -234,16 +278,33 @@ async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, sett
 
 async def test_environment_and_gpu_pinning(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "env.txt"
-    code = ("import os, time; keys = ['CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'CUDA_DEVICE_ORDER', "
-            "'MODEL_SUPERVISOR_INSTANCE', 'MODEL_SUPERVISOR_PORT', 'GREETING'];"
-            f"open({str(out)!r}, 'w').write(repr([os.environ.get(k) for k in keys])); time.sleep(3600)")
-    write_decl(conf_dir, declaration("envy", [PY, "-c", code], gpus=[[1, 3]], port=free_port() - 1,  # a base: the instance listens on base + 1
-                                     env={"GREETING": "hi {name}"}))
+    code = (
+        "import os, time; keys = ['CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'CUDA_DEVICE_ORDER', "
+        "'MODEL_SUPERVISOR_INSTANCE', 'MODEL_SUPERVISOR_PORT', 'GREETING'];"
+        f"open({str(out)!r}, 'w').write(repr([os.environ.get(k) for k in keys])); time.sleep(3600)"
+    )
+    write_decl(
+        conf_dir,
+        declaration(
+            "envy",
+            [PY, "-c", code],
+            gpus=[[1, 3]],
+            port=free_port() - 1,  # a base: the instance listens on base + 1
+            env={"GREETING": "hi {name}"},
+        ),
+    )
     await engine.start()
     inst = engine.instances["envy@gpu1-3"]
     await inst.wait_state(State.RUNNING, timeout=10)
     await wait_until(lambda: out.exists() and out.read_text())
-    assert eval(out.read_text()) == ["1,3", "1,3", "PCI_BUS_ID", "envy@gpu1-3", str(inst.spec.port), "hi envy"]
+    assert eval(out.read_text()) == [
+        "1,3",
+        "1,3",
+        "PCI_BUS_ID",
+        "envy@gpu1-3",
+        str(inst.spec.port),
+        "hi envy",
+    ]
 
 
 async def test_spec_change_replaces_only_that_instance(engine: Engine, conf_dir: Path) -> None:
@@ -264,7 +325,12 @@ async def test_spec_change_replaces_only_that_instance(engine: Engine, conf_dir:
     assert not alive(pid_a)
     assert ib.pid == pid_b and ib.state == State.RUNNING
     assert ib.spec.restart.max_retries == 9
-    assert [t.to_state for t in ia.history][-4:] == [State.STOPPING, State.STOPPED, State.STARTING, State.RUNNING]
+    assert [t.to_state for t in ia.history][-4:] == [
+        State.STOPPING,
+        State.STOPPED,
+        State.STARTING,
+        State.RUNNING,
+    ]
 
 
 async def test_unchanged_reload_touches_nothing(engine: Engine, conf_dir: Path) -> None:
@@ -307,8 +373,15 @@ async def test_disabled_declaration_is_known_but_not_running(engine: Engine, con
 
 async def test_instances_stop_concurrently(engine: Engine, conf_dir: Path) -> None:
     for n in range(12):
-        write_decl(conf_dir, declaration(f"s{n}", demo_cmd("--ignore-sigterm"), health={"type": "tcp", "start_interval": 0.05},
-                                         stop={"timeout": 1.0}))
+        write_decl(
+            conf_dir,
+            declaration(
+                f"s{n}",
+                demo_cmd("--ignore-sigterm"),
+                health={"type": "tcp", "start_interval": 0.05},
+                stop={"timeout": 1.0},
+            ),
+        )
     await engine.start()
     for inst in engine.instances.values():
         await inst.wait_state(State.RUNNING, timeout=20)
@@ -320,7 +393,9 @@ async def test_instances_stop_concurrently(engine: Engine, conf_dir: Path) -> No
     assert not any(alive(p) for p in pids)
 
 
-async def test_state_dir_records_pid_and_start_time(engine: Engine, conf_dir: Path, settings: Settings) -> None:
+async def test_state_dir_records_pid_and_start_time(
+    engine: Engine, conf_dir: Path, settings: Settings
+) -> None:
     import json
 
     inst = await start_one(engine, declaration("rec"), conf_dir)
@@ -328,7 +403,11 @@ async def test_state_dir_records_pid_and_start_time(engine: Engine, conf_dir: Pa
     record_file = settings.state_dir / "run" / "rec@cpu.json"
     await wait_until(record_file.exists)
     record = json.loads(record_file.read_text())
-    assert record["pid"] == inst.pid and record["starttime"] > 0 and record["launch_hash"] == inst.spec.launch_hash
+    assert (
+        record["pid"] == inst.pid
+        and record["starttime"] > 0
+        and record["launch_hash"] == inst.spec.launch_hash
+    )
     await inst.stop()
     assert not record_file.exists()
 
@@ -339,8 +418,9 @@ async def test_missing_executable_is_a_clear_failure(engine: Engine, conf_dir: P
     program = tmp_path / "serve"
     program.write_text('#!/bin/sh\nrm -f "$0"\nexit 1\n')
     program.chmod(0o755)
-    inst = await start_one(engine, declaration("typo", [str(program)], restart={**FAST_RESTART, "max_retries": 1}),
-                           conf_dir)
+    inst = await start_one(
+        engine, declaration("typo", [str(program)], restart={**FAST_RESTART, "max_retries": 1}), conf_dir
+    )
     await inst.wait_state(State.FATAL, timeout=10)
     assert f"could not start: command not found: '{program}'" in inst.history[-1].reason
 
@@ -358,7 +438,9 @@ async def test_removed_right_after_start_never_orphans_a_process(settings: Setti
         assert inst.pid is None
 
 
-async def test_a_crashing_prestart_check_fails_the_start_instead_of_wedging_it(settings: Settings, conf_dir: Path) -> None:
+async def test_a_crashing_prestart_check_fails_the_start_instead_of_wedging_it(
+    settings: Settings, conf_dir: Path
+) -> None:
     async def broken(inst, spec) -> None:
         raise RuntimeError("plugin bug")
 

@@ -42,14 +42,27 @@ INFO 10-12 10:00:06 [launcher.py:100] Shutting down FastAPI HTTP server.
 """.splitlines()
 
 
-@pytest.mark.parametrize("tail,expected", [
-    (TRITON, "error: creating server: Internal - failed to load all models"),
-    (ARGPARSE, "main.py: error: unrecognized arguments: --bogus 1"),
-    (TRACEBACK, "ImportError: libcudart.so.12: cannot open shared object file: No such file or directory"),
-    (VLLM, "ValueError: Free memory on device (1.2/79.1 GiB) on startup is less than desired GPU memory "
-           "utilization (0.9, 71.2 GiB)."),
-    (["Port 5000 is already in use. Using port 41234 instead."], "Port 5000 is already in use. Using port 41234 instead."),
-], ids=["triton", "argparse", "traceback", "vllm-ansi", "textgen-port"])
+@pytest.mark.parametrize(
+    "tail,expected",
+    [
+        (TRITON, "error: creating server: Internal - failed to load all models"),
+        (ARGPARSE, "main.py: error: unrecognized arguments: --bogus 1"),
+        (
+            TRACEBACK,
+            "ImportError: libcudart.so.12: cannot open shared object file: No such file or directory",
+        ),
+        (
+            VLLM,
+            "ValueError: Free memory on device (1.2/79.1 GiB) on startup is less than desired GPU memory "
+            "utilization (0.9, 71.2 GiB).",
+        ),
+        (
+            ["Port 5000 is already in use. Using port 41234 instead."],
+            "Port 5000 is already in use. Using port 41234 instead.",
+        ),
+    ],
+    ids=["triton", "argparse", "traceback", "vllm-ansi", "textgen-port"],
+)
 def test_last_error_line_of_real_tails(tail: list[str], expected: str) -> None:
     assert last_error_line(tail) == expected
 
@@ -57,11 +70,15 @@ def test_last_error_line_of_real_tails(tail: list[str], expected: str) -> None:
 def test_nothing_that_looks_like_an_error() -> None:
     tail = ["Starting server", "To see the GUI go to: http://127.0.0.1:8188", ""]
     assert last_error_line(tail) is None
-    assert with_log_reason("exited before becoming ready (exit code 1)", tail) == "exited before becoming ready (exit code 1)"
+    assert (
+        with_log_reason("exited before becoming ready (exit code 1)", tail)
+        == "exited before becoming ready (exit code 1)"
+    )
 
 
 def test_reason_carries_the_line_and_long_lines_are_cut() -> None:
     assert with_log_reason("exited (exit code 2)", ARGPARSE) == (
-        "exited (exit code 2): main.py: error: unrecognized arguments: --bogus 1")
+        "exited (exit code 2): main.py: error: unrecognized arguments: --bogus 1"
+    )
     line = last_error_line(["error: " + "x" * 1000])
     assert line is not None and len(line) == MAX_LENGTH and line.endswith("…")

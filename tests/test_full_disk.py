@@ -53,8 +53,9 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
         pytest.skip("mounting a small tmpfs (a real full disk) needs root; CI runs as root")
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -69,16 +70,18 @@ def ports_json(settings: Settings) -> dict[str, int]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-async def test_put_with_a_full_state_disk_is_507_and_changes_nothing(settings: Settings, conf_dir: Path,
-                                                                    disk: Disk) -> None:
+async def test_put_with_a_full_state_disk_is_507_and_changes_nothing(
+    settings: Settings, conf_dir: Path, disk: Disk
+) -> None:
     settings = settings.model_copy(update={"state_dir": disk.mount / "state"})
     async with running_api(settings) as api:
         before = ports_json(settings)
         disk.fill()
         r = await api.put("/api/v1/models/new", json={"backend": "process", "command": LISTENER})
         assert r.status_code == 507, r.text
-        assert r.json()["detail"] == (f"no space left on device while writing {settings.state_dir}; "
-                                      "nothing was changed")
+        assert r.json()["detail"] == (
+            f"no space left on device while writing {settings.state_dir}; nothing was changed"
+        )
         assert not (conf_dir / "new.toml").exists()
         await api.engine.reload("test")  # nothing was written, so nothing appears later either
         assert "new@cpu" not in api.engine.instances
@@ -86,13 +89,20 @@ async def test_put_with_a_full_state_disk_is_507_and_changes_nothing(settings: S
 
         health = (await api.get("/healthz")).json()
         assert health["status"] == "degraded", health
-        assert health["state_dir"] == {"path": str(settings.state_dir), "writable": False,
-                                       "reason": f"no space left on device while writing {settings.state_dir}"}
-        assert health["degraded"] == [f"state dir: no space left on device while writing {settings.state_dir}"]
+        assert health["state_dir"] == {
+            "path": str(settings.state_dir),
+            "writable": False,
+            "reason": f"no space left on device while writing {settings.state_dir}",
+        }
+        assert health["degraded"] == [
+            f"state dir: no space left on device while writing {settings.state_dir}"
+        ]
 
         disk.free()  # recovers by itself: no restart, no request needed
+
         async def healthy() -> bool:
             return (await api.get("/api/v1/healthz")).json()["status"] == "ok"
+
         for _ in range(50):
             if await healthy():
                 break
@@ -106,8 +116,9 @@ async def test_put_with_a_full_state_disk_is_507_and_changes_nothing(settings: S
         assert ports_json(settings)["new@cpu"] == inst.spec.port
 
 
-async def test_put_with_a_full_conf_disk_keeps_the_old_file_and_instance(settings: Settings, tmp_path: Path,
-                                                                       disk: Disk) -> None:
+async def test_put_with_a_full_conf_disk_keeps_the_old_file_and_instance(
+    settings: Settings, tmp_path: Path, disk: Disk
+) -> None:
     conf = disk.mount / "conf.d"
     conf.mkdir()
     path = write_decl(conf, declaration("m"))
@@ -130,25 +141,31 @@ async def test_put_with_a_full_conf_disk_keeps_the_old_file_and_instance(setting
         disk.free()
 
 
-async def test_a_start_with_a_full_state_disk_blames_the_disk_not_the_program(settings: Settings, conf_dir: Path,
-                                                                             disk: Disk) -> None:
+async def test_a_start_with_a_full_state_disk_blames_the_disk_not_the_program(
+    settings: Settings, conf_dir: Path, disk: Disk
+) -> None:
     settings = settings.model_copy(update={"state_dir": disk.mount / "state"})
     async with running_api(settings) as api:
         disk.fill()
-        write_decl(conf_dir, declaration("s", ["sleep", "3600"], restart={"max_retries": 0, "initial_delay": 0.0}))
+        write_decl(
+            conf_dir, declaration("s", ["sleep", "3600"], restart={"max_retries": 0, "initial_delay": 0.0})
+        )
         await api.engine.reload("test")
         inst = api.engine.instances["s@cpu"]
         await inst.wait_state(State.BACKOFF, State.FATAL, timeout=10)
         reason = next(t.reason for t in inst.history if t.to_state in (State.BACKOFF, State.FATAL))
         log = settings.state_dir / "logs" / "s@cpu.log"
         assert "cannot execute" not in reason, reason
-        assert (f"cannot write the instance log: no space left on device while writing {log}" in reason
-                or f"cannot open the instance log: no space left on device while opening {log}" in reason), reason
+        assert (
+            f"cannot write the instance log: no space left on device while writing {log}" in reason
+            or f"cannot open the instance log: no space left on device while opening {log}" in reason
+        ), reason
         disk.free()
 
 
 async def test_hand_dropped_file_on_a_full_state_disk_waits_for_its_port_to_be_recorded(
-        settings: Settings, conf_dir: Path, disk: Disk) -> None:
+    settings: Settings, conf_dir: Path, disk: Disk
+) -> None:
     """The issue: after space was freed, an auto port assignment was missing from ports.json."""
     settings = settings.model_copy(update={"state_dir": disk.mount / "state"})
     async with running_api(settings) as api:
@@ -157,8 +174,10 @@ async def test_hand_dropped_file_on_a_full_state_disk_waits_for_its_port_to_be_r
         await api.engine.reload("test")
         assert "auto@cpu" not in api.engine.instances
         (err,) = api.engine.catalog.errors[str(path)]
-        assert err.message == ("instance auto@cpu: cannot record its automatic port: no space left on device "
-                               f"while writing {settings.state_dir / 'ports.json'}")
+        assert err.message == (
+            "instance auto@cpu: cannot record its automatic port: no space left on device "
+            f"while writing {settings.state_dir / 'ports.json'}"
+        )
         assert not (settings.state_dir / ".ports.json.tmp").exists()
         disk.free()
         await api.engine.reload("periodic resync")

@@ -12,10 +12,9 @@ import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from datetime import datetime, timezone
 
 import pytest
 import tomli_w
@@ -32,7 +31,9 @@ TCP = {"type": "tcp", "start_interval": 0.05}
 class SimGpus:
     def __init__(self, path: Path, gpus: int = 2, total: int = 81920) -> None:
         self.path = path
-        self.gpus = [{"index": i, "name": f"Sim {i}", "memory_total_mib": total, "process": []} for i in range(gpus)]
+        self.gpus = [
+            {"index": i, "name": f"Sim {i}", "memory_total_mib": total, "process": []} for i in range(gpus)
+        ]
         self.write()
 
     def write(self) -> None:
@@ -58,8 +59,14 @@ def sim(tmp_path: Path) -> SimGpus:
 
 
 def gpu_settings(settings: Settings, sim: SimGpus, **extra: Any) -> Settings:
-    return settings.model_copy(update={"gpu_source": "simulated", "gpu_simulated_file": sim.path,
-                                       "gpu_sample_interval": 0.05, **extra})
+    return settings.model_copy(
+        update={
+            "gpu_source": "simulated",
+            "gpu_simulated_file": sim.path,
+            "gpu_sample_interval": 0.05,
+            **extra,
+        }
+    )
 
 
 async def wait_gpu_sample(api: Api) -> None:
@@ -78,11 +85,16 @@ def stranger() -> Any:
         proc.wait()
 
 
-async def test_gpu_processes_are_attributed_to_their_instance(settings: Settings, sim: SimGpus, conf_dir: Path,
-                                                              tmp_path: Path) -> None:
+async def test_gpu_processes_are_attributed_to_their_instance(
+    settings: Settings, sim: SimGpus, conf_dir: Path, tmp_path: Path
+) -> None:
     pidfile = tmp_path / "worker.pid"
-    write_decl(conf_dir, declaration("llm", demo_cmd("--spawn-grandchild", "--grandchild-pidfile", str(pidfile)),
-                                     gpus=[0], health=TCP))
+    write_decl(
+        conf_dir,
+        declaration(
+            "llm", demo_cmd("--spawn-grandchild", "--grandchild-pidfile", str(pidfile)), gpus=[0], health=TCP
+        ),
+    )
     async with running_api(gpu_settings(settings, sim)) as api:
         inst = api.engine.instances["llm@gpu0"]
         await inst.wait_state(State.RUNNING, timeout=15)
@@ -92,11 +104,18 @@ async def test_gpu_processes_are_attributed_to_their_instance(settings: Settings
         sim.add_process(0, worker, 3072)  # a worker process (the grandchild) holds most memory
         await wait_gpu_sample(api)
         gpus = (await api.get("/api/v1/gpus")).json()
-        assert [g["id"] for g in gpus] == [0, 1] and gpus[0]["simulated"] is True and gpus[0]["source"] == "simulated"
+        assert (
+            [g["id"] for g in gpus] == [0, 1]
+            and gpus[0]["simulated"] is True
+            and gpus[0]["source"] == "simulated"
+        )
         owners = {p["pid"]: p["instance_id"] for p in gpus[0]["processes"]}
         assert owners == {inst.pid: "llm@gpu0", worker: "llm@gpu0"}
         (item,) = (await api.get("/api/v1/models/status")).json()
-        assert item["gpu_memory_mib"] == 4096 and {p["pid"] for p in item["gpu_processes"]} == {inst.pid, worker}
+        assert item["gpu_memory_mib"] == 4096 and {p["pid"] for p in item["gpu_processes"]} == {
+            inst.pid,
+            worker,
+        }
         assert (await api.get("/api/v1/gpus/strays")).json() == []
         assert (await api.get("/healthz")).json()["gpu_count"] == 2
 
@@ -113,8 +132,9 @@ time.sleep(120)
 """
 
 
-async def test_orphaned_setsid_worker_is_attributed_by_its_mark(settings: Settings, sim: SimGpus, conf_dir: Path,
-                                                                tmp_path: Path) -> None:
+async def test_orphaned_setsid_worker_is_attributed_by_its_mark(
+    settings: Settings, sim: SimGpus, conf_dir: Path, tmp_path: Path
+) -> None:
     """A GPU worker outside its instance's session whose parent died (no ppid or group path to the
     instance) still belongs to it, by the run mark it inherited: not a stray (issue 10)."""
     import sys
@@ -137,16 +157,25 @@ async def test_orphaned_setsid_worker_is_attributed_by_its_mark(settings: Settin
         await wait_until(lambda: not alive(worker), timeout=10)  # stopped with its instance
 
 
-async def test_strays_are_reported_then_killed_by_policy(settings: Settings, sim: SimGpus, stranger: Any) -> None:
+async def test_strays_are_reported_then_killed_by_policy(
+    settings: Settings, sim: SimGpus, stranger: Any
+) -> None:
     allowed = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
-        s = gpu_settings(settings, sim, strays_per_gpu={1: "kill"}, strays_kill_after=0.3,
-                         strays_allow_names=["allowed-daemon"])
+        s = gpu_settings(
+            settings,
+            sim,
+            strays_per_gpu={1: "kill"},
+            strays_kill_after=0.3,
+            strays_allow_names=["allowed-daemon"],
+        )
         async with running_api(s) as api:
             sim.add_process(0, stranger.pid, 500)  # GPU 0: report only
             await wait_gpu_sample(api)
             strays = (await api.get("/api/v1/gpus/strays")).json()
-            assert [(x["pid"], x["gpu"], x["policy"], x["action"]) for x in strays] == [(stranger.pid, 0, "report", "reported")]
+            assert [(x["pid"], x["gpu"], x["policy"], x["action"]) for x in strays] == [
+                (stranger.pid, 0, "report", "reported")
+            ]
             assert (await api.get("/api/v1/gpus")).json()[0]["processes"][0]["instance_id"] is None
             assert any(e.type == "stray" and e.data["pid"] == stranger.pid for e in api.engine.bus.history)
 
@@ -164,7 +193,9 @@ async def test_strays_are_reported_then_killed_by_policy(settings: Settings, sim
         allowed.wait()
 
 
-async def test_declared_gpus_must_exist_and_are_exclusive(settings: Settings, sim: SimGpus, conf_dir: Path) -> None:
+async def test_declared_gpus_must_exist_and_are_exclusive(
+    settings: Settings, sim: SimGpus, conf_dir: Path
+) -> None:
     write_decl(conf_dir, declaration("first", ["sleep", "3600"], gpus=[0]))
     write_decl(conf_dir, declaration("second", ["sleep", "3600"], gpus=[0]))
     write_decl(conf_dir, declaration("ghost", ["sleep", "3600"], gpus=[7]))
@@ -175,8 +206,15 @@ async def test_declared_gpus_must_exist_and_are_exclusive(settings: Settings, si
         assert "GPU 0 is already held by instance first@gpu0" in errors["second"]
         assert "GPU 7 does not exist on this machine (GPUs: 0, 1)" in errors["ghost"]
         assert set(api.engine.instances) == {"first@gpu0", "share-a@gpu1", "share-b@gpu1"}
-        r = await api.post("/api/v1/models/start", {"model_name": "third", "model_type": "process", "gpu_id": 0,
-                                                    "config": {"command": ["sleep", "3600"]}})
+        r = await api.post(
+            "/api/v1/models/start",
+            {
+                "model_name": "third",
+                "model_type": "process",
+                "gpu_id": 0,
+                "config": {"command": ["sleep", "3600"]},
+            },
+        )
         assert r.status_code == 409 and "GPU 0 is already held by instance first@gpu0" in r.json()["detail"]
         r = await api.post("/api/v1/models/start", {"model_name": "first", "gpu_id": 5})
         assert r.status_code == 409 and "GPU 5 does not exist" in r.json()["detail"]
@@ -190,11 +228,15 @@ async def test_without_a_gpu_source_nothing_is_checked(settings: Settings, conf_
         assert "off" in (await api.get("/healthz")).json()["gpu_reason"]
 
 
-async def test_auto_placement_picks_free_memory_and_sticks(settings: Settings, sim: SimGpus, conf_dir: Path) -> None:
+async def test_auto_placement_picks_free_memory_and_sticks(
+    settings: Settings, sim: SimGpus, conf_dir: Path
+) -> None:
     sim.set(0, memory_used_mib=70000)  # GPU 0: 11920 MiB free; GPU 1: 81920 free
     write_decl(conf_dir, declaration("auto1", ["sleep", "3600"], gpus="auto", min_free_memory_mb=40000))
-    write_decl(conf_dir, declaration("auto2", ["sleep", "3600"], gpus="auto", min_free_memory_mb=10000,
-                                     share_gpus=True))
+    write_decl(
+        conf_dir,
+        declaration("auto2", ["sleep", "3600"], gpus="auto", min_free_memory_mb=10000, share_gpus=True),
+    )
     s = gpu_settings(settings, sim)
     async with running_api(s) as api:
         assert set(api.engine.instances) == {"auto1@gpu1", "auto2@gpu0"}, api.engine.config_errors()
@@ -204,20 +246,33 @@ async def test_auto_placement_picks_free_memory_and_sticks(settings: Settings, s
     sim.set(1, memory_used_mib=60000)
     async with running_api(s) as api:
         assert set(api.engine.instances) == {"auto1@gpu1", "auto2@gpu0"}
-        write_decl(conf_dir, declaration("toobig", ["sleep", "3600"], gpus="auto", gpus_per_instance=2,
-                                         min_free_memory_mb=50000))
+        write_decl(
+            conf_dir,
+            declaration(
+                "toobig", ["sleep", "3600"], gpus="auto", gpus_per_instance=2, min_free_memory_mb=50000
+            ),
+        )
         await api.engine.reload("test")
         (error,) = api.engine.config_errors()
-        assert error["key"] == "gpus" and "cannot place: needs 2 GPU(s) with 50000 MiB free" in error["message"]
+        assert (
+            error["key"] == "gpus" and "cannot place: needs 2 GPU(s) with 50000 MiB free" in error["message"]
+        )
 
 
-async def test_auto_counts_what_declared_instances_still_need(settings: Settings, sim: SimGpus, conf_dir: Path) -> None:
+async def test_auto_counts_what_declared_instances_still_need(
+    settings: Settings, sim: SimGpus, conf_dir: Path
+) -> None:
     sim.set(0, memory_total_mib=30000)
     sim.set(1, memory_total_mib=30000)
     for n in range(2):
-        write_decl(conf_dir, declaration(f"big{n}", ["sleep", "3600"], gpus="auto", min_free_memory_mb=20000,
-                                         share_gpus=True))
-    write_decl(conf_dir, declaration("big2", ["sleep", "3600"], gpus="auto", min_free_memory_mb=20000, share_gpus=True))
+        write_decl(
+            conf_dir,
+            declaration(f"big{n}", ["sleep", "3600"], gpus="auto", min_free_memory_mb=20000, share_gpus=True),
+        )
+    write_decl(
+        conf_dir,
+        declaration("big2", ["sleep", "3600"], gpus="auto", min_free_memory_mb=20000, share_gpus=True),
+    )
     async with running_api(gpu_settings(settings, sim)) as api:
         placed = sorted(i for i in api.engine.instances)
         assert placed == ["big0@gpu0", "big1@gpu1"]  # not both on one GPU: 2 x 20000 > 30000
@@ -227,7 +282,9 @@ async def test_auto_counts_what_declared_instances_still_need(settings: Settings
 
 async def test_restart_waits_for_gpu_memory_release(settings: Settings, sim: SimGpus, conf_dir: Path) -> None:
     sim.set(0, memory_total_mib=6000)
-    write_decl(conf_dir, declaration("oomy", demo_cmd(), gpus=[0], health=TCP, restart={"initial_delay": 0.0}))
+    write_decl(
+        conf_dir, declaration("oomy", demo_cmd(), gpus=[0], health=TCP, restart={"initial_delay": 0.0})
+    )
     async with running_api(gpu_settings(settings, sim, gpu_release_timeout=30.0)) as api:
         inst = api.engine.instances["oomy@gpu0"]
         await inst.wait_state(State.RUNNING, timeout=15)
@@ -243,16 +300,21 @@ async def test_restart_waits_for_gpu_memory_release(settings: Settings, sim: Sim
         sim.gpus[0]["process"] = []
         sim.set(0, memory_used_mib=0)
         await inst.wait_state(State.RUNNING, timeout=15)
-        starts = [line for line in inst.log_file.path.read_text().splitlines() if "] starting oomy@gpu0" in line]
+        starts = [
+            line for line in inst.log_file.path.read_text().splitlines() if "] starting oomy@gpu0" in line
+        ]
         assert len(starts) == 2
         spawned = datetime.strptime(starts[-1].split()[1].rstrip("]"), "%Y-%m-%dT%H:%M:%S.%fZ")
-        assert spawned.replace(tzinfo=timezone.utc).timestamp() >= released
+        assert spawned.replace(tzinfo=UTC).timestamp() >= released
 
 
-async def test_gate_gives_up_after_the_timeout_and_says_why(settings: Settings, sim: SimGpus, conf_dir: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_gate_gives_up_after_the_timeout_and_says_why(
+    settings: Settings, sim: SimGpus, conf_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     sim.set(0, memory_total_mib=6000)
-    write_decl(conf_dir, declaration("stuck", demo_cmd(), gpus=[0], health=TCP, restart={"initial_delay": 0.0}))
+    write_decl(
+        conf_dir, declaration("stuck", demo_cmd(), gpus=[0], health=TCP, restart={"initial_delay": 0.0})
+    )
     async with running_api(gpu_settings(settings, sim, gpu_release_timeout=0.5)) as api:
         inst = api.engine.instances["stuck@gpu0"]
         await inst.wait_state(State.RUNNING, timeout=15)
@@ -262,8 +324,10 @@ async def test_gate_gives_up_after_the_timeout_and_says_why(settings: Settings, 
         await wait_until(lambda: api.app.ctx.gpus.instance_gpu("stuck@gpu0")["memory_mib"] == 4000)
         os.kill(first, signal.SIGKILL)
         await inst.wait_for(lambda i: i.state == State.RUNNING and i.pid != first, timeout=15)
-    assert any("starting anyway after 0.5 s" in r.getMessage() and "1000 MiB free of the 4000 MiB" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "starting anyway after 0.5 s" in r.getMessage() and "1000 MiB free of the 4000 MiB" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_gpu_samples_reach_the_event_stream(settings: Settings, sim: SimGpus) -> None:

@@ -61,8 +61,9 @@ async def test_instance_history_shows_restarts(settings: Settings, conf_dir: Pat
         assert tos == ["STARTING", "RUNNING", "STOPPING", "STOPPED", "STARTING", "RUNNING"], tos
 
 
-async def test_gpus_that_are_not_known_are_said_everywhere(settings: Settings, conf_dir: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+async def test_gpus_that_are_not_known_are_said_everywhere(
+    settings: Settings, conf_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     write_decl(conf_dir, declaration("phantom", sleep_cmd(), gpus=[5, 7]))
     caplog.set_level(logging.WARNING, logger="supervisor.runtime.gpu_tracker")
     async with running_api(settings.model_copy(update={"gpu_source": "none"})) as api:

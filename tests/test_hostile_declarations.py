@@ -18,12 +18,12 @@ import pytest
 from supervisor.adapters import confd
 from supervisor.backends.registry import default_registry
 from supervisor.config.declarations import Defaults
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .api_helpers import running_api
-from .conftest import REPO, declaration, sleep_cmd, wait_until, write_decl
+from .conftest import REPO, declaration, wait_until, write_decl
 
 DEEP = "x = " + "[" * 50_000 + "]" * 50_000 + "\n"  # the input
 
@@ -46,8 +46,13 @@ async def live(settings: Settings) -> AsyncIterator[Engine]:
 
 
 def validate(conf_dir: Path, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor", "validate", *extra, str(conf_dir)],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "validate", *extra, str(conf_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def errors_of(engine: Engine, path: Path) -> list[str]:
@@ -84,8 +89,9 @@ def test_deep_nesting_is_one_files_error_in_validate(conf_dir: Path) -> None:
 
 def test_nesting_that_toml_accepts_is_refused_before_validation(conf_dir: Path) -> None:
     # 40 levels of dotted tables: tomllib reads it (no recursion), the depth check refuses it.
-    (conf_dir / "d.toml").write_text('name = "d"\nbackend = "process"\ncommand = ["x"]\n'
-                                     "[env." + ".".join(["a"] * 40) + "]\nb = 1\n")
+    (conf_dir / "d.toml").write_text(
+        'name = "d"\nbackend = "process"\ncommand = ["x"]\n[env.' + ".".join(["a"] * 40) + "]\nb = 1\n"
+    )
     parsed = confd.read_dir(conf_dir, default_registry(load_plugins=False), Defaults())
     (err,) = parsed[str(conf_dir / "d.toml")]
     assert err.type == "too_deep" and err.key == "env", err
@@ -103,7 +109,9 @@ async def test_deep_nesting_at_start_does_not_stop_the_api(settings: Settings, c
         assert err["file"] == str(conf_dir / "deep.toml") and "nested too deeply" in err["message"]
 
 
-async def test_deep_nesting_dropped_in_while_running_does_not_freeze_reloads(live: Engine, conf_dir: Path) -> None:
+async def test_deep_nesting_dropped_in_while_running_does_not_freeze_reloads(
+    live: Engine, conf_dir: Path
+) -> None:
     m = write_decl(conf_dir, declaration("m"))
     await live.reload("test")
     pid = await running_pid(live, "m@cpu")
@@ -147,7 +155,8 @@ def make_hostile(path: Path, kind: str) -> str:
 
 @pytest.mark.parametrize("kind", HOSTILE)
 async def test_hostile_entry_named_like_a_running_models_file_keeps_it_running(
-        live: Engine, conf_dir: Path, kind: str) -> None:
+    live: Engine, conf_dir: Path, kind: str
+) -> None:
     x = write_decl(conf_dir, declaration("x"), "x.toml")
     await live.reload("test")
     pid = await running_pid(live, "x@cpu")
@@ -184,8 +193,9 @@ def test_validate_names_each_hostile_entry(conf_dir: Path, kind: str) -> None:
     assert "2 file(s), 1 valid model(s), 1 instance(s), 1 file(s) with errors" in out.stdout
 
 
-def test_file_deleted_between_listing_and_reading_is_simply_gone(conf_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_deleted_between_listing_and_reading_is_simply_gone(
+    conf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_decl(conf_dir, declaration("a"))
     gone = write_decl(conf_dir, declaration("b"))
     listing = confd.declaration_files(conf_dir)
@@ -214,15 +224,24 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
             os.setgid(65534)
             os.setuid(65534)
             result = confd.read_file(path, default_registry(load_plugins=False), Defaults())
-            os.write(write, json.dumps([e.as_dict() for e in result] if isinstance(result, list) else "spec").encode())
+            os.write(
+                write,
+                json.dumps([e.as_dict() for e in result] if isinstance(result, list) else "spec").encode(),
+            )
         finally:
             os._exit(0)
     os.close(write)
     with os.fdopen(read) as f:
         data = json.loads(f.read())
     os.waitpid(pid, 0)
-    assert data == [{"file": str(path), "key": None, "line": None,
-                     "message": "permission denied: the supervisor's user cannot read it"}]
+    assert data == [
+        {
+            "file": str(path),
+            "key": None,
+            "line": None,
+            "message": "permission denied: the supervisor's user cannot read it",
+        }
+    ]
 
 
 def test_a_crashing_kind_is_its_files_error(conf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,10 +264,16 @@ def test_a_crashing_kind_is_its_files_error(conf_dir: Path, monkeypatch: pytest.
 # --- item 4: checked before anything is replaced ----------------------------------------------
 
 BAD_LAUNCH = {
-    "command-not-found": ({"command": ["msup-no-such-program", "x"]}, "command[0]",
-                          "program 'msup-no-such-program' is not found on PATH"),
-    "command-path-missing": ({"command": ["/nonexistent/bin/server"]}, "command[0]",
-                             "program '/nonexistent/bin/server' does not exist"),
+    "command-not-found": (
+        {"command": ["msup-no-such-program", "x"]},
+        "command[0]",
+        "program 'msup-no-such-program' is not found on PATH",
+    ),
+    "command-path-missing": (
+        {"command": ["/nonexistent/bin/server"]},
+        "command[0]",
+        "program '/nonexistent/bin/server' does not exist",
+    ),
     "command-not-executable": ({"command": ["{here}/data.txt"]}, "command[0]", "is not executable"),
     "cwd-missing": ({"cwd": "/nonexistent/dir"}, "cwd", "directory /nonexistent/dir does not exist"),
     "nul-in-command": ({"command": [sys.executable, "-c", "pass\0"]}, "command[2]", "contains a NUL byte"),
@@ -269,7 +294,9 @@ def test_validate_fails_on_what_cannot_launch(conf_dir: Path, case: str) -> None
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LAUNCH))
-async def test_hot_edit_that_cannot_launch_keeps_the_old_instance(live: Engine, conf_dir: Path, case: str) -> None:
+async def test_hot_edit_that_cannot_launch_keeps_the_old_instance(
+    live: Engine, conf_dir: Path, case: str
+) -> None:
     fields, key, message = BAD_LAUNCH[case]
     (conf_dir / "data.txt").write_text("not a program\n")
     path = write_decl(conf_dir, declaration("m"))
@@ -291,7 +318,7 @@ async def test_installing_the_program_is_enough(live: Engine, conf_dir: Path, tm
     await live.reload("test")
     assert errors_of(live, path) == [f"program {str(program)!r} does not exist"]
     program.parent.mkdir()
-    program.write_text("#!/bin/sh\nexec sleep \"$1\"\n")
+    program.write_text('#!/bin/sh\nexec sleep "$1"\n')
     program.chmod(0o755)
     await live.reload("periodic resync")
     assert not live.catalog.errors
@@ -306,29 +333,55 @@ def test_placeholders_and_container_kinds_are_checked_as_launched(conf_dir: Path
     # A per-instance placeholder cannot be checked from a sample: left to the launch.
     write_decl(conf_dir, declaration("wd", command=["{work_dir}/bin/x"]))
     # A container's program lives in its image, not on this machine.
-    write_decl(conf_dir, {"name": "dock", "backend": "docker", "image": "busybox", "command": ["no-such-program"]})
+    write_decl(
+        conf_dir, {"name": "dock", "backend": "docker", "image": "busybox", "command": ["no-such-program"]}
+    )
     out = validate(conf_dir)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 PRESET_CASES = {
-    "comfyui-no-checkout": ('backend = "comfyui"\ncomfyui_path = "/nonexistent/ComfyUI"\npython = "{python}"\n',
-                            "comfyui_path", "directory /nonexistent/ComfyUI does not exist"),
-    "comfyui-no-main": ('backend = "comfyui"\ncomfyui_path = "{here}"\npython = "{python}"\n',
-                        "comfyui_path", "has no main.py (is it a ComfyUI checkout?)"),
-    "comfyui-no-python": ('backend = "comfyui"\ncomfyui_path = "{here}/comfy"\npython = "venv/bin/python"\n',
-                          "python", "does not exist"),
-    "textgen-no-server": ('backend = "textgen"\ntextgen_path = "{here}"\npython = "{python}"\n',
-                          "textgen_path", "has no server.py (is it a text-generation-webui checkout?)"),
-    "vllm-not-installed": ('backend = "vllm"\nmodel = "org/model"\nvllm = "msup-no-vllm"\n',
-                           "vllm", "program 'msup-no-vllm' is not found on PATH"),
-    "vllm-local-model-missing": ('backend = "vllm"\nmodel = "./weights"\nvllm = "{python}"\n',
-                                 "model", "weights does not exist"),
-    "triton-no-repository": ('backend = "triton"\nmodel_repository = "/nonexistent/models"\n',
-                             "model_repository", "directory /nonexistent/models does not exist"),
-    "triton-no-tritonserver": ('backend = "triton"\nmode = "process"\nmodel_repository = "{here}/repo"\n'
-                               'tritonserver = "msup-no-tritonserver"\n',
-                               "tritonserver", "program 'msup-no-tritonserver' is not found on PATH"),
+    "comfyui-no-checkout": (
+        'backend = "comfyui"\ncomfyui_path = "/nonexistent/ComfyUI"\npython = "{python}"\n',
+        "comfyui_path",
+        "directory /nonexistent/ComfyUI does not exist",
+    ),
+    "comfyui-no-main": (
+        'backend = "comfyui"\ncomfyui_path = "{here}"\npython = "{python}"\n',
+        "comfyui_path",
+        "has no main.py (is it a ComfyUI checkout?)",
+    ),
+    "comfyui-no-python": (
+        'backend = "comfyui"\ncomfyui_path = "{here}/comfy"\npython = "venv/bin/python"\n',
+        "python",
+        "does not exist",
+    ),
+    "textgen-no-server": (
+        'backend = "textgen"\ntextgen_path = "{here}"\npython = "{python}"\n',
+        "textgen_path",
+        "has no server.py (is it a text-generation-webui checkout?)",
+    ),
+    "vllm-not-installed": (
+        'backend = "vllm"\nmodel = "org/model"\nvllm = "msup-no-vllm"\n',
+        "vllm",
+        "program 'msup-no-vllm' is not found on PATH",
+    ),
+    "vllm-local-model-missing": (
+        'backend = "vllm"\nmodel = "./weights"\nvllm = "{python}"\n',
+        "model",
+        "weights does not exist",
+    ),
+    "triton-no-repository": (
+        'backend = "triton"\nmodel_repository = "/nonexistent/models"\n',
+        "model_repository",
+        "directory /nonexistent/models does not exist",
+    ),
+    "triton-no-tritonserver": (
+        'backend = "triton"\nmode = "process"\nmodel_repository = "{here}/repo"\n'
+        'tritonserver = "msup-no-tritonserver"\n',
+        "tritonserver",
+        "program 'msup-no-tritonserver' is not found on PATH",
+    ),
 }
 
 
@@ -352,9 +405,12 @@ def test_presets_pass_when_everything_is_there(conf_dir: Path) -> None:
     (conf_dir / "tg").mkdir()
     (conf_dir / "tg" / "server.py").write_text("")
     (conf_dir / "repo" / "tri").mkdir(parents=True)
-    (conf_dir / "comfy.toml").write_text('name = "comfy"\nbackend = "comfyui"\ncomfyui_path = "comfy"\n'
-                                         'python = "{python}"\n')
-    (conf_dir / "tg.toml").write_text('name = "tg"\nbackend = "textgen"\ntextgen_path = "tg"\npython = "{python}"\n')
+    (conf_dir / "comfy.toml").write_text(
+        'name = "comfy"\nbackend = "comfyui"\ncomfyui_path = "comfy"\npython = "{python}"\n'
+    )
+    (conf_dir / "tg.toml").write_text(
+        'name = "tg"\nbackend = "textgen"\ntextgen_path = "tg"\npython = "{python}"\n'
+    )
     (conf_dir / "tri.toml").write_text('name = "tri"\nbackend = "triton"\nmodel_repository = "repo"\n')
     (conf_dir / "v.toml").write_text('name = "v"\nbackend = "vllm"\nmodel = "org/model"\nvllm = "{python}"\n')
     out = validate(conf_dir)
@@ -387,18 +443,29 @@ def test_serve_starts_with_50000_nested_arrays_in_conf_d(conf_dir: Path, tmp_pat
         kill_marked(tmp_path / "state")
 
 
-async def test_api_write_that_cannot_launch_is_422_and_changes_nothing(settings: Settings, conf_dir: Path) -> None:
+async def test_api_write_that_cannot_launch_is_422_and_changes_nothing(
+    settings: Settings, conf_dir: Path
+) -> None:
     path = write_decl(conf_dir, declaration("m"))
     async with running_api(settings) as api:
         pid = await running_pid(api.engine, "m@cpu")
         before = path.read_text()
         for body, loc, msg in [
-            ({"backend": "process", "command": ["msup-no-such-program"]}, ["body", "command", 0],
-             "program 'msup-no-such-program' is not found on PATH"),
-            ({"backend": "process", "command": ["sleep", "1"], "cwd": "/nonexistent"}, ["body", "cwd"],
-             "directory /nonexistent does not exist"),
-            ({"backend": "process", "command": ["sleep", "1"], "env": {"X": "a\u0000b"}}, ["body", "env", "X"],
-             "contains a NUL byte"),
+            (
+                {"backend": "process", "command": ["msup-no-such-program"]},
+                ["body", "command", 0],
+                "program 'msup-no-such-program' is not found on PATH",
+            ),
+            (
+                {"backend": "process", "command": ["sleep", "1"], "cwd": "/nonexistent"},
+                ["body", "cwd"],
+                "directory /nonexistent does not exist",
+            ),
+            (
+                {"backend": "process", "command": ["sleep", "1"], "env": {"X": "a\u0000b"}},
+                ["body", "env", "X"],
+                "contains a NUL byte",
+            ),
         ]:
             r = await api.put("/api/v1/models/m", json=body)
             assert r.status_code == 422, r.text
@@ -407,7 +474,14 @@ async def test_api_write_that_cannot_launch_is_422_and_changes_nothing(settings:
         assert path.read_text() == before
         assert api.engine.instances["m@cpu"].pid == pid
         # The same through the old client's start (a new model): 422, no file.
-        r = await api.post("/api/v1/models/start", json={"model_name": "n", "model_type": "process", "gpu_id": 0,
-                                                          "config": {"command": ["msup-no-such-program"]}})
+        r = await api.post(
+            "/api/v1/models/start",
+            json={
+                "model_name": "n",
+                "model_type": "process",
+                "gpu_id": 0,
+                "config": {"command": ["msup-no-such-program"]},
+            },
+        )
         assert r.status_code == 422, r.text
         assert not (conf_dir / "n.toml").exists()

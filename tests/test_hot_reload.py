@@ -12,18 +12,20 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from supervisor.runtime.engine import Engine
-from supervisor.core.events import Event, EventBus
-from supervisor.config.settings import Settings
-from supervisor.core.states import State
 from supervisor.adapters.watcher import ConfWatcher
+from supervisor.config.settings import Settings
+from supervisor.core.events import Event, EventBus
+from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, wait_until, write_decl
 
 SLEEP = ["sleep", "3600"]
 
 
-async def next_event(bus: EventBus, predicate: Callable[[Event], bool], since: int = 0, timeout: float = 10) -> Event:
+async def next_event(
+    bus: EventBus, predicate: Callable[[Event], bool], since: int = 0, timeout: float = 10
+) -> Event:
     async def find() -> Event:
         async for event in bus.subscribe(since):
             if predicate(event):
@@ -132,8 +134,9 @@ async def test_rapid_edits_final_content_wins(live: Engine, conf_dir: Path) -> N
         await asyncio.sleep(0.01)
     await wait_until(lambda: "rapid@cpu" in live.instances)
     inst = live.instances["rapid@cpu"]
-    await inst.wait_for(lambda i: i.state == State.RUNNING and dict(i.running_spec.launch.env)["VERSION"] == "14",
-                        timeout=15)
+    await inst.wait_for(
+        lambda i: i.state == State.RUNNING and dict(i.running_spec.launch.env)["VERSION"] == "14", timeout=15
+    )
     await asyncio.sleep(0.3)
     assert inst.state == State.RUNNING and dict(inst.running_spec.launch.env)["VERSION"] == "14"
 
@@ -143,7 +146,9 @@ async def test_broken_edit_keeps_running_then_fix_applies(live: Engine, conf_dir
     inst = await running(live, "steady@cpu")
     pid = inst.pid
     mark = last_id(live.bus)
-    path.write_text('name = "steady"\nbackend = "process"\ncommand = ["sleep", "3601"]\n[restart]\nmax_retries = "x"\n')
+    path.write_text(
+        'name = "steady"\nbackend = "process"\ncommand = ["sleep", "3601"]\n[restart]\nmax_retries = "x"\n'
+    )
     event = await next_event(live.bus, lambda e: e.type == "config_error", mark)
     assert event.data["file"] == str(path)
     (error,) = live.config_errors()
@@ -156,14 +161,19 @@ async def test_broken_edit_keeps_running_then_fix_applies(live: Engine, conf_dir
     assert live.config_errors() == [] and inst.pid != pid
 
 
-async def test_broken_error_logged_once_per_change(live: Engine, conf_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_broken_error_logged_once_per_change(
+    live: Engine, conf_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = conf_dir / "bad.toml"
     path.write_text("name = \n")
     await wait_until(lambda: live.config_errors())
     live.request_reload("again")
     live.request_reload("and again")
     await asyncio.sleep(0.3)
-    assert len([r for r in caplog.records if "config error" in r.getMessage() and "bad.toml" in r.getMessage()]) == 1
+    assert (
+        len([r for r in caplog.records if "config error" in r.getMessage() and "bad.toml" in r.getMessage()])
+        == 1
+    )
 
 
 async def test_broken_from_the_start_declares_nothing(settings: Settings, conf_dir: Path) -> None:
@@ -173,7 +183,13 @@ async def test_broken_from_the_start_declares_nothing(settings: Settings, conf_d
         await engine.start(watch=True)
         assert engine.instances == {}
         assert engine.config_errors() == [
-            {"file": str(conf_dir / "bad.toml"), "key": "command", "line": None, "message": "required key is missing"}]
+            {
+                "file": str(conf_dir / "bad.toml"),
+                "key": "command",
+                "line": None,
+                "message": "required key is missing",
+            }
+        ]
     finally:
         await engine.shutdown()
 
@@ -192,10 +208,18 @@ async def test_rename_with_same_content_restarts_nothing(live: Engine, conf_dir:
 
 
 async def test_removed_while_in_backoff_or_starting(live: Engine, conf_dir: Path) -> None:
-    backoff = write_decl(conf_dir, declaration("waiting", [PY, "-c", "import sys; sys.exit(1)"],
-                                               restart={**FAST_RESTART, "initial_delay": 30.0}))
-    starting = write_decl(conf_dir, declaration("loading", demo_cmd("--ready-after", "100"),
-                                                health={"type": "http", "start_interval": 0.05}))
+    backoff = write_decl(
+        conf_dir,
+        declaration(
+            "waiting", [PY, "-c", "import sys; sys.exit(1)"], restart={**FAST_RESTART, "initial_delay": 30.0}
+        ),
+    )
+    starting = write_decl(
+        conf_dir,
+        declaration(
+            "loading", demo_cmd("--ready-after", "100"), health={"type": "http", "start_interval": 0.05}
+        ),
+    )
     await wait_until(lambda: "waiting@cpu" in live.instances and "loading@cpu" in live.instances)
     waiting, loading = live.instances["waiting@cpu"], live.instances["loading@cpu"]
     await waiting.wait_state(State.BACKOFF, timeout=10)
@@ -209,8 +233,12 @@ async def test_removed_while_in_backoff_or_starting(live: Engine, conf_dir: Path
 
 
 async def test_readded_during_stop_no_duplicate_no_loss(live: Engine, conf_dir: Path) -> None:
-    doc = declaration("phoenix", demo_cmd("--ignore-sigterm"), health={"type": "tcp", "start_interval": 0.05},
-                      stop={"timeout": 1.0})
+    doc = declaration(
+        "phoenix",
+        demo_cmd("--ignore-sigterm"),
+        health={"type": "tcp", "start_interval": 0.05},
+        stop={"timeout": 1.0},
+    )
     path = write_decl(conf_dir, doc)
     old = await running(live, "phoenix@cpu")
     old_pid = old.pid
@@ -266,7 +294,9 @@ async def test_conf_dir_deleted_and_restored(live: Engine, conf_dir: Path, tmp_p
 
 # -- the watcher alone, with a recording reload --------------------------------------------
 @asynccontextmanager
-async def recording_watcher(directory: Path, resync_interval: float) -> AsyncIterator[tuple[ConfWatcher, list[str]]]:
+async def recording_watcher(
+    directory: Path, resync_interval: float
+) -> AsyncIterator[tuple[ConfWatcher, list[str]]]:
     """A real watcher on `directory` whose reloads are only recorded (their reasons)."""
     calls: list[str] = []
 
@@ -312,8 +342,9 @@ async def test_watcher_ignores_non_declarations(tmp_path: Path) -> None:
         assert calls == ["watch started"]
 
 
-async def test_resync_of_an_unchanged_directory_parses_nothing(live: Engine, conf_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_resync_of_an_unchanged_directory_parses_nothing(
+    live: Engine, conf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The periodic safety-net resync costs a stat per file, not a parse (idle CPU)."""
     from supervisor.adapters import confd
 

@@ -68,8 +68,10 @@ def upward_imports() -> list[str]:
             if target == "supervisor.__version__":
                 continue
             if layer_of(target) > layer_of(me):
-                out.append(f"{path.relative_to(REPO)}:{line}: {me} (layer {layer_of(me)}) imports {target} "
-                           f"(layer {layer_of(target)})")
+                out.append(
+                    f"{path.relative_to(REPO)}:{line}: {me} (layer {layer_of(me)}) imports {target} "
+                    f"(layer {layer_of(target)})"
+                )
     return out
 
 

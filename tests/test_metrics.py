@@ -29,10 +29,20 @@ def value(family, **labels) -> float:
     raise AssertionError(f"no sample with {labels} in {family.name}: {family.samples}")
 
 
-async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_dir: Path, tmp_path: Path) -> None:
+async def test_metrics_names_types_labels_and_a_crash(
+    settings: Settings, conf_dir: Path, tmp_path: Path
+) -> None:
     sim = SimGpus(tmp_path / "gpus.toml", gpus=2)
-    write_decl(conf_dir, declaration("web", demo_cmd(), gpus=[0], health={"type": "tcp", "start_interval": 0.05},
-                                     restart={"initial_delay": 0.0}))
+    write_decl(
+        conf_dir,
+        declaration(
+            "web",
+            demo_cmd(),
+            gpus=[0],
+            health={"type": "tcp", "start_interval": 0.05},
+            restart={"initial_delay": 0.0},
+        ),
+    )
     (conf_dir / "broken.toml").write_text('name = "broken"\n')
     async with running_api(gpu_settings(settings, sim)) as api:
         inst = api.engine.instances["web@gpu0"]
@@ -47,9 +57,18 @@ async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_d
         assert types["model_supervisor_instance_state"] == "gauge"  # a StateSet is a gauge in the text format
         assert types["model_supervisor_instance_restarts"] == "counter"
         assert types["model_supervisor_reconcile_duration_seconds"] == "histogram"
-        for name in ("instance_consecutive_failures", "instance_uptime_seconds", "instance_ready",
-                     "instance_gpu_memory_bytes", "gpu_memory_used_bytes", "gpu_memory_total_bytes",
-                     "gpu_processes", "gpu_stray_processes", "config_errors", "config_error_files"):
+        for name in (
+            "instance_consecutive_failures",
+            "instance_uptime_seconds",
+            "instance_ready",
+            "instance_gpu_memory_bytes",
+            "gpu_memory_used_bytes",
+            "gpu_memory_total_bytes",
+            "gpu_processes",
+            "gpu_stray_processes",
+            "config_errors",
+            "config_error_files",
+        ):
             assert types[f"model_supervisor_{name}"] == "gauge", name
         labels = {"model": "web", "instance": "web@gpu0", "backend": "process", "gpu": "0", "node": ""}
         assert value(m["model_supervisor_instance_state"], **labels, state="RUNNING") == 1
@@ -62,7 +81,12 @@ async def test_metrics_names_types_labels_and_a_crash(settings: Settings, conf_d
         assert value(m["model_supervisor_gpu_processes"], **gpu0) == 1
         assert value(m["model_supervisor_gpu_stray_processes"], **gpu0) == 0
         assert value(m["model_supervisor_config_error_files"]) == 1
-        assert value(m["model_supervisor_api_requests"], route="/api/v1/models/status", method="GET", status="200") >= 1
+        assert (
+            value(
+                m["model_supervisor_api_requests"], route="/api/v1/models/status", method="GET", status="200"
+            )
+            >= 1
+        )
         hist = m["model_supervisor_reconcile_duration_seconds"]
         assert any(s.name.endswith("_count") and s.value >= 1 for s in hist.samples)
 

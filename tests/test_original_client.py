@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -35,11 +34,11 @@ class ModelInstanceInfo(BaseModel):
     instance_id: str
     model_name: str
     model_type: ModelType
-    active_gpu_ids: List[int]
+    active_gpu_ids: list[int]
     total_instances: int
     status: ModelInstanceStatus
-    pid: Optional[int] = None
-    port: Optional[int] = None
+    pid: int | None = None
+    port: int | None = None
     created_at: str
     updated_at: str
 
@@ -53,7 +52,7 @@ class ModelStatusItem(BaseModel):
 
 class GPUProcess(BaseModel):
     pid: int
-    name: Optional[str] = "N/A"
+    name: str | None = "N/A"
     gpu_memory_usage: int
 
 
@@ -61,13 +60,13 @@ class GPUInfo(BaseModel):
     id: int
     memory_usage: float
     power_draw: float
-    processes: List[GPUProcess]
+    processes: list[GPUProcess]
 
 
 class KillProcessResponse(BaseModel):
     pid: int
     status: str
-    message: Optional[str] = None
+    message: str | None = None
 
 
 @pytest.fixture
@@ -75,12 +74,23 @@ def mam(conf_dir: Path, tmp_path: Path) -> Path:
     """MAM declared as the old tool had it: Triton, in Docker, the image never pulled here."""
     repo = tmp_path / "model_repository" / "MAM"
     repo.mkdir(parents=True)
-    return write_decl(conf_dir, {"name": "MAM", "backend": "triton", "model_repository": str(repo.parent),
-                                 "pull": "never", "gpus": [], "instances_per_gpu": 8,
-                                 "restart": {"initial_delay": 60.0}})
+    return write_decl(
+        conf_dir,
+        {
+            "name": "MAM",
+            "backend": "triton",
+            "model_repository": str(repo.parent),
+            "pull": "never",
+            "gpus": [],
+            "instances_per_gpu": 8,
+            "restart": {"initial_delay": 60.0},
+        },
+    )
 
 
-async def test_readme_requests_answered_in_the_old_shapes(settings: Settings, mam: Path, tmp_path: Path) -> None:
+async def test_readme_requests_answered_in_the_old_shapes(
+    settings: Settings, mam: Path, tmp_path: Path
+) -> None:
     sim = tmp_path / "gpus.toml"
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
     sim.write_text(f"""
@@ -95,19 +105,29 @@ used_memory_mib = 4096
 name = "python"
 """)
     try:
-        s = settings.model_copy(update={"gpu_source": "simulated", "gpu_simulated_file": sim, "gpu_sample_interval": 0.1})
+        s = settings.model_copy(
+            update={"gpu_source": "simulated", "gpu_simulated_file": sim, "gpu_sample_interval": 0.1}
+        )
         async with running_api(s) as api:
             # POST /models/start, the README's example body verbatim
-            r = await api.post("/api/v1/models/start", {"model_name": "MAM", "model_type": "triton", "gpu_id": 0,
-                                                        "config": {}})
+            r = await api.post(
+                "/api/v1/models/start",
+                {"model_name": "MAM", "model_type": "triton", "gpu_id": 0, "config": {}},
+            )
             assert r.status_code == 202, r.text
             info = ModelInstanceInfo.model_validate(r.json())
-            assert info.model_type == "triton" and info.active_gpu_ids == [0] and info.instance_id == "MAM@gpu0"
+            assert (
+                info.model_type == "triton" and info.active_gpu_ids == [0] and info.instance_id == "MAM@gpu0"
+            )
 
             # GET /models/status and /models/status/{model_name}
-            items = [ModelStatusItem.model_validate(i) for i in (await api.get("/api/v1/models/status")).json()]
+            items = [
+                ModelStatusItem.model_validate(i) for i in (await api.get("/api/v1/models/status")).json()
+            ]
             assert [(i.model_name, i.model_type, i.gpu_id) for i in items] == [("MAM", "triton", 0)]
-            one = [ModelStatusItem.model_validate(i) for i in (await api.get("/api/v1/models/status/MAM")).json()]
+            one = [
+                ModelStatusItem.model_validate(i) for i in (await api.get("/api/v1/models/status/MAM")).json()
+            ]
             assert one == items
             assert (await api.get("/api/v1/models/supported")).json() == {"MAM": "triton"}
 
@@ -122,14 +142,23 @@ name = "python"
             assert KillProcessResponse.model_validate(r.json()).status == "killed"
 
             # POST /models/stop
-            r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "model_type": "triton", "gpu_id": 0})
+            r = await api.post(
+                "/api/v1/models/stop", {"model_name": "MAM", "model_type": "triton", "gpu_id": 0}
+            )
             assert r.status_code == 200, r.text
             stopped = ModelInstanceInfo.model_validate(r.json())
-            assert stopped.status == "STOPPED" and stopped.active_gpu_ids == [] and stopped.total_instances == 0
+            assert (
+                stopped.status == "STOPPED" and stopped.active_gpu_ids == [] and stopped.total_instances == 0
+            )
 
             # the old 404 body shape: {"detail": "..."}
-            r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "model_type": "triton", "gpu_id": 0})
-            assert r.status_code == 404 and r.json()["detail"] == "Model 'MAM' not found or not running on GPU 0."
+            r = await api.post(
+                "/api/v1/models/stop", {"model_name": "MAM", "model_type": "triton", "gpu_id": 0}
+            )
+            assert (
+                r.status_code == 404
+                and r.json()["detail"] == "Model 'MAM' not found or not running on GPU 0."
+            )
             # the old 422 shape: detail items with loc
             r = await api.post("/api/v1/models/start", {"model_name": "MAM", "gpu_id": -1, "config": {}})
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpu_id"]

@@ -14,18 +14,45 @@ HEALTH = ResolvedHealth("none", None, 1, 1, 1, 1, 1)
 
 def spec(iid: str, gpus=(), port=1000, launch="a", policy="p") -> InstanceSpec:
     return InstanceSpec(
-        id=iid, model=iid.split("@")[0], backend="process", gpus=tuple(gpus), port=port, uses_port=True, extra_ports=(),
-        enabled=True, launch=ProcessLaunch(("x",)), health=HEALTH, restart=RestartSpec(), stop=StopSpec(),
-        source=Path("f.toml"), launch_hash=launch, policy_hash=policy,
+        id=iid,
+        model=iid.split("@")[0],
+        backend="process",
+        gpus=tuple(gpus),
+        port=port,
+        uses_port=True,
+        extra_ports=(),
+        enabled=True,
+        launch=ProcessLaunch(("x",)),
+        health=HEALTH,
+        restart=RestartSpec(),
+        stop=StopSpec(),
+        source=Path("f.toml"),
+        launch_hash=launch,
+        policy_hash=policy,
     )
 
 
 def test_add_remove_replace_update_unchanged() -> None:
-    actual = {s.id: s for s in [spec("a@cpu"), spec("b@cpu", port=2), spec("c@cpu", port=3), spec("d@cpu", port=4)]}
-    desired = {s.id: s for s in [spec("a@cpu"), spec("b@cpu", port=2, launch="B"), spec("c@cpu", port=3, policy="P"),
-                                 spec("e@cpu", port=5)]}
+    actual = {
+        s.id: s for s in [spec("a@cpu"), spec("b@cpu", port=2), spec("c@cpu", port=3), spec("d@cpu", port=4)]
+    }
+    desired = {
+        s.id: s
+        for s in [
+            spec("a@cpu"),
+            spec("b@cpu", port=2, launch="B"),
+            spec("c@cpu", port=3, policy="P"),
+            spec("e@cpu", port=5),
+        ]
+    }
     p = plan(desired, actual)
-    assert (p.remove, p.replace, p.update, p.add, p.unchanged) == (["d@cpu"], ["b@cpu"], ["c@cpu"], ["e@cpu"], ["a@cpu"])
+    assert (p.remove, p.replace, p.update, p.add, p.unchanged) == (
+        ["d@cpu"],
+        ["b@cpu"],
+        ["c@cpu"],
+        ["e@cpu"],
+        ["a@cpu"],
+    )
     assert p.gates == {}
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends.registry import ENTRY_POINT_GROUP, Registry, builtin_kinds, default_registry
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .conftest import REPO, write_decl
 
@@ -47,12 +47,16 @@ def test_entry_point_kind_is_registered_and_broken_one_reported(plugin_site: Pat
     assert "ModuleNotFoundError" in registry.plugin_errors["broken"]
 
 
-async def test_plugin_kind_runs_under_the_engine(plugin_site: Path, settings: Settings, conf_dir: Path, tmp_path: Path) -> None:
+async def test_plugin_kind_runs_under_the_engine(
+    plugin_site: Path, settings: Settings, conf_dir: Path, tmp_path: Path
+) -> None:
     site_dir = tmp_path / "www"
     site_dir.mkdir()
     (site_dir / "index.html").write_text("hello from a plugin")
-    write_decl(conf_dir, {"name": "docs", "backend": "static", "directory": str(site_dir),
-                          "health": {"start_interval": 0.05}})
+    write_decl(
+        conf_dir,
+        {"name": "docs", "backend": "static", "directory": str(site_dir), "health": {"start_interval": 0.05}},
+    )
     engine = Engine(settings, registry=default_registry())
     try:
         await engine.start()
@@ -60,7 +64,10 @@ async def test_plugin_kind_runs_under_the_engine(plugin_site: Path, settings: Se
         await inst.wait_state(State.RUNNING, timeout=15)
         import urllib.request
 
-        assert urllib.request.urlopen(f"http://127.0.0.1:{inst.spec.port}/", timeout=5).read() == b"hello from a plugin"
+        assert (
+            urllib.request.urlopen(f"http://127.0.0.1:{inst.spec.port}/", timeout=5).read()
+            == b"hello from a plugin"
+        )
     finally:
         await engine.shutdown()
 

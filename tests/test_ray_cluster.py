@@ -16,22 +16,32 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from supervisor.config.declarations import Defaults, DeclarationInvalid, parse_declaration
-from supervisor.backends.registry import default_registry
-from supervisor.runtime.engine import Engine
 from supervisor.adapters.marks import MARK_ENV, scope_of
+from supervisor.backends.registry import default_registry
+from supervisor.config.declarations import DeclarationInvalid, Defaults, parse_declaration
 from supervisor.config.settings import load_settings
 from supervisor.core.spec import instance_id
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
-from .conftest import FAST_RESTART, PY, REPO, alive, declaration, demo_cmd, free_port, free_range, wait_until, write_decl
+from .conftest import (
+    FAST_RESTART,
+    PY,
+    REPO,
+    alive,
+    declaration,
+    demo_cmd,
+    free_port,
+    free_range,
+    wait_until,
+    write_decl,
+)
 from .ray_rig import descendants
 from .serve_helpers import Serve
 
@@ -83,12 +93,14 @@ def test_cluster_settings_are_checked() -> None:
 
 
 def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
-    code = ("import sys; from supervisor.config.settings import load_settings; from supervisor.runtime.engine import Engine;"
-            "import asyncio\n"
-            "async def main():\n"
-            "    e = Engine(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup'))\n"
-            "    assert 'ray' in e.runners\n"
-            "asyncio.run(main()); print('ray' in sys.modules)")
+    code = (
+        "import sys; from supervisor.config.settings import load_settings; from supervisor.runtime.engine import Engine;"
+        "import asyncio\n"
+        "async def main():\n"
+        "    e = Engine(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup'))\n"
+        "    assert 'ray' in e.runners\n"
+        "asyncio.run(main()); print('ray' in sys.modules)"
+    )
     out = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -98,29 +110,50 @@ def test_node_command_plans_resources_and_label_from_the_gpus() -> None:
     from supervisor.cluster.node import NodeError, plan_join
     from supervisor.config.cluster_launch import gpu_resource
 
-    nvml = lambda: (0, 1, 2, 3)  # noqa: E731 - what NVML would report
+    nvml = lambda: (0, 1, 2, 3)
     join = plan_join("10.0.0.1:6379", "gpu-a", None, None, detect=nvml)
     assert join.gpus == (0, 1, 2, 3) and join.resources() == {gpu_resource(g): 1.0 for g in range(4)}
     argv = join.argv("/py")
-    assert argv[:8] == ["/py", "-m", "ray.scripts.scripts", "start", "--address", "10.0.0.1:6379", "--block",
-                        "--num-gpus"] and argv[8] == "4"
+    assert (
+        argv[:8]
+        == [
+            "/py",
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--address",
+            "10.0.0.1:6379",
+            "--block",
+            "--num-gpus",
+        ]
+        and argv[8] == "4"
+    )
     assert argv[argv.index("--labels") + 1] == "msup-node=gpu-a"
     assert plan_join("h:1", None, None, 2, detect=nvml).gpus == (0, 1)  # the first N
     assert plan_join("h:1", None, "1,0", None, detect=lambda: pytest.fail("NVML asked")).gpus == (0, 1)
     assert plan_join("h:1", None, None, 0, detect=lambda: pytest.fail("NVML asked")).gpus == ()
     assert "--labels" not in plan_join("h:1", None, "none", None).argv("/py")
-    for bad, words in [(("h:1", "GPU_A", "0", None), "--label 'GPU_A' is not a node label"),
-                       (("h:1", None, "0,x", None), "--gpus '0,x'"), (("h:1", None, "0,0", None), "distinct"),
-                       (("h:1", None, "0", 1), "give one of them"), (("h:1", None, None, 5), "NVML reports 4"),
-                       (("", None, "0", None), "--address")]:
+    for bad, words in [
+        (("h:1", "GPU_A", "0", None), "--label 'GPU_A' is not a node label"),
+        (("h:1", None, "0,x", None), "--gpus '0,x'"),
+        (("h:1", None, "0,0", None), "distinct"),
+        (("h:1", None, "0", 1), "give one of them"),
+        (("h:1", None, None, 5), "NVML reports 4"),
+        (("", None, "0", None), "--address"),
+    ]:
         with pytest.raises(NodeError, match=words):
             plan_join(*bad, detect=nvml)
 
 
 def test_node_command_without_nvml_says_what_to_pass() -> None:
-    out = subprocess.run([PY, "-m", "supervisor", "node", "--address", "127.0.0.1:1", "--dry-run"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "LD_LIBRARY_PATH": "/nonexistent"})
+    out = subprocess.run(
+        [PY, "-m", "supervisor", "node", "--address", "127.0.0.1:1", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LD_LIBRARY_PATH": "/nonexistent"},
+    )
     if out.returncode == 0:
         pytest.skip("this machine has NVML: the command read its GPUs")
     assert out.returncode == 2 and "--gpus 0,1" in out.stderr and "--num-gpus 0" in out.stderr, out.stderr
@@ -128,7 +161,7 @@ def test_node_command_without_nvml_says_what_to_pass() -> None:
 
 # -- the real cluster ------------------------------------------------------------------------
 try:
-    import ray  # noqa: F401
+    import ray  # noqa: F401 - is Ray installed?
 
     HAVE_RAY = True
 except ImportError:
@@ -136,7 +169,8 @@ except ImportError:
 
 needs_ray = pytest.mark.skipif(
     not HAVE_RAY and not os.environ.get("MODEL_SUPERVISOR_TEST_REQUIRE_RAY"),
-    reason="Ray is not installed (pip install 'model-supervisor[ray]')")
+    reason="Ray is not installed (pip install 'model-supervisor[ray]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +204,17 @@ def cluster_settings(tmp_path: Path, rig: dict, monkeypatch: pytest.MonkeyPatch,
         if key.startswith("MODEL_SUPERVISOR_"):
             monkeypatch.delenv(key)
     (tmp_path / "conf.d").mkdir(exist_ok=True)
-    values = dict(conf_dir=tmp_path / "conf.d", state_dir=tmp_path / "state", port_range=free_range(),
-                  cluster="ray", ray_address=rig["cluster"].address, ray_python=str(rig["python"]),
-                  ray_placement_timeout=15.0, ray_unreachable_grace=20.0, gpu_source="none")
+    values = dict(
+        conf_dir=tmp_path / "conf.d",
+        state_dir=tmp_path / "state",
+        port_range=free_range(),
+        cluster="ray",
+        ray_address=rig["cluster"].address,
+        ray_python=str(rig["python"]),
+        ray_placement_timeout=15.0,
+        ray_unreachable_grace=20.0,
+        gpu_source="none",
+    )
     values.update(extra)
     return load_settings(**values)
 
@@ -228,8 +270,10 @@ async def running(engine: Engine, iid: str, track: Tracker):
 
 @needs_ray
 async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig, monkeypatch) -> None:
-    docs = [declaration("pinned", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH),
-            declaration("cpu", demo_cmd(), node="gpu-b", health=HEALTH)]
+    docs = [
+        declaration("pinned", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH),
+        declaration("cpu", demo_cmd(), node="gpu-b", health=HEALTH),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs)
     track = Tracker()
     try:
@@ -251,7 +295,10 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
         assert engine.instances[ids[1]].snapshot()["node"] == "gpu-b"  # where it was placed, not declared
         env = environ(pinned.pid)
         assert (env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == (
-            "1", "1", "PCI_BUS_ID")  # the declared id, not the one Ray chose (0)
+            "1",
+            "1",
+            "PCI_BUS_ID",
+        )  # the declared id, not the one Ray chose (0)
         assert env[MARK_ENV].startswith(f"{scope_of(engine.settings.state_dir)}:{pinned.token}:")
         assert environ(anywhere.pid)["CUDA_VISIBLE_DEVICES"] == "1"
         assert environ(cpu.pid)["CUDA_VISIBLE_DEVICES"] == ""
@@ -269,13 +316,37 @@ def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path,
     state = cluster.global_state
 
     def joined() -> list[dict]:
-        return [n for n in state.node_table() if n.get("Alive") and (n.get("Labels") or {}).get("msup-node") == "gpu-x"]
+        return [
+            n
+            for n in state.node_table()
+            if n.get("Alive") and (n.get("Labels") or {}).get("msup-node") == "gpu-x"
+        ]
 
     log = open(tmp_path / "node.log", "wb")
-    proc = subprocess.Popen([PY, "-m", "supervisor", "node", "--address", cluster.address, "--label", "gpu-x",
-                             "--gpus", "0,1", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-                             "--ray-python", str(rig["python"])],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "supervisor",
+            "node",
+            "--address",
+            cluster.address,
+            "--label",
+            "gpu-x",
+            "--gpus",
+            "0,1",
+            "--num-cpus",
+            "1",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--ray-python",
+            str(rig["python"]),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pids: set[int] = set()
     try:
         began = time.monotonic()
@@ -287,7 +358,11 @@ def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path,
         print(f"node joined in {time.monotonic() - began:.1f} s")
         (node,) = joined()
         resources = node["Resources"]
-        assert resources.get("msup_gpu_0") == 1 and resources.get("msup_gpu_1") == 1 and resources.get("GPU") == 2
+        assert (
+            resources.get("msup_gpu_0") == 1
+            and resources.get("msup_gpu_1") == 1
+            and resources.get("GPU") == 2
+        )
         assert not any(k.startswith("msup_gpu_") and k not in ("msup_gpu_0", "msup_gpu_1") for k in resources)
         pids = descendants(proc.pid) | {proc.pid}
         assert len(pids) > 2  # the raylet and its agents, below the pid the command became
@@ -328,15 +403,26 @@ async def test_the_node_shows_in_api_status_metrics_events_and_cli(tmp_path, rig
         assert items["shown@gpu-a:gpu1"]["node"] == "gpu-a" and items["here@cpu"]["node"] is None
         assert (await api.get("/api/v1/models/status/shown")).json()[0]["node"] == "gpu-a"
         text = (await api.get("/metrics")).text
-        ready = {s.labels["instance"]: s.labels["node"] for f in text_string_to_metric_families(text)
-                 if f.name == "model_supervisor_instance_ready" for s in f.samples}
+        ready = {
+            s.labels["instance"]: s.labels["node"]
+            for f in text_string_to_metric_families(text)
+            if f.name == "model_supervisor_instance_ready"
+            for s in f.samples
+        }
         assert ready == {"shown@gpu-a:gpu1": "gpu-a", "here@cpu": ""}
-        running = [e.data for e in api.engine.bus.history if e.type == "transition" and e.data["to"] == "RUNNING"]
-        assert {e["instance"]: e.get("node") for e in running} == {"shown@gpu-a:gpu1": "gpu-a", "here@cpu": None}
+        running = [
+            e.data for e in api.engine.bus.history if e.type == "transition" and e.data["to"] == "RUNNING"
+        ]
+        assert {e["instance"]: e.get("node") for e in running} == {
+            "shown@gpu-a:gpu1": "gpu-a",
+            "here@cpu": None,
+        }
         header, *rows = _status_table(list(items.values())).splitlines()
         assert header.split()[:3] == ["INSTANCE", "STATE", "NODE"]
-        assert sorted(r.split()[:3] for r in rows) == [["here@cpu", "RUNNING", "-"],
-                                                       ["shown@gpu-a:gpu1", "RUNNING", "gpu-a"]]
+        assert sorted(r.split()[:3] for r in rows) == [
+            ["here@cpu", "RUNNING", "-"],
+            ["shown@gpu-a:gpu1", "RUNNING", "gpu-a"],
+        ]
     track.check()
 
 
@@ -367,9 +453,20 @@ async def test_exit_of_a_remote_backend_restarts_it_under_its_policy(tmp_path, r
 @needs_ray
 async def test_stop_leaves_nothing_not_even_a_setsid_grandchild(tmp_path, rig, monkeypatch) -> None:
     pidfile = tmp_path / "grandchild.pid"
-    doc = declaration("tree", demo_cmd("--spawn-grandchild", "--grandchild-setsid", "--grandchild-pidfile",
-                                       str(pidfile), "--ignore-sigterm"),
-                      node="gpu-b", gpus=[0], health=HEALTH, stop={"timeout": 1.0})
+    doc = declaration(
+        "tree",
+        demo_cmd(
+            "--spawn-grandchild",
+            "--grandchild-setsid",
+            "--grandchild-pidfile",
+            str(pidfile),
+            "--ignore-sigterm",
+        ),
+        node="gpu-b",
+        gpus=[0],
+        health=HEALTH,
+        stop={"timeout": 1.0},
+    )
     engine = await started(tmp_path, rig, monkeypatch, [doc])
     track = Tracker()
     try:
@@ -403,8 +500,10 @@ def test_a_second_supervisor_adopts_the_runs_by_actor_name(tmp_path, rig, monkey
     write_decl(conf, declaration("keep", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH))
     write_decl(conf, declaration("keep2", demo_cmd(), gpus=[1], health=HEALTH))
     file = tmp_path / "settings.toml"
-    file.write_text(f'cluster = "ray"\nray_address = "{rig["cluster"].address}"\nray_python = "{rig["python"]}"\n'
-                    'gpu_source = "none"\nray_placement_timeout = 15.0\n')
+    file.write_text(
+        f'cluster = "ray"\nray_address = "{rig["cluster"].address}"\nray_python = "{rig["python"]}"\n'
+        'gpu_source = "none"\nray_placement_timeout = 15.0\n'
+    )
     ids = {"keep@gpu-a:gpu0": "RUNNING", "keep2@gpu1": "RUNNING"}
     first = Serve(conf, state, "--settings", str(file), port_range=settings.port_range)
     second = None
@@ -463,13 +562,23 @@ async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path,
 
 @needs_ray
 async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are_untouched(
-        tmp_path, rig, monkeypatch) -> None:
-    docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH,
-                        restart={**FAST_RESTART, "max_retries": 1}),
-            declaration("here", demo_cmd(), node="local", health=HEALTH)]
+    tmp_path, rig, monkeypatch
+) -> None:
+    docs = [
+        declaration(
+            "remote",
+            demo_cmd(),
+            node="gpu-a",
+            gpus=[0],
+            health=HEALTH,
+            restart={**FAST_RESTART, "max_retries": 1},
+        ),
+        declaration("here", demo_cmd(), node="local", health=HEALTH),
+    ]
     # Nothing listens there: ray.init would retry for ever; the helper is given up on instead.
-    engine = await started(tmp_path, rig, monkeypatch, docs, ray_address=f"127.0.0.1:{free_port()}",
-                           ray_placement_timeout=2.0)
+    engine = await started(
+        tmp_path, rig, monkeypatch, docs, ray_address=f"127.0.0.1:{free_port()}", ray_placement_timeout=2.0
+    )
     try:
         here = engine.instances["here@cpu"]
         await here.wait_state(State.RUNNING, timeout=30)
@@ -487,14 +596,20 @@ async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are
 
 
 @needs_ray
-async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(tmp_path, rig, monkeypatch) -> None:
+async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(
+    tmp_path, rig, monkeypatch
+) -> None:
     from .ray_rig import node_args
 
     cluster = rig["cluster"]
     extra = {label: cluster.add_node(**node_args(label, [2], rig["tmp"])) for label in ("gpu-c", "gpu-d")}
     cluster.wait_for_nodes()
-    engine = await started(tmp_path, rig, monkeypatch,
-                           [declaration("mobile", demo_cmd(), gpus=[2], health=HEALTH, restart=FAST_RESTART)])
+    engine = await started(
+        tmp_path,
+        rig,
+        monkeypatch,
+        [declaration("mobile", demo_cmd(), gpus=[2], health=HEALTH, restart=FAST_RESTART)],
+    )
     track = Tracker()
     removed = None
     try:
@@ -505,8 +620,16 @@ async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(tm
         first_node, old_pid = old.node, old.pid
         assert first_node in extra
         # A second model pinned to the node that is about to go.
-        write_decl(engine.settings.conf_dir, declaration("pinned", demo_cmd(), node=first_node, health=HEALTH,
-                                                          restart={**FAST_RESTART, "initial_delay": 1.0}))
+        write_decl(
+            engine.settings.conf_dir,
+            declaration(
+                "pinned",
+                demo_cmd(),
+                node=first_node,
+                health=HEALTH,
+                restart={**FAST_RESTART, "initial_delay": 1.0},
+            ),
+        )
         await engine.reload("test")
         pinned = engine.instances[f"pinned@{first_node}:cpu"]
         await pinned.wait_state(State.RUNNING, timeout=60)
@@ -521,7 +644,9 @@ async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(tm
         assert any(f"lost on node {first_node}" in t.reason for t in mobile.history), list(mobile.history)
         assert not alive(old_pid)  # the orphan of the lost run was reaped (its node is this machine)
         await pinned.wait_for(lambda i: i.state in (State.BACKOFF, State.FATAL), timeout=30)
-        assert any(f"lost on node {first_node}" in t.reason for t in pinned.history), [t.reason for t in pinned.history]
+        assert any(f"lost on node {first_node}" in t.reason for t in pinned.history), [
+            t.reason for t in pinned.history
+        ]
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
         for node in extra.values():
@@ -547,13 +672,17 @@ def write_gpus(path: Path, gpus: dict[int, dict]) -> None:
 def simulated_nodes(tmp_path: Path) -> dict:
     for label in ("local", "gpu-a", "gpu-b"):
         write_gpus(tmp_path / f"gpus-{label}.toml", {0: {}, 1: {}})
-    return {"gpu_source": "simulated", "gpu_simulated_file": tmp_path / "gpus-{node}.toml",
-            "gpu_sample_interval": 0.25}
+    return {
+        "gpu_source": "simulated",
+        "gpu_simulated_file": tmp_path / "gpus-{node}.toml",
+        "gpu_sample_interval": 0.25,
+    }
 
 
 @needs_ray
 async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_the_node(
-        tmp_path, rig, monkeypatch) -> None:
+    tmp_path, rig, monkeypatch
+) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from supervisor.adapters.runners.ray import RemoteLog
@@ -562,9 +691,17 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
 
     settings = cluster_settings(tmp_path, rig, monkeypatch, **simulated_nodes(tmp_path))
     write_decl(settings.conf_dir, declaration("seen", demo_cmd(), node="gpu-a", gpus=[1], health=HEALTH))
-    write_decl(settings.conf_dir, declaration(
-        "sick", demo_cmd("--unhealthy-after", "1"), node="gpu-b", gpus=[1],
-        health={**HEALTH, "failure_threshold": 1}, restart={**FAST_RESTART, "initial_delay": 30.0}))
+    write_decl(
+        settings.conf_dir,
+        declaration(
+            "sick",
+            demo_cmd("--unhealthy-after", "1"),
+            node="gpu-b",
+            gpus=[1],
+            health={**HEALTH, "failure_threshold": 1},
+            restart={**FAST_RESTART, "initial_delay": 30.0},
+        ),
+    )
     stranger = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"])  # no run mark: a stray
     track = Tracker()
     track.pids.add(stranger.pid)
@@ -592,17 +729,26 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
                 await asyncio.sleep(0.1)
             by = await gpus()
             assert set(by) == {(None, 0), (None, 1), ("gpu-a", 0), ("gpu-a", 1), ("gpu-b", 0), ("gpu-b", 1)}
-            assert [(p["pid"], p["instance_id"], p["gpu_memory_usage"]) for p in by[("gpu-a", 1)]["processes"]] == [
-                (seen.pid, "seen@gpu-a:gpu1", 2048)]
+            assert [
+                (p["pid"], p["instance_id"], p["gpu_memory_usage"]) for p in by[("gpu-a", 1)]["processes"]
+            ] == [(seen.pid, "seen@gpu-a:gpu1", 2048)]
             assert by[("gpu-a", 1)]["simulated"] is True and by[("gpu-a", 1)]["memory_used"] == 2048
             items = {it["instance_id"]: it for it in (await api.get("/api/v1/models/status")).json()}
             assert items["seen@gpu-a:gpu1"]["gpu_memory_mib"] == 2048  # from its node's sample
             metrics = list(text_string_to_metric_families((await api.get("/metrics")).text))
-            used = {(s.labels["node"], s.labels["gpu"]): s.value for f in metrics
-                    if f.name == "model_supervisor_gpu_memory_used_bytes" for s in f.samples}
+            used = {
+                (s.labels["node"], s.labels["gpu"]): s.value
+                for f in metrics
+                if f.name == "model_supervisor_gpu_memory_used_bytes"
+                for s in f.samples
+            }
             assert used[("gpu-a", "1")] == 2048 * 2**20 and ("", "0") in used and ("gpu-b", "1") in used
-            mine = {s.labels["instance"]: s.value for f in metrics
-                    if f.name == "model_supervisor_instance_gpu_memory_bytes" for s in f.samples}
+            mine = {
+                s.labels["instance"]: s.value
+                for f in metrics
+                if f.name == "model_supervisor_instance_gpu_memory_bytes"
+                for s in f.samples
+            }
             assert mine["seen@gpu-a:gpu1"] == 2048 * 2**20
             await wait_until(lambda: bool(api.engine.runners["ray"].nodes.strays()), 15)
             strays = (await api.get("/api/v1/gpus/strays")).json()
@@ -614,7 +760,9 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
             assert isinstance(api.engine.log_reader(seen.id, seen.log_file), RemoteLog)
             got = await api.get(f"/api/v1/instances/{seen.id}/logs?tail=50")
             assert got.status_code == 200 and "starting seen@gpu-a:gpu1" in got.text
-            async with api.client.stream("GET", f"/api/v1/instances/{seen.id}/logs?tail=1&follow=true") as stream:
+            async with api.client.stream(
+                "GET", f"/api/v1/instances/{seen.id}/logs?tail=1&follow=true"
+            ) as stream:
                 chunks = stream.aiter_text()
                 await asyncio.wait_for(chunks.__anext__(), 10)
                 with open(seen.log_file.path, "a") as f:
@@ -629,12 +777,15 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
 
 
 @needs_ray
-async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_path, rig, monkeypatch) -> None:
+async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(
+    tmp_path, rig, monkeypatch
+) -> None:
     from .api_helpers import running_api
 
     extra = simulated_nodes(tmp_path)
-    settings = cluster_settings(tmp_path, rig, monkeypatch, **extra, strays_per_gpu={1: "kill"},
-                                strays_kill_after=1.0)
+    settings = cluster_settings(
+        tmp_path, rig, monkeypatch, **extra, strays_per_gpu={1: "kill"}, strays_kill_after=1.0
+    )
     write_decl(settings.conf_dir, declaration("own", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH))
     sleep = [PY, "-c", "import time; time.sleep(120)"]
     reported, doomed, unrelated = (subprocess.Popen(sleep) for _ in range(3))
@@ -648,8 +799,10 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_
             track.add(api.engine)
             write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {"processes": [(own.pid, 1024)]}, 1: {}})
             # GPU 0 of gpu-b: reported only; GPU 1: "kill" after 1 s.
-            write_gpus(tmp_path / "gpus-gpu-b.toml", {0: {"processes": [(reported.pid, 256)]},
-                                                      1: {"processes": [(doomed.pid, 512)]}})
+            write_gpus(
+                tmp_path / "gpus-gpu-b.toml",
+                {0: {"processes": [(reported.pid, 256)]}, 1: {"processes": [(doomed.pid, 512)]}},
+            )
             await wait_until(lambda: doomed.poll() is not None, 20)
             assert doomed.returncode == -signal.SIGTERM  # by gpu-b's agent, on its own
             seen: dict[str, list[dict]] = {}
@@ -657,11 +810,18 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_
                 event = await asyncio.wait_for(events.get(), 10)
                 seen.setdefault(event.type, []).append(event.data)
             assert {(e["node"], e["gpu"], e["pid"]) for e in seen["stray"]} >= {
-                ("gpu-b", 0, reported.pid), ("gpu-b", 1, doomed.pid)}
-            assert seen["stray_killed"] == [{"pid": doomed.pid, "gpu": 1, "node": "gpu-b", "how": "terminated"}]
+                ("gpu-b", 0, reported.pid),
+                ("gpu-b", 1, doomed.pid),
+            }
+            assert seen["stray_killed"] == [
+                {"pid": doomed.pid, "gpu": 1, "node": "gpu-b", "how": "terminated"}
+            ]
             strays = {s["pid"]: s for s in (await api.get("/api/v1/gpus/strays")).json()}
-            assert (strays[reported.pid]["node"], strays[reported.pid]["policy"], strays[reported.pid]["action"]) == (
-                "gpu-b", "report", "reported")
+            assert (
+                strays[reported.pid]["node"],
+                strays[reported.pid]["policy"],
+                strays[reported.pid]["action"],
+            ) == ("gpu-b", "report", "reported")
             assert strays[reported.pid]["user"]  # its user on the node, for strays_allow_users
             assert own.pid not in strays and own.state == State.RUNNING
             # Through the API, judged on the node by the local rules.
@@ -674,7 +834,9 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_
             assert got.status_code == 200, got.text
             body = got.json()
             assert (body["status"], body["node"], body["instance_id"]) == ("killed", "gpu-b", None)
-            assert "is a GPU process that belongs to no supervised instance (on node gpu-b)" in body["message"]
+            assert (
+                "is a GPU process that belongs to no supervised instance (on node gpu-b)" in body["message"]
+            )
             assert reported.poll() == -signal.SIGTERM  # the API answers once it is gone
             assert own.state == State.RUNNING and unrelated.poll() is None
             events.close()
@@ -686,11 +848,15 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(tmp_
 
 
 @needs_ray
-async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_path, rig, monkeypatch) -> None:
+async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(
+    tmp_path, rig, monkeypatch
+) -> None:
     from supervisor.adapters.marks import new_token
 
-    docs = [declaration("live", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
-            declaration("here", demo_cmd(), node="local", health=HEALTH)]
+    docs = [
+        declaration("live", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
+        declaration("here", demo_cmd(), node="local", health=HEALTH),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs, gpu_sample_interval=0.25)
     track = Tracker()
     ghost = None
@@ -703,13 +869,18 @@ async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_
         # What a lost node leaves when it comes back: a backend of an earlier run, in its own
         # session, with our scope's mark, that no instance owns (started after the start-up sweep).
         mark = f"{scope_of(engine.settings.state_dir)}:{new_token()}:ghost@gpu-a:gpu0"
-        ghost = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], start_new_session=True,
-                                 env={**os.environ, MARK_ENV: mark})
+        ghost = subprocess.Popen(
+            [PY, "-c", "import time; time.sleep(120)"],
+            start_new_session=True,
+            env={**os.environ, MARK_ENV: mark},
+        )
         track.pids.add(ghost.pid)
         began = time.monotonic()
         await wait_until(lambda: ghost.poll() is not None, 30)
         print(f"unowned run reaped {time.monotonic() - began:.2f} s after it appeared")
-        await wait_until(lambda: any(e.type == "reaped" for e in engine.bus.history), 10)  # once the call returns
+        await wait_until(
+            lambda: any(e.type == "reaped" for e in engine.bus.history), 10
+        )  # once the call returns
         reaped = [e.data for e in engine.bus.history if e.type == "reaped"]
         assert [r["instance"] for r in reaped] == ["ghost@gpu-a:gpu0"]
         assert ghost.pid in sum(reaped[0]["stopped"].values(), [])
@@ -727,7 +898,9 @@ async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(tmp_
 async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, rig, monkeypatch) -> None:
     gpu_a = tmp_path / "gpus-gpu-a.toml"
     doc = declaration("gated", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
-    engine = await started(tmp_path, rig, monkeypatch, [doc], gpu_release_timeout=30.0, **simulated_nodes(tmp_path))
+    engine = await started(
+        tmp_path, rig, monkeypatch, [doc], gpu_release_timeout=30.0, **simulated_nodes(tmp_path)
+    )
     track = Tracker()
     try:
         inst = engine.instances["gated@gpu-a:gpu0"]
@@ -754,11 +927,15 @@ async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, 
 
 
 @needs_ray
-async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(tmp_path, rig, monkeypatch) -> None:
-    docs = [declaration("stays", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
-            declaration("gone", demo_cmd(), node="gpu-b", gpus=[0], health=HEALTH),
-            declaration("norecord", demo_cmd(), node="gpu-b", health=HEALTH),
-            declaration("off", demo_cmd(), node="gpu-a", health=HEALTH)]
+async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(
+    tmp_path, rig, monkeypatch
+) -> None:
+    docs = [
+        declaration("stays", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH),
+        declaration("gone", demo_cmd(), node="gpu-b", gpus=[0], health=HEALTH),
+        declaration("norecord", demo_cmd(), node="gpu-b", health=HEALTH),
+        declaration("off", demo_cmd(), node="gpu-a", health=HEALTH),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs)
     track = Tracker()
     second = None
@@ -811,11 +988,17 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
     server = Server(tmp_path)
     pids: set[int] = {stranger.pid}
     try:
-        server.declare(demo_declaration("far", node="gpu-a", gpus=[1], port=free_port() - 1))  # base + 1 is free
-        server.start(MODEL_SUPERVISOR_CLUSTER="ray", MODEL_SUPERVISOR_RAY_ADDRESS=rig["cluster"].address,
-                     MODEL_SUPERVISOR_RAY_PYTHON=str(rig["python"]), MODEL_SUPERVISOR_GPU_SOURCE="simulated",
-                     MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(tmp_path / "gpus-{node}.toml"),
-                     MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.25")
+        server.declare(
+            demo_declaration("far", node="gpu-a", gpus=[1], port=free_port() - 1)
+        )  # base + 1 is free
+        server.start(
+            MODEL_SUPERVISOR_CLUSTER="ray",
+            MODEL_SUPERVISOR_RAY_ADDRESS=rig["cluster"].address,
+            MODEL_SUPERVISOR_RAY_PYTHON=str(rig["python"]),
+            MODEL_SUPERVISOR_GPU_SOURCE="simulated",
+            MODEL_SUPERVISOR_GPU_SIMULATED_FILE=str(tmp_path / "gpus-{node}.toml"),
+            MODEL_SUPERVISOR_GPU_SAMPLE_INTERVAL="0.25",
+        )
         far = server.wait_state("far@gpu-a:gpu1", "RUNNING", timeout=60)["pid"]
         pids.add(far)
         write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {}, 1: {"processes": [(far, 3072)]}})
@@ -826,14 +1009,19 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
             expect(page.locator("article.gpu")).to_have_count(6)  # 2 here, 2 on each node
             card = page.locator('article[data-node="gpu-a"][data-gpu="1"]')
             expect(card.locator(".badge.node")).to_have_text("gpu-a")
-            expect(card.locator(f'tr[data-pid="{far}"] .owner')).to_have_text("far@gpu-a:gpu1", timeout=15_000)
+            expect(card.locator(f'tr[data-pid="{far}"] .owner')).to_have_text(
+                "far@gpu-a:gpu1", timeout=15_000
+            )
             stray = page.locator(f'article[data-node="gpu-b"][data-gpu="0"] tr[data-pid="{stranger.pid}"]')
             expect(stray.locator(".owner")).to_have_text("stray", timeout=15_000)
             # Every node's GPUs have their history plots too: loaded, then fed by the node's `gpu` events.
             history = json.loads(server.request("/api/v1/gpus/history")[2])
             mine = next(g for g in history["gpus"] if (g.get("node"), g["id"]) == ("gpu-a", 1))
             assert mine["memory_used"][-1] == 3072 and {g.get("node") for g in history["gpus"]} == {
-                None, "gpu-a", "gpu-b"}
+                None,
+                "gpu-a",
+                "gpu-b",
+            }
             plot = card.locator('svg.plot[data-metric="memory_used"]')
             expect(plot).to_have_attribute("data-last", "3072", timeout=15_000)
             first = int(plot.get_attribute("data-points"))
@@ -842,9 +1030,13 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
             assert int(plot.get_attribute("data-points")) > first
             expect(page.locator("article.gpu .plots")).to_have_count(6)
             expect(ui.row("far@gpu-a:gpu1").locator("[data-field=gpus]")).to_have_text("gpu-a: 1")
-            expect(card.locator(f'tr[data-pid="{far}"] [data-action=kill]')).to_be_hidden()  # owned: no button
+            expect(
+                card.locator(f'tr[data-pid="{far}"] [data-action=kill]')
+            ).to_be_hidden()  # owned: no button
             stray.locator("[data-action=kill]").click()
-            expect(page.locator("#confirm-dialog")).to_contain_text(f"pid {stranger.pid}) uses GPU 0 of node gpu-b")
+            expect(page.locator("#confirm-dialog")).to_contain_text(
+                f"pid {stranger.pid}) uses GPU 0 of node gpu-b"
+            )
             page.click("#confirm-ok")
             assert stranger.wait(timeout=15) == -signal.SIGTERM  # by the agent of gpu-b
             expect(page.locator("#notices .notice").last).to_contain_text("(on node gpu-b)", timeout=10_000)
@@ -858,24 +1050,38 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
 
 
 @needs_ray
-async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(tmp_path, rig, monkeypatch) -> None:
+async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(
+    tmp_path, rig, monkeypatch
+) -> None:
     crash = [PY, "-c", "import sys; sys.exit(3)"]
-    docs = [declaration("blocker", demo_cmd(), node="gpu-b", gpus=[1], health=HEALTH),
-            # Pinned to GPU 1 of gpu-a and not running (it crash-loops): its GPU stays reserved.
-            declaration("pinned", crash, node="gpu-a", gpus=[1], restart={**FAST_RESTART, "initial_delay": 60.0})]
+    docs = [
+        declaration("blocker", demo_cmd(), node="gpu-b", gpus=[1], health=HEALTH),
+        # Pinned to GPU 1 of gpu-a and not running (it crash-loops): its GPU stays reserved.
+        declaration("pinned", crash, node="gpu-a", gpus=[1], restart={**FAST_RESTART, "initial_delay": 60.0}),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs, ray_placement_timeout=3.0)
     track = Tracker()
     try:
         await engine.instances["blocker@gpu-b:gpu1"].wait_state(State.RUNNING, timeout=60)
         track.add(engine)
-        write_decl(engine.settings.conf_dir, declaration("anywhere", demo_cmd(), gpus=[1], health=HEALTH,
-                                                          restart={**FAST_RESTART, "initial_delay": 0.5}))
+        write_decl(
+            engine.settings.conf_dir,
+            declaration(
+                "anywhere",
+                demo_cmd(),
+                gpus=[1],
+                health=HEALTH,
+                restart={**FAST_RESTART, "initial_delay": 0.5},
+            ),
+        )
         await engine.reload("test")
         anywhere = engine.instances["anywhere@gpu1"]
         await anywhere.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=30)
         track.add(engine)
         reason = next(t.reason for t in anywhere.history if t.to_state == State.BACKOFF)
-        assert "no node it may use has GPU 1: on gpu-a, gpu-b a declaration pinned there names it" in reason, reason
+        assert (
+            "no node it may use has GPU 1: on gpu-a, gpu-b a declaration pinned there names it" in reason
+        ), reason
         assert not any(t.to_state == State.RUNNING for t in anywhere.history)
         (engine.settings.conf_dir / "blocker.toml").unlink()  # GPU 1 of gpu-b is free now
         await engine.reload("test")
@@ -893,8 +1099,10 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
     # gpu-a's GPU 0 is nearly full (someone else's memory); GPU 1 has room. This machine's
     # GPUs (gpus-local.toml) are all free: the choice must come from the node's sample.
     write_gpus(tmp_path / "gpus-gpu-a.toml", {0: {"used": 9000}, 1: {"used": 500}})
-    docs = [declaration("chooser", demo_cmd(), node="gpu-a", gpus="auto", min_free_memory_mb=4000, health=HEALTH),
-            declaration("greedy", demo_cmd(), node="gpu-b", gpus="auto", instances=3, health=HEALTH)]
+    docs = [
+        declaration("chooser", demo_cmd(), node="gpu-a", gpus="auto", min_free_memory_mb=4000, health=HEALTH),
+        declaration("greedy", demo_cmd(), node="gpu-b", gpus="auto", instances=3, health=HEALTH),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs, **extra)
     track = Tracker()
     try:
@@ -905,7 +1113,9 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
         # gpu-b has two GPUs for three exclusive instances: the file is an error naming them.
         errors = [e for e in engine.config_errors() if e["file"].endswith("greedy.toml")]
         assert errors and errors[0]["key"] == "gpus", errors
-        assert "cannot place" in errors[0]["message"] and "held by greedy@gpu-b:gpu" in errors[0]["message"], errors
+        assert (
+            "cannot place" in errors[0]["message"] and "held by greedy@gpu-b:gpu" in errors[0]["message"]
+        ), errors
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
     track.check()
@@ -913,7 +1123,8 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
 
 @needs_ray
 async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_it_leaves(
-        tmp_path, rig, monkeypatch) -> None:
+    tmp_path, rig, monkeypatch
+) -> None:
     from .ray_rig import node_args
 
     cluster = rig["cluster"]
@@ -925,8 +1136,15 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
     write_gpus(tmp_path / "gpus-gpu-d.toml", {2: {"used": 4000}})
     added = {label: cluster.add_node(**node_args(label, [2], rig["tmp"])) for label in ("gpu-c", "gpu-d")}
     cluster.wait_for_nodes()
-    doc = declaration("roamer", demo_cmd(), gpus="auto", min_free_memory_mb=3000, port="auto", health=HEALTH,
-                      restart=FAST_RESTART)
+    doc = declaration(
+        "roamer",
+        demo_cmd(),
+        gpus="auto",
+        min_free_memory_mb=3000,
+        port="auto",
+        health=HEALTH,
+        restart=FAST_RESTART,
+    )
     engine = await started(tmp_path, rig, monkeypatch, [doc], **extra)
     track = Tracker()
     try:
@@ -973,7 +1191,8 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
 
 @needs_ray
 async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one_moves(
-        tmp_path, rig, monkeypatch) -> None:
+    tmp_path, rig, monkeypatch
+) -> None:
     import socket
 
     fixed = free_port()
@@ -983,10 +1202,19 @@ async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one
     stranger.listen()
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    docs = [declaration("fixed", demo_cmd(), node="gpu-b", port=fixed, health=HEALTH,
-                        restart={**FAST_RESTART, "initial_delay": 5.0}),
-            declaration("mover", demo_cmd(), node="gpu-a", health=HEALTH,
-                        restart={**FAST_RESTART, "initial_delay": 1.0})]
+    docs = [
+        declaration(
+            "fixed",
+            demo_cmd(),
+            node="gpu-b",
+            port=fixed,
+            health=HEALTH,
+            restart={**FAST_RESTART, "initial_delay": 5.0},
+        ),
+        declaration(
+            "mover", demo_cmd(), node="gpu-a", health=HEALTH, restart={**FAST_RESTART, "initial_delay": 1.0}
+        ),
+    ]
     engine = await started(tmp_path, rig, monkeypatch, docs)
     track = Tracker()
     try:
@@ -994,7 +1222,9 @@ async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one
         await fixed_inst.wait_for(lambda i: any(t.to_state == State.BACKOFF for t in i.history), timeout=60)
         reason = next(t.reason for t in fixed_inst.history if t.to_state == State.BACKOFF)
         # Found by the run's actor, on its node (not by a check on the supervisor's machine).
-        assert f"port {fixed} is already in use by pid {os.getpid()}" in reason and "on node gpu-b" in reason, reason
+        assert (
+            f"port {fixed} is already in use by pid {os.getpid()}" in reason and "on node gpu-b" in reason
+        ), reason
         mover = engine.instances["mover@gpu-a:cpu"]
         await mover.wait_state(State.RUNNING, timeout=60)
         track.add(engine)
@@ -1009,13 +1239,21 @@ async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one
                 assert time.monotonic() < deadline, "the old backend's port was never released"
                 await asyncio.sleep(0.02)
         squatter.listen()
-        await wait_until(lambda: "mover@gpu-a:cpu" in engine.instances
-                         and engine.instances["mover@gpu-a:cpu"].spec.port != old_port, 30)
+        await wait_until(
+            lambda: (
+                "mover@gpu-a:cpu" in engine.instances
+                and engine.instances["mover@gpu-a:cpu"].spec.port != old_port
+            ),
+            30,
+        )
         mover = engine.instances["mover@gpu-a:cpu"]
         await mover.wait_state(State.RUNNING, timeout=60)
         track.add(engine)
-        assert any(f"automatic port {old_port} is held by pid {os.getpid()}" in t.reason and "on node gpu-a" in t.reason
-                   for t in mover.history), [t.reason for t in mover.history]
+        assert any(
+            f"automatic port {old_port} is held by pid {os.getpid()}" in t.reason
+            and "on node gpu-a" in t.reason
+            for t in mover.history
+        ), [t.reason for t in mover.history]
     finally:
         await asyncio.wait_for(engine.shutdown(), 60)
         stranger.close()
@@ -1027,7 +1265,7 @@ def test_a_run_is_reaped_only_after_three_samples_and_three_seconds_unowned() ->
     from supervisor.cluster.nodes import NodeRun, unowned_runs
 
     runs = {"lost": NodeRun("a@gpu-a:gpu0", (10,)), "ours": NodeRun("b@gpu-a:gpu1", (11,))}
-    live = lambda token, instance: token == "ours"  # noqa: E731
+    live = lambda token, instance: token == "ours"
     seen: dict = {}
     assert unowned_runs(runs, live, seen, now=0.0) == []
     assert unowned_runs(runs, live, seen, now=1.0) == []

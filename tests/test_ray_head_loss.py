@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.adapters.health import health_to_wire
 from supervisor.cluster.client import ClusterClient
 from supervisor.config.cluster_launch import LABEL_KEY
-from supervisor.adapters.health import health_to_wire
 from supervisor.core.states import State
 
 from .conftest import alive, declaration, demo_cmd, free_port, wait_until
@@ -58,7 +58,8 @@ RESTART = {"initial_delay": 0.3, "factor": 1.0, "jitter": 0.0, "max_retries": 0,
 
 @needs_ray
 async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_head_runs_it_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from .ray_rig import ClusterProcess, rig_python
 
     short = Path(tempfile.mkdtemp(prefix="msh", dir="/tmp"))  # unix socket paths are short
@@ -74,11 +75,19 @@ async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_h
         old = await asyncio.to_thread(ClusterProcess(short, [("gpu-a", [0])], port, node_env).start)
         clusters.append(old)
         print(f"cluster up in {time.monotonic() - began:.1f} s")
-        docs = [declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=RESTART),
-                declaration("here", demo_cmd(), node="local", health=HEALTH)]
-        engine = await started(tmp_path, {"cluster": old, "python": rig_python(short)}, monkeypatch, docs,
-                               ray_reconnect_timeout=RECONNECT, ray_unreachable_grace=GRACE,
-                               ray_placement_timeout=10.0)
+        docs = [
+            declaration("remote", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=RESTART),
+            declaration("here", demo_cmd(), node="local", health=HEALTH),
+        ]
+        engine = await started(
+            tmp_path,
+            {"cluster": old, "python": rig_python(short)},
+            monkeypatch,
+            docs,
+            ray_reconnect_timeout=RECONNECT,
+            ray_unreachable_grace=GRACE,
+            ray_placement_timeout=10.0,
+        )
         remote, here = engine.instances["remote@gpu-a:gpu0"], engine.instances["here@cpu"]
         await remote.wait_state(State.RUNNING, timeout=60)
         await here.wait_state(State.RUNNING, timeout=30)
@@ -108,14 +117,18 @@ async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_h
         assert failed >= GRACE  # the grace was kept
         await wait_until(lambda: not alive(backend), 10)  # the lost-run reaper, by its mark
         reaped = time.monotonic() - killed
-        print(f"GCS killed: driver ended after {driver_gone:.1f} s, worker raylet and actor after "
-              f"{actor_gone:.1f} s (the backend an orphan), run failed after {failed:.1f} s, orphan reaped "
-              f"after {reaped:.1f} s")
+        print(
+            f"GCS killed: driver ended after {driver_gone:.1f} s, worker raylet and actor after "
+            f"{actor_gone:.1f} s (the backend an orphan), run failed after {failed:.1f} s, orphan reaped "
+            f"after {reaped:.1f} s"
+        )
         # What Ray leaves of a cluster that lost its head (agents, the log monitor) is killed by pid.
         lingering = sorted(p for p in old.pids if alive(p))
         stragglers = await asyncio.to_thread(old.stop)
-        print(f"{len(old.pids) - len(lingering)} of the old cluster's {len(old.pids)} processes had ended on "
-              f"their own, {len(stragglers)} were still there 5 s after its shutdown (killed)")
+        print(
+            f"{len(old.pids) - len(lingering)} of the old cluster's {len(old.pids)} processes had ended on "
+            f"their own, {len(stragglers)} were still there 5 s after its shutdown (killed)"
+        )
 
         # A new head on the lost head's port, and a worker with the same label: a new cluster.
         restarted = time.monotonic()
@@ -124,8 +137,10 @@ async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_h
         up = time.monotonic() - restarted
         await remote.wait_for(lambda i: i.state == State.RUNNING and i.pid not in (None, backend), timeout=60)
         recovered = time.monotonic() - restarted
-        print(f"new cluster up in {up:.1f} s; the remote instance RUNNING again {recovered:.1f} s after the "
-              f"new head was started ({recovered - up:.1f} s after it was up), {remote.restarts} restarts")
+        print(
+            f"new cluster up in {up:.1f} s; the remote instance RUNNING again {recovered:.1f} s after the "
+            f"new head was started ({recovered - up:.1f} s after it was up), {remote.restarts} restarts"
+        )
         track.add(engine)
         assert client.up and client.connects >= 2 and client.driver_pid != driver
         assert handle_of(engine, remote.id).node == "gpu-a"
@@ -138,8 +153,9 @@ async def test_head_lost_is_cluster_unreachable_the_orphan_is_reaped_and_a_new_h
         fresh = ClusterClient(new.address, client.namespace, str(rig_python(short)), tmp_path / "fresh.log")
         try:
             spec = remote.running_spec or remote.spec
-            answer = await fresh.call("probe", name=remote.id, health=health_to_wire(spec.health),
-                                      port=spec.port, wait=30)
+            answer = await fresh.call(
+                "probe", name=remote.id, health=health_to_wire(spec.health), port=spec.port, wait=30
+            )
             track.pids.add(fresh.driver_pid)
         finally:
             await fresh.close()

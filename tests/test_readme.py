@@ -34,8 +34,15 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_shipped_demo_serves(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    proc = subprocess.Popen([PY, "-m", "supervisor", "serve", "--state-dir", str(tmp_path / "state")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "supervisor", "serve", "--state-dir", str(tmp_path / "state")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen = []
@@ -44,7 +51,9 @@ def test_shipped_demo_serves(tmp_path: Path) -> None:
             seen.append(lines.get(timeout=20))
         body = urllib.request.urlopen("http://127.0.0.1:8100/health", timeout=5).read()
         assert b'"ready": true' in body
-        req = urllib.request.Request("http://127.0.0.1:8100/v1/predict", data=b'{"inputs": [1, 2.5]}', method="POST")
+        req = urllib.request.Request(
+            "http://127.0.0.1:8100/v1/predict", data=b'{"inputs": [1, 2.5]}', method="POST"
+        )
         assert b'"outputs": [2, 5.0]' in urllib.request.urlopen(req, timeout=5).read()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, "".join(seen)

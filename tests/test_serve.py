@@ -43,7 +43,12 @@ def serve(tmp_path: Path) -> Iterator:
         env["MODEL_SUPERVISOR_PORT_RANGE"] = f"{low}-{high}"
         proc = subprocess.Popen(
             [PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state), *extra],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         procs.append(proc)
         return proc
@@ -61,9 +66,21 @@ def test_sigterm_stops_every_child_and_exits_zero(serve, tmp_path: Path) -> None
     pidfile = tmp_path / "grandchild.pid"
     tcp = {"type": "tcp", "start_interval": 0.05}
     write_decl(conf, declaration("web", demo_cmd(), health=tcp))
-    write_decl(conf, declaration("stubborn", demo_cmd("--ignore-sigterm", "--spawn-grandchild", "--grandchild-setsid",
-                                                      "--grandchild-pidfile", str(pidfile)),
-                                 health=tcp, stop={"timeout": 1.0}))
+    write_decl(
+        conf,
+        declaration(
+            "stubborn",
+            demo_cmd(
+                "--ignore-sigterm",
+                "--spawn-grandchild",
+                "--grandchild-setsid",
+                "--grandchild-pidfile",
+                str(pidfile),
+            ),
+            health=tcp,
+            stop={"timeout": 1.0},
+        ),
+    )
     write_decl(conf, declaration("sleeper", stop={"timeout": 0.5}))
     proc = serve(conf, state)
     wait_for(lambda: len(records(state)) == 3 and pidfile.exists())

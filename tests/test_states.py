@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from supervisor.core.states import ExitStatus, IllegalTransition, State, TRANSITIONS, check_transition
+from supervisor.core.states import TRANSITIONS, ExitStatus, IllegalTransition, State, check_transition
 
 PAIRS = list(itertools.product(State, State))
 

@@ -39,7 +39,9 @@ async def running(api: Api, iid: str) -> int:
     return inst.pid
 
 
-async def test_cpu_only_instance_stops_with_gpu_id_null_and_by_instance_id(settings: Settings, conf_dir: Path) -> None:
+async def test_cpu_only_instance_stops_with_gpu_id_null_and_by_instance_id(
+    settings: Settings, conf_dir: Path
+) -> None:
     async with serving(settings, declaration("tts", demo_cmd(), health=HTTP)) as api:
         pid = await running(api, "tts@cpu")
 
@@ -60,7 +62,9 @@ async def test_cpu_only_instance_stops_with_gpu_id_null_and_by_instance_id(setti
         pid = await running(api, "tts@cpu")
         r = await api.post("/api/v1/models/stop", {"instance_id": "tts@cpu"})  # instance_id alone
         assert r.status_code == 200, r.text
-        assert r.json()["status"] == "STOPPED" and not alive(pid) and read(conf_dir, "tts")["enabled"] is False
+        assert (
+            r.json()["status"] == "STOPPED" and not alive(pid) and read(conf_dir, "tts")["enabled"] is False
+        )
 
 
 async def test_instance_id_alone_stops_that_gpu_instance(settings: Settings, conf_dir: Path) -> None:
@@ -78,16 +82,21 @@ async def test_instance_id_alone_stops_that_gpu_instance(settings: Settings, con
         # The old body still works, and so does instance_id with a model_name and gpu_id that agree.
         write_decl(conf_dir, declaration("MAM", sleep_cmd(), gpus=[0, 1]))
         await api.engine.reload("test")
-        r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "gpu_id": 1, "instance_id": "MAM@gpu1"})
+        r = await api.post(
+            "/api/v1/models/stop", {"model_name": "MAM", "gpu_id": 1, "instance_id": "MAM@gpu1"}
+        )
         assert r.status_code == 200 and r.json()["instance_id"] == "MAM@gpu1"
         r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "model_type": "process", "gpu_id": 0})
         assert r.status_code == 200 and r.json()["total_instances"] == 0
         assert read(conf_dir, "MAM")["gpus"] == [] and not alive(pid0)
 
 
-async def test_bodies_that_name_no_instance_or_the_wrong_one_change_nothing(settings: Settings, conf_dir: Path) -> None:
-    async with serving(settings, declaration("MAM", sleep_cmd(), gpus=[0, 1]),
-                             declaration("other", sleep_cmd(), gpus=[2])) as api:
+async def test_bodies_that_name_no_instance_or_the_wrong_one_change_nothing(
+    settings: Settings, conf_dir: Path
+) -> None:
+    async with serving(
+        settings, declaration("MAM", sleep_cmd(), gpus=[0, 1]), declaration("other", sleep_cmd(), gpus=[2])
+    ) as api:
         await running(api, "MAM@gpu0")
         before = (conf_dir / "MAM.toml").read_text()
 
@@ -100,8 +109,13 @@ async def test_bodies_that_name_no_instance_or_the_wrong_one_change_nothing(sett
         r = await api.post("/api/v1/models/stop", {"instance_id": "ghost@cpu"})
         assert r.status_code == 404 and r.json()["detail"] == "Instance 'ghost@cpu' not found."
         r = await api.post("/api/v1/models/stop", {"instance_id": "MAM@gpu0", "gpu_id": 1})  # disagree
-        assert r.status_code == 404 and r.json()["detail"] == "Model 'MAM' has no running instance 'MAM@gpu0' on GPU 1."
-        r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "instance_id": "other@gpu2"})  # another model's
+        assert (
+            r.status_code == 404
+            and r.json()["detail"] == "Model 'MAM' has no running instance 'MAM@gpu0' on GPU 1."
+        )
+        r = await api.post(
+            "/api/v1/models/stop", {"model_name": "MAM", "instance_id": "other@gpu2"}
+        )  # another model's
         assert r.status_code == 404
         r = await api.post("/api/v1/models/stop", {"model_name": "MAM", "gpu_id": -1})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpu_id"]
@@ -110,7 +124,9 @@ async def test_bodies_that_name_no_instance_or_the_wrong_one_change_nothing(sett
         assert api.engine.instances["other@gpu2"].state == State.RUNNING
 
 
-async def test_auto_placed_instance_is_a_409_naming_what_to_do(settings: Settings, conf_dir: Path, tmp_path: Path) -> None:
+async def test_auto_placed_instance_is_a_409_naming_what_to_do(
+    settings: Settings, conf_dir: Path, tmp_path: Path
+) -> None:
     sim = tmp_path / "gpus.toml"
     sim.write_text("[[gpu]]\nindex = 0\nmemory_total_mib = 81920\nmemory_used_mib = 0\n")
     s = settings.model_copy(update={"gpu_source": "simulated", "gpu_simulated_file": sim})

@@ -10,8 +10,13 @@ from supervisor.core.strays import Stray, StrayRules
 
 
 def test_policy_per_gpu_allow_lists_and_the_kill_delay() -> None:
-    rules = StrayRules(default="report", per_gpu={3: "kill"}, allow_names=frozenset({"Xorg"}),
-                       allow_users=frozenset({"render"}), kill_after=30.0)
+    rules = StrayRules(
+        default="report",
+        per_gpu={3: "kill"},
+        allow_names=frozenset({"Xorg"}),
+        allow_users=frozenset({"render"}),
+        kill_after=30.0,
+    )
     assert (rules.policy(0), rules.policy(3)) == ("report", "kill")
     assert rules.allowed("/usr/lib/xorg/Xorg", None) and rules.allowed("python", "render")
     assert not rules.allowed("python", "alice") and not rules.allowed(None, None)

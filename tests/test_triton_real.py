@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from supervisor.backends import triton
-from supervisor.runtime.engine import Engine
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
 
 from .conftest import REPO, alive, wait_until
 from .test_presets import errors
@@ -86,9 +86,11 @@ def backend_directory(root: Path) -> Path:
     source = SITE / "pytriton" / "tritonserver"
     target = root / "backends" / "python"
     target.mkdir(parents=True)
-    for path in (source / "backends" / "python" / "libtriton_python.so",
-                 source / "backends" / "python" / "triton_python_backend_utils.py",
-                 source / "python_backend_stubs" / python / triton.STUB):
+    for path in (
+        source / "backends" / "python" / "libtriton_python.so",
+        source / "backends" / "python" / "triton_python_backend_utils.py",
+        source / "python_backend_stubs" / python / triton.STUB,
+    ):
         shutil.copy2(path, target / path.name)
     return root / "backends"
 
@@ -98,7 +100,8 @@ def repository(root: Path) -> Path:
     for name, add in (("add_one", 1), ("add_two", 2)):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.py").write_text(
-            MODEL_PY.format(add=add, complete=AUTO_COMPLETE if name == "add_two" else ""))
+            MODEL_PY.format(add=add, complete=AUTO_COMPLETE if name == "add_two" else "")
+        )
     (repo / "add_one" / "config.pbtxt").write_text(ADD_ONE_CONFIG)  # add_two: no config at all
     return repo
 
@@ -109,12 +112,12 @@ def declaration(root: Path, models: list[str], per_gpu: str) -> str:
         backend = "triton"
         mode = "process"
         tritonserver = "{BINARY}"
-        model_repository = "{repository(root) if not (root / 'repo').exists() else root / 'repo'}"
+        model_repository = "{repository(root) if not (root / "repo").exists() else root / "repo"}"
         models = {json.dumps(models)}
         instances_per_gpu = {per_gpu}
-        backend_directory = "{root / 'backends'}"
+        backend_directory = "{root / "backends"}"
         python_env = "{VENV}"
-        library_path = ["{SITE / 'nvidia_pytriton.libs'}"]
+        library_path = ["{SITE / "nvidia_pytriton.libs"}"]
         [health]
         start_interval = 0.2
         interval = 0.5
@@ -142,16 +145,20 @@ def model_ready(port: int, model: str) -> bool:
 
 def stubs(prefix: str) -> dict[int, str]:
     """Live stubs of this instance: pid -> model."""
-    return {pid: Path(argv[1]).parent.parent.name for pid, argv in triton._cmdlines()
-            if len(argv) > 2 and os.path.basename(argv[0]) == triton.STUB and argv[2].startswith(prefix)}
+    return {
+        pid: Path(argv[1]).parent.parent.name
+        for pid, argv in triton._cmdlines()
+        if len(argv) > 2 and os.path.basename(argv[0]) == triton.STUB and argv[2].startswith(prefix)
+    }
 
 
 def regions(prefix: str) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
 
 
-async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine: Engine, conf_dir: Path,
-                                                                         tmp_path: Path) -> None:
+async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(
+    engine: Engine, conf_dir: Path, tmp_path: Path
+) -> None:
     backend_directory(tmp_path)
     decl = conf_dir / "add_one.toml"
     decl.write_text(declaration(tmp_path, ["add_one"], "1"))
@@ -160,8 +167,9 @@ async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine:
     try:
         await inst.wait_state(State.RUNNING, timeout=60)
     except TimeoutError:
-        raise AssertionError(f"never ran: {[(t.to_state, t.reason) for t in inst.history]}\n"
-                             f"{inst.log_file.tail(30)}") from None
+        raise AssertionError(
+            f"never ran: {[(t.to_state, t.reason) for t in inst.history]}\n{inst.log_file.tail(30)}"
+        ) from None
     port, pid = inst.spec.port, inst.pid
     prefix = inst.spec.launch.live.shm_prefix
     argv = inst.spec.launch.argv
@@ -190,8 +198,9 @@ async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine:
     # a killed stub: Triton still says ready; the liveness check notices and reloads the model
     victim = next(p for p, m in stubs(prefix).items() if m == "add_one")
     os.kill(victim, signal.SIGKILL)
-    await wait_until(lambda: victim not in stubs(prefix) and list(stubs(prefix).values()).count("add_one") == 2,
-                     timeout=40)
+    await wait_until(
+        lambda: victim not in stubs(prefix) and list(stubs(prefix).values()).count("add_one") == 2, timeout=40
+    )
     await wait_until(lambda: model_ready(port, "add_one"), timeout=30)
     for _ in range(4):  # both instances answer again (round robin would hit a dead one)
         assert await infer(port, "add_one", [5]) == [6]
@@ -213,15 +222,17 @@ async def test_real_triton_live_changes_stub_heal_restart_and_clean_stop(engine:
     assert regions(prefix) == []
 
 
-async def test_real_triton_change_it_refuses_restarts_the_instance(engine: Engine, conf_dir: Path,
-                                                                   tmp_path: Path) -> None:
+async def test_real_triton_change_it_refuses_restarts_the_instance(
+    engine: Engine, conf_dir: Path, tmp_path: Path
+) -> None:
     """A model Triton cannot load: the live change fails with Triton's error, and the instance
     is restarted with the new declaration instead of running on half-changed."""
     backend_directory(tmp_path)
     repository(tmp_path)
     (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
     (tmp_path / "repo" / "broken" / "1" / "model.py").write_text(
-        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no weights here')\n")
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no weights here')\n"
+    )
     decl = conf_dir / "add_one.toml"
     decl.write_text(declaration(tmp_path, ["add_one"], "1"))
     await engine.start()
@@ -230,7 +241,9 @@ async def test_real_triton_change_it_refuses_restarts_the_instance(engine: Engin
     pid = inst.pid
     decl.write_text(declaration(tmp_path, ["add_one", "broken"], "1"))
     await engine.reload("test")
-    await inst.wait_for(lambda i: any("could not be applied in place" in t.reason for t in i.history), timeout=30)
+    await inst.wait_for(
+        lambda i: any("could not be applied in place" in t.reason for t in i.history), timeout=30
+    )
     reason = next(t.reason for t in inst.history if "could not be applied in place" in t.reason)
     assert "load broken: HTTP 400" in reason and "no weights here" in reason, reason
     await wait_until(lambda: not alive(pid), timeout=20)
@@ -263,23 +276,35 @@ def test_recorded_option_list_is_the_real_servers() -> None:
     assert set(triton.OWNED_FLAGS) <= options
 
 
-@pytest.mark.parametrize("arg,words", [
-    ("--http-p=18010", "sets --http-port (an abbreviation"),
-    ("--model-rep=/x", "sets --model-repository"),
-    ("--exit-t=100", "sets --exit-timeout-secs"),
-    ("--backend-dir=/opt", "sets --backend-directory"),
-    ("--allow-h=false", "switches HTTP off"),
-    ("--allow-http=OFF", "switches HTTP off"),
-    ("--backend-c=python,shm-region-prefix-name=x", "shm-region-prefix-name"),
-])
+@pytest.mark.parametrize(
+    "arg,words",
+    [
+        ("--http-p=18010", "sets --http-port (an abbreviation"),
+        ("--model-rep=/x", "sets --model-repository"),
+        ("--exit-t=100", "sets --exit-timeout-secs"),
+        ("--backend-dir=/opt", "sets --backend-directory"),
+        ("--allow-h=false", "switches HTTP off"),
+        ("--allow-http=OFF", "switches HTTP off"),
+        ("--backend-c=python,shm-region-prefix-name=x", "shm-region-prefix-name"),
+    ],
+)
 def test_abbreviated_owned_flags_are_refused(tmp_path: Path, arg: str, words: str) -> None:
-    found = errors(tmp_path, f'name = "m"\nbackend = "triton"\nmodel_repository = "r"\n'
-                             f'extra_args = ["--log-verbose=1", "{arg}"]\n')
+    found = errors(
+        tmp_path,
+        f'name = "m"\nbackend = "triton"\nmodel_repository = "r"\n'
+        f'extra_args = ["--log-verbose=1", "{arg}"]\n',
+    )
     assert any(k == "extra_args[1]" and words in message and arg in message for k, message in found), found
 
 
-@pytest.mark.parametrize("args", [["--allow-http=true"], ["--allow-grpc=false"], ["--backend-config=python,x=1"],
-                                  ["--http"]])  # ambiguous: the server itself rejects it
+@pytest.mark.parametrize(
+    "args", [["--allow-http=true"], ["--allow-grpc=false"], ["--backend-config=python,x=1"], ["--http"]]
+)  # ambiguous: the server itself rejects it
 def test_harmless_or_ambiguous_flags_pass(tmp_path: Path, args: list[str]) -> None:
-    assert errors(tmp_path, f'name = "m"\nbackend = "triton"\nmodel_repository = "r"\n'
-                            f'extra_args = {json.dumps(args)}\n') == []
+    assert (
+        errors(
+            tmp_path,
+            f'name = "m"\nbackend = "triton"\nmodel_repository = "r"\nextra_args = {json.dumps(args)}\n',
+        )
+        == []
+    )

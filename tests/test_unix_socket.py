@@ -20,8 +20,8 @@ import pytest
 
 from supervisor.api.app import create_app
 from supervisor.api.listeners import ListenerError, bind_unix, create_servers
-from supervisor.runtime.engine import Engine
 from supervisor.config.settings import Settings
+from supervisor.runtime.engine import Engine
 
 from .conftest import PY, REPO, declaration, free_port, sleep_cmd, wait_until, write_decl
 
@@ -61,15 +61,25 @@ async def serving(settings: Settings) -> AsyncIterator[Engine]:
 
 
 def uds_client(path: Path) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://localhost", timeout=30)
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://localhost", timeout=30
+    )
 
 
-async def test_socket_only_listener_serves_the_api_with_mode_0600(settings: Settings, sock_dir: Path,
-                                                                  conf_dir: Path) -> None:
+async def test_socket_only_listener_serves_the_api_with_mode_0600(
+    settings: Settings, sock_dir: Path, conf_dir: Path
+) -> None:
     path = sock_dir / "api.sock"
     port = free_port()
-    settings = settings.model_copy(update={"unix_socket": path, "listen_tcp": False, "port": port,
-                                           "gpu_source": "none", "allowed_origins": ["https://gpu.example.com"]})
+    settings = settings.model_copy(
+        update={
+            "unix_socket": path,
+            "listen_tcp": False,
+            "port": port,
+            "gpu_source": "none",
+            "allowed_origins": ["https://gpu.example.com"],
+        }
+    )
     write_decl(conf_dir, declaration("m", sleep_cmd(), gpus="none"))
     async with serving(settings) as engine, uds_client(path) as client:
         st = path.lstat()
@@ -87,7 +97,9 @@ async def test_socket_only_listener_serves_the_api_with_mode_0600(settings: Sett
         assert r.status_code == 403, r.text
         r = await client.post("/api/v1/models/m/restart", headers={"Origin": "https://gpu.example.com"})
         assert r.status_code == 202, r.text
-        r = await client.post("/api/v1/models/m/restart", content=b"{}", headers={"Content-Type": "text/plain"})
+        r = await client.post(
+            "/api/v1/models/m/restart", content=b"{}", headers={"Content-Type": "text/plain"}
+        )
         assert r.status_code == 415
         r = await client.post("/api/v1/models/m/restart")  # the CLI: no Origin
         assert r.status_code == 202, r.text
@@ -97,13 +109,19 @@ async def test_socket_only_listener_serves_the_api_with_mode_0600(settings: Sett
 SYSTEM_PYTHON = "/usr/bin/python3"  # the test's own interpreter may not be readable by another user
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
-                    reason="needs root (to connect as another user) and /usr/bin/python3")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root (to connect as another user) and /usr/bin/python3",
+)
 def test_another_user_cannot_connect(sock_dir: Path) -> None:
     path = sock_dir / "api.sock"
     sock = bind_unix(path)
-    probe = [SYSTEM_PYTHON, "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')",
-             str(path)]
+    probe = [
+        SYSTEM_PYTHON,
+        "-c",
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')",
+        str(path),
+    ]
     try:
         denied = subprocess.run(probe, user=NOBODY, capture_output=True, text=True, timeout=30)
         assert denied.returncode != 0 and "PermissionError" in denied.stderr, denied.stdout + denied.stderr
@@ -142,17 +160,33 @@ def test_serve_and_cli_over_the_socket(tmp_path: Path, sock_dir: Path) -> None:
     write_decl(conf, declaration("sleeper", sleep_cmd(), gpus="none"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
-    env.update(MODEL_SUPERVISOR_UNIX_SOCKET=str(path), MODEL_SUPERVISOR_LISTEN_TCP="false",
-               MODEL_SUPERVISOR_GPU_SOURCE="none", MODEL_SUPERVISOR_PORT=str(port))
-    server = subprocess.Popen([PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    env.update(
+        MODEL_SUPERVISOR_UNIX_SOCKET=str(path),
+        MODEL_SUPERVISOR_LISTEN_TCP="false",
+        MODEL_SUPERVISOR_GPU_SOURCE="none",
+        MODEL_SUPERVISOR_PORT=str(port),
+    )
+    server = subprocess.Popen(
+        [PY, "-m", "supervisor", "serve", "--conf-dir", str(conf), "--state-dir", str(state)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     cli_env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     try:
         deadline = time.monotonic() + 20
         while True:
-            status = subprocess.run([PY, "-m", "supervisor", "status", "--url", f"unix://{path}"], cwd=REPO,
-                                    env=cli_env, capture_output=True, text=True, timeout=30)
+            status = subprocess.run(
+                [PY, "-m", "supervisor", "status", "--url", f"unix://{path}"],
+                cwd=REPO,
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             if status.returncode == 0 and "sleeper@cpu" in status.stdout and "RUNNING" in status.stdout:
                 break
             assert time.monotonic() < deadline and server.poll() is None, status.stdout + status.stderr
@@ -160,12 +194,24 @@ def test_serve_and_cli_over_the_socket(tmp_path: Path, sock_dir: Path) -> None:
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        stopped = subprocess.run([PY, "-m", "supervisor", "stop", "sleeper", "--url", f"unix://{path}"], cwd=REPO,
-                                 env=cli_env, capture_output=True, text=True, timeout=60)
+        stopped = subprocess.run(
+            [PY, "-m", "supervisor", "stop", "sleeper", "--url", f"unix://{path}"],
+            cwd=REPO,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert "STOPPED" in stopped.stdout, stopped.stdout
-        gone = subprocess.run([PY, "-m", "supervisor", "status", "--url", f"unix://{sock_dir / 'nope.sock'}"],
-                              cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=30)
+        gone = subprocess.run(
+            [PY, "-m", "supervisor", "status", "--url", f"unix://{sock_dir / 'nope.sock'}"],
+            cwd=REPO,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert gone.returncode != 0 and "cannot reach the supervisor at unix://" in gone.stderr, gone.stderr
     finally:
         server.send_signal(signal.SIGTERM)

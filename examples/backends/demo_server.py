@@ -62,7 +62,7 @@ def make_handler(args: argparse.Namespace, started: float):
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             age = time.monotonic() - started
             if self.path == args.health_path:
                 if age < args.ready_after:
@@ -72,16 +72,19 @@ def make_handler(args: argparse.Namespace, started: float):
                 else:
                     self._json(200, {"ready": True})
             elif self.path == "/":
-                self._json(200, {
-                    "name": args.name,
-                    "pid": os.getpid(),
-                    "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                    "instance": os.environ.get("MODEL_SUPERVISOR_INSTANCE"),
-                })
+                self._json(
+                    200,
+                    {
+                        "name": args.name,
+                        "pid": os.getpid(),
+                        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "instance": os.environ.get("MODEL_SUPERVISOR_INSTANCE"),
+                    },
+                )
             else:
                 self._json(404, {"error": f"no route {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if self.path != "/v1/predict":
                 self._json(404, {"error": f"no route {self.path}"})
                 return
@@ -124,15 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn_grandchild:
         spawn_grandchild(args)
     if args.exit_after is not None:
+
         def bail() -> None:
             print(f"exiting on purpose with code {args.exit_code}", flush=True)
             os._exit(args.exit_code)
+
         timer = threading.Timer(args.exit_after, bail)
         timer.daemon = True
         timer.start()
     server = ThreadingHTTPServer((args.host, args.port), make_handler(args, started))
-    print(f"{args.name} listening on {args.host}:{args.port} (pid {os.getpid()}, "
-          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)
+    print(
+        f"{args.name} listening on {args.host}:{args.port} (pid {os.getpid()}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

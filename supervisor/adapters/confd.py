@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.backends.registry import Registry
-from supervisor.config.declarations import (MAX_DEPTH, ConfigError, DeclarationInvalid, Defaults, ModelSpec, parse_declaration,
-                           preflight, toml_error)
+from supervisor.config.declarations import (
+    MAX_DEPTH,
+    ConfigError,
+    DeclarationInvalid,
+    Defaults,
+    ModelSpec,
+    parse_declaration,
+    preflight,
+    toml_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +40,7 @@ _TEMP_SUFFIXES = (".tmp", ".swp", ".swx", ".bak", "~")
 def is_declaration_file(name: str) -> bool:
     """`*.toml`, not hidden, not an editor's temporary or backup file."""
     return (
-        name.endswith(".toml")
-        and not name.startswith((".", "#", "~"))
-        and not name.endswith(_TEMP_SUFFIXES)
+        name.endswith(".toml") and not name.startswith((".", "#", "~")) and not name.endswith(_TEMP_SUFFIXES)
     )
 
 
@@ -49,8 +55,13 @@ class Unreadable(Exception):
     """A declaration file that cannot be read as one; the message says why."""
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _not_regular(mode: int) -> str | None:
@@ -110,8 +121,9 @@ def read_limited(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-def read_file(path: Path, registry: Registry, defaults: Defaults,
-              host_checks: bool = True) -> ModelSpec | list[ConfigError]:
+def read_file(
+    path: Path, registry: Registry, defaults: Defaults, host_checks: bool = True
+) -> ModelSpec | list[ConfigError]:
     """One file's spec, or its errors. Whatever the file holds this returns (FileNotFoundError
     aside, for a file deleted meanwhile): one hostile file is that file's error, never a
     failed reload or a failed start of `serve` (issue 11)."""
@@ -125,7 +137,9 @@ def read_file(path: Path, registry: Registry, defaults: Defaults,
         return [ConfigError(file, f"cannot be loaded: internal error: {type(exc).__name__}: {exc}")]
 
 
-def _read_file(path: Path, registry: Registry, defaults: Defaults, host_checks: bool) -> ModelSpec | list[ConfigError]:
+def _read_file(
+    path: Path, registry: Registry, defaults: Defaults, host_checks: bool
+) -> ModelSpec | list[ConfigError]:
     file = str(path)
     try:
         data = tomllib.loads(read_limited(path).decode("utf-8"))
@@ -136,7 +150,9 @@ def _read_file(path: Path, registry: Registry, defaults: Defaults, host_checks: 
     except UnicodeDecodeError as exc:
         return [ConfigError(file, f"not UTF-8 text: {exc}")]
     except RecursionError:  # tomllib recurses once per nested array or inline table
-        return [ConfigError(file, f"TOML nested too deeply (the limit is {MAX_DEPTH} levels)", type="too_deep")]
+        return [
+            ConfigError(file, f"TOML nested too deeply (the limit is {MAX_DEPTH} levels)", type="too_deep")
+        ]
     try:
         spec = parse_declaration(data, path, registry, defaults)
     except DeclarationInvalid as exc:
@@ -156,8 +172,13 @@ def signature(path: Path) -> Signature | None:
     return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
 
-def read_dir(conf_dir: Path, registry: Registry, defaults: Defaults, cache: ParseCache | None = None,
-             host_checks: bool = True) -> dict[str, ModelSpec | list[ConfigError]]:
+def read_dir(
+    conf_dir: Path,
+    registry: Registry,
+    defaults: Defaults,
+    cache: ParseCache | None = None,
+    host_checks: bool = True,
+) -> dict[str, ModelSpec | list[ConfigError]]:
     """Parse every declaration file; raises FileNotFoundError if the directory is missing.
 
     With `cache`, a file whose stat signature (mtime, ctime, size, inode) is unchanged is not

@@ -26,7 +26,6 @@ def _loopback_tls() -> ssl.SSLContext:
     return context
 
 
-
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     ok: bool
@@ -75,8 +74,14 @@ def _header_lines(headers: tuple[tuple[str, str], ...]) -> str:
     return "".join(f"{name}: {value}\r\n" for name, value in headers)
 
 
-async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str,
-                    headers: tuple[tuple[str, str], ...] = ()) -> ProbeResult:
+async def _http_get(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    port: int,
+    path: str,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> ProbeResult:
     try:
         extra = _header_lines(headers)
     except ValueError as exc:
@@ -94,7 +99,11 @@ async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     if 200 <= code < 300:
         return ProbeResult(True, f"GET {path} -> {code}")
     if code in (401, 403):
-        why = "the server refused the probe's credentials" if headers else "the server wants credentials; the probe sent none"
+        why = (
+            "the server refused the probe's credentials"
+            if headers
+            else "the server wants credentials; the probe sent none"
+        )
         return ProbeResult(False, f"GET {path} -> {code} ({why})")
     return ProbeResult(False, f"GET {path} -> {code}")
 
@@ -103,7 +112,9 @@ async def _http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 Prober = Callable[[ResolvedHealth, int], Awaitable[ProbeResult]]
 
 
-async def liveness(health: ResolvedHealth, port: int, plan: object = None, prober: Prober | None = None) -> ProbeResult:
+async def liveness(
+    health: ResolvedHealth, port: int, plan: object = None, prober: Prober | None = None
+) -> ProbeResult:
     """The check of a RUNNING instance: the probe on the liveness path, then the plan's own
     deeper check if it has one (Triton: python-backend stubs that died while the server and
     the model still answer ready). The deeper check talks to 127.0.0.1, so it is left out for

@@ -35,8 +35,11 @@ class Facts:
 
 def judge(f: Facts, force: bool) -> Verdict:
     if f.pid <= 1:
-        return Verdict(False, f"pid {f.pid} is never a valid target (0 and negative pids signal whole process groups "
-                              "or every process; 1 is init)")
+        return Verdict(
+            False,
+            f"pid {f.pid} is never a valid target (0 and negative pids signal whole process groups "
+            "or every process; 1 is init)",
+        )
     if f.pid == f.self_pid:
         return Verdict(False, f"pid {f.pid} is the supervisor itself")
     if f.pid in f.ancestors:
@@ -44,14 +47,23 @@ def judge(f: Facts, force: bool) -> Verdict:
     if f.target_pgid is not None and f.target_pgid == f.self_pgid:
         return Verdict(False, f"pid {f.pid} is in the supervisor's own process group")
     if f.owner is not None:
-        return Verdict(True, f"pid {f.pid} belongs to instance {f.owner}; it will be restarted according to its "
-                             "restart policy", f.owner)
+        return Verdict(
+            True,
+            f"pid {f.pid} belongs to instance {f.owner}; it will be restarted according to its "
+            "restart policy",
+            f.owner,
+        )
     if f.on_gpu:
         return Verdict(True, f"pid {f.pid} is a GPU process that belongs to no supervised instance")
     if force:
-        return Verdict(True, f"pid {f.pid} is neither a GPU process nor supervised; killed because force=true")
-    return Verdict(False, f"pid {f.pid} is neither using a GPU nor part of a supervised instance; "
-                          "add ?force=true to kill it anyway")
+        return Verdict(
+            True, f"pid {f.pid} is neither a GPU process nor supervised; killed because force=true"
+        )
+    return Verdict(
+        False,
+        f"pid {f.pid} is neither using a GPU nor part of a supervised instance; "
+        "add ?force=true to kill it anyway",
+    )
 
 
 def ancestors(pid: int, table: dict[int, ProcInfo]) -> frozenset[int]:
@@ -68,8 +80,9 @@ def owner_of(pid: int, table: dict[int, ProcInfo], instance_pids: dict[str, int]
     return owners_of([pid], table, instance_pids).get(pid)
 
 
-def owners_of(pids: list[int] | set[int] | frozenset[int], table: dict[int, ProcInfo],
-              instance_pids: dict[str, int]) -> dict[int, str]:
+def owners_of(
+    pids: list[int] | set[int] | frozenset[int], table: dict[int, ProcInfo], instance_pids: dict[str, int]
+) -> dict[int, str]:
     """For each pid, the instance that owns it: walks up from the pid through its parents,
     and its process group, to an instance's main process. O(depth) per pid, not O(table)."""
     roots = {root: iid for iid, root in instance_pids.items()}
@@ -109,7 +122,9 @@ async def terminate(pid: int, grace: float) -> str:
         os.close(fd)
 
 
-def facts_for(pid: int, table: dict[int, ProcInfo], instance_pids: dict[str, int], gpu_pids: set[int]) -> Facts:
+def facts_for(
+    pid: int, table: dict[int, ProcInfo], instance_pids: dict[str, int], gpu_pids: set[int]
+) -> Facts:
     target = table.get(pid)
     me = os.getpid()
     return Facts(
@@ -121,4 +136,3 @@ def facts_for(pid: int, table: dict[int, ProcInfo], instance_pids: dict[str, int
         owner=owner_of(pid, table, instance_pids),
         on_gpu=pid in gpu_pids,
     )
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 TAIL_BYTES = 8192
@@ -31,7 +31,7 @@ class LogFile:
 
     @staticmethod
     def marker(text: str) -> bytes:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return f"[model-supervisor {stamp}] {text}\n".encode()
 
     def mark(self, text: str) -> None:

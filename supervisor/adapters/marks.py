@@ -59,7 +59,7 @@ def parse_environ(blob: bytes) -> Mark | None:
     if start < 0:
         return None
     end = blob.find(b"\0", start)
-    value = blob[start + len(_NEEDLE): end if end >= 0 else None]
+    value = blob[start + len(_NEEDLE) : end if end >= 0 else None]
     try:
         return Mark.parse(value.decode())
     except UnicodeDecodeError:

@@ -71,8 +71,9 @@ def describe_holder(port: int) -> str:
 class PortAllocator:
     """Assigns ports from [start, end], stable per instance id, persisted to a JSON file."""
 
-    def __init__(self, start: int, end: int, path: Path | None = None,
-                 is_free: Callable[[int], bool] = port_is_free) -> None:
+    def __init__(
+        self, start: int, end: int, path: Path | None = None, is_free: Callable[[int], bool] = port_is_free
+    ) -> None:
         if not 1 <= start <= end <= 65535:
             raise ValueError(f"bad port range {start}-{end}")
         self.start, self.end = start, end

@@ -74,9 +74,14 @@ def scan(marks: bool = False) -> dict[int, ProcInfo]:
 
 def marked(table: dict[int, ProcInfo], scope: str, token: str | None = None) -> set[int]:
     """Live processes carrying a mark of `scope` (and of run `token`, if given)."""
-    return {p for p, info in table.items()
-            if info.mark is not None and info.mark.scope == scope and (token is None or info.mark.token == token)
-            and not info.zombie}
+    return {
+        p
+        for p, info in table.items()
+        if info.mark is not None
+        and info.mark.scope == scope
+        and (token is None or info.mark.token == token)
+        and not info.zombie
+    }
 
 
 def tree(table: dict[int, ProcInfo], root: int, pgid: int | None = None) -> set[int]:

@@ -35,7 +35,6 @@ class RunRecords:
         with contextlib.suppress(FileNotFoundError):
             self._path(instance_id).unlink()
 
-
     def read_all(self) -> dict[str, dict[str, Any]]:
         """Every record left in the directory, by instance id (unreadable ones are logged, skipped)."""
         found: dict[str, dict[str, Any]] = {}

@@ -32,8 +32,10 @@ def lock_state_dir(state_dir: Path) -> int:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         finally:
             os.close(fd)
-        raise StateDirLocked(f"state dir {state_dir} is in use by another supervisor (pid {holder}); "
-                             "stop it first, or give this one its own --state-dir") from None
+        raise StateDirLocked(
+            f"state dir {state_dir} is in use by another supervisor (pid {holder}); "
+            "stop it first, or give this one its own --state-dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -65,7 +65,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 class ConfWatcher:
     """Rings `reload(reason)` on file changes, explicit requests and a periodic resync."""
 
-    def __init__(self, conf_dir: Path, reload: Callable[[str], Awaitable[object]], resync_interval: float = 30.0) -> None:
+    def __init__(
+        self, conf_dir: Path, reload: Callable[[str], Awaitable[object]], resync_interval: float = 30.0
+    ) -> None:
         self.conf_dir = conf_dir
         self._reload = reload
         self.resync_interval = resync_interval
@@ -113,7 +115,7 @@ class ConfWatcher:
                     break
                 try:
                     await asyncio.wait_for(self._dirty.wait(), min(SETTLE, remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             reasons, self._reasons = self._reasons, []
             reason = ", ".join(sorted(set(reasons))) or "conf.d changed"
@@ -180,11 +182,13 @@ class ConfWatcher:
                 await batches.aclose()
 
     async def _wait_for_dir(self) -> None:
-        log.error("declaration directory %s is missing; keeping what runs, waiting for it to return", self.conf_dir)
+        log.error(
+            "declaration directory %s is missing; keeping what runs, waiting for it to return", self.conf_dir
+        )
         while not self._stop.is_set() and _identity(self.conf_dir) is None:
             try:
                 await asyncio.wait_for(self._stop.wait(), DIR_POLL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if not self._stop.is_set():
             log.info("declaration directory %s is back", self.conf_dir)

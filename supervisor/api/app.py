@@ -17,21 +17,15 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from supervisor import __version__
+from supervisor.api import docs, errors, guard
+from supervisor.api.routes import dashboard, gpus, models, processes, system
+from supervisor.api.schemas import components
+from supervisor.api.views import StatusCache
+from supervisor.config.settings import Settings
 from supervisor.runtime.control import Controller
 from supervisor.runtime.engine import Engine
 from supervisor.runtime.gpu_tracker import GpuTracker
 from supervisor.runtime.metrics import Metrics
-from supervisor.config.settings import Settings
-from supervisor.api import docs
-from supervisor.api import errors
-from supervisor.api import guard
-from supervisor.api.routes import dashboard
-from supervisor.api.routes import gpus
-from supervisor.api.routes import models
-from supervisor.api.routes import processes
-from supervisor.api.routes import system
-from supervisor.api.schemas import components
-from supervisor.api.views import StatusCache
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +105,11 @@ def create_app(
         scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
             return None
-        return errors.error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                                     headers={"WWW-Authenticate": 'Bearer realm="model-supervisor"'})
+        return errors.error_response(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": 'Bearer realm="model-supervisor"'},
+        )
 
     @app.on_response
     async def count_request(request: Request, response: HTTPResponse) -> None:

@@ -19,9 +19,14 @@ from sanic_ext import openapi
 from supervisor.api.errors import error_response
 
 ASSETS = Path(swagger_ui_bundle.swagger_ui_path)
-ALLOWED = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "favicon-32x32.png",
-           "favicon-16x16.png", "index.css"}
-
+ALLOWED = {
+    "swagger-ui.css",
+    "swagger-ui-bundle.js",
+    "swagger-ui-standalone-preset.js",
+    "favicon-32x32.png",
+    "favicon-16x16.png",
+    "index.css",
+}
 
 
 PAGE = Path(__file__).with_name("swagger.html")

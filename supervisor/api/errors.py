@@ -16,22 +16,26 @@ from sanic.exceptions import SanicException
 from sanic.response import JSONResponse
 from sanic.response import json as json_response
 
-from supervisor.runtime.control import ControlError, Invalid
 from supervisor.api import guard
+from supervisor.runtime.control import ControlError, Invalid
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def error_response(status: int, detail: Any, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, detail: Any, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     body = {"detail": detail, "status": status, **extra}
     return json_response(body, status=status, headers=headers)
 
 
 def validation_items(exc: ValidationError, prefix: list[str | int]) -> list[dict[str, Any]]:
-    return [{"type": e["type"], "loc": prefix + list(e["loc"]), "msg": e["msg"]}
-            for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+    return [
+        {"type": e["type"], "loc": prefix + list(e["loc"]), "msg": e["msg"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
 
 
 #: Deeper JSON is refused (422) before validation: nothing the API takes nests beyond a few
@@ -53,7 +57,11 @@ def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> dict[str, Any] | No
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                return {"type": "string_unicode", "loc": loc, "msg": "not valid Unicode (a lone surrogate escape)"}
+                return {
+                    "type": "string_unicode",
+                    "loc": loc,
+                    "msg": "not valid Unicode (a lone surrogate escape)",
+                }
             continue
         if isinstance(item, dict):
             children: Any = item.items()
@@ -71,7 +79,11 @@ def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> dict[str, Any] | No
 
 
 def _too_deep_item() -> dict[str, Any]:
-    return {"type": "json_too_deep", "loc": ["body"], "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep"}
+    return {
+        "type": "json_too_deep",
+        "loc": ["body"],
+        "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+    }
 
 
 def parse_body(request: Request, model: type[M]) -> M:
@@ -81,7 +93,9 @@ def parse_body(request: Request, model: type[M]) -> M:
     except RecursionError:  # thousands of levels: the C decoder gives up before we can count
         raise Invalid([_too_deep_item()]) from None
     except ValueError as exc:
-        raise Invalid([{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {exc}"}]) from None
+        raise Invalid(
+            [{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {exc}"}]
+        ) from None
     problem = json_problem(data)
     if problem is not None:
         raise Invalid([problem])
@@ -102,8 +116,15 @@ def parse_int(value: str, loc: list[str | int]) -> int:
     try:
         return int(value)
     except ValueError:
-        raise Invalid([{"type": "int_parsing", "loc": loc,
-                        "msg": "Input should be a valid integer, unable to parse string as an integer"}]) from None
+        raise Invalid(
+            [
+                {
+                    "type": "int_parsing",
+                    "loc": loc,
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                }
+            ]
+        ) from None
 
 
 def parse_bool(value: str | None, loc: list[str | int]) -> bool:
@@ -151,5 +172,5 @@ def install(app: Sanic) -> None:
 
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.path)
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
         return error_response(500, f"internal error: {type(exc).__name__}")

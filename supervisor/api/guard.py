@@ -72,7 +72,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         end = value.find("]")
         if end < 0:
             return None
-        name, rest = value[: end + 1], value[end + 1:]
+        name, rest = value[: end + 1], value[end + 1 :]
         if rest and not rest.startswith(":"):
             return None
         port_text = rest[1:] if rest else None
@@ -104,7 +104,9 @@ class Policy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
-        return cls(settings.host.strip().lower(), tuple(settings.allowed_hosts), tuple(settings.allowed_origins))
+        return cls(
+            settings.host.strip().lower(), tuple(settings.allowed_hosts), tuple(settings.allowed_origins)
+        )
 
     # -- the three rules; each returns why the request is refused, or None ------------------------
     def host_problem(self, host: str | None, local: Local) -> str | None:
@@ -125,11 +127,14 @@ class Policy:
             names.add(_bracket(local.address.lower()))
         if name in names and (port if port is not None else 80) == local.port:
             return None
-        return (f"Host {host!r} is not this server (expected localhost, 127.0.0.1, [::1] or the bound address, "
-                f"port {local.port}; add reverse-proxy names to allowed_hosts)")
+        return (
+            f"Host {host!r} is not this server (expected localhost, 127.0.0.1, [::1] or the bound address, "
+            f"port {local.port}; add reverse-proxy names to allowed_hosts)"
+        )
 
-    def origin_problem(self, method: str, origin: str | None, referer: str | None, host: str | None,
-                       local: Local) -> str | None:
+    def origin_problem(
+        self, method: str, origin: str | None, referer: str | None, host: str | None, local: Local
+    ) -> str | None:
         if method.upper() in SAFE_METHODS:
             return None
         if origin is not None:
@@ -141,12 +146,17 @@ class Policy:
             return None  # no browser sends a POST/PUT/DELETE without either
         if claimed in self.allowed_origins:
             return None
-        if local.unix_path is None and host and claimed in (f"http://{host.strip().lower()}",
-                                                            f"https://{host.strip().lower()}"):
+        if (
+            local.unix_path is None
+            and host
+            and claimed in (f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")
+        ):
             return None  # same origin: the page was loaded from the address this request was sent to
         shown = origin if what == "Origin" else referer
-        return (f"cross-origin {method.upper()} refused: {what} {shown!r} is not this server's origin "
-                "(add trusted origins to allowed_origins)")
+        return (
+            f"cross-origin {method.upper()} refused: {what} {shown!r} is not this server's origin "
+            "(add trusted origins to allowed_origins)"
+        )
 
 
 def content_type_problem(content_type: str | None, has_body: bool) -> str | None:
@@ -155,8 +165,11 @@ def content_type_problem(content_type: str | None, has_body: bool) -> str | None
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media == "application/json":
         return None
-    return (f"request bodies must be JSON (Content-Type: application/json), got "
-            f"{content_type!r}" if content_type else "request bodies must be JSON: send Content-Type: application/json")
+    return (
+        f"request bodies must be JSON (Content-Type: application/json), got {content_type!r}"
+        if content_type
+        else "request bodies must be JSON: send Content-Type: application/json"
+    )
 
 
 def local_of(request: Request) -> Local:
@@ -176,8 +189,9 @@ def check(request: Request, policy: Policy) -> None:
     problem = policy.host_problem(host, local)
     if problem:
         raise Refused(421, problem)
-    problem = policy.origin_problem(request.method, headers.getone("origin", None), headers.getone("referer", None),
-                                    host, local)
+    problem = policy.origin_problem(
+        request.method, headers.getone("origin", None), headers.getone("referer", None), host, local
+    )
     if problem:
         raise Refused(403, problem)
     length_text = headers.getone("content-length", None)

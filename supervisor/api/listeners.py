@@ -43,7 +43,9 @@ def bind_unix(path: Path) -> socket.socket:
         st = None
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
-            raise ListenerError(f"unix_socket {path}: exists and is not a socket; remove it or choose another path")
+            raise ListenerError(
+                f"unix_socket {path}: exists and is not a socket; remove it or choose another path"
+            )
         with socket.socket(socket.AF_UNIX) as probe:
             try:
                 probe.connect(str(path))
@@ -110,7 +112,9 @@ async def create_servers(app: Sanic, settings: Settings) -> ApiServers:
     unix: tuple[Path, int] | None = None
     try:
         if settings.listen_tcp:
-            server = await app.create_server(host=settings.host, port=settings.port, return_asyncio_server=True)
+            server = await app.create_server(
+                host=settings.host, port=settings.port, return_asyncio_server=True
+            )
             if server is None:
                 raise ListenerError(f"cannot serve the API on {settings.host}:{settings.port}")
             servers.append(server)

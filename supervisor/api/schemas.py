@@ -40,7 +40,9 @@ class GPUInfo(BaseModel):
     sampled_at: str | None = None
     source: str | None = Field(None, description="nvml, simulated or none")
     simulated: bool = False
-    errors: dict[str, str] = Field(default_factory=dict, description="fields the driver could not provide, and why")
+    errors: dict[str, str] = Field(
+        default_factory=dict, description="fields the driver could not provide, and why"
+    )
 
 
 class StrayProcess(BaseModel):
@@ -50,14 +52,18 @@ class StrayProcess(BaseModel):
     user: str | None = None
     gpu_memory_usage: int | None = None
     policy: str = Field(description='"report" or "kill"')
-    action: str = Field(description="reported, allowed (allow-listed), killing, killed, kill refused, kill failed")
+    action: str = Field(
+        description="reported, allowed (allow-listed), killing, killed, kill refused, kill failed"
+    )
 
 
 class KillProcessResponse(BaseModel):
     pid: int
     status: str = Field(description='"killed" once the process is gone')
     message: str | None = None
-    instance_id: str | None = Field(None, description="the supervised instance it belonged to (it will restart)")
+    instance_id: str | None = Field(
+        None, description="the supervised instance it belonged to (it will restart)"
+    )
     node: str | None = Field(None, description="cluster mode: the node it ran on (with ?node=)")
 
 
@@ -66,20 +72,29 @@ NAME_SCHEMA = {"pattern": NAME_PATTERN, "maxLength": 64}
 
 class StartRequest(BaseModel):
     model_name: str = Field(json_schema_extra=NAME_SCHEMA)
-    model_type: str | None = Field(None, description="a registered backend kind; needed for a model not declared yet")
+    model_type: str | None = Field(
+        None, description="a registered backend kind; needed for a model not declared yet"
+    )
     gpu_id: int = Field(ge=0)
-    config: dict[str, Any] = Field(default_factory=dict, description="the declaration of a new model (TOML keys)")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="the declaration of a new model (TOML keys)"
+    )
 
 
 class StopRequest(BaseModel):
     """The old body (model_name + gpu_id) keeps working; `instance_id` alone, or `gpu_id` null
     for a CPU-only model, names instances the old body could not (issue 12)."""
 
-    model_name: str | None = Field(None, json_schema_extra=NAME_SCHEMA,
-                                   description="required unless instance_id is given")
+    model_name: str | None = Field(
+        None, json_schema_extra=NAME_SCHEMA, description="required unless instance_id is given"
+    )
     model_type: str | None = None
-    gpu_id: int | None = Field(None, ge=0, description="the instance's GPU; leave out (or null) with instance_id, "
-                                                       "or for a CPU-only model (gpus = \"none\")")
+    gpu_id: int | None = Field(
+        None,
+        ge=0,
+        description="the instance's GPU; leave out (or null) with instance_id, "
+        'or for a CPU-only model (gpus = "none")',
+    )
     instance_id: str | None = Field(None, max_length=200, description='e.g. "MAM@gpu0", "tts@cpu"')
 
 
@@ -114,8 +129,11 @@ class ModelStatusItem(BaseModel):
     desired: str
     pid: int | None = None
     port: int | None = None
-    node: str | None = Field(None, description="cluster mode: the node of the run (its label, else its Ray node "
-                                               "id); null on this machine")
+    node: str | None = Field(
+        None,
+        description="cluster mode: the node of the run (its label, else its Ray node "
+        "id); null on this machine",
+    )
     restarts: int
     consecutive_failures: int
     uptime: float | None = Field(None, description="seconds RUNNING")
@@ -167,15 +185,18 @@ class DeleteResult(BaseModel):
 class ReloadResult(BaseModel):
     requested: bool
     last_reload: dict[str, Any] | None = None
-    changes: dict[str, list[str]] | None = Field(None, description="wait=true: what this reload changed "
-                                                                   "(added, removed, replaced, updated)")
+    changes: dict[str, list[str]] | None = Field(
+        None, description="wait=true: what this reload changed (added, removed, replaced, updated)"
+    )
     config_errors: int | None = Field(None, description="wait=true: configuration errors after it")
 
 
 class StateDirHealth(BaseModel):
     path: str
     writable: bool = Field(description="a small write (and fsync) in it just worked")
-    reason: str | None = Field(None, description='why not, e.g. "no space left on device while writing state"')
+    reason: str | None = Field(
+        None, description='why not, e.g. "no space left on device while writing state"'
+    )
 
 
 class Health(BaseModel):
@@ -189,12 +210,16 @@ class Health(BaseModel):
     gpu_count: int
     gpu_reason: str | None = None
     gpu_sample_ms: float | None = Field(None, description="CPU time the last GPU sample took")
-    runners: dict[str, str | None] = Field(default_factory=dict,
-                                           description="why a runner (process, docker) cannot be used; null when it can")
-    warnings: list[str] = Field(default_factory=list,
-                                description='e.g. "GPU 5 is not known: no GPU source" (instances still run there)')
+    runners: dict[str, str | None] = Field(
+        default_factory=dict, description="why a runner (process, docker) cannot be used; null when it can"
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description='e.g. "GPU 5 is not known: no GPU source" (instances still run there)',
+    )
     containment: Literal["cgroup", "mark+subreaper", "mark"] = Field(
-        "mark", description="how each run's processes are kept together so that a stop reaches every one")
+        "mark", description="how each run's processes are kept together so that a stop reaches every one"
+    )
     containment_note: str = Field("", description="why per-run cgroups are or are not in use")
 
 
@@ -219,9 +244,24 @@ class ErrorBody(BaseModel):
 
 
 COMPONENTS = [
-    GPUProcess, GPUInfo, StrayProcess, KillProcessResponse, StartRequest, StopRequest, ModelInstanceInfo, ModelStatusItem,
-    ConfigErrorItem, ModelSummary, Declaration, DeleteResult, ReloadResult, Health, Welcome, ValidationErrorItem,
-    ValidationErrorBody, ErrorBody,
+    GPUProcess,
+    GPUInfo,
+    StrayProcess,
+    KillProcessResponse,
+    StartRequest,
+    StopRequest,
+    ModelInstanceInfo,
+    ModelStatusItem,
+    ConfigErrorItem,
+    ModelSummary,
+    Declaration,
+    DeleteResult,
+    ReloadResult,
+    Health,
+    Welcome,
+    ValidationErrorItem,
+    ValidationErrorBody,
+    ErrorBody,
 ]
 
 
@@ -251,10 +291,14 @@ def to_openapi30(schema: Any) -> Any:
 
 def components(backends: list[str] | None = None) -> dict[str, Any]:
     """Every model as an OpenAPI 3.0 schema; `backends` (the registered kinds) become enums."""
-    _, defs = models_json_schema([(m, "validation") for m in COMPONENTS], ref_template="#/components/schemas/{model}")
+    _, defs = models_json_schema(
+        [(m, "validation") for m in COMPONENTS], ref_template="#/components/schemas/{model}"
+    )
     schemas = {name: to_openapi30(schema) for name, schema in defs["$defs"].items()}
     # Responses are produced by us, so the serialisation view is what a client sees.
-    _, out_defs = models_json_schema([(m, "serialization") for m in COMPONENTS], ref_template="#/components/schemas/{model}")
+    _, out_defs = models_json_schema(
+        [(m, "serialization") for m in COMPONENTS], ref_template="#/components/schemas/{model}"
+    )
     for name, schema in out_defs["$defs"].items():
         schemas.setdefault(name, to_openapi30(schema))
     if backends:

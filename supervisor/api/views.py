@@ -6,8 +6,8 @@ import json
 import time
 from typing import Any
 
-from supervisor.runtime.instance import Instance
 from supervisor.core.states import State
+from supervisor.runtime.instance import Instance
 
 #: The old tool had four states; its clients may parse `status` as that enum.
 COMPAT_STATUS = {

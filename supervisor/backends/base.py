@@ -32,8 +32,8 @@ __all__ = [
     "LaunchContext",
     "LaunchPlan",
     "LiveConfig",
-    "PrepareStep",
     "PlaceholderError",
+    "PrepareStep",
     "ProcessLaunch",
     "StrictModel",
     "expand",
@@ -102,7 +102,9 @@ def expand(template: str, ctx: LaunchContext, key: str) -> str:
         known = ", ".join("{" + k + "}" for k in values)
         raise PlaceholderError(key, f"unknown placeholder {{{exc.args[0]}}} (known: {known})") from None
     except (ValueError, IndexError, AttributeError) as exc:
-        raise PlaceholderError(key, f"cannot expand {template!r}: {exc}; write {{{{ and }}}} for literal braces") from None
+        raise PlaceholderError(
+            key, f"cannot expand {template!r}: {exc}; write {{{{ and }}}} for literal braces"
+        ) from None
 
 
 def gpu_env(gpus: tuple[int, ...]) -> dict[str, str]:
@@ -134,15 +136,16 @@ def expand_env(value: str, ctx: LaunchContext, key: str, environ: Mapping[str, s
     parts: list[str] = []
     pos = 0
     for match in _ENV_REF.finditer(value):
-        parts.append(expand(value[pos:match.start()], ctx, key))
+        parts.append(expand(value[pos : match.start()], ctx, key))
         name = match.group(2)
         if name is None:
             parts.append("$")
         elif name in environ:
             parts.append(environ[name])  # verbatim: braces in it are not placeholders
         else:
-            raise PlaceholderError(key, f"${{{name}}} is not set in the supervisor's environment "
-                                        "(write $$ for a literal $)")
+            raise PlaceholderError(
+                key, f"${{{name}}} is not set in the supervisor's environment (write $$ for a literal $)"
+            )
         pos = match.end()
     parts.append(expand(value[pos:], ctx, key))
     return "".join(parts)
@@ -204,8 +207,14 @@ class ProcessLaunch:
     runner: ClassVar[str] = "process"
 
     def fingerprint(self) -> dict:
-        return {"runner": self.runner, "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.env),
-                "prepare": [repr(step) for step in self.prepare], "unset_env": list(self.unset_env)}
+        return {
+            "runner": self.runner,
+            "argv": list(self.argv),
+            "cwd": self.cwd,
+            "env": dict(self.env),
+            "prepare": [repr(step) for step in self.prepare],
+            "unset_env": list(self.unset_env),
+        }
 
     def describe(self) -> str:
         return " ".join(self.argv)
@@ -240,11 +249,20 @@ class ContainerLaunch:
 
     def fingerprint(self) -> dict:
         return {
-            "runner": self.runner, "image": self.image, "command": self.command, "entrypoint": self.entrypoint,
-            "env": dict(self.env), "gpus": list(self.gpus), "network": self.network,
-            "ports": [list(p) for p in self.ports], "volumes": [list(v) for v in self.volumes],
-            "shm_size": self.shm_size, "ipc_mode": self.ipc_mode, "user": self.user,
-            "ulimits": [list(u) for u in self.ulimits], "workdir": self.workdir,
+            "runner": self.runner,
+            "image": self.image,
+            "command": self.command,
+            "entrypoint": self.entrypoint,
+            "env": dict(self.env),
+            "gpus": list(self.gpus),
+            "network": self.network,
+            "ports": [list(p) for p in self.ports],
+            "volumes": [list(v) for v in self.volumes],
+            "shm_size": self.shm_size,
+            "ipc_mode": self.ipc_mode,
+            "user": self.user,
+            "ulimits": [list(u) for u in self.ulimits],
+            "workdir": self.workdir,
             "prepare": [repr(step) for step in self.prepare],
         }
 
@@ -265,8 +283,6 @@ class DefaultHealth:
     #: Sent with every HTTP probe (text-generation-webui's --api-key as a bearer token). A
     #: secret: kept out of repr, so out of logs and of the policy hash.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-
-
 
 
 class BackendKind(ABC):

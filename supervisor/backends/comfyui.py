@@ -14,19 +14,25 @@ in the checkout's `user/` by default, so each instance gets `--temp-directory`,
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
-
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AfterValidator, field_validator
 
-from supervisor.core.spec import StrictModel
 from supervisor.backends import checks
 from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, instance_env
 from supervisor.backends.flags import read_options
 from supervisor.backends.parser_options import COMFYUI
-from supervisor.backends.preset import PROBE_REACHABLE, NonEmpty, executable, expand_all, local_path, owned_args
+from supervisor.backends.preset import (
+    PROBE_REACHABLE,
+    NonEmpty,
+    executable,
+    expand_all,
+    local_path,
+    owned_args,
+)
+from supervisor.core.spec import StrictModel
 
 #: Flags this preset sets itself, refused in extra_args in every spelling ComfyUI's argparse
 #: accepts (`--po 9999` is --port). `--cuda-device` would override CUDA_VISIBLE_DEVICES (ComfyUI
@@ -82,8 +88,10 @@ class ComfyUIOptions(StrictModel):
             except ValueError:
                 raise ValueError(f"{address!r} is not an IP address") from None
         if not any(a in PROBE_REACHABLE for a in addresses):
-            raise ValueError(f"{value!r}: the supervisor checks readiness on 127.0.0.1, so include 127.0.0.1 "
-                             "(this machine only) or 0.0.0.0 / :: (every interface)")
+            raise ValueError(
+                f"{value!r}: the supervisor checks readiness on 127.0.0.1, so include 127.0.0.1 "
+                "(this machine only) or 0.0.0.0 / :: (every interface)"
+            )
         return value
 
 
@@ -101,8 +109,14 @@ class ComfyUIKind(BackendKind):
         return True
 
     def launch(self, options: ComfyUIOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
-        argv = [executable(options.python, ctx, "python"), "main.py",
-                "--listen", options.listen, "--port", str(ctx.port)]
+        argv = [
+            executable(options.python, ctx, "python"),
+            "main.py",
+            "--listen",
+            options.listen,
+            "--port",
+            str(ctx.port),
+        ]
         if not ctx.gpus:
             # ComfyUI asks torch for the current CUDA device at import and dies when there is
             # none (CUDA_VISIBLE_DEVICES is empty here) unless it is told to use the CPU.
@@ -126,10 +140,16 @@ class ComfyUIKind(BackendKind):
                     argv += [flag, str(work / name)]
                     dirs.append(str(work / name))
         argv += extra
-        return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.comfyui_path, ctx, "comfyui_path"),
-                             env=tuple(sorted(instance_env(ctx, env).items())),
-                             prepare=(MakeDirs(tuple(dirs)),) if dirs else ())
+        return ProcessLaunch(
+            argv=tuple(argv),
+            cwd=local_path(options.comfyui_path, ctx, "comfyui_path"),
+            env=tuple(sorted(instance_env(ctx, env).items())),
+            prepare=(MakeDirs(tuple(dirs)),) if dirs else (),
+        )
 
-    def preflight(self, options: ComfyUIOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
-        return (checks.directory(plan.cwd, "comfyui_path", "main.py", " (is it a ComfyUI checkout?)")
-                + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python"))
+    def preflight(
+        self, options: ComfyUIOptions, ctx: LaunchContext, plan: ProcessLaunch
+    ) -> list[checks.Problem]:  # type: ignore[override]
+        return checks.directory(
+            plan.cwd, "comfyui_path", "main.py", " (is it a ComfyUI checkout?)"
+        ) + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python")

@@ -12,12 +12,34 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from supervisor.backends.base import (
+    BackendKind,
+    ContainerLaunch,
+    DefaultHealth,
+    LaunchContext,
+    PlaceholderError,
+    expand,
+)
 from supervisor.core.spec import StrictModel
-from supervisor.backends.base import BackendKind, ContainerLaunch, DefaultHealth, LaunchContext, PlaceholderError, expand
 
 _SIZE = re.compile(r"^\d+[bkmgBKMG]?$")
-_ULIMIT_NAMES = {"core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss",
-                 "rtprio", "rttime", "sigpending", "stack"}
+_ULIMIT_NAMES = {
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+}
 
 
 class UlimitRange(StrictModel):
@@ -77,7 +99,11 @@ class DockerOptions(StrictModel):
     def _volumes(cls, value: list[str]) -> list[str]:
         for spec in value:
             parts = spec.split(":")
-            if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            if (
+                len(parts) not in (2, 3)
+                or not all(parts[:2])
+                or (len(parts) == 3 and parts[2] not in ("ro", "rw"))
+            ):
                 raise ValueError(f"{spec!r} is not HOST:CONTAINER or HOST:CONTAINER:ro")
             if not parts[1].startswith("/"):
                 raise ValueError(f"{spec!r}: the container path must be absolute")
@@ -93,7 +119,9 @@ class DockerOptions(StrictModel):
     @model_validator(mode="after")
     def _network_rules(self) -> DockerOptions:
         if self.network != "bridge" and (self.publish or self.container_port is not None):
-            raise ValueError(f'publish and container_port need network = "bridge" (network is {self.network!r})')
+            raise ValueError(
+                f'publish and container_port need network = "bridge" (network is {self.network!r})'
+            )
         return self
 
 
@@ -145,8 +173,13 @@ class DockerKind(BackendKind):
         return build_container(options, ctx, container_env(ctx, env))
 
 
-def build_container(options: DockerOptions, ctx: LaunchContext, env: dict[str, str],
-                    command: list[str] | None = None, extra_volumes: tuple[tuple[str, str, str], ...] = ()) -> ContainerLaunch:
+def build_container(
+    options: DockerOptions,
+    ctx: LaunchContext,
+    env: dict[str, str],
+    command: list[str] | None = None,
+    extra_volumes: tuple[tuple[str, str, str], ...] = (),
+) -> ContainerLaunch:
     """The container plan for `options` (shared by presets that run in Docker)."""
     cmd = command if command is not None else options.command
     ports: list[tuple[str, int, int]] = []
@@ -166,9 +199,14 @@ def build_container(options: DockerOptions, ctx: LaunchContext, env: dict[str, s
         raise PlaceholderError("image", f"{options.image!r} has surrounding spaces")
     return ContainerLaunch(
         image=expand(options.image, ctx, "image"),
-        command=tuple(expand(a, ctx, f"command[{i}]") for i, a in enumerate(cmd)) if cmd is not None else None,
-        entrypoint=(tuple(expand(a, ctx, f"entrypoint[{i}]") for i, a in enumerate(options.entrypoint))
-                    if options.entrypoint is not None else None),
+        command=tuple(expand(a, ctx, f"command[{i}]") for i, a in enumerate(cmd))
+        if cmd is not None
+        else None,
+        entrypoint=(
+            tuple(expand(a, ctx, f"entrypoint[{i}]") for i, a in enumerate(options.entrypoint))
+            if options.entrypoint is not None
+            else None
+        ),
         env=tuple(sorted(env.items())),
         gpus=ctx.gpus,
         network=options.network,

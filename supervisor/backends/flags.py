@@ -98,9 +98,9 @@ def _read_argparse(item: str, syntax: ParserSyntax) -> _Read:
     # single-dash option string ("-t" for "-tp"; 3.12+ compares the part before "=").
     short, rest = item[:2], item[2:]
     matches = [o for o in options if o == short]
-    attached = {o: rest for o in matches}
+    attached = dict.fromkeys(matches, rest)
     for o in options:
-        if o != short and (o.startswith(item) or o.startswith(head)):
+        if o != short and o.startswith((item, head)):
             matches.append(o)
             attached[o] = tail if (sep and o.startswith(head) and not o.startswith(item)) else None
     read = _pick(matches, syntax, None)
@@ -154,8 +154,16 @@ def read_options(args: Sequence[str], syntax: ParserSyntax) -> list[OptionUse]:
             continue
         head = item.partition("=")[0] if read.attached is not None and "=" in item else item
         typed = head if read.spelled.startswith("--") or len(read.spelled) > 2 else read.spelled
-        uses.append(OptionUse(index=index, item=raw, option=syntax.canonical(read.spelled), spelled=read.spelled,
-                              attached=read.attached, abbreviated=typed != read.spelled))
+        uses.append(
+            OptionUse(
+                index=index,
+                item=raw,
+                option=syntax.canonical(read.spelled),
+                spelled=read.spelled,
+                attached=read.attached,
+                abbreviated=typed != read.spelled,
+            )
+        )
     return uses
 
 
@@ -167,8 +175,9 @@ def value_of(args: Sequence[str], use: OptionUse) -> str | None:
     return args[nxt] if nxt < len(args) and args[nxt] != "--" else None
 
 
-def owned_flag_errors(args: Sequence[str], owned: Iterable[str], syntax: ParserSyntax,
-                      key: str = "extra_args") -> list[str]:
+def owned_flag_errors(
+    args: Sequence[str], owned: Iterable[str], syntax: ParserSyntax, key: str = "extra_args"
+) -> list[str]:
     """Messages for every item of `args` that sets an owned flag in any spelling the parser accepts:
     exact, `--flag=value`, an unambiguous prefix (`--http-p=18010`, `--po 9999`), a short form
     (`-p`, `-p9999`), naming the item by index and the flag it abbreviates.
@@ -178,11 +187,12 @@ def owned_flag_errors(args: Sequence[str], owned: Iterable[str], syntax: ParserS
     return [f"{key}[{index}] {message}" for index, message in owned_flag_findings(args, owned, syntax, key)]
 
 
-def owned_flag_findings(args: Sequence[str], owned: Iterable[str], syntax: ParserSyntax,
-                        key: str = "extra_args") -> list[tuple[int, str]]:
+def owned_flag_findings(
+    args: Sequence[str], owned: Iterable[str], syntax: ParserSyntax, key: str = "extra_args"
+) -> list[tuple[int, str]]:
     """`owned_flag_errors` as (index, message) pairs, the message without the `key[index]`
     prefix (for errors that carry the item's key themselves)."""
-    sources = dict(owned) if isinstance(owned, Mapping) else {flag: "" for flag in owned}
+    sources = dict(owned) if isinstance(owned, Mapping) else dict.fromkeys(owned, "")
     found = []
     for use in read_options(args, syntax):
         if use.option not in sources:
@@ -193,6 +203,11 @@ def owned_flag_findings(args: Sequence[str], owned: Iterable[str], syntax: Parse
         elif use.spelled != use.option:
             how = f" ({use.spelled} is {use.option})"
         origin = f" (from {sources[use.option]})" if sources[use.option] else ""
-        found.append((use.index, f"{use.item!r} sets {use.option}{how}: {use.option} is set by the "
-                                 f"supervisor{origin}; remove it from {key}"))
+        found.append(
+            (
+                use.index,
+                f"{use.item!r} sets {use.option}{how}: {use.option} is set by the "
+                f"supervisor{origin}; remove it from {key}",
+            )
+        )
     return found

@@ -17,9 +17,9 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from supervisor.core.spec import NAME_RE
 from supervisor.backends.base import LaunchContext, PlaceholderError, expand
 from supervisor.backends.flags import ParserSyntax, owned_flag_findings
+from supervisor.core.spec import NAME_RE
 
 #: Health probes always connect to 127.0.0.1, so a server must listen there or everywhere.
 PROBE_REACHABLE = ("127.0.0.1", "0.0.0.0", "::")
@@ -71,8 +71,9 @@ def reject_flags(owned: Mapping[str, str]) -> Callable[[str], str]:
         # vLLM reads --tensor_parallel_size as --tensor-parallel-size: compare in dash form.
         flag = arg.split("=", 1)[0].replace("_", "-")
         if flag in owned:
-            raise ValueError(f"{flag} is set by the supervisor (from {owned[flag]}); "
-                             "remove it from extra_args")
+            raise ValueError(
+                f"{flag} is set by the supervisor (from {owned[flag]}); remove it from extra_args"
+            )
         return arg
 
     return check
@@ -87,10 +88,17 @@ def owned_args(owned: Mapping[str, str], syntax: ParserSyntax) -> Callable[[list
         findings = owned_flag_findings(args, owned, syntax)
         if findings:
             # Raised as a ValidationError so each error keeps its item's index in its location.
-            raise ValidationError.from_exception_data("extra_args", [
-                InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}),
-                                 loc=(index,), input=args[index])
-                for index, message in findings])
+            raise ValidationError.from_exception_data(
+                "extra_args",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                        loc=(index,),
+                        input=args[index],
+                    )
+                    for index, message in findings
+                ],
+            )
         return args
 
     return check

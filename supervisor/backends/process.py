@@ -6,9 +6,16 @@ from typing import Annotated
 
 from pydantic import Field
 
-from supervisor.core.spec import StrictModel
 from supervisor.backends import checks
-from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.backends.base import (
+    BackendKind,
+    DefaultHealth,
+    LaunchContext,
+    ProcessLaunch,
+    expand,
+    instance_env,
+)
+from supervisor.core.spec import StrictModel
 
 
 class ProcessOptions(StrictModel):
@@ -36,7 +43,9 @@ class ProcessKind(BackendKind):
         cwd = ctx.resolve_path(expand(options.cwd, ctx, "cwd")) if options.cwd is not None else None
         return ProcessLaunch(argv=argv, cwd=cwd, env=tuple(sorted(instance_env(ctx, env).items())))
 
-    def preflight(self, options: ProcessOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+    def preflight(
+        self, options: ProcessOptions, ctx: LaunchContext, plan: ProcessLaunch
+    ) -> list[checks.Problem]:  # type: ignore[override]
         problems = []
         if not checks.per_instance(options.cwd):
             problems += checks.directory(plan.cwd, "cwd")

@@ -29,12 +29,19 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from supervisor.core.spec import StrictModel
 from supervisor.backends import checks
-from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.backends.base import (
+    BackendKind,
+    DefaultHealth,
+    LaunchContext,
+    ProcessLaunch,
+    expand,
+    instance_env,
+)
 from supervisor.backends.flags import owned_flag_findings, read_options, value_of
 from supervisor.backends.parser_options import TEXTGEN
 from supervisor.backends.preset import NonEmpty, executable, expand_all, local_path, owned_args
+from supervisor.core.spec import StrictModel
 
 OWNED_FLAGS = {
     "--api-port": "port",
@@ -53,7 +60,12 @@ TextgenArgs = Annotated[list[str], AfterValidator(owned_args(OWNED_FLAGS, TEXTGE
 #: Variables modules/api/script.py reads before its flags (run_server, at 1dcde41d): inherited
 #: from the supervisor's environment they would move or re-protocol the API, so they are
 #: removed unless the declaration's `env` sets them. OPENEDAI_PORT is set to {port} instead.
-OPENEDAI_LISTEN_ENV = ("OPENEDAI_CERT_PATH", "OPENEDAI_KEY_PATH", "OPENEDAI_ENABLE_IPV6", "OPENEDAI_DISABLE_IPV4")
+OPENEDAI_LISTEN_ENV = (
+    "OPENEDAI_CERT_PATH",
+    "OPENEDAI_KEY_PATH",
+    "OPENEDAI_ENABLE_IPV6",
+    "OPENEDAI_DISABLE_IPV4",
+)
 
 #: The API's own message when --api-port is taken (modules/api/script.py find_available_port):
 #: it then listens elsewhere, so the start has failed.
@@ -105,8 +117,11 @@ def split_cmd_flags(text: str) -> list[str]:
     a trailing backslash dropped, blank and `#` lines skipped, the rest joined with spaces and
     split like a shell would (shlex). Raises ValueError for an unclosed quote."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # its universal newlines
-    kept = [line.strip().rstrip("\\").strip() for line in lines
-            if line.strip().rstrip("\\").strip() and not line.strip().startswith("#")]
+    kept = [
+        line.strip().rstrip("\\").strip()
+        for line in lines
+        if line.strip().rstrip("\\").strip() and not line.strip().startswith("#")
+    ]
     return shlex.split(" ".join(kept)) if kept else []
 
 
@@ -137,7 +152,9 @@ def read_cmd_flags(path: Path) -> list[str] | None:
     except UnicodeDecodeError as exc:
         return _unusable(path, f"is not UTF-8 (byte {exc.start}), which text-generation-webui requires")
     except ValueError as exc:  # shlex: "No closing quotation"
-        return _unusable(path, f"cannot be split into flags ({exc}), so text-generation-webui would not start")
+        return _unusable(
+            path, f"cannot be split into flags ({exc}), so text-generation-webui would not start"
+        )
 
 
 def _unusable(path: Path, why: str) -> list[str]:
@@ -146,10 +163,14 @@ def _unusable(path: Path, why: str) -> list[str]:
 
 def cmd_flags_problems(flags: Sequence[str], path: Path) -> list[str]:
     """Owned flags in the file, in every spelling its argparse accepts, named by item."""
-    problems = [f"{path} item {index}: {message}"
-                for index, message in owned_flag_findings(flags, OWNED_FLAGS, TEXTGEN, key=path.name)]
+    problems = [
+        f"{path} item {index}: {message}"
+        for index, message in owned_flag_findings(flags, OWNED_FLAGS, TEXTGEN, key=path.name)
+    ]
     if "--" in flags:
-        problems.append(f"{path} has a bare '--': every flag the supervisor passes after it would be an operand")
+        problems.append(
+            f"{path} has a bare '--': every flag the supervisor passes after it would be an operand"
+        )
     return problems
 
 
@@ -180,15 +201,19 @@ class CmdFlagsCheck:
             raise ValueError("; ".join(problems))
         if _digest(flags) != self.digest:
             # A reload re-reads only declarations whose own file changed (confd's parse cache).
-            raise ValueError(f"{path} changed since the model's declaration was loaded; to apply it, "
-                             "touch or edit that declaration in conf.d/ (a reload alone does not re-read it)")
+            raise ValueError(
+                f"{path} changed since the model's declaration was loaded; to apply it, "
+                "touch or edit that declaration in conf.d/ (a reload alone does not re-read it)"
+            )
 
 
 def _digest(flags: list[str] | None) -> str:
     return "none" if flags is None else hashlib.sha256("\0".join(flags).encode()).hexdigest()[:16]
 
 
-def _file_flags(options: TextgenOptions, ctx: LaunchContext, args: Sequence[str]) -> tuple[Path, list[str] | None, str]:
+def _file_flags(
+    options: TextgenOptions, ctx: LaunchContext, args: Sequence[str]
+) -> tuple[Path, list[str] | None, str]:
     """CMD_FLAGS.txt's path, its flags (None: none or unreadable) and their digest."""
     path = user_data_dir(Path(local_path(options.textgen_path, ctx, "textgen_path")), args) / "CMD_FLAGS.txt"
     try:
@@ -239,15 +264,21 @@ class TextgenKind(BackendKind):
         # OPENEDAI_PORT, when set, wins over --api-port (modules/api/script.py): one inherited
         # from the supervisor's environment would move the API away from {port}.
         environment["OPENEDAI_PORT"] = str(ctx.port)
-        return ProcessLaunch(argv=tuple(argv), cwd=local_path(options.textgen_path, ctx, "textgen_path"),
-                             env=tuple(sorted(environment.items())),
-                             unset_env=tuple(name for name in OPENEDAI_LISTEN_ENV if name not in env),
-                             fail_patterns=(PORT_SWITCH,),
-                             prepare=(CmdFlagsCheck(str(path), digest),))
+        return ProcessLaunch(
+            argv=tuple(argv),
+            cwd=local_path(options.textgen_path, ctx, "textgen_path"),
+            env=tuple(sorted(environment.items())),
+            unset_env=tuple(name for name in OPENEDAI_LISTEN_ENV if name not in env),
+            fail_patterns=(PORT_SWITCH,),
+            prepare=(CmdFlagsCheck(str(path), digest),),
+        )
 
-    def preflight(self, options: TextgenOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
-        problems = (checks.directory(plan.cwd, "textgen_path", "server.py", " (is it a text-generation-webui checkout?)")
-                    + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python"))
+    def preflight(
+        self, options: TextgenOptions, ctx: LaunchContext, plan: ProcessLaunch
+    ) -> list[checks.Problem]:  # type: ignore[override]
+        problems = checks.directory(
+            plan.cwd, "textgen_path", "server.py", " (is it a text-generation-webui checkout?)"
+        ) + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python")
         if problems or plan.cwd is None:
             return problems
         path = user_data_dir(Path(plan.cwd), plan.argv[2:]) / "CMD_FLAGS.txt"

@@ -60,12 +60,29 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from supervisor.core.spec import StrictModel
 from supervisor.backends import checks
-from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, LaunchPlan, ProcessLaunch, expand, instance_env
+from supervisor.backends.base import (
+    BackendKind,
+    DefaultHealth,
+    LaunchContext,
+    LaunchPlan,
+    ProcessLaunch,
+    expand,
+    instance_env,
+)
 from supervisor.backends.docker import DockerOptions, UlimitRange, build_container, container_env
 from supervisor.backends.flags import ParserSyntax, owned_flag_findings, read_options, value_of
-from supervisor.backends.preset import BindAddress, ModelName, NonEmpty, OptionError, executable, expand_all, local_path, model_name
+from supervisor.backends.preset import (
+    BindAddress,
+    ModelName,
+    NonEmpty,
+    OptionError,
+    executable,
+    expand_all,
+    local_path,
+    model_name,
+)
+from supervisor.core.spec import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +98,101 @@ CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 #: prefixes (`--http-p=18010` really moved the HTTP port); there are no short options
 #: (`-v` is "invalid option"). Taken from `tritonserver --help` of Triton 2.51.0, the binary
 #: in the nvidia-pytriton 0.7.0 wheel (tests/test_triton_real.py re-reads it from the binary).
-TRITON_SYNTAX = ParserSyntax("getopt", frozenset("""
-    --allow-cpu-metrics --allow-gpu-metrics --allow-grpc --allow-http --allow-metrics --allow-sagemaker
-    --allow-vertex-ai --backend-config --backend-directory --buffer-manager-thread-count --cache-config
-    --cache-directory --cuda-memory-pool-byte-size --cuda-virtual-address-size --disable-auto-complete-config
-    --enable-peer-access --exit-on-error --exit-timeout-secs --grpc-address --grpc-header-forward-pattern
-    --grpc-http2-max-ping-strikes --grpc-http2-max-pings-without-data
-    --grpc-http2-min-recv-ping-interval-without-data --grpc-infer-allocation-pool-size
-    --grpc-infer-response-compression-level --grpc-keepalive-permit-without-calls --grpc-keepalive-time
-    --grpc-keepalive-timeout --grpc-max-connection-age --grpc-max-connection-age-grace --grpc-port
-    --grpc-restricted-protocol --grpc-root-cert --grpc-server-cert --grpc-server-key --grpc-use-ssl
-    --grpc-use-ssl-mutual --help --host-policy --http-address --http-header-forward-pattern --http-port
-    --http-restricted-api --http-thread-count --id --load-model --log-error --log-file --log-format --log-info
-    --log-verbose --log-warning --metrics-address --metrics-config --metrics-interval-ms --metrics-port
-    --min-supported-compute-capability --model-config-name --model-control-mode --model-load-gpu-limit
-    --model-load-retry-count --model-load-thread-count --model-namespacing --model-repository --model-store
-    --pinned-memory-pool-byte-size --rate-limit --rate-limit-resource --repoagent-directory
-    --repository-poll-secs --response-cache-byte-size --reuse-grpc-port --reuse-http-port --sagemaker-port
-    --sagemaker-safe-port-range --sagemaker-thread-count --strict-model-config --strict-readiness
-    --trace-config --trace-count --trace-file --trace-level --trace-log-frequency --trace-rate
-    --vertex-ai-default-model --vertex-ai-port --vertex-ai-thread-count
-""".split()), source="tritonserver 2.51.0 --help (nvidia-pytriton 0.7.0 wheel)")
+TRITON_SYNTAX = ParserSyntax(
+    "getopt",
+    frozenset(
+        [
+            "--allow-cpu-metrics",
+            "--allow-gpu-metrics",
+            "--allow-grpc",
+            "--allow-http",
+            "--allow-metrics",
+            "--allow-sagemaker",
+            "--allow-vertex-ai",
+            "--backend-config",
+            "--backend-directory",
+            "--buffer-manager-thread-count",
+            "--cache-config",
+            "--cache-directory",
+            "--cuda-memory-pool-byte-size",
+            "--cuda-virtual-address-size",
+            "--disable-auto-complete-config",
+            "--enable-peer-access",
+            "--exit-on-error",
+            "--exit-timeout-secs",
+            "--grpc-address",
+            "--grpc-header-forward-pattern",
+            "--grpc-http2-max-ping-strikes",
+            "--grpc-http2-max-pings-without-data",
+            "--grpc-http2-min-recv-ping-interval-without-data",
+            "--grpc-infer-allocation-pool-size",
+            "--grpc-infer-response-compression-level",
+            "--grpc-keepalive-permit-without-calls",
+            "--grpc-keepalive-time",
+            "--grpc-keepalive-timeout",
+            "--grpc-max-connection-age",
+            "--grpc-max-connection-age-grace",
+            "--grpc-port",
+            "--grpc-restricted-protocol",
+            "--grpc-root-cert",
+            "--grpc-server-cert",
+            "--grpc-server-key",
+            "--grpc-use-ssl",
+            "--grpc-use-ssl-mutual",
+            "--help",
+            "--host-policy",
+            "--http-address",
+            "--http-header-forward-pattern",
+            "--http-port",
+            "--http-restricted-api",
+            "--http-thread-count",
+            "--id",
+            "--load-model",
+            "--log-error",
+            "--log-file",
+            "--log-format",
+            "--log-info",
+            "--log-verbose",
+            "--log-warning",
+            "--metrics-address",
+            "--metrics-config",
+            "--metrics-interval-ms",
+            "--metrics-port",
+            "--min-supported-compute-capability",
+            "--model-config-name",
+            "--model-control-mode",
+            "--model-load-gpu-limit",
+            "--model-load-retry-count",
+            "--model-load-thread-count",
+            "--model-namespacing",
+            "--model-repository",
+            "--model-store",
+            "--pinned-memory-pool-byte-size",
+            "--rate-limit",
+            "--rate-limit-resource",
+            "--repoagent-directory",
+            "--repository-poll-secs",
+            "--response-cache-byte-size",
+            "--reuse-grpc-port",
+            "--reuse-http-port",
+            "--sagemaker-port",
+            "--sagemaker-safe-port-range",
+            "--sagemaker-thread-count",
+            "--strict-model-config",
+            "--strict-readiness",
+            "--trace-config",
+            "--trace-count",
+            "--trace-file",
+            "--trace-level",
+            "--trace-log-frequency",
+            "--trace-rate",
+            "--vertex-ai-default-model",
+            "--vertex-ai-port",
+            "--vertex-ai-thread-count",
+        ]
+    ),
+    source="tritonserver 2.51.0 --help (nvidia-pytriton 0.7.0 wheel)",
+)
 
 OWNED_FLAGS = {
     "--model-repository": "model_repository",
@@ -131,12 +222,22 @@ def _triton_findings(args: list[str]) -> list[tuple[int, str]]:
         value = value_of(args, use) or ""
         spelled = f" ({use.item!r} is {use.option})" if use.item.partition("=")[0] != use.option else ""
         if use.option == "--allow-http" and value.lower() in FALSE_WORDS:
-            found.append((use.index, f"extra_args[{use.index}] {use.item!r}{spelled} switches HTTP off: the "
-                                     "supervisor checks readiness and liveness over HTTP; remove it from extra_args"))
+            found.append(
+                (
+                    use.index,
+                    f"extra_args[{use.index}] {use.item!r}{spelled} switches HTTP off: the "
+                    "supervisor checks readiness and liveness over HTTP; remove it from extra_args",
+                )
+            )
         elif use.option == "--backend-config" and value.replace(" ", "").startswith(SHM_SETTING):
-            found.append((use.index, f"extra_args[{use.index}] {use.item!r}{spelled} sets the python backend's "
-                                     "shm-region-prefix-name, which the supervisor sets per instance (to find its "
-                                     "stubs and clean up their /dev/shm regions); remove it from extra_args"))
+            found.append(
+                (
+                    use.index,
+                    f"extra_args[{use.index}] {use.item!r}{spelled} sets the python backend's "
+                    "shm-region-prefix-name, which the supervisor sets per instance (to find its "
+                    "stubs and clean up their /dev/shm regions); remove it from extra_args",
+                )
+            )
     return sorted(found)
 
 
@@ -144,9 +245,17 @@ def _extra_args(args: list[str]) -> list[str]:
     findings = _triton_findings(args)
     if findings:
         # A ValidationError with the item's index in its location: the error names extra_args[i].
-        raise ValidationError.from_exception_data("extra_args", [
-            InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}),
-                             loc=(index,), input=args[index]) for index, message in findings])
+        raise ValidationError.from_exception_data(
+            "extra_args",
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                    loc=(index,),
+                    input=args[index],
+                )
+                for index, message in findings
+            ],
+        )
     return args
 
 
@@ -268,25 +377,39 @@ class TritonKind(BackendKind):
         server_ports = options.mode == "process" or options.network == "host"
         # "*": every model of the overlay, which holds exactly the listed ones. The argv then
         # does not change with the model list, which is applied to the running server.
-        argv = ["--model-repository=" + (overlay if options.mode == "process" else CONTAINER_REPOSITORY),
-                "--model-control-mode=explicit", "--load-model=*",
-                f"--backend-config={SHM_SETTING}{prefix}",
-                f"--exit-timeout-secs={exit_timeout(ctx.stop_timeout)}"]
+        argv = [
+            "--model-repository=" + (overlay if options.mode == "process" else CONTAINER_REPOSITORY),
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--backend-config={SHM_SETTING}{prefix}",
+            f"--exit-timeout-secs={exit_timeout(ctx.stop_timeout)}",
+        ]
         if options.backend_directory is not None:
             directory = expand(options.backend_directory, ctx, "backend_directory")
-            argv.append("--backend-directory=" + (ctx.resolve_path(directory) if options.mode == "process"
-                                                  else directory))
+            argv.append(
+                "--backend-directory="
+                + (ctx.resolve_path(directory) if options.mode == "process" else directory)
+            )
         if server_ports:
             address = options.bind_address
-            argv += [f"--http-port={ctx.port}", f"--grpc-port={ctx.port_of('grpc')}",
-                     f"--metrics-port={ctx.port_of('metrics')}", f"--http-address={address}",
-                     f"--grpc-address={address}", f"--metrics-address={address}"]
+            argv += [
+                f"--http-port={ctx.port}",
+                f"--grpc-port={ctx.port_of('grpc')}",
+                f"--metrics-port={ctx.port_of('metrics')}",
+                f"--http-address={address}",
+                f"--grpc-address={address}",
+                f"--metrics-address={address}",
+            ]
         argv += expand_all(options.extra_args, ctx, "extra_args")
 
         if options.mode == "process":
-            return ProcessLaunch(argv=(executable(options.tritonserver, ctx, "tritonserver"), *argv),
-                                 env=tuple(sorted(_process_env(options, ctx, env).items())), prepare=(step,),
-                                 live=step, after_exit=(ShmSweep(step.shm_prefix, ctx.instance_id),))
+            return ProcessLaunch(
+                argv=(executable(options.tritonserver, ctx, "tritonserver"), *argv),
+                env=tuple(sorted(_process_env(options, ctx, env).items())),
+                prepare=(step,),
+                live=step,
+                after_exit=(ShmSweep(step.shm_prefix, ctx.instance_id),),
+            )
 
         bridge = options.network == "bridge"
         docker = DockerOptions(
@@ -294,8 +417,12 @@ class TritonKind(BackendKind):
             network=options.network,
             container_port=CONTAINER_PORTS["http"] if bridge else None,
             bind_address=options.bind_address,
-            publish=[f"{options.bind_address}:{ctx.port_of(name)}:{CONTAINER_PORTS[name]}"
-                     for name in ("grpc", "metrics")] if bridge else [],
+            publish=[
+                f"{options.bind_address}:{ctx.port_of(name)}:{CONTAINER_PORTS[name]}"
+                for name in ("grpc", "metrics")
+            ]
+            if bridge
+            else [],
             volumes=options.volumes,
             shm_size=options.shm_size,
             ipc=options.ipc,
@@ -307,11 +434,13 @@ class TritonKind(BackendKind):
         # mounted (read-only) at the same path inside the container for them to resolve.
         mounts = ((repository, repository, "ro"), (overlay, CONTAINER_REPOSITORY, "ro"))
         plan = build_container(docker, ctx, container_env(ctx, env), extra_volumes=mounts)
-        for i, (host, container, _) in enumerate(plan.volumes[:len(options.volumes)]):
+        for i, (host, container, _) in enumerate(plan.volumes[: len(options.volumes)]):
             if host == repository or container in (repository, CONTAINER_REPOSITORY):
-                raise OptionError(f"volumes[{i}]",
-                                  f"{options.volumes[i]!r} collides with the model repository mounts "
-                                  f"({repository} and {CONTAINER_REPOSITORY} are the supervisor's)")
+                raise OptionError(
+                    f"volumes[{i}]",
+                    f"{options.volumes[i]!r} collides with the model repository mounts "
+                    f"({repository} and {CONTAINER_REPOSITORY} are the supervisor's)",
+                )
         return dataclasses.replace(plan, command=("tritonserver", *argv), prepare=(step,), live=step)
 
     def preflight(self, options: TritonOptions, ctx: LaunchContext, plan: LaunchPlan) -> list[checks.Problem]:  # type: ignore[override]
@@ -321,8 +450,12 @@ class TritonKind(BackendKind):
         if not problems:
             missing = [m for m, _ in step.models if not os.path.isdir(os.path.join(step.repository, m))]
             if missing:
-                problems.append(("models" if options.models else "model_repository",
-                                 f"{step.repository} has no directory for model(s) {', '.join(missing)}"))
+                problems.append(
+                    (
+                        "models" if options.models else "model_repository",
+                        f"{step.repository} has no directory for model(s) {', '.join(missing)}",
+                    )
+                )
         if isinstance(plan, ProcessLaunch):
             problems += checks.program(plan.argv[0], dict(plan.env), None, "tritonserver")
         return problems
@@ -351,7 +484,9 @@ def _process_env(options: TritonOptions, ctx: LaunchContext, declared: dict[str,
         env["PATH"] = _prepend([bin_dir], env.get("PATH", os.environ.get("PATH", os.defpath)))
     if options.library_path:
         dirs = [local_path(d, ctx, f"library_path[{i}]") for i, d in enumerate(options.library_path)]
-        env["LD_LIBRARY_PATH"] = _prepend(dirs, env.get("LD_LIBRARY_PATH", os.environ.get("LD_LIBRARY_PATH", "")))
+        env["LD_LIBRARY_PATH"] = _prepend(
+            dirs, env.get("LD_LIBRARY_PATH", os.environ.get("LD_LIBRARY_PATH", ""))
+        )
     return env
 
 
@@ -370,11 +505,12 @@ def _check_mode_keys(options: TritonOptions) -> None:
 def _instance_counts(options: TritonOptions, models: list[str]) -> dict[str, int]:
     per_gpu = options.instances_per_gpu
     if isinstance(per_gpu, int):
-        return {m: per_gpu for m in models}
+        return dict.fromkeys(models, per_gpu)
     for name in per_gpu:
         if name not in models:
-            raise OptionError("instances_per_gpu",
-                              f"{name!r} is not one of the models loaded ({', '.join(models)})")
+            raise OptionError(
+                "instances_per_gpu", f"{name!r} is not one of the models loaded ({', '.join(models)})"
+            )
     return {m: per_gpu.get(m, 1) for m in models}
 
 
@@ -411,8 +547,12 @@ class TritonRepositoryOverlay:
         if self.sweep_shm:
             removed = sweep_shm(self.shm_prefix)
             if removed:
-                log.info("%s: removed %d python-backend shm region(s) a previous run left behind: %s",
-                         self.instance, len(removed), ", ".join(removed))
+                log.info(
+                    "%s: removed %d python-backend shm region(s) a previous run left behind: %s",
+                    self.instance,
+                    len(removed),
+                    ", ".join(removed),
+                )
         self._write(built)
 
     def _render(self) -> list[tuple[list[Path], str]]:
@@ -422,8 +562,10 @@ class TritonRepositoryOverlay:
         for model, _ in self.models:
             if not (repository / model).is_dir():
                 present = sorted(p.name for p in repository.iterdir() if p.is_dir())
-                raise ValueError(f"model {model!r} has no directory in {repository} "
-                                 f"(it has: {', '.join(present) or 'nothing'})")
+                raise ValueError(
+                    f"model {model!r} has no directory in {repository} "
+                    f"(it has: {', '.join(present) or 'nothing'})"
+                )
         # Everything is read and rendered before anything is written: a bad template fails
         # the launch (or the live change) without leaving half an overlay.
         return [self._model_contents(repository / model, model, count) for model, count in self.models]
@@ -439,7 +581,7 @@ class TritonRepositoryOverlay:
         for entry in target.iterdir():
             if entry.name not in wanted:  # a model no longer listed
                 _remove(entry)
-        for (model, _), (links, config) in zip(self.models, built):
+        for (model, _), (links, config) in zip(self.models, built, strict=False):
             dest = target / model
             _remove(dest)  # stale entries (a removed version directory) go with it
             dest.mkdir()
@@ -478,8 +620,10 @@ class TritonRepositoryOverlay:
             await asyncio.to_thread(self._write, built)
             for model in changed:  # instance_group only: Triton 2.51 adds/removes instances in place
                 await _repository(port, model, "load", timeout)
-        done = [f"loaded {m} ({new[m]} per GPU)" if m not in old else f"{m}: {old[m]} -> {new[m]} per GPU"
-                for m in changed] + [f"unloaded {m}" for m in removed]
+        done = [
+            f"loaded {m} ({new[m]} per GPU)" if m not in old else f"{m}: {old[m]} -> {new[m]} per GPU"
+            for m in changed
+        ] + [f"unloaded {m}" for m in removed]
         return "; ".join(done) or "nothing to change"
 
     async def check(self, port: int, timeout: float) -> tuple[bool, str]:
@@ -492,7 +636,9 @@ class TritonRepositoryOverlay:
             healed = []
             for model, (have, want) in short.items():
                 what = f"model {model}: {have} of its {want} python backend stub(s) running"
-                log.warning("%s: %s (a stub died; Triton still reports it ready); reloading it", self.instance, what)
+                log.warning(
+                    "%s: %s (a stub died; Triton still reports it ready); reloading it", self.instance, what
+                )
                 try:
                     await self._reload(port, model, timeout)
                 except (LiveApplyError, OSError) as exc:
@@ -511,8 +657,9 @@ class TritonRepositoryOverlay:
             except OSError:
                 continue
             backend = re.search(r'\b(backend|platform)\s*:\s*"([^"]*)"', config)
-            python = (backend.group(2) == "python" if backend is not None
-                      else any(directory.glob("*/model.py")))  # auto-complete picks python for model.py
+            python = (
+                backend.group(2) == "python" if backend is not None else any(directory.glob("*/model.py"))
+            )  # auto-complete picks python for model.py
             if python:
                 expected[model] = count * max(1, len(self.gpus))
         return running, expected
@@ -524,7 +671,9 @@ class TritonRepositoryOverlay:
         deadline = time.monotonic() + UNLOAD_WAIT
         while True:
             status, body = await asyncio.to_thread(_http, port, "POST", "/v2/repository/index", timeout)
-            states = [m.get("state") for m in _json(body, []) if isinstance(m, dict) and m.get("name") == model]
+            states = [
+                m.get("state") for m in _json(body, []) if isinstance(m, dict) and m.get("name") == model
+            ]
             if status == 200 and "UNLOADING" not in states:
                 break
             if time.monotonic() > deadline:
@@ -540,14 +689,20 @@ _LOCKS: dict[tuple[str, int], asyncio.Lock] = {}
 
 async def _repository(port: int, model: str, action: str, timeout: float) -> None:
     """POST /v2/repository/models/<model>/<action>; raises with Triton's own error."""
-    status, body = await asyncio.to_thread(_http, port, "POST", f"/v2/repository/models/{model}/{action}", timeout)
+    status, body = await asyncio.to_thread(
+        _http, port, "POST", f"/v2/repository/models/{model}/{action}", timeout
+    )
     if status != 200:
         error = _json(body, {}).get("error") if isinstance(_json(body, {}), dict) else None
-        raise LiveApplyError(f"{action} {model}: HTTP {status}: {error or body[:200].decode(errors='replace')}")
+        raise LiveApplyError(
+            f"{action} {model}: HTTP {status}: {error or body[:200].decode(errors='replace')}"
+        )
 
 
 def _http(port: int, method: str, path: str, timeout: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, answer.read()
@@ -625,8 +780,12 @@ class ShmSweep:
     def run(self) -> None:
         removed = sweep_shm(self.prefix)
         if removed:
-            log.info("%s: removed %d python-backend shm region(s) the run left behind: %s",
-                     self.instance, len(removed), ", ".join(removed))
+            log.info(
+                "%s: removed %d python-backend shm region(s) the run left behind: %s",
+                self.instance,
+                len(removed),
+                ", ".join(removed),
+            )
 
 
 def sweep_shm(prefix: str) -> list[str]:
@@ -646,7 +805,7 @@ def sweep_shm(prefix: str) -> list[str]:
                     for line in f:
                         at = line.find(f"{SHM_DIR}/{prefix}")
                         if at >= 0:
-                            mapped.add(line[at + len(SHM_DIR) + 1:].split()[0])
+                            mapped.add(line[at + len(SHM_DIR) + 1 :].split()[0])
             except OSError:
                 continue
     removed = []
@@ -672,12 +831,13 @@ def render_config(template: str, count: int, gpus: tuple[int, ...], instance: st
     """The template without its own `instance_group`, plus the one for this instance."""
     body = strip_instance_groups(template).rstrip()
     if gpus:
-        entry = (f"  {{\n    count: {count}\n    kind: KIND_GPU\n"
-                 f"    gpus: [ {', '.join(str(g) for g in gpus)} ]\n  }}")
+        entry = (
+            f"  {{\n    count: {count}\n    kind: KIND_GPU\n"
+            f"    gpus: [ {', '.join(str(g) for g in gpus)} ]\n  }}"
+        )
     else:
         entry = f"  {{\n    count: {count}\n    kind: KIND_CPU\n  }}"
-    block = (f"# instance_group generated by model-supervisor for {instance}\n"
-             f"instance_group [\n{entry}\n]\n")
+    block = f"# instance_group generated by model-supervisor for {instance}\ninstance_group [\n{entry}\n]\n"
     return f"{body}\n\n{block}" if body else block
 
 
@@ -699,8 +859,12 @@ def strip_instance_groups(text: str) -> str:
             depth += 1
         elif c in _CLOSE:
             depth -= 1
-        elif (depth == 0 and text.startswith(_FIELD, i) and (i == 0 or not _IDENT.match(text[i - 1]))
-              and not _IDENT.match(text[i + len(_FIELD):i + len(_FIELD) + 1])):
+        elif (
+            depth == 0
+            and text.startswith(_FIELD, i)
+            and (i == 0 or not _IDENT.match(text[i - 1]))
+            and not _IDENT.match(text[i + len(_FIELD) : i + len(_FIELD) + 1])
+        ):
             start, end = _field_span(text, i)
             out.append(text[copied:start])
             copied = end

@@ -10,12 +10,19 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from supervisor.core.spec import StrictModel
 from supervisor.backends import checks
-from supervisor.backends.base import BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, expand, instance_env
+from supervisor.backends.base import (
+    BackendKind,
+    DefaultHealth,
+    LaunchContext,
+    ProcessLaunch,
+    expand,
+    instance_env,
+)
 from supervisor.backends.flags import read_options
 from supervisor.backends.parser_options import VLLM
 from supervisor.backends.preset import BindAddress, NonEmpty, executable, expand_all, owned_args
+from supervisor.core.spec import StrictModel
 
 #: Refused in extra_args in every spelling vllm's parser accepts (`--hos`, `--por=1`, `-t 4`,
 #: `--tensor_parallel_size`). The last four would take the API away from where readiness looks.
@@ -37,6 +44,7 @@ VllmArgs = Annotated[list[str], AfterValidator(owned_args(OWNED_FLAGS, VLLM))]
 def serves_tls(args: list[str]) -> bool:
     options = {use.option for use in read_options(args, VLLM)}
     return {"--ssl-keyfile", "--ssl-certfile"} <= options
+
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
@@ -68,8 +76,15 @@ class VllmKind(BackendKind):
         model = expand(options.model, ctx, "model")
         if model.startswith(_PATH_PREFIXES):
             model = ctx.resolve_path(model)
-        argv = [executable(options.vllm, ctx, "vllm"), "serve", model,
-                "--host", options.host, "--port", str(ctx.port)]
+        argv = [
+            executable(options.vllm, ctx, "vllm"),
+            "serve",
+            model,
+            "--host",
+            options.host,
+            "--port",
+            str(ctx.port),
+        ]
         if ctx.gpus:
             argv += ["--tensor-parallel-size", str(len(ctx.gpus))]
         if options.served_model_name is not None:
@@ -77,7 +92,9 @@ class VllmKind(BackendKind):
         argv += expand_all(options.extra_args, ctx, "extra_args")
         return ProcessLaunch(argv=tuple(argv), env=tuple(sorted(instance_env(ctx, env).items())))
 
-    def preflight(self, options: VllmOptions, ctx: LaunchContext, plan: ProcessLaunch) -> list[checks.Problem]:  # type: ignore[override]
+    def preflight(
+        self, options: VllmOptions, ctx: LaunchContext, plan: ProcessLaunch
+    ) -> list[checks.Problem]:  # type: ignore[override]
         problems = checks.program(plan.argv[0], dict(plan.env), None, "vllm")
         if options.model.startswith(_PATH_PREFIXES) and not checks.per_instance(options.model):
             problems += checks.exists(plan.argv[2], "model")  # a local model directory

@@ -27,7 +27,9 @@ def _message(body: bytes) -> str:
         return body.decode("utf-8", "replace").strip() or "(no message)"
     detail = data.get("detail", data) if isinstance(data, dict) else data
     if isinstance(detail, list):  # 422: one line per bad field
-        return "; ".join(f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg')}" for item in detail)
+        return "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg')}" for item in detail
+        )
     return str(detail)
 
 
@@ -69,7 +71,7 @@ class Client:
         if self.base_url.startswith(UNIX_SCHEME):
             self._prefix = "http://localhost"
             # No ProxyHandler: an http_proxy in the environment must not capture socket requests.
-            self._open = urllib.request.build_opener(_UnixHandler(self.base_url[len(UNIX_SCHEME):])).open
+            self._open = urllib.request.build_opener(_UnixHandler(self.base_url[len(UNIX_SCHEME) :])).open
         else:
             self._prefix = self.base_url
             self._open = urllib.request.urlopen

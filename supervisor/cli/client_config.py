@@ -74,12 +74,16 @@ def _bool(value: Any, origin: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ClientConfigError(f"invalid settings: listen_tcp must be true or false (got {value!r} from {origin})")
+    raise ClientConfigError(
+        f"invalid settings: listen_tcp must be true or false (got {value!r} from {origin})"
+    )
 
 
 def load(settings_file: Path | None, url: str | None = None, token: str | None = None) -> ClientConfig:
     env = _env()
-    path = settings_file or (Path(env[ENV_PREFIX + "SETTINGS_FILE"]) if env.get(ENV_PREFIX + "SETTINGS_FILE") else None)
+    path = settings_file or (
+        Path(env[ENV_PREFIX + "SETTINGS_FILE"]) if env.get(ENV_PREFIX + "SETTINGS_FILE") else None
+    )
     file = _read_file(path) if path is not None else {}
     where = f"settings file {path}"
 
@@ -103,7 +107,9 @@ def load(settings_file: Path | None, url: str | None = None, token: str | None =
                 try:
                     token = token_path.read_text().strip() or None
                 except OSError as exc:
-                    raise ClientConfigError(f"cannot read api_token_file {token_path}: {exc.strerror}") from None
+                    raise ClientConfigError(
+                        f"cannot read api_token_file {token_path}: {exc.strerror}"
+                    ) from None
 
     if url is None and not listen_tcp and unix_socket is not None:  # the API listens on the socket only
         url = f"unix://{unix_socket}"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from supervisor import __version__
 
-
 # Client commands (status, start, ...) must stay fast (issue 13: under 120 ms with imports):
 # asyncio, logging, pydantic and the server's modules are imported by `serve` alone.
 
@@ -45,8 +44,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    settings = _settings(args, host=args.host, port=args.port, log_level=args.log_level,
-                         on_exit="keep" if args.keep_running else None)
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        on_exit="keep" if args.keep_running else None,
+    )
     _configure_logging(settings.log_level)
     if not settings.conf_dir.is_dir():
         print(f"model-supervisor: declaration directory {settings.conf_dir} does not exist", file=sys.stderr)
@@ -64,13 +68,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"model-supervisor: {exc}", file=sys.stderr)
         return 2
     if not _is_loopback(settings.host) and not token and not args.insecure:
-        print(f"model-supervisor: refusing to serve the API on {settings.host} without a token: anyone who can "
-              "reach it could run commands as this user. Set MODEL_SUPERVISOR_API_TOKEN (or api_token_file), "
-              "bind 127.0.0.1, or pass --insecure if you really mean it.", file=sys.stderr)
+        print(
+            f"model-supervisor: refusing to serve the API on {settings.host} without a token: anyone who can "
+            "reach it could run commands as this user. Set MODEL_SUPERVISOR_API_TOKEN (or api_token_file), "
+            "bind 127.0.0.1, or pass --insecure if you really mean it.",
+            file=sys.stderr,
+        )
         return 2
     if settings.port and not _can_bind(settings.host, settings.port):
-        print(f"model-supervisor: cannot listen on {settings.host}:{settings.port}: address already in use",
-              file=sys.stderr)
+        print(
+            f"model-supervisor: cannot listen on {settings.host}:{settings.port}: address already in use",
+            file=sys.stderr,
+        )
         return 2
     from supervisor.serve import serve
 
@@ -120,10 +129,10 @@ def _can_bind(host: str, port: int) -> bool:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from supervisor.backends.registry import default_registry
     from supervisor.adapters.confd import read_dir
-    from supervisor.config.desired import Catalog, resolve
     from supervisor.adapters.ports import PortAllocator
+    from supervisor.backends.registry import default_registry
+    from supervisor.config.desired import Catalog, resolve
 
     only: Path | None = None
     if args.dir is not None and args.dir.is_file():
@@ -137,15 +146,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{conf_dir}: declaration directory does not exist", file=sys.stderr)
         return 2
     try:
-        parsed = read_dir(conf_dir, default_registry(), settings.defaults(), host_checks=not args.no_host_checks)
+        parsed = read_dir(
+            conf_dir, default_registry(), settings.defaults(), host_checks=not args.no_host_checks
+        )
     except OSError as exc:  # the directory itself (each file's problems are that file's errors)
         print(f"{conf_dir}: cannot list the declaration directory: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if only is not None and str(only) not in parsed:  # e.g. a name the watcher ignores (x.toml.bak)
         from supervisor.adapters.confd import read_file
 
-        parsed[str(only)] = read_file(only, default_registry(), settings.defaults(),
-                                      host_checks=not args.no_host_checks)
+        parsed[str(only)] = read_file(
+            only, default_registry(), settings.defaults(), host_checks=not args.no_host_checks
+        )
     ports = PortAllocator(*settings.port_range, is_free=lambda _port: True)
     catalog = resolve(parsed, Catalog(), ports.assign)
     if only is not None:
@@ -159,8 +171,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for err in errors:
         print(err, file=sys.stderr)
     bad = len(catalog.errors)
-    print(f"{conf_dir}: {len(parsed)} file(s), {len(catalog.models)} valid model(s), "
-          f"{len(catalog.instances)} instance(s), {bad} file(s) with errors")
+    print(
+        f"{conf_dir}: {len(parsed)} file(s), {len(catalog.models)} valid model(s), "
+        f"{len(catalog.instances)} instance(s), {bad} file(s) with errors"
+    )
     return 1 if errors else 0
 
 
@@ -202,28 +216,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="API bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default 6004)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without an API token")
-    p.add_argument("--keep-running", action="store_true",
-                   help="on SIGTERM/SIGINT leave every instance running for the next serve to adopt "
-                        "(upgrades; same as on_exit = \"keep\")")
+    p.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without an API token"
+    )
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="on SIGTERM/SIGINT leave every instance running for the next serve to adopt "
+        '(upgrades; same as on_exit = "keep")',
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors")
+    p = sub.add_parser(
+        "validate", help="check the declarations in DIR (default: the conf dir); exit 1 on errors"
+    )
     _add_settings_flags(p)
     p.add_argument("dir", nargs="?", type=Path, help="declaration directory, or one declaration file")
-    p.add_argument("--no-host-checks", action="store_true",
-                   help="check the declarations alone, not this machine (programs, directories): "
-                        "for files meant for another host")
+    p.add_argument(
+        "--no-host-checks",
+        action="store_true",
+        help="check the declarations alone, not this machine (programs, directories): "
+        "for files meant for another host",
+    )
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("node", help="join this machine to a Ray cluster as a worker for cluster mode "
-                                     "(its GPUs and label as Ray resources)")
+    p = sub.add_parser(
+        "node",
+        help="join this machine to a Ray cluster as a worker for cluster mode "
+        "(its GPUs and label as Ray resources)",
+    )
     p.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
     p.add_argument("--label", help="this node's label, the value declarations give as node = ... (msup-node)")
     p.add_argument("--gpus", help="GPU ids to offer, e.g. 0,1 (default: every GPU NVML reports)")
     p.add_argument("--num-gpus", type=int, help="offer NVML's first N GPUs (0: none, NVML not needed)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule here (default: Ray's, every core)")
-    p.add_argument("--node-ip-address", help="this node's address as the cluster reaches it (default: Ray's choice)")
+    p.add_argument(
+        "--node-ip-address", help="this node's address as the cluster reaches it (default: Ray's choice)"
+    )
     p.add_argument("--ray-python", help="the Python with Ray installed (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print the ray start command instead of running it")
     p.set_defaults(func=cmd_node)

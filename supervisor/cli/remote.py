@@ -30,10 +30,10 @@ def _uptime(seconds: float | None) -> str:
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
     for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     return "\n".join(lines)
 
 
@@ -46,13 +46,38 @@ def _status_table(items: list[dict[str, Any]], empty: list[dict[str, Any]] = ())
         reason = it.get("last_error") if it["state"] in ("BACKOFF", "FATAL") else it.get("reason")
         mem = it.get("gpu_memory_mib")
         where = [it.get("node") or "-"] if nodes else []
-        rows.append([it["instance_id"], it["state"], *where, it["pid"] or "-", it["port"] or "-", gpus,
-                     f"{mem} MiB" if mem else "-", _uptime(it.get("uptime")), it["restarts"], (reason or "")[:100]])
+        rows.append(
+            [
+                it["instance_id"],
+                it["state"],
+                *where,
+                it["pid"] or "-",
+                it["port"] or "-",
+                gpus,
+                f"{mem} MiB" if mem else "-",
+                _uptime(it.get("uptime")),
+                it["restarts"],
+                (reason or "")[:100],
+            ]
+        )
     for m in empty:
         rows.append([m["model"], "-", *(["-"] if nodes else []), "-", "-", "-", "-", "-", "-", m["reason"]])
     rows.sort(key=lambda r: r[0])
-    return table(rows, ["INSTANCE", "STATE", *(["NODE"] if nodes else []), "PID", "PORT", "GPUS", "GPU MEM", "UPTIME",
-                        "RESTARTS", "REASON"])
+    return table(
+        rows,
+        [
+            "INSTANCE",
+            "STATE",
+            *(["NODE"] if nodes else []),
+            "PID",
+            "PORT",
+            "GPUS",
+            "GPU MEM",
+            "UPTIME",
+            "RESTARTS",
+            "REASON",
+        ],
+    )
 
 
 #: `status` exit codes (documented in the README and `status --help`), as `systemctl is-active`
@@ -81,13 +106,26 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     while True:
         items = client.call("GET", path)
         errors = client.call("GET", "/api/v1/config/errors")
-        empty = _no_instance_rows(client.call("GET", "/api/v1/models"), args.name) if not items or not args.name else []
+        empty = (
+            _no_instance_rows(client.call("GET", "/api/v1/models"), args.name)
+            if not items or not args.name
+            else []
+        )
         health = client.call("GET", "/healthz")
         warnings = health.get("warnings") or []
         unhealthy = bool(errors) or any(i["state"] in UNHEALTHY_STATES for i in items)
         if args.json:
-            print(json.dumps({"instances": items, "models_without_instances": empty, "config_errors": errors,
-                              "warnings": warnings}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "instances": items,
+                        "models_without_instances": empty,
+                        "config_errors": errors,
+                        "warnings": warnings,
+                    },
+                    indent=2,
+                )
+            )
         else:
             if clear:
                 print("\033[2J\033[H", end="")
@@ -147,8 +185,17 @@ def _print_infos(infos: list[dict[str, Any]] | dict[str, Any], as_json: bool) ->
     if not infos:
         print("no instances")
         return
-    rows = [[i["instance_id"], i["state"], i["pid"] or "-", i["port"] or "-",
-             ",".join(str(g) for g in i["gpu_ids"]) or "-", (i.get("reason") or "")[:100]] for i in infos]
+    rows = [
+        [
+            i["instance_id"],
+            i["state"],
+            i["pid"] or "-",
+            i["port"] or "-",
+            ",".join(str(g) for g in i["gpu_ids"]) or "-",
+            (i.get("reason") or "")[:100],
+        ]
+        for i in infos
+    ]
     print(table(rows, ["INSTANCE", "STATE", "PID", "PORT", "GPUS", "REASON"]))
 
 
@@ -171,9 +218,15 @@ def _print_all(result: dict[str, Any], as_json: bool) -> int:
 
 
 def _one_name(args: argparse.Namespace, verb: str) -> None:
-    problem = ("give a model name or --all, not both" if args.all and args.name else
-               "give a model name, or --all for every model" if not args.all and not args.name else
-               "--gpu needs a model name, not --all" if args.all and getattr(args, "gpu", None) is not None else None)
+    problem = (
+        "give a model name or --all, not both"
+        if args.all and args.name
+        else "give a model name, or --all for every model"
+        if not args.all and not args.name
+        else "--gpu needs a model name, not --all"
+        if args.all and getattr(args, "gpu", None) is not None
+        else None
+    )
     if problem:
         print(f"model-supervisor {verb}: {problem}", file=sys.stderr)
         raise SystemExit(2)
@@ -182,15 +235,24 @@ def _one_name(args: argparse.Namespace, verb: str) -> None:
 def cmd_start(client: Client, args: argparse.Namespace) -> int:
     _one_name(args, "start")
     if args.all:
-        return _print_all(client.call("POST", "/api/v1/models/enable" + _wait_query(args),
-                                      timeout=_wait_timeout(args)), args.json)
+        return _print_all(
+            client.call("POST", "/api/v1/models/enable" + _wait_query(args), timeout=_wait_timeout(args)),
+            args.json,
+        )
     if args.gpu is None:
-        infos = client.call("POST", f"/api/v1/models/{args.name}/enable" + _wait_query(args),
-                            timeout=_wait_timeout(args))
+        infos = client.call(
+            "POST", f"/api/v1/models/{args.name}/enable" + _wait_query(args), timeout=_wait_timeout(args)
+        )
     else:
-        body = {"model_name": args.name, "gpu_id": args.gpu, "model_type": args.type,
-                "config": json.loads(args.config) if args.config else {}}
-        infos = client.call("POST", "/api/v1/models/start" + _wait_query(args), body, timeout=_wait_timeout(args))
+        body = {
+            "model_name": args.name,
+            "gpu_id": args.gpu,
+            "model_type": args.type,
+            "config": json.loads(args.config) if args.config else {},
+        }
+        infos = client.call(
+            "POST", "/api/v1/models/start" + _wait_query(args), body, timeout=_wait_timeout(args)
+        )
     _print_infos(infos, args.json)
     return 0
 
@@ -202,13 +264,17 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
     if args.gpu is None:
         infos = client.call("POST", f"/api/v1/models/{args.name}/disable", timeout=600)
     else:
-        infos = client.call("POST", "/api/v1/models/stop", {"model_name": args.name, "gpu_id": args.gpu}, timeout=600)
+        infos = client.call(
+            "POST", "/api/v1/models/stop", {"model_name": args.name, "gpu_id": args.gpu}, timeout=600
+        )
     _print_infos(infos, args.json)
     return 0
 
 
 def cmd_restart(client: Client, args: argparse.Namespace) -> int:
-    infos = client.call("POST", f"/api/v1/models/{args.name}/restart" + _wait_query(args), timeout=_wait_timeout(args))
+    infos = client.call(
+        "POST", f"/api/v1/models/{args.name}/restart" + _wait_query(args), timeout=_wait_timeout(args)
+    )
     _print_infos(infos, args.json)
     return 0
 
@@ -221,7 +287,9 @@ def _log_target(client: Client, target: str) -> str:
         items = client.call("GET", f"/api/v1/models/status/{target}")
     except ApiError as exc:
         if exc.status == 404:
-            raise ApiError(404, f"no instance or model {target!r} (instance ids look like {target}@cpu)") from None
+            raise ApiError(
+                404, f"no instance or model {target!r} (instance ids look like {target}@cpu)"
+            ) from None
         raise
     ids = sorted(i["instance_id"] for i in items)
     if len(ids) == 1:
@@ -259,11 +327,27 @@ def cmd_gpus(client: Client, args: argparse.Namespace) -> int:
     for g in gpus:
         label = f"{g['id']}" + (" (simulated)" if g.get("simulated") else "")
         mem = f"{g.get('memory_used') or 0}/{g.get('memory_total') or '?'} MiB"
-        rows.append([label, g.get("name") or "-", mem, f"{g.get('utilization') or 0:g}%",
-                     f"{g.get('power_draw') or 0:.0f} W", f"{g.get('temperature') or 0:g} C", len(g["processes"])])
+        rows.append(
+            [
+                label,
+                g.get("name") or "-",
+                mem,
+                f"{g.get('utilization') or 0:g}%",
+                f"{g.get('power_draw') or 0:.0f} W",
+                f"{g.get('temperature') or 0:g} C",
+                len(g["processes"]),
+            ]
+        )
         for p in g["processes"]:
-            procs.append([g["id"], p["pid"], p.get("name") or "-", f"{p.get('gpu_memory_usage') or 0} MiB",
-                          p.get("instance_id") or "STRAY"])
+            procs.append(
+                [
+                    g["id"],
+                    p["pid"],
+                    p.get("name") or "-",
+                    f"{p.get('gpu_memory_usage') or 0} MiB",
+                    p.get("instance_id") or "STRAY",
+                ]
+            )
     print(table(rows, ["GPU", "NAME", "MEMORY", "UTIL", "POWER", "TEMP", "PROCS"]))
     if procs:
         print()
@@ -273,14 +357,19 @@ def cmd_gpus(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_kill(client: Client, args: argparse.Namespace) -> int:
     try:
-        result = client.call("DELETE", f"/api/v1/processes/{args.pid}" + ("?force=true" if args.force else ""),
-                             timeout=30)
+        result = client.call(
+            "DELETE", f"/api/v1/processes/{args.pid}" + ("?force=true" if args.force else ""), timeout=30
+        )
     except ApiError as exc:  # the API's words are for API clients; say it in the CLI's terms
         message = exc.message.replace("add ?force=true", "pass --force")
         if exc.status == 404:
             message = f"pid {args.pid}: {message}"
         raise ApiError(exc.status, message) from None
-    print(json.dumps(result, indent=2) if args.json else f"{result['pid']}: {result['status']} ({result['message']})")
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else f"{result['pid']}: {result['status']} ({result['message']})"
+    )
     return 0
 
 
@@ -295,18 +384,34 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     changes = result.get("changes") or {}
-    parts = [f"{len(changes.get(k, []))} {label}{_names(changes.get(k, []))}"
-             for k, label in (("added", "added"), ("removed", "removed"), ("replaced", "replaced"),
-                              ("updated", "updated in place")) if changes.get(k)]
+    parts = [
+        f"{len(changes.get(k, []))} {label}{_names(changes.get(k, []))}"
+        for k, label in (
+            ("added", "added"),
+            ("removed", "removed"),
+            ("replaced", "replaced"),
+            ("updated", "updated in place"),
+        )
+        if changes.get(k)
+    ]
     if parts:
         print("reloaded: " + "; ".join(parts))
     else:
         # The watcher may have applied the edit a moment before this reload: say so.
         last = result.get("last_reload") or {}
-        done = [f"{len(last.get(k) or [])} {k}{_names(last.get(k) or [])}"
-                for k in ("added", "removed", "replaced", "updated") if last.get(k)]
-        print("reloaded: nothing changed" + (f"; already applied ({last.get('reason')}, {last.get('at')}): "
-                                             + "; ".join(done) if done else ""))
+        done = [
+            f"{len(last.get(k) or [])} {k}{_names(last.get(k) or [])}"
+            for k in ("added", "removed", "replaced", "updated")
+            if last.get(k)
+        ]
+        print(
+            "reloaded: nothing changed"
+            + (
+                f"; already applied ({last.get('reason')}, {last.get('at')}): " + "; ".join(done)
+                if done
+                else ""
+            )
+        )
     errors = result.get("config_errors") or 0
     if errors:
         print(f"{errors} configuration error(s): see `model-supervisor status`")
@@ -328,28 +433,55 @@ def add_commands(sub: argparse._SubParsersAction, add_client_flags) -> None:
         return p
 
     def wait_flags(p: argparse.ArgumentParser, until: str) -> None:
-        p.add_argument("--wait", action="store_true", help=f"wait until {until} (exit 1 if an instance fails)")
-        p.add_argument("--timeout", type=int, default=600, metavar="SECONDS",
-                       help="with --wait: give up waiting after this long (default 600)")
+        p.add_argument(
+            "--wait", action="store_true", help=f"wait until {until} (exit 1 if an instance fails)"
+        )
+        p.add_argument(
+            "--timeout",
+            type=int,
+            default=600,
+            metavar="SECONDS",
+            help="with --wait: give up waiting after this long (default 600)",
+        )
 
-    p = command("status", cmd_status, "instances, their state and why; configuration errors",
-                epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command(
+        "status",
+        cmd_status,
+        "instances, their state and why; configuration errors",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", nargs="?", help="only this model")
     p.add_argument("-w", "--watch", action="store_true", help="refresh until interrupted")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
-                   help="with -w: redraw at least this often (default 2; state changes redraw at once)")
-    p = command("start", cmd_start, "start a model (with --gpu: add that GPU to its declaration; --all: every model)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with -w: redraw at least this often (default 2; state changes redraw at once)",
+    )
+    p = command(
+        "start", cmd_start, "start a model (with --gpu: add that GPU to its declaration; --all: every model)"
+    )
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true", help="every declared model (sets enabled in each file)")
     p.add_argument("--gpu", type=int, help="GPU id (declares the model there)")
     p.add_argument("--type", help="backend kind, for a model that is not declared yet")
     p.add_argument("--config", help="JSON declaration keys for a new model")
     wait_flags(p, "RUNNING (or failed)")
-    p = command("stop", cmd_stop, "stop a model (with --gpu: remove that GPU from its declaration; --all: every "
-                                  "model); answers once stopped")
+    p = command(
+        "stop",
+        cmd_stop,
+        "stop a model (with --gpu: remove that GPU from its declaration; --all: every "
+        "model); answers once stopped",
+    )
     p.add_argument("name", nargs="?")
-    p.add_argument("--all", action="store_true", help="every declared model (sets enabled = false in each file)")
-    p.add_argument("--gpu", type=int, help="GPU id: stop only the instance there (removes it from the declaration)")
+    p.add_argument(
+        "--all", action="store_true", help="every declared model (sets enabled = false in each file)"
+    )
+    p.add_argument(
+        "--gpu", type=int, help="GPU id: stop only the instance there (removes it from the declaration)"
+    )
     p = command("restart", cmd_restart, "restart every instance of a model")
     p.add_argument("name")
     wait_flags(p, "RUNNING again (or failed)")
@@ -360,7 +492,9 @@ def add_commands(sub: argparse._SubParsersAction, add_client_flags) -> None:
     command("gpus", cmd_gpus, "GPUs, their processes and owners")
     p = command("kill", cmd_kill, "kill a GPU or supervised process by pid (SIGTERM, then SIGKILL)")
     p.add_argument("pid", type=int)
-    p.add_argument("--force", action="store_true", help="also a process that is neither on a GPU nor supervised")
+    p.add_argument(
+        "--force", action="store_true", help="also a process that is neither on a GPU nor supervised"
+    )
     command("reload", cmd_reload, "re-read conf.d/ now; wait for it and print what changed")
 
 
@@ -371,7 +505,10 @@ def run_client(args: argparse.Namespace) -> int:
     try:
         return args.client_func(Client(url, token), args)
     except ApiError as exc:
-        print(f"model-supervisor: {exc.message}" + (f" (HTTP {exc.status})" if exc.status else ""), file=sys.stderr)
+        print(
+            f"model-supervisor: {exc.message}" + (f" (HTTP {exc.status})" if exc.status else ""),
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -72,8 +72,11 @@ class InstanceActor:
                 where = spec.get("node_label") or self.node_id[:12]
                 holder = await asyncio.to_thread(describe_holder, port)
                 return {"refused": {"port": port, "holder": f"{holder} on node {where}"}}
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(_RAY_ENV_PREFIXES) and k not in spec.get("unset_env", ())}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(_RAY_ENV_PREFIXES) and k not in spec.get("unset_env", ())
+        }
         env.update(spec["env"])
         env.update(_gpu_env(spec["gpus"]))  # after `env`: the declaration's GPUs, never Ray's
         env[MARK_ENV] = Mark(self.scope, self.token, self.instance).value()
@@ -81,15 +84,28 @@ class InstanceActor:
         try:
             fd = log_file.open_for_child()
         except OSError as exc:
-            raise RuntimeError(f"cannot open the instance log {log_file.path} on the node: {exc.strerror}") from None
+            raise RuntimeError(
+                f"cannot open the instance log {log_file.path} on the node: {exc.strerror}"
+            ) from None
         try:
             os.write(fd, log_file.marker(spec["marker"]))
-            self.popen = subprocess.Popen(spec["argv"], cwd=spec.get("cwd"), env=env, stdin=subprocess.DEVNULL,
-                                          stdout=fd, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            self.popen = await asyncio.to_thread(  # fork+exec off the actor's loop (probes run there)
+                subprocess.Popen,
+                spec["argv"],
+                cwd=spec.get("cwd"),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
         except FileNotFoundError as exc:
-            if spec.get("cwd") and not os.path.isdir(spec["cwd"]):
+            if spec.get("cwd") and not await asyncio.to_thread(os.path.isdir, spec["cwd"]):
                 raise RuntimeError(f"working directory {spec['cwd']!r} does not exist on the node") from None
-            raise RuntimeError(f"command not found on the node: {exc.filename or spec['argv'][0]!r}") from None
+            raise RuntimeError(
+                f"command not found on the node: {exc.filename or spec['argv'][0]!r}"
+            ) from None
         except OSError as exc:
             raise RuntimeError(f"cannot execute {spec['argv'][0]!r} on the node: {exc}") from None
         finally:
@@ -117,9 +133,17 @@ class InstanceActor:
     # -- queries ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         exited = self._exit is not None and self._exit.done()
-        return {"pid": self.popen.pid if self.popen else None, "pgid": self.pgid, "starttime": self.starttime,
-                "token": self.token, "node_id": self.node_id, "host": socket.gethostname(),
-                "actor_pid": os.getpid(), "exited": exited, "status": self._exit.result() if exited else None}
+        return {
+            "pid": self.popen.pid if self.popen else None,
+            "pgid": self.pgid,
+            "starttime": self.starttime,
+            "token": self.token,
+            "node_id": self.node_id,
+            "host": socket.gethostname(),
+            "actor_pid": os.getpid(),
+            "exited": exited,
+            "status": self._exit.result() if exited else None,
+        }
 
     async def wait_exit(self) -> dict[str, int | None]:
         if self._exit is None:
@@ -152,7 +176,9 @@ class InstanceActor:
             return 0
         table = await self._table.snapshot()
         leader_alive = include_leader and self._exit is not None and not self._exit.done()
-        members = tree(table, self.popen.pid if leader_alive else -1, self.pgid) | marked(table, self.scope, self.token)
+        members = tree(table, self.popen.pid if leader_alive else -1, self.pgid) | marked(
+            table, self.scope, self.token
+        )
         members.discard(os.getpid())
         if leader_alive:
             members.add(self.popen.pid)
@@ -170,5 +196,8 @@ def _gpu_env(gpus: list[int]) -> dict[str, str]:
     visible = ",".join(str(g) for g in gpus)
     # "" (not unset) for CPU-only: with num_gpus=0 Ray leaves the variable alone, and an
     # unset one shows every GPU of the node.
-    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible,
-            "NVIDIA_VISIBLE_DEVICES": visible or "void"}
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": visible,
+        "NVIDIA_VISIBLE_DEVICES": visible or "void",
+    }

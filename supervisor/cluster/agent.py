@@ -80,13 +80,21 @@ class NodeAgent:
                 run["pids"].append(info.pid)
         gpu_pids = {p.pid for d in devices for p in d.processes}
         self._gpu_pids = gpu_pids
-        return {"node_id": self.node_id, "label": self.label, "host": self.host, "agent_pid": os.getpid(),
-                "source": source.name,
-                "reason": source.reason or self._reason, "sampled_at": time.time(),
-                "sample_seconds": seconds, "simulated": source.name == "simulated",
-                "driver_version": source.driver_version,
-                "devices": [d.as_dict() for d in devices], "runs": runs,
-                "users": {str(pid): user_of(pid) for pid in gpu_pids if pid in table}}
+        return {
+            "node_id": self.node_id,
+            "label": self.label,
+            "host": self.host,
+            "agent_pid": os.getpid(),
+            "source": source.name,
+            "reason": source.reason or self._reason,
+            "sampled_at": time.time(),
+            "sample_seconds": seconds,
+            "simulated": source.name == "simulated",
+            "driver_version": source.driver_version,
+            "devices": [d.as_dict() for d in devices],
+            "runs": runs,
+            "users": {str(pid): user_of(pid) for pid in gpu_pids if pid in table},
+        }
 
     # -- reaping ---------------------------------------------------------------------------
     async def reap(self, token: str, signum: int, timeout: float) -> list[int]:
@@ -108,10 +116,15 @@ class NodeAgent:
         target = table.get(pid)
         mark = target.mark if target is not None else None
         owner = mark.instance if mark is not None and mark.scope == self.scope else None
-        facts = killing.Facts(pid=pid, self_pid=os.getpid(), self_pgid=os.getpgrp(),
-                              target_pgid=target.pgid if target is not None else None,
-                              ancestors=killing.ancestors(os.getpid(), table), owner=owner,
-                              on_gpu=pid in self._gpu_pids)
+        facts = killing.Facts(
+            pid=pid,
+            self_pid=os.getpid(),
+            self_pgid=os.getpgrp(),
+            target_pgid=target.pgid if target is not None else None,
+            ancestors=killing.ancestors(os.getpid(), table),
+            owner=owner,
+            on_gpu=pid in self._gpu_pids,
+        )
         verdict = killing.judge(facts, force)
         if not verdict.allowed:
             return {"refused": verdict.reason}

@@ -38,9 +38,17 @@ class ClusterError(Exception):
 
 
 class ClusterClient:
-    def __init__(self, address: str, namespace: str, python: str, log_path: Path,
-                 env: dict[str, str] | None = None, connect_timeout: float = 30.0,
-                 backoff: Backoff | None = None, driver_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        namespace: str,
+        python: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        connect_timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        driver_args: list[str] | None = None,
+    ) -> None:
         self.address = address
         self.namespace = namespace
         self.python = python
@@ -146,7 +154,9 @@ class ClusterClient:
             self._went_down(reason)
             failures = 1 if was_up else failures + 1
             delay = self.backoff.delay(failures)
-            log.warning("Ray cluster at %s unreachable: %s; trying again in %.1f s", self.address, reason, delay)
+            log.warning(
+                "Ray cluster at %s unreachable: %s; trying again in %.1f s", self.address, reason, delay
+            )
             await asyncio.sleep(delay)
 
     def _settle(self, up: bool) -> None:
@@ -161,9 +171,21 @@ class ClusterClient:
         errfd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "supervisor.cluster.driver", "--address", self.address,
-                "--namespace", self.namespace, *self.driver_args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=errfd, env={**os.environ, **self.env}, limit=16 << 20, start_new_session=True)
+                self.python,
+                "-m",
+                "supervisor.cluster.driver",
+                "--address",
+                self.address,
+                "--namespace",
+                self.namespace,
+                *self.driver_args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=errfd,
+                env={**os.environ, **self.env},
+                limit=16 << 20,
+                start_new_session=True,
+            )
         except OSError as exc:
             return f"cannot start the Ray driver {self.python!r}: {exc}", False
         finally:
@@ -172,7 +194,7 @@ class ClusterClient:
         assert self._proc.stdout is not None
         try:
             first = await asyncio.wait_for(self._proc.stdout.readline(), self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._end_driver(grace=0)  # stuck in ray.init: it reads nothing
             return f"no connection to the Ray head at {self.address} within {self.connect_timeout:g} s", False
         message = _parse(first)
@@ -184,8 +206,12 @@ class ClusterClient:
         self.connects += 1
         self._up.set()
         self._settle(True)
-        log.info("connected to the Ray cluster at %s in %.2f s (%d live nodes)", self.address,
-                 message.get("seconds", 0), sum(1 for n in self.nodes if n.get("alive")))
+        log.info(
+            "connected to the Ray cluster at %s in %.2f s (%d live nodes)",
+            self.address,
+            message.get("seconds", 0),
+            sum(1 for n in self.nodes if n.get("alive")),
+        )
         self._tell_all({"event": "connected"})  # e.g. starts waiting for the cluster: try now
         if self.connects > 1:
             self._tell_all({"event": "reconnected"})
@@ -255,7 +281,7 @@ class ClusterClient:
                 proc.stdin.close()
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             if proc.returncode is None:

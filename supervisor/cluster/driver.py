@@ -77,30 +77,58 @@ class Driver:
         return await asyncio.to_thread(self._nodes)
 
     def _nodes(self) -> list[dict[str, Any]]:
-        return [{"id": n["NodeID"], "alive": n["Alive"], "labels": n.get("Labels") or {},
-                 "resources": n.get("Resources") or {}, "address": n.get("NodeManagerAddress")}
-                for n in self.ray.nodes()]
+        return [
+            {
+                "id": n["NodeID"],
+                "alive": n["Alive"],
+                "labels": n.get("Labels") or {},
+                "resources": n.get("Resources") or {},
+                "address": n.get("NodeManagerAddress"),
+            }
+            for n in self.ray.nodes()
+        ]
 
-    async def op_launch(self, name: str, spec: dict[str, Any], node: str, label_key: str,
-                        resources: dict[str, float], num_gpus: float, placement_timeout: float,
-                        avoid: list[str] | None = None) -> dict[str, Any]:
+    async def op_launch(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        node: str,
+        label_key: str,
+        resources: dict[str, float],
+        num_gpus: float,
+        placement_timeout: float,
+        avoid: list[str] | None = None,
+    ) -> dict[str, Any]:
         """`avoid`: labels of nodes an unpinned run keeps off (a pinned declaration names its GPUs there)."""
         nodes = [n for n in await asyncio.to_thread(self._nodes) if n["alive"]]
-        fits = [n for n in nodes if (node == "*" or n["labels"].get(label_key) == node)
-                and all(n["resources"].get(r, 0) >= amount for r, amount in resources.items())]
+        fits = [
+            n
+            for n in nodes
+            if (node == "*" or n["labels"].get(label_key) == node)
+            and all(n["resources"].get(r, 0) >= amount for r, amount in resources.items())
+        ]
         if not fits:
             raise LookupError(_no_node(node, resources, nodes, label_key))
         avoid = avoid or []
         if avoid and not [n for n in fits if n["labels"].get(label_key) not in avoid]:
             gpus = ", ".join(r.removeprefix("msup_gpu_") for r in sorted(resources))
-            raise LookupError(f"no node it may use has GPU {gpus}: on {', '.join(sorted(avoid))} a declaration "
-                              f"pinned there names it")
+            raise LookupError(
+                f"no node it may use has GPU {gpus}: on {', '.join(sorted(avoid))} a declaration "
+                f"pinned there names it"
+            )
         old = await self._actor(name)
         if old is not None:  # a run nobody tracks any more: stop first, start later
             await self._stop_and_kill(name, old, 15, spec.get("stop_timeout", 30.0))
-        options: dict[str, Any] = {"name": name, "namespace": self.namespace, "lifetime": "detached",
-                                   "max_restarts": 0, "num_cpus": 0, "num_gpus": num_gpus,
-                                   "resources": resources, "max_concurrency": 64}
+        options: dict[str, Any] = {
+            "name": name,
+            "namespace": self.namespace,
+            "lifetime": "detached",
+            "max_restarts": 0,
+            "num_cpus": 0,
+            "num_gpus": num_gpus,
+            "resources": resources,
+            "max_concurrency": 64,
+        }
         if node != "*":
             options["label_selector"] = {label_key: node}
         elif avoid:
@@ -109,7 +137,7 @@ class Driver:
         try:
             # A request for a GPU another instance holds stays pending: bounded here.
             info = await asyncio.wait_for(_get(actor.start.remote(spec)), placement_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await asyncio.to_thread(self.ray.kill, actor)
             where = "no node" if node == "*" else f"node {node} has not"
             gpus = ", ".join(r.removeprefix("msup_gpu_") for r in sorted(resources))
@@ -202,7 +230,9 @@ class Driver:
         found = await asyncio.to_thread(self.ray.util.list_named_actors, all_namespaces=True)
         return sorted(a["name"] for a in found if a.get("namespace") == self.namespace)
 
-    async def _stop_and_kill(self, name: str, actor: Any, signum: int, timeout: float) -> dict[str, Any] | None:
+    async def _stop_and_kill(
+        self, name: str, actor: Any, signum: int, timeout: float
+    ) -> dict[str, Any] | None:
         try:
             status = await _get(actor.stop.remote(signum, timeout))
         except self.ray.exceptions.RayActorError:
@@ -217,7 +247,9 @@ class Driver:
         self._unwatch(name)
         task = asyncio.ensure_future(self._wait_exit(name, actor))
         self.watches[name] = task
-        task.add_done_callback(lambda t: self.watches.pop(name, None) if self.watches.get(name) is t else None)
+        task.add_done_callback(
+            lambda t: self.watches.pop(name, None) if self.watches.get(name) is t else None
+        )
 
     def _unwatch(self, name: str) -> None:
         task = self.watches.pop(name, None)
@@ -287,7 +319,9 @@ class AgentPool:
                 self.labelled.add(node_id)
             # Not detached and not named: it dies with this driver, never outlives a supervisor.
             self.agents[node_id] = self.agent_class.options(
-                num_cpus=0, max_concurrency=16, max_restarts=-1,
+                num_cpus=0,
+                max_concurrency=16,
+                max_restarts=-1,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(self.scope, label, self.options.gpu_source, self.options.gpu_file)
 
@@ -305,22 +339,30 @@ class AgentPool:
         agents = list(self.agents.items())
         # A node that does not answer (a hung raylet) must not hold up the others' samples.
         timeout = max(5.0, 3 * self.options.interval)
-        results = await asyncio.gather(*(asyncio.wait_for(_get(a.sample.remote()), timeout) for _, a in agents),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_get(a.sample.remote()), timeout) for _, a in agents), return_exceptions=True
+        )
         out = []
-        for (node_id, _), result in zip(agents, results):
+        for (node_id, _), result in zip(agents, results, strict=False):
             if isinstance(result, BaseException):
-                result = {"node_id": node_id, "label": self.labels.get(node_id, node_id[:12]),
-                          "error": "no answer" if isinstance(result, asyncio.TimeoutError) else _describe(result)}
+                result = {
+                    "node_id": node_id,
+                    "label": self.labels.get(node_id, node_id[:12]),
+                    "error": "no answer" if isinstance(result, asyncio.TimeoutError) else _describe(result),
+                }
             out.append({**result, "labelled": node_id in self.labelled})
         return out
 
     async def reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:
         agents = list(self.agents.items())
-        results = await asyncio.gather(*(_get(a.reap.remote(token, signum, timeout)) for _, a in agents),
-                                       return_exceptions=True)
-        return {self.labels.get(node_id, node_id[:12]): result for (node_id, _), result in zip(agents, results)
-                if not isinstance(result, BaseException) and result}
+        results = await asyncio.gather(
+            *(_get(a.reap.remote(token, signum, timeout)) for _, a in agents), return_exceptions=True
+        )
+        return {
+            self.labels.get(node_id, node_id[:12]): result
+            for (node_id, _), result in zip(agents, results, strict=False)
+            if not isinstance(result, BaseException) and result
+        }
 
 
 async def _get(ref: Any) -> Any:
@@ -361,7 +403,9 @@ async def serve(args: argparse.Namespace, out: Any) -> None:
     ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level="WARNING")
     agents = AgentOptions(args.gpu_source, args.gpu_file, args.sample_interval)
     driver = Driver(args.namespace, out, agents)
-    driver.emit({"event": "ready", "nodes": await driver.op_nodes(), "seconds": round(time.monotonic() - began, 3)})
+    driver.emit(
+        {"event": "ready", "nodes": await driver.op_nodes(), "seconds": round(time.monotonic() - began, 3)}
+    )
     sampler = asyncio.ensure_future(driver.agents.run())
     sampler.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     loop = asyncio.get_running_loop()
@@ -385,8 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m supervisor.cluster.driver")
     parser.add_argument("--address", required=True)
     parser.add_argument("--namespace", required=True)
-    parser.add_argument("--gpu-source", default="auto", help="what the node agents sample (the gpu_source setting)")
-    parser.add_argument("--gpu-file", default=None, help="simulated GPU file; {node} becomes each node's label")
+    parser.add_argument(
+        "--gpu-source", default="auto", help="what the node agents sample (the gpu_source setting)"
+    )
+    parser.add_argument(
+        "--gpu-file", default=None, help="simulated GPU file; {node} becomes each node's label"
+    )
     parser.add_argument("--sample-interval", type=float, default=1.0, help="seconds between node samples")
     args = parser.parse_args(argv)
     # The protocol gets a private copy of stdout; fd 1 becomes stderr, so nothing Ray or a

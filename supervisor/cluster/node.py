@@ -18,8 +18,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from supervisor.core.spec import NODE_LABEL_RE
 from supervisor.config.cluster_launch import LABEL_KEY, gpu_resource
+from supervisor.core.spec import NODE_LABEL_RE
 
 
 class NodeError(Exception):
@@ -38,8 +38,19 @@ class NodeJoin:
         return {gpu_resource(g): 1.0 for g in self.gpus}
 
     def argv(self, python: str) -> list[str]:
-        argv = [python, "-m", "ray.scripts.scripts", "start", "--address", self.address, "--block",
-                "--num-gpus", str(len(self.gpus)), "--resources", json.dumps(self.resources(), sort_keys=True)]
+        argv = [
+            python,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--address",
+            self.address,
+            "--block",
+            "--num-gpus",
+            str(len(self.gpus)),
+            "--resources",
+            json.dumps(self.resources(), sort_keys=True),
+        ]
         if self.label is not None:
             argv += ["--labels", f"{LABEL_KEY}={self.label}"]
         if self.num_cpus is not None:
@@ -71,24 +82,34 @@ def detected_gpus() -> tuple[int, ...]:
     try:
         source.open()
     except GpuUnavailable as exc:
-        raise NodeError(f"cannot read this machine's GPUs: {exc.reason}; pass --gpus 0,1 (the ids to offer) "
-                        "or --num-gpus 0 for a node without GPUs") from None
+        raise NodeError(
+            f"cannot read this machine's GPUs: {exc.reason}; pass --gpus 0,1 (the ids to offer) "
+            "or --num-gpus 0 for a node without GPUs"
+        ) from None
     try:
         return tuple(sorted(d.index for d in source.sample()))
     finally:
         source.close()
 
 
-def plan_join(address: str, label: str | None, gpus: str | None, num_gpus: int | None,
-              num_cpus: int | None = None, node_ip_address: str | None = None,
-              detect=detected_gpus) -> NodeJoin:
+def plan_join(
+    address: str,
+    label: str | None,
+    gpus: str | None,
+    num_gpus: int | None,
+    num_cpus: int | None = None,
+    node_ip_address: str | None = None,
+    detect=detected_gpus,
+) -> NodeJoin:
     """What to start, from the options: explicit `--gpus` wins; otherwise NVML's GPUs, of which
     `--num-gpus N` offers the first N (`--num-gpus 0`: none, and NVML is not asked)."""
     if not address.strip():
         raise NodeError("--address: the Ray head's address (HOST:PORT) is required")
     if label is not None and not NODE_LABEL_RE.match(label):
-        raise NodeError(f"--label {label!r} is not a node label: use 1 to 32 lower-case letters, digits or '-', "
-                        "starting and ending with a letter or digit (declarations name it as node = ...)")
+        raise NodeError(
+            f"--label {label!r} is not a node label: use 1 to 32 lower-case letters, digits or '-', "
+            "starting and ending with a letter or digit (declarations name it as node = ...)"
+        )
     if gpus is not None and num_gpus is not None:
         raise NodeError("--gpus and --num-gpus: give one of them")
     if num_gpus is not None and num_gpus < 0:
@@ -110,14 +131,19 @@ def plan_join(address: str, label: str | None, gpus: str | None, num_gpus: int |
 
 def run(args) -> int:
     try:
-        join = plan_join(args.address, args.label, args.gpus, args.num_gpus, args.num_cpus, args.node_ip_address)
+        join = plan_join(
+            args.address, args.label, args.gpus, args.num_gpus, args.num_cpus, args.node_ip_address
+        )
     except NodeError as exc:
         print(f"model-supervisor node: {exc}", file=sys.stderr)
         return 2
     argv = join.argv(args.ray_python or sys.executable)
     gpus = ",".join(map(str, join.gpus)) or "none"
-    print(f"model-supervisor node: joining {join.address} as {join.label or '(no label)'} with GPUs {gpus}",
-          file=sys.stderr, flush=True)
+    print(
+        f"model-supervisor node: joining {join.address} as {join.label or '(no label)'} with GPUs {gpus}",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.dry_run:
         print(shlex.join(argv))
         return 0

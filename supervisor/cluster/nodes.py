@@ -25,17 +25,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from supervisor.adapters.gpu.api_view import gpu_info
 from supervisor.adapters.gpu.history import GpuHistory, points_of, sample_event
 from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.adapters.gpu.release import still_held
-from supervisor.core.placement import Claim, ClusterFacts, GpuFacts
-from supervisor.core.strays import Stray, StrayRules
 from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
 from supervisor.config.cluster_launch import ClusterLaunch
+from supervisor.core.placement import Claim, ClusterFacts, GpuFacts
+from supervisor.core.strays import Stray, StrayRules
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +75,44 @@ class _LastRun:
 
 
 def snapshot_from_wire(sample: dict[str, Any]) -> GpuSnapshot:
-    devices = tuple(GpuDevice(
-        index=d["index"], uuid=d.get("uuid"), name=d.get("name"), memory_total_mib=d.get("memory_total_mib"),
-        memory_used_mib=d.get("memory_used_mib"), power_draw_w=d.get("power_draw_w"),
-        power_limit_w=d.get("power_limit_w"), utilization_percent=d.get("utilization_percent"),
-        memory_utilization_percent=d.get("memory_utilization_percent"), temperature_c=d.get("temperature_c"),
-        processes=tuple(GpuProcess(p["pid"], p.get("name"), p.get("used_memory_mib"), p.get("kind", "compute"))
-                        for p in d.get("processes", ())),
-        errors=dict(d.get("errors") or {})) for d in sample.get("devices", ()))
+    devices = tuple(
+        GpuDevice(
+            index=d["index"],
+            uuid=d.get("uuid"),
+            name=d.get("name"),
+            memory_total_mib=d.get("memory_total_mib"),
+            memory_used_mib=d.get("memory_used_mib"),
+            power_draw_w=d.get("power_draw_w"),
+            power_limit_w=d.get("power_limit_w"),
+            utilization_percent=d.get("utilization_percent"),
+            memory_utilization_percent=d.get("memory_utilization_percent"),
+            temperature_c=d.get("temperature_c"),
+            processes=tuple(
+                GpuProcess(p["pid"], p.get("name"), p.get("used_memory_mib"), p.get("kind", "compute"))
+                for p in d.get("processes", ())
+            ),
+            errors=dict(d.get("errors") or {}),
+        )
+        for d in sample.get("devices", ())
+    )
     sampled = sample.get("sampled_at")
-    return GpuSnapshot(source=sample.get("source", "none"), devices=devices, reason=sample.get("reason"),
-                       sampled_at=datetime.fromtimestamp(sampled, timezone.utc) if sampled else None,
-                       sample_seconds=sample.get("sample_seconds"), simulated=bool(sample.get("simulated")),
-                       driver_version=sample.get("driver_version"))
+    return GpuSnapshot(
+        source=sample.get("source", "none"),
+        devices=devices,
+        reason=sample.get("reason"),
+        sampled_at=datetime.fromtimestamp(sampled, UTC) if sampled else None,
+        sample_seconds=sample.get("sample_seconds"),
+        simulated=bool(sample.get("simulated")),
+        driver_version=sample.get("driver_version"),
+    )
 
 
-def unowned_runs(runs: dict[str, NodeRun], is_live: Callable[[str, str], bool], seen: dict[str, tuple[int, float]],
-                 now: float) -> list[str]:
+def unowned_runs(
+    runs: dict[str, NodeRun],
+    is_live: Callable[[str, str], bool],
+    seen: dict[str, tuple[int, float]],
+    now: float,
+) -> list[str]:
     """Tokens of runs to reap now; updates `seen` (token -> samples in a row, first seen)."""
     due = []
     for token in list(seen):
@@ -148,14 +169,25 @@ class ClusterNodes:
             if raw.get("error"):
                 old = self.samples.get(label)
                 snap = old.snapshot if old is not None else snapshot_from_wire({"reason": raw["error"]})
-                samples[label] = NodeSample(raw.get("node_id", ""), label, None, snap, {}, raw["error"],
-                                            labelled=labelled)
+                samples[label] = NodeSample(
+                    raw.get("node_id", ""), label, None, snap, {}, raw["error"], labelled=labelled
+                )
                 continue
-            runs = {token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
-                    for token, r in (raw.get("runs") or {}).items()}
+            runs = {
+                token: NodeRun(r.get("instance", ""), tuple(r.get("pids", ())))
+                for token, r in (raw.get("runs") or {}).items()
+            }
             users = {int(pid): user for pid, user in (raw.get("users") or {}).items()}
-            samples[label] = NodeSample(raw["node_id"], label, raw.get("host"), snapshot_from_wire(raw), runs,
-                                        users=users, agent_pid=raw.get("agent_pid"), labelled=labelled)
+            samples[label] = NodeSample(
+                raw["node_id"],
+                label,
+                raw.get("host"),
+                snapshot_from_wire(raw),
+                runs,
+                users=users,
+                agent_pid=raw.get("agent_pid"),
+                labelled=labelled,
+            )
         for sample in samples.values():
             self._settle(sample)
         before = self.gpu_sets(), self.reported
@@ -213,8 +245,13 @@ class ClusterNodes:
                     self._spawn(self._reap(label, token, run))
 
     async def _reap(self, label: str, token: str, run: NodeRun) -> None:
-        log.warning("node %s: run %s of %s (pids %s) belongs to no instance any more: stopping it", label, token,
-                    run.instance or "?", list(run.pids))
+        log.warning(
+            "node %s: run %s of %s (pids %s) belongs to no instance any more: stopping it",
+            label,
+            token,
+            run.instance or "?",
+            list(run.pids),
+        )
         try:
             stopped = await self.client.call("reap", token=token, signum=15, timeout=10.0, wait=0)
         except (ClusterUnreachable, ClusterError) as exc:
@@ -256,25 +293,39 @@ class ClusterNodes:
             holding = still_held(sample.snapshot, spec.gpus, last.pids, last.memory_mib)
             if not holding:
                 if time.monotonic() - began > 0.01:
-                    log.info("%s: GPU memory of the previous run on node %s released after %.2f s", spec.id,
-                             last.node, time.monotonic() - began)
+                    log.info(
+                        "%s: GPU memory of the previous run on node %s released after %.2f s",
+                        spec.id,
+                        last.node,
+                        time.monotonic() - began,
+                    )
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.warning("%s: starting anyway after %g s; still held on node %s: %s", spec.id,
-                            self.release_timeout, last.node, "; ".join(holding))
+                log.warning(
+                    "%s: starting anyway after %g s; still held on node %s: %s",
+                    spec.id,
+                    self.release_timeout,
+                    last.node,
+                    "; ".join(holding),
+                )
                 return
-            log.info("%s: waiting for node %s to release its GPUs (%s)", spec.id, last.node, "; ".join(holding))
+            log.info(
+                "%s: waiting for node %s to release its GPUs (%s)", spec.id, last.node, "; ".join(holding)
+            )
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # -- views ------------------------------------------------------------------------------------
     def gpu_infos(self) -> list[dict[str, Any]]:
         """The remote nodes' GPUs, in /api/v1/gpus' shape, each with its node."""
-        return [gpu_info(d, sample.snapshot, self.owners(sample), label)
-                for label, sample in sorted(self.samples.items()) for d in sample.snapshot.devices]
+        return [
+            gpu_info(d, sample.snapshot, self.owners(sample), label)
+            for label, sample in sorted(self.samples.items())
+            for d in sample.snapshot.devices
+        ]
 
     def facts(self, occupied: dict[str, dict[int, Claim]] | None = None) -> ClusterFacts:
         """What `gpus = "auto"` may know of the labelled nodes (placement.py), from their last
@@ -290,8 +341,11 @@ class ClusterNodes:
             if not snap.devices and snap.source == "none":
                 nodes[label] = GpuFacts.unknown(snap.reason or "it has no GPU source")
             else:
-                nodes[label] = GpuFacts(frozenset(d.index for d in snap.devices),
-                                        {d.index: d.memory_free_mib for d in snap.devices}, sample.used_by)
+                nodes[label] = GpuFacts(
+                    frozenset(d.index for d in snap.devices),
+                    {d.index: d.memory_free_mib for d in snap.devices},
+                    sample.used_by,
+                )
         return ClusterFacts(nodes, occupied=occupied or {})
 
     def gpu_sets(self) -> dict[str, frozenset[int]]:
@@ -306,9 +360,19 @@ class ClusterNodes:
         return out
 
     def strays(self) -> list[dict[str, Any]]:
-        return [{"pid": s.pid, "gpu": s.gpu, "node": label, "name": s.name, "user": s.user,
-                 "gpu_memory_usage": s.memory_mib, "policy": self.rules.policy(s.gpu), "action": s.action}
-                for (label, _, _), s in sorted(self.stray_list.items())]
+        return [
+            {
+                "pid": s.pid,
+                "gpu": s.gpu,
+                "node": label,
+                "name": s.name,
+                "user": s.user,
+                "gpu_memory_usage": s.memory_mib,
+                "policy": self.rules.policy(s.gpu),
+                "action": s.action,
+            }
+            for (label, _, _), s in sorted(self.stray_list.items())
+        ]
 
     def _record(self) -> None:
         """Each node's history and its `gpu` event (not kept in the event history)."""
@@ -320,7 +384,7 @@ class ClusterNodes:
             history = self.history.setdefault(label, GpuHistory(self.sample_interval))
             if history.add(snap.sampled_at.timestamp(), points_of(snap)):  # a new sample, not the last again
                 strays: dict[int, int] = {}
-                for (node, gpu, _pid) in self.stray_list:
+                for node, gpu, _pid in self.stray_list:
                     if node == label:
                         strays[gpu] = strays.get(gpu, 0) + 1
                 self.publish("gpu", sample_event(snap, strays, label), keep=False)
@@ -349,35 +413,73 @@ class ClusterNodes:
             allowed = self.rules.allowed(p.name, user)
             stray.action = "allowed" if allowed else "reported"
             self.stray_list[key] = stray
-            log.warning("node %s: stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no "
-                        "instance%s", label, pid, p.name or "?", user or "?", gpu, p.used_memory_mib,
-                        " (allow-listed)" if allowed else "")
-            self.publish("stray", {"pid": pid, "gpu": gpu, "node": label, "name": p.name, "user": user,
-                                   "memory_mib": p.used_memory_mib, "allowed": allowed})
+            log.warning(
+                "node %s: stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no "
+                "instance%s",
+                label,
+                pid,
+                p.name or "?",
+                user or "?",
+                gpu,
+                p.used_memory_mib,
+                " (allow-listed)" if allowed else "",
+            )
+            self.publish(
+                "stray",
+                {
+                    "pid": pid,
+                    "gpu": gpu,
+                    "node": label,
+                    "name": p.name,
+                    "user": user,
+                    "memory_mib": p.used_memory_mib,
+                    "allowed": allowed,
+                },
+            )
         for (label, _, pid), stray in list(self.stray_list.items()):
             if self.samples[label].error is None and self.rules.due(stray, now):
-                for (other_label, _, other_pid), other in self.stray_list.items():  # one process, several GPUs
+                for (
+                    other_label,
+                    _,
+                    other_pid,
+                ), other in self.stray_list.items():  # one process, several GPUs
                     if (other_label, other_pid) == (label, pid) and other.action == "reported":
                         other.action = "killing"
                 self._spawn(self._kill_stray(label, stray))
 
     async def _kill_stray(self, label: str, stray: Stray) -> None:
-        log.warning("node %s: killing stray GPU process pid %s (%s) on GPU %s (strays = \"kill\")", label, stray.pid,
-                    stray.name, stray.gpu)
+        log.warning(
+            'node %s: killing stray GPU process pid %s (%s) on GPU %s (strays = "kill")',
+            label,
+            stray.pid,
+            stray.name,
+            stray.gpu,
+        )
         try:
             answer = await self.kill(label, stray.pid, force=False)
         except (LookupError, ClusterUnreachable, ClusterError) as exc:
             answer = {"failed": str(exc)}
-        action = ("killed" if "how" in answer or answer.get("missing") else
-                  "kill refused" if "refused" in answer else "kill failed")
+        action = (
+            "killed"
+            if "how" in answer or answer.get("missing")
+            else "kill refused"
+            if "refused" in answer
+            else "kill failed"
+        )
         if action != "killed":
-            log.error("node %s: killing stray pid %s failed: %s", label, stray.pid,
-                      answer.get("refused") or answer.get("failed"))
+            log.error(
+                "node %s: killing stray pid %s failed: %s",
+                label,
+                stray.pid,
+                answer.get("refused") or answer.get("failed"),
+            )
         for (other_label, _, other_pid), other in self.stray_list.items():
             if (other_label, other_pid) == (label, stray.pid):
                 other.action = action
         if "how" in answer:
-            self.publish("stray_killed", {"pid": stray.pid, "gpu": stray.gpu, "node": label, "how": answer["how"]})
+            self.publish(
+                "stray_killed", {"pid": stray.pid, "gpu": stray.gpu, "node": label, "how": answer["how"]}
+            )
 
     async def kill(self, label: str, pid: int, force: bool, grace: float = 5.0) -> dict[str, Any]:
         """Kill `pid` on node `label`, judged by its agent (NodeAgent.kill). LookupError: no such
@@ -390,9 +492,18 @@ class ClusterNodes:
 
     def nodes(self) -> list[dict[str, Any]]:
         """One line per node for /healthz: its label, host, GPU source, and what is wrong."""
-        return [{"node": s.label, "node_id": s.node_id, "host": s.host, "gpu_source": s.snapshot.source,
-                 "gpus": len(s.snapshot.devices), "runs": len(s.runs), "error": s.error or s.snapshot.reason}
-                for s in (self.samples[k] for k in sorted(self.samples))]
+        return [
+            {
+                "node": s.label,
+                "node_id": s.node_id,
+                "host": s.host,
+                "gpu_source": s.snapshot.source,
+                "gpus": len(s.snapshot.devices),
+                "runs": len(s.runs),
+                "error": s.error or s.snapshot.reason,
+            }
+            for s in (self.samples[k] for k in sorted(self.samples))
+        ]
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from supervisor.backends.base import ProcessLaunch
+
 #: The label every node joined by `model-supervisor node` carries (a Ray node label).
 LABEL_KEY = "msup-node"
 #: `node = "local"`: on the supervisor's own machine, through the process runner (no Ray).
@@ -51,7 +52,8 @@ class ClusterLaunch(ProcessLaunch):
         return {gpu_resource(g): amount for g in self.gpus}
 
 
-def in_cluster(plan: ProcessLaunch, node: str, gpus: tuple[int, ...], share: bool,
-               ports: tuple[int, ...] = ()) -> ClusterLaunch:
+def in_cluster(
+    plan: ProcessLaunch, node: str, gpus: tuple[int, ...], share: bool, ports: tuple[int, ...] = ()
+) -> ClusterLaunch:
     fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
     return ClusterLaunch(**fields, node=node, gpus=gpus, share_gpus=share, ports=ports)

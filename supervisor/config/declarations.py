@@ -97,19 +97,36 @@ def hostile_values(data: Any, file: str) -> list[ConfigError]:
     while stack:
         value, loc = stack.pop()
         if len(loc) > MAX_DEPTH:
-            return [ConfigError(file, f"nested more than {MAX_DEPTH} levels deep (at {key_of(loc[:3])}...)",
-                                key=key_of(loc[:1]), loc=loc[:1], type="too_deep")]
+            return [
+                ConfigError(
+                    file,
+                    f"nested more than {MAX_DEPTH} levels deep (at {key_of(loc[:3])}...)",
+                    key=key_of(loc[:1]),
+                    loc=loc[:1],
+                    type="too_deep",
+                )
+            ]
         if isinstance(value, dict):
             for k, v in value.items():
                 if isinstance(k, str) and "\0" in k:
-                    errors.append(ConfigError(file, f"the key {k!r} contains a NUL byte", key=key_of(loc) or None,
-                                              loc=loc, type="nul_byte"))
+                    errors.append(
+                        ConfigError(
+                            file,
+                            f"the key {k!r} contains a NUL byte",
+                            key=key_of(loc) or None,
+                            loc=loc,
+                            type="nul_byte",
+                        )
+                    )
                 stack.append((v, (*loc, k)))
         elif isinstance(value, list):
             stack.extend((v, (*loc, i)) for i, v in enumerate(value))
         elif isinstance(value, str) and "\0" in value:
-            errors.append(ConfigError(file, f"contains a NUL byte (got {value!r})", key=key_of(loc), loc=loc,
-                                      type="nul_byte"))
+            errors.append(
+                ConfigError(
+                    file, f"contains a NUL byte (got {value!r})", key=key_of(loc), loc=loc, type="nul_byte"
+                )
+            )
     return sorted(errors, key=lambda e: str(e.key))
 
 
@@ -130,7 +147,9 @@ def key_of(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def pydantic_errors(file: str, exc: ValidationError, prefix: tuple = (), known: list[str] | None = None) -> list[ConfigError]:
+def pydantic_errors(
+    file: str, exc: ValidationError, prefix: tuple = (), known: list[str] | None = None
+) -> list[ConfigError]:
     errors = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(err["loc"])
@@ -161,7 +180,11 @@ def _loc_of(key: str) -> tuple[str | int, ...]:
 
 def _with_defaults(data: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
     merged = dict(data)
-    for table, default in (("restart", defaults.restart), ("health", defaults.health), ("stop", defaults.stop)):
+    for table, default in (
+        ("restart", defaults.restart),
+        ("health", defaults.health),
+        ("stop", defaults.stop),
+    ):
         given = data.get(table, {})
         if isinstance(given, dict):
             merged[table] = {**default.model_dump(exclude_none=True), **given}
@@ -175,7 +198,9 @@ def parse_declaration(
     file = str(source)
     defaults = defaults or Defaults()
     if not isinstance(data, dict):
-        raise DeclarationInvalid([ConfigError(file, f"a declaration is a table of keys, got {type(data).__name__}")])
+        raise DeclarationInvalid(
+            [ConfigError(file, f"a declaration is a table of keys, got {type(data).__name__}")]
+        )
     hostile = hostile_values(data, file)
     if hostile:
         raise DeclarationInvalid(hostile)
@@ -205,7 +230,9 @@ def parse_declaration(
         except ValidationError as exc:
             errors += pydantic_errors(file, exc, known=known)
     elif extra and backend is None:
-        errors.append(ConfigError(file, "required key is missing", key="backend", loc=("backend",), type="missing"))
+        errors.append(
+            ConfigError(file, "required key is missing", key="backend", loc=("backend",), type="missing")
+        )
 
     if decl is not None and kind is not None and options is not None:
         # Expand every template once now, so a bad placeholder is a load error with its key
@@ -213,7 +240,9 @@ def parse_declaration(
         runner = "process"
         for gpus in decl.sample_gpu_sets() or [()]:  # a model with no instance is still checked
             extra = tuple((name, 1) for name in kind.extra_ports(options))
-            ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=extra)
+            ctx = LaunchContext(
+                instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=extra
+            )
             try:
                 runner = kind.launch(options, ctx, decl.env).runner
             except PlaceholderError as exc:
@@ -234,8 +263,11 @@ def parse_declaration(
     return ModelSpec(decl=decl, options=options, kind=kind, source=source, raw=dict(data), node=node)
 
 
-def _where(decl: Declaration, runner: str, defaults: Defaults, file: str) -> tuple[str | None, list[ConfigError]]:
+def _where(
+    decl: Declaration, runner: str, defaults: Defaults, file: str
+) -> tuple[str | None, list[ConfigError]]:
     """Where a declaration's instances run (ModelSpec.node), or why its `node` is wrong."""
+
     def error(key: str, message: str) -> tuple[None, list[ConfigError]]:
         return None, [ConfigError(file, message, key=key, loc=(key,))]
 
@@ -247,12 +279,15 @@ def _where(decl: Declaration, runner: str, defaults: Defaults, file: str) -> tup
         return None, []
     if runner != "process":
         if decl.node is not None:
-            return error("node", f"node = {decl.node!r}: only process backends run on cluster nodes; "
-                                 f"{decl.backend} runs on this machine (remove node, or set node = \"local\")")
+            return error(
+                "node",
+                f"node = {decl.node!r}: only process backends run on cluster nodes; "
+                f'{decl.backend} runs on this machine (remove node, or set node = "local")',
+            )
         return None, []
     if defaults.nodes and decl.node is not None and decl.node not in defaults.nodes:
         known = ", ".join(sorted(defaults.nodes))
-        return error("node", f"unknown node {decl.node!r} (ray_nodes in the settings: {known}, or \"local\")")
+        return error("node", f'unknown node {decl.node!r} (ray_nodes in the settings: {known}, or "local")')
     return decl.node or "*", []
 
 
@@ -266,10 +301,14 @@ def preflight(spec: ModelSpec) -> list[ConfigError]:
     decl, kind, file = spec.decl, spec.kind, str(spec.source)
     gpus = (decl.sample_gpu_sets() or [()])[0]
     extra = tuple((name, 1) for name in kind.extra_ports(spec.options))
-    ctx = LaunchContext(instance_id(decl.name, gpus), decl.name, gpus, 1, spec.source.parent, extra_ports=extra)
+    ctx = LaunchContext(
+        instance_id(decl.name, gpus), decl.name, gpus, 1, spec.source.parent, extra_ports=extra
+    )
     try:
         problems = kind.preflight(spec.options, ctx, kind.launch(spec.options, ctx, decl.env))
     except Exception as exc:  # a plugin's check that breaks is reported, not a failed reload
         return [ConfigError(file, f"checking the launch failed: {type(exc).__name__}: {exc}", machine=True)]
-    return [ConfigError(file, message, key=key, loc=_loc_of(key), type="preflight", machine=True)
-            for key, message in problems]
+    return [
+        ConfigError(file, message, key=key, loc=_loc_of(key), type="preflight", machine=True)
+        for key, message in problems
+    ]

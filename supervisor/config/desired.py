@@ -20,13 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supervisor.backends.base import LaunchContext, LaunchPlan
+from supervisor.config.cluster_launch import in_cluster
 from supervisor.config.declarations import ConfigError, ModelSpec
 from supervisor.core import oserrors
-from supervisor.core.placement import (PortRangeExhausted, NO_CLUSTER, NO_FACTS, Claim, ClusterFacts, GpuClaims, GpuFacts, PlacementError, check_exists,
-                        place, place_on_nodes)
+from supervisor.core.placement import (
+    NO_CLUSTER,
+    NO_FACTS,
+    Claim,
+    ClusterFacts,
+    GpuClaims,
+    GpuFacts,
+    PlacementError,
+    PortRangeExhausted,
+    check_exists,
+    place,
+    place_on_nodes,
+)
 from supervisor.core.spec import RestartSpec, StopSpec, instance_id, instance_port
-from supervisor.config.cluster_launch import in_cluster
-
 
 DEFAULT_WORK_ROOT = Path("state") / "work"
 
@@ -89,16 +99,29 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
-                  extra_ports: tuple[tuple[str, int], ...] = (), work_root: Path = DEFAULT_WORK_ROOT,
-                  node: str | None = None) -> InstanceSpec:
+def make_instance(
+    model: ModelSpec,
+    gpus: tuple[int, ...],
+    port: int,
+    extra_ports: tuple[tuple[str, int], ...] = (),
+    work_root: Path = DEFAULT_WORK_ROOT,
+    node: str | None = None,
+) -> InstanceSpec:
     """`node`: where this instance runs, if not where its model says (`gpus = "auto"` placed
     across the cluster's nodes)."""
     decl = model.decl
     node = node or model.node
     iid = instance_id(decl.name, gpus, node)
-    ctx = LaunchContext(iid, decl.name, gpus, port, model.source.parent, extra_ports=extra_ports,
-                        work_dir=work_root / iid, stop_timeout=decl.stop.timeout)
+    ctx = LaunchContext(
+        iid,
+        decl.name,
+        gpus,
+        port,
+        model.source.parent,
+        extra_ports=extra_ports,
+        work_dir=work_root / iid,
+        stop_timeout=decl.stop.timeout,
+    )
     launch = model.kind.launch(model.options, ctx, decl.env)
     default = model.kind.instance_health(model.options, ctx)
     h = decl.health
@@ -111,8 +134,15 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
         timeout=h.timeout,
         start_timeout=h.start_timeout,
         failure_threshold=h.failure_threshold,
-        live_path=(h.live_path or (default.live_path if h.path is None else None) or h.path or default.path
-                   or "/health") if health_type in ("http", "https") else None,
+        live_path=(
+            h.live_path
+            or (default.live_path if h.path is None else None)
+            or h.path
+            or default.path
+            or "/health"
+        )
+        if health_type in ("http", "https")
+        else None,
         headers=default.headers if health_type in ("http", "https") else (),
     )
     uses_port = port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env))
@@ -122,7 +152,9 @@ def make_instance(model: ModelSpec, gpus: tuple[int, ...], port: int,
     # Only what reaches the process decides whether it must be replaced. Restart, health and
     # stop settings change how we supervise it: applied in place, so a tweak to a backoff
     # never costs a model that took ten minutes to load.
-    launch_hash = _digest({"backend": decl.backend, "gpus": gpus, "port": port, "launch": launch.fingerprint()})
+    launch_hash = _digest(
+        {"backend": decl.backend, "gpus": gpus, "port": port, "launch": launch.fingerprint()}
+    )
     policy_hash = _digest(
         {
             "enabled": decl.enabled,
@@ -159,14 +191,18 @@ class Catalog:
     instances: dict[str, InstanceSpec] = field(default_factory=dict)  # by instance id
     errors: dict[str, list[ConfigError]] = field(default_factory=dict)  # by file
     owners: dict[str, str] = field(default_factory=dict)  # model name -> file
-    placements: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "<model>#<n>" -> GPUs (gpus = "auto")
+    placements: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # "<model>#<n>" -> GPUs (gpus = "auto")
     placed_on: dict[str, str] = field(default_factory=dict)  # "<model>#<n>" -> node (auto across nodes)
     slots: dict[str, list[Slot]] = field(default_factory=dict)  # model name -> where each instance runs
 
     def placement_record(self) -> dict[str, object]:
         """placements.json: `[gpus]`, or `{"node": label, "gpus": [...]}` for one placed on a node."""
-        return {key: ({"node": self.placed_on[key], "gpus": list(gpus)} if key in self.placed_on else list(gpus))
-                for key, gpus in sorted(self.placements.items())}
+        return {
+            key: ({"node": self.placed_on[key], "gpus": list(gpus)} if key in self.placed_on else list(gpus))
+            for key, gpus in sorted(self.placements.items())
+        }
 
     @classmethod
     def from_placement_record(cls, record: dict[str, object]) -> Catalog:
@@ -231,8 +267,10 @@ def resolve(
     # Files that already owned a name go first so they keep it; then the rest in name order.
     # In each group, `gpus = "auto"` comes after declarations that name their GPUs: it fits
     # around them, whatever the file names.
-    incumbents = sorted((f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f),
-                        key=lambda f: (chooses_gpus(f), f))
+    incumbents = sorted(
+        (f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f),
+        key=lambda f: (chooses_gpus(f), f),
+    )
     newcomers = sorted((f for f in parsed if f not in incumbents), key=lambda f: (chooses_gpus(f), f))
 
     catalog = Catalog()
@@ -255,7 +293,9 @@ def resolve(
                     if decl.port != "auto":
                         explicit[instance_port(decl.port, slot.gpus)] = iid
                     if slot.gpus and slot.node != "*":  # "*": Ray's per-GPU resources keep them apart
-                        claims.add(slot.claim_keys(), Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb))
+                        claims.add(
+                            slot.claim_keys(), Claim(iid, file, decl.share_gpus, decl.min_free_memory_mb)
+                        )
                     if decl.gpus == "auto":
                         catalog.placements[f"{model.name}#{replica}"] = slot.gpus
                         if slot.node != model.node:
@@ -276,16 +316,32 @@ def resolve(
                     port = assign_port(iid, reserved)
                 except (PortRangeExhausted, OSError) as exc:
                     errors.setdefault(str(model.source), []).append(
-                        ConfigError(str(model.source), f"instance {iid}: {_port_problem(exc)}", key="port", loc=("port",), type="conflict"))
+                        ConfigError(
+                            str(model.source),
+                            f"instance {iid}: {_port_problem(exc)}",
+                            key="port",
+                            loc=("port",),
+                            type="conflict",
+                        )
+                    )
                     continue
             else:
                 port = instance_port(model.decl.port, gpus)
             try:
-                extra = tuple((name, assign_port(f"{iid}#{name}", reserved))
-                              for name in model.kind.extra_ports(model.options))
+                extra = tuple(
+                    (name, assign_port(f"{iid}#{name}", reserved))
+                    for name in model.kind.extra_ports(model.options)
+                )
             except (PortRangeExhausted, OSError) as exc:
                 errors.setdefault(str(model.source), []).append(
-                    ConfigError(str(model.source), f"instance {iid}: {_port_problem(exc)}", key="port", loc=("port",), type="conflict"))
+                    ConfigError(
+                        str(model.source),
+                        f"instance {iid}: {_port_problem(exc)}",
+                        key="port",
+                        loc=("port",),
+                        type="conflict",
+                    )
+                )
                 continue
             catalog.instances[iid] = make_instance(model, gpus, port, extra, work_root, slot.node)
     catalog.errors = {f: e for f, e in errors.items() if e}
@@ -300,8 +356,9 @@ def _port_problem(exc: Exception) -> str:
     return str(exc)
 
 
-def _slots(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catalog,
-           cluster: ClusterFacts) -> list[Slot]:
+def _slots(
+    model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catalog, cluster: ClusterFacts
+) -> list[Slot]:
     decl = model.decl
     if decl.gpus != "auto":
         sets = decl.gpu_sets()
@@ -316,19 +373,44 @@ def _slots(model: ModelSpec, facts: GpuFacts, claims: GpuClaims, previous: Catal
         key = f"{model.name}#{replica}"
         sticky = previous.placements.get(key)
         if model.node is None:
-            slot = Slot(None, place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial,
-                                    sticky))
+            slot = Slot(
+                None,
+                place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, facts, trial, sticky),
+            )
         elif model.node == "*":  # any node: the node is chosen here, then the instance is pinned to it
-            was = (previous.placed_on[key], sticky) if sticky is not None and key in previous.placed_on else None
-            slot = Slot(*place_on_nodes(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, cluster,
-                                        trial, was))
+            was = (
+                (previous.placed_on[key], sticky)
+                if sticky is not None and key in previous.placed_on
+                else None
+            )
+            slot = Slot(
+                *place_on_nodes(
+                    decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus, cluster, trial, was
+                )
+            )
         else:  # `node = "gpu-a"`: that node's GPUs, as its agent last reported them
             on_node = trial.on_node(model.node, cluster.occupied.get(model.node))
-            slot = Slot(model.node, place(decl.gpus_per_instance, decl.min_free_memory_mb, decl.share_gpus,
-                                          cluster.of(model.node), on_node, sticky))
+            slot = Slot(
+                model.node,
+                place(
+                    decl.gpus_per_instance,
+                    decl.min_free_memory_mb,
+                    decl.share_gpus,
+                    cluster.of(model.node),
+                    on_node,
+                    sticky,
+                ),
+            )
         # Never shared with its own siblings (a GPU appears once per model, and one id per instance).
-        trial.add(slot.claim_keys(), Claim(instance_id(model.name, slot.gpus, slot.node), str(model.source),
-                                           False, decl.min_free_memory_mb))
+        trial.add(
+            slot.claim_keys(),
+            Claim(
+                instance_id(model.name, slot.gpus, slot.node),
+                str(model.source),
+                False,
+                decl.min_free_memory_mb,
+            ),
+        )
         slots.append(slot)
     return slots
 
@@ -342,21 +424,32 @@ def _name_of(model: ModelSpec | None) -> str | None:
     return model.name if model is not None else None
 
 
-def _conflicts(model: ModelSpec, slots: list[Slot], catalog: Catalog, explicit: dict[int, str],
-               claims: GpuClaims) -> list[ConfigError]:
+def _conflicts(
+    model: ModelSpec, slots: list[Slot], catalog: Catalog, explicit: dict[int, str], claims: GpuClaims
+) -> list[ConfigError]:
     file = str(model.source)
     if model.name in catalog.models:
         other = catalog.owners[model.name]
-        return [ConfigError(file, f"model name {model.name!r} is already declared in {other}; names must be unique",
-                            key="name", loc=("name",), type="conflict")]
+        return [
+            ConfigError(
+                file,
+                f"model name {model.name!r} is already declared in {other}; names must be unique",
+                key="name",
+                loc=("name",),
+                type="conflict",
+            )
+        ]
     problems = []
     if model.decl.port != "auto":
         for slot in slots:
             port = instance_port(model.decl.port, slot.gpus)
             iid = instance_id(model.name, slot.gpus, slot.node)
             if not 1 <= port <= 65535:
-                problems.append(ConfigError(file, f"instance {iid} would get port {port}, out of range",
-                                            key="port", loc=("port",)))
+                problems.append(
+                    ConfigError(
+                        file, f"instance {iid} would get port {port}, out of range", key="port", loc=("port",)
+                    )
+                )
             elif port in explicit:
                 owner = explicit[port]
                 problems.append(
@@ -375,10 +468,15 @@ def _conflicts(model: ModelSpec, slots: list[Slot], catalog: Catalog, explicit: 
         held = claims.blocking(slot.claim_keys(), model.decl.share_gpus)
         if held is not None:
             gpu, claim = held
-            problems.append(ConfigError(
-                file,
-                f"GPU {gpu} is already held by instance {claim.instance} ({claim.file}); an instance holds its GPUs "
-                "alone unless every instance on it sets share_gpus = true",
-                key="gpus", loc=("gpus",), type="conflict"))
+            problems.append(
+                ConfigError(
+                    file,
+                    f"GPU {gpu} is already held by instance {claim.instance} ({claim.file}); an instance holds its GPUs "
+                    "alone unless every instance on it sets share_gpus = true",
+                    key="gpus",
+                    loc=("gpus",),
+                    type="conflict",
+                )
+            )
             break
     return problems

@@ -43,7 +43,11 @@ def plan(desired: Mapping[str, InstanceSpec], actual: Mapping[str, InstanceSpec]
             result.add.append(iid)
         elif new.launch_hash != old.launch_hash:
             result.replace.append(iid)
-        elif new.policy_hash != old.policy_hash or new.source != old.source or new.launch.live != old.launch.live:
+        elif (
+            new.policy_hash != old.policy_hash
+            or new.source != old.source
+            or new.launch.live != old.launch.live
+        ):
             # A changed live part (Triton's model list) is applied to the running server too.
             result.update.append(iid)
         else:

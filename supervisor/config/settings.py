@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from supervisor.config.declarations import Defaults
 from supervisor.core.spec import NODE_LABEL_RE, HealthSpec, RestartSpec, StopSpec
@@ -113,7 +119,9 @@ class Settings(BaseSettings):
     def _hosts(cls, value: list[str]) -> list[str]:
         for host in value:
             if not host or any(c in host for c in "/ \t@") or "://" in host:
-                raise ValueError(f'{host!r} is not a host name (expected "name" or "name:port", no scheme or path)')
+                raise ValueError(
+                    f'{host!r} is not a host name (expected "name" or "name:port", no scheme or path)'
+                )
         return [host.lower().rstrip(".") for host in value]
 
     @field_validator("allowed_origins")
@@ -122,7 +130,12 @@ class Settings(BaseSettings):
         out = []
         for origin in value:
             scheme, sep, rest = origin.strip().rstrip("/").partition("://")
-            if not sep or scheme.lower() not in ("http", "https") or not rest or any(c in rest for c in "/ ?#@"):
+            if (
+                not sep
+                or scheme.lower() not in ("http", "https")
+                or not rest
+                or any(c in rest for c in "/ ?#@")
+            ):
                 raise ValueError(f'{origin!r} is not an origin (expected "http(s)://host[:port]", no path)')
             out.append(f"{scheme.lower()}://{rest.lower()}")
         return out
@@ -193,7 +206,9 @@ class Settings(BaseSettings):
             try:
                 return self.api_token_file.read_text().strip() or None
             except OSError as exc:
-                raise SettingsError(f"cannot read api_token_file {self.api_token_file}: {exc.strerror}") from None
+                raise SettingsError(
+                    f"cannot read api_token_file {self.api_token_file}: {exc.strerror}"
+                ) from None
         return None
 
     # -- cluster mode (issue 14); nothing imports Ray unless cluster = "ray" -------------------
@@ -216,7 +231,11 @@ class Settings(BaseSettings):
     def _parse_nodes(cls, value: Any) -> Any:
         if isinstance(value, str):  # env: a JSON list or "a,b"
             text = value.strip()
-            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [p.strip() for p in text.split(",") if p.strip()]
+            )
         return value
 
     @field_validator("ray_nodes")
@@ -224,7 +243,9 @@ class Settings(BaseSettings):
     def _node_labels(cls, value: list[str]) -> list[str]:
         for label in value:
             if not NODE_LABEL_RE.match(label) or label == "local":
-                raise ValueError(f"{label!r} is not a node label (1-32 lower-case letters, digits or '-'; not \"local\")")
+                raise ValueError(
+                    f"{label!r} is not a node label (1-32 lower-case letters, digits or '-'; not \"local\")"
+                )
         return value
 
     @model_validator(mode="after")
@@ -249,7 +270,9 @@ def load_settings(settings_file: Path | str | None = None, **overrides: Any) -> 
         for err in exc.errors(include_url=False):
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        origin = f" (settings file {path}, env {ENV_PREFIX}*, flags)" if path else f" (env {ENV_PREFIX}*, flags)"
+        origin = (
+            f" (settings file {path}, env {ENV_PREFIX}*, flags)" if path else f" (env {ENV_PREFIX}*, flags)"
+        )
         raise SettingsError("invalid settings" + origin + ":\n" + "\n".join(lines)) from None
     except ValueError as exc:  # TOML syntax in the settings file, undecodable env values
         where = f"settings file {path} or " if path else ""

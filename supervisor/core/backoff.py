@@ -34,7 +34,6 @@ class Backoff:
         return max(0.0, base)
 
 
-
 def gives_up(failures: int, max_retries: int) -> bool:
     """True once a streak of `failures` consecutive failed starts exhausts `max_retries`.
 

@@ -23,8 +23,11 @@ _ERROR = re.compile(
     re.IGNORECASE | re.VERBOSE,
 )
 #: Lines that match but say nothing: shutdown chatter after the real error.
-_NOISE = re.compile(r"^\s*(Traceback \(most recent call last\)|During handling of the above|The above exception)"
-                    r"|^\s*File \"|^\s*\^+\s*$|^\s*$", re.IGNORECASE)
+_NOISE = re.compile(
+    r"^\s*(Traceback \(most recent call last\)|During handling of the above|The above exception)"
+    r"|^\s*File \"|^\s*\^+\s*$|^\s*$",
+    re.IGNORECASE,
+)
 #: Log prefixes (timestamps, levels, glog's "E1012 12:00:00.123 123 file.cc:12]") that are not the message.
 _PREFIX = re.compile(r"^(\S+ )?\d{2}:\d{2}:\d{2}([.,]\d+)?\s+(\d+\s+\S+:\d+\]\s*)?")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -32,5 +32,3 @@ def describe(exc: OSError, path: Path | str | None = None, doing: str = "writing
     cause = _CAUSES.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
     where = path if path is not None else exc.filename
     return f"{cause} while {doing} {where}" if where is not None else f"{cause} while {doing}"
-
-

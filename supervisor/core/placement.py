@@ -92,13 +92,18 @@ class GpuClaims:
             self.by_gpu.setdefault(gpu, []).append(claim)
 
     def still_needed(self, gpu: int, facts: GpuFacts) -> int:
-        return sum(max(0, c.need_mib - facts.used_by.get(c.instance, {}).get(gpu, 0)) for c in self.by_gpu.get(gpu, []))
+        return sum(
+            max(0, c.need_mib - facts.used_by.get(c.instance, {}).get(gpu, 0))
+            for c in self.by_gpu.get(gpu, [])
+        )
 
     def on_node(self, label: str, occupied: Mapping[int, Claim] | None = None) -> GpuClaims:
         """The claims on node `label` (keys "label:g") by GPU index, plus what runs there now."""
         prefix = f"{label}:"
         out = GpuClaims()
-        out.by_gpu = {int(str(k)[len(prefix):]): list(c) for k, c in self.by_gpu.items() if str(k).startswith(prefix)}
+        out.by_gpu = {
+            int(str(k)[len(prefix) :]): list(c) for k, c in self.by_gpu.items() if str(k).startswith(prefix)
+        }
         for gpu, claim in (occupied or {}).items():
             if all(c.instance != claim.instance for c in out.by_gpu.get(gpu, [])):
                 out.by_gpu.setdefault(gpu, []).append(claim)
@@ -111,25 +116,43 @@ def check_exists(gpus: tuple[int, ...], facts: GpuFacts) -> None:
     missing = [g for g in gpus if g not in facts.known]
     if missing:
         have = ", ".join(str(g) for g in sorted(facts.known)) or "none"
-        raise PlacementError(f"GPU {', '.join(map(str, missing))} does not exist on this machine (GPUs: {have})")
+        raise PlacementError(
+            f"GPU {', '.join(map(str, missing))} does not exist on this machine (GPUs: {have})"
+        )
 
 
-def place(count: int, need_mib: int, share: bool, facts: GpuFacts, claims: GpuClaims,
-          sticky: tuple[int, ...] | None = None) -> tuple[int, ...]:
+def place(
+    count: int,
+    need_mib: int,
+    share: bool,
+    facts: GpuFacts,
+    claims: GpuClaims,
+    sticky: tuple[int, ...] | None = None,
+) -> tuple[int, ...]:
     """The GPUs for one `gpus = "auto"` instance; raises PlacementError saying why none fit."""
     if _keeps(sticky, count, share, facts, claims):
         assert sticky is not None
         return sticky
     if facts.known is None:
-        raise PlacementError(f'gpus = "auto" needs to know the GPUs, and {facts.reason or "nothing is known"}')
+        raise PlacementError(
+            f'gpus = "auto" needs to know the GPUs, and {facts.reason or "nothing is known"}'
+        )
     available, notes = _room(need_mib, share, facts, claims)
     if len(available) < count:
-        raise PlacementError(f"cannot place: needs {_wanted(count, need_mib)}; " + ("; ".join(notes) or "no GPU"))
+        raise PlacementError(
+            f"cannot place: needs {_wanted(count, need_mib)}; " + ("; ".join(notes) or "no GPU")
+        )
     return _best(available, count)
 
 
-def place_on_nodes(count: int, need_mib: int, share: bool, cluster: ClusterFacts, claims: GpuClaims,
-                   sticky: tuple[str, tuple[int, ...]] | None = None) -> tuple[str, tuple[int, ...]]:
+def place_on_nodes(
+    count: int,
+    need_mib: int,
+    share: bool,
+    cluster: ClusterFacts,
+    claims: GpuClaims,
+    sticky: tuple[str, tuple[int, ...]] | None = None,
+) -> tuple[str, tuple[int, ...]]:
     """The node and GPUs for one `gpus = "auto"` instance without `node` (claims keyed "label:g").
 
     The node chosen is the one whose `count` best GPUs leave the most memory on the tightest
@@ -138,7 +161,9 @@ def place_on_nodes(count: int, need_mib: int, share: bool, cluster: ClusterFacts
     if sticky is not None:
         label, gpus = sticky
         there = cluster.reason is not None or label in cluster.nodes  # nothing known, or still in the cluster
-        if there and _keeps(gpus, count, share, cluster.of(label), claims.on_node(label, cluster.occupied.get(label))):
+        if there and _keeps(
+            gpus, count, share, cluster.of(label), claims.on_node(label, cluster.occupied.get(label))
+        ):
             return sticky
     if cluster.reason is not None:
         raise PlacementError(f'gpus = "auto" needs to know the nodes\' GPUs, and {cluster.reason}')
@@ -157,19 +182,25 @@ def place_on_nodes(count: int, need_mib: int, share: bool, cluster: ClusterFacts
         if best is None or tightest > best[0]:
             best = (tightest, label, _best(available, count))
     if best is None:
-        raise PlacementError(f"cannot place on any node: needs {_wanted(count, need_mib)}; "
-                             + (" | ".join(notes) or "no node has reported GPUs"))
+        raise PlacementError(
+            f"cannot place on any node: needs {_wanted(count, need_mib)}; "
+            + (" | ".join(notes) or "no node has reported GPUs")
+        )
     return best[1], best[2]
 
 
-def _keeps(sticky: tuple[int, ...] | None, count: int, share: bool, facts: GpuFacts, claims: GpuClaims) -> bool:
+def _keeps(
+    sticky: tuple[int, ...] | None, count: int, share: bool, facts: GpuFacts, claims: GpuClaims
+) -> bool:
     """A placement stays where it is if its GPUs still exist (or nothing is known) and are free."""
     if not sticky or len(sticky) != count or claims.blocking(sticky, share) is not None:
         return False
     return facts.known is None or all(g in facts.known for g in sticky)
 
 
-def _room(need_mib: int, share: bool, facts: GpuFacts, claims: GpuClaims) -> tuple[list[tuple[int, int]], list[str]]:
+def _room(
+    need_mib: int, share: bool, facts: GpuFacts, claims: GpuClaims
+) -> tuple[list[tuple[int, int]], list[str]]:
     """(MiB available, GPU) for every GPU an instance needing `need_mib` fits on, and why not the rest."""
     assert facts.known is not None
     available: list[tuple[int, int]] = []

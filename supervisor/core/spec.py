@@ -142,8 +142,10 @@ class Declaration(StrictModel):
     @classmethod
     def _node_label(cls, value: str | None) -> str | None:
         if value is not None and not NODE_LABEL_RE.match(value):
-            raise ValueError(f"{value!r} is not a node label: use 1 to 32 lower-case letters, digits or '-',"
-                             " starting and ending with a letter or digit")
+            raise ValueError(
+                f"{value!r} is not a node label: use 1 to 32 lower-case letters, digits or '-',"
+                " starting and ending with a letter or digit"
+            )
         return value
 
     @field_validator("name")
@@ -152,8 +154,12 @@ class Declaration(StrictModel):
         if not is_valid_name(value):
             raise ValueError(
                 f"{value!r} is not a valid model name: use 1 to 64 letters, digits, '.', '_' or '-',"
-                " starting with a letter or digit" + (" (and not one of the reserved names "
-                + ", ".join(sorted(RESERVED_NAMES)) + ")" if value in RESERVED_NAMES else "")
+                " starting with a letter or digit"
+                + (
+                    " (and not one of the reserved names " + ", ".join(sorted(RESERVED_NAMES)) + ")"
+                    if value in RESERVED_NAMES
+                    else ""
+                )
             )
         return value
 
@@ -202,7 +208,9 @@ class Declaration(StrictModel):
         if self.gpus != "auto":
             for key in ("instances", "gpus_per_instance"):
                 if key in self.model_fields_set:
-                    raise ValueError(f'{key} only applies with gpus = "auto" (list the GPUs of each instance instead)')
+                    raise ValueError(
+                        f'{key} only applies with gpus = "auto" (list the GPUs of each instance instead)'
+                    )
         return self
 
     def gpu_sets(self) -> list[tuple[int, ...]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import signal as _signal
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 class State(enum.StrEnum):
@@ -94,4 +94,4 @@ class Transition:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -34,16 +34,28 @@ class StrayRules:
 
     @classmethod
     def from_settings(cls, s: Any) -> StrayRules:
-        return cls(s.strays, dict(s.strays_per_gpu), frozenset(s.strays_allow_names), frozenset(s.strays_allow_users),
-                   s.strays_kill_after)
+        return cls(
+            s.strays,
+            dict(s.strays_per_gpu),
+            frozenset(s.strays_allow_names),
+            frozenset(s.strays_allow_users),
+            s.strays_kill_after,
+        )
 
     def policy(self, gpu: int) -> str:
         return (self.per_gpu or {}).get(gpu, self.default)
 
     def allowed(self, name: str | None, user: str | None) -> bool:
         """Allow-listed: never killed, whatever the policy."""
-        return bool((name and os.path.basename(name) in self.allow_names) or (user is not None and user in self.allow_users))
+        return bool(
+            (name and os.path.basename(name) in self.allow_names)
+            or (user is not None and user in self.allow_users)
+        )
 
     def due(self, stray: Stray, now: float) -> bool:
         """Kill it now: its GPU's policy says so and it has been seen for `kill_after` seconds."""
-        return self.policy(stray.gpu) == "kill" and stray.action == "reported" and now - stray.first_seen >= self.kill_after
+        return (
+            self.policy(stray.gpu) == "kill"
+            and stray.action == "reported"
+            and now - stray.first_seen >= self.kill_after
+        )

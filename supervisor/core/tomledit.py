@@ -21,8 +21,18 @@ from tomlkit.items import AoT, Array, InlineTable, Table
 from tomlkit.toml_document import TOMLDocument
 
 #: Keys that open a declaration, in this order; the rest follow as given, tables last.
-FIRST_KEYS = ("name", "backend", "description", "enabled", "gpus", "instances", "gpus_per_instance",
-              "min_free_memory_mb", "share_gpus", "port")
+FIRST_KEYS = (
+    "name",
+    "backend",
+    "description",
+    "enabled",
+    "gpus",
+    "instances",
+    "gpus_per_instance",
+    "min_free_memory_mb",
+    "share_gpus",
+    "port",
+)
 
 TomlError = TOMLKitError
 
@@ -102,7 +112,7 @@ def _merge(container: Container | Table | InlineTable | TOMLDocument, new: Mappi
         elif isinstance(item, Array) and isinstance(value, list) and not _is_table_array(value):
             _edit_array(container, key, item, value)
         elif isinstance(item, AoT) and _is_table_array(value) and len(item) == len(value):
-            for table, entry in zip(item, value):
+            for table, entry in zip(item, value, strict=False):
                 _merge(table, entry)
         else:
             container[key] = _item(value)
@@ -118,8 +128,10 @@ def _add(container: Any, key: str, value: Any) -> None:
     # places it by index in the body, which keeps every other line where it was.
     target = container.value if isinstance(container, Table) else container
     body = target.body
-    last_plain = max((i for i, (k, v) in enumerate(body) if k is not None and not isinstance(v, (Table, AoT))),
-                     default=None)
+    last_plain = max(
+        (i for i, (k, v) in enumerate(body) if k is not None and not isinstance(v, (Table, AoT))),
+        default=None,
+    )
     if last_plain is not None and last_plain + 1 < len(body):
         target._insert_at(last_plain + 1, key, tomlkit.item(value))
     else:
@@ -145,8 +157,8 @@ def _edit_array(container: Any, key: str, item: Array, value: list[Any]) -> None
     """Appends and removals edit the array where it stands (keeping its spacing and comments);
     anything else replaces it."""
     old = item.unwrap()
-    if value[:len(old)] == old:  # only appended
-        for entry in value[len(old):]:
+    if value[: len(old)] == old:  # only appended
+        for entry in value[len(old) :]:
             item.append(entry)
         return
     keep: list[int] = []

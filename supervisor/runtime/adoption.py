@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.adapters.cgroups import RunCgroups
-from supervisor.config.desired import InstanceSpec
 from supervisor.adapters.procscan import ProcInfo, marked, read_proc
 from supervisor.adapters.runners.process import stop_processes
+from supervisor.config.desired import InstanceSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class Decision:
     stale: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def decide(records: Mapping[str, dict[str, Any]], instances: Mapping[str, InstanceSpec],
-           broken_files: set[str]) -> Decision:
+def decide(
+    records: Mapping[str, dict[str, Any]], instances: Mapping[str, InstanceSpec], broken_files: set[str]
+) -> Decision:
     """Sort an earlier supervisor's run records into adopt / deferred / stale."""
     out = Decision()
     for iid, record in records.items():
@@ -89,8 +90,9 @@ class Adoption:
     So deciding costs no scan at the moment launches wait, and when nothing is left over (the
     common case) the gate is open at once."""
 
-    def __init__(self, scope: str, table: dict[int, ProcInfo], cgroups: RunCgroups | None,
-                 cgroups_found: list[Path]) -> None:
+    def __init__(
+        self, scope: str, table: dict[int, ProcInfo], cgroups: RunCgroups | None, cgroups_found: list[Path]
+    ) -> None:
         self.scope = scope
         self.table = table
         self.cgroups = cgroups
@@ -98,7 +100,9 @@ class Adoption:
         self.swept: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.stopped: list[tuple[int, str, str]] = []  # (pid, instance, command line) of leftovers
 
-    def leftovers(self, keep: Callable[[str], bool], stale: dict[str, dict[str, Any]]) -> tuple[set[int], list[Path]]:
+    def leftovers(
+        self, keep: Callable[[str], bool], stale: dict[str, dict[str, Any]]
+    ) -> tuple[set[int], list[Path]]:
         """(processes, run cgroups) that belong to no run we keep (`keep(token)`: adopted or
         deferred). Pure but for reading the stat of a stale record's leader."""
         table = self.table
@@ -113,7 +117,9 @@ class Adoption:
         if not self.swept.done():
             self.swept.set_result(None)
 
-    async def sweep(self, victims: set[int], cgroups: list[Path], stop_timeout: float, why: dict[str, str]) -> None:
+    async def sweep(
+        self, victims: set[int], cgroups: list[Path], stop_timeout: float, why: dict[str, str]
+    ) -> None:
         """Stop the leftovers (TERM, `stop_timeout`, KILL), log each with its command line,
         remove their cgroups; resolves `swept` when done (even on error)."""
         table = self.table
@@ -123,7 +129,9 @@ class Adoption:
                 instance = info.mark.instance if info is not None and info.mark is not None else "?"
                 command = await asyncio.to_thread(_cmdline, pid)
                 reason = why.get(instance, "it belongs to no run this supervisor adopted")
-                log.warning("stopping leftover pid %s of instance %s (%s): %s", pid, instance, reason, command)
+                log.warning(
+                    "stopping leftover pid %s of instance %s (%s): %s", pid, instance, reason, command
+                )
                 self.stopped.append((pid, instance, command))
             if victims:  # pidfds check the start time: a pid reused since the scan is spared
                 await stop_processes(table, victims, signal.SIGTERM, stop_timeout)

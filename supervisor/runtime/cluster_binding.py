@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from supervisor.config.cluster_launch import ANYWHERE, ClusterLaunch
 from supervisor.core.placement import Claim
 from supervisor.core.states import State
 from supervisor.core.strays import StrayRules
-from supervisor.config.cluster_launch import ANYWHERE, ClusterLaunch
 
 
 def pinned_nodes(catalog: Any, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
@@ -22,7 +22,12 @@ def pinned_nodes(catalog: Any, instance_id: str, gpus: tuple[int, ...], share: b
     for iid, spec in catalog.instances.items():
         launch = spec.launch
         node = getattr(launch, "node", ANYWHERE)
-        if iid == instance_id or not spec.enabled or getattr(launch, "runner", None) != "ray" or node == ANYWHERE:
+        if (
+            iid == instance_id
+            or not spec.enabled
+            or getattr(launch, "runner", None) != "ray"
+            or node == ANYWHERE
+        ):
             continue
         if set(gpus) & set(spec.gpus) and not (share and getattr(launch, "share_gpus", False)):
             out.add(node)
@@ -62,7 +67,8 @@ def bind(engine: Any, runner: Any) -> None:
     runner.client.subscribe("connected", reachable)
     nodes.is_live = engine.run_is_live
     nodes.on_reaped = lambda iid, token, stopped: engine.bus.publish(
-        "reaped", {"instance": iid, "run": token, "stopped": stopped})
+        "reaped", {"instance": iid, "run": token, "stopped": stopped}
+    )
     nodes.on_gpus_changed = lambda: engine.request_reload("cluster nodes' GPUs changed")
     nodes.rules = StrayRules.from_settings(engine.settings)
     nodes.publish = engine.bus.publish

@@ -23,15 +23,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor.adapters import confd
-from supervisor.adapters import storage
-from supervisor.core import tomledit
-from supervisor.config.declarations import ConfigError, DeclarationInvalid, ModelSpec, parse_declaration, preflight
+from supervisor.adapters import confd, storage
+from supervisor.config.declarations import (
+    ConfigError,
+    DeclarationInvalid,
+    ModelSpec,
+    parse_declaration,
+    preflight,
+)
 from supervisor.config.desired import Catalog, resolve
-from supervisor.runtime.engine import Engine
-from supervisor.runtime.instance import Instance
+from supervisor.core import tomledit
 from supervisor.core.spec import is_valid_name
 from supervisor.core.states import State
+from supervisor.runtime.engine import Engine
+from supervisor.runtime.instance import Instance
 
 #: After a stop or delete, how long beyond the instance's stop timeout we wait for it to go.
 STOP_MARGIN = 15.0
@@ -89,8 +94,10 @@ def invalid(loc: list[str | int], msg: str, type: str = "value_error") -> Invali
 
 
 def config_errors_to_items(errors: list[ConfigError], prefix: list[str | int]) -> list[dict[str, Any]]:
-    return [{"type": e.type, "loc": prefix + list(e.loc or ((e.key,) if e.key else ())), "msg": e.message}
-            for e in errors]
+    return [
+        {"type": e.type, "loc": prefix + list(e.loc or ((e.key,) if e.key else ())), "msg": e.message}
+        for e in errors
+    ]
 
 
 FAILED_STATES = (State.BACKOFF, State.FATAL, State.EXITED)
@@ -109,8 +116,9 @@ def took_effect(inst: Instance, old_pid: int | None, until_running: bool) -> boo
     return inst.state == State.RUNNING or (inst.state == State.STARTING and not until_running)
 
 
-async def settle(instances: list[Instance], old_pids: dict[str, int | None], until_running: bool,
-                 timeout: float) -> None:
+async def settle(
+    instances: list[Instance], old_pids: dict[str, int | None], until_running: bool, timeout: float
+) -> None:
     """Wait (up to `timeout`) until every instance's start or restart took effect.
 
     Polled rather than awaited on transitions: the pid appears without a state change."""
@@ -175,8 +183,11 @@ class Controller:
     def check_name(self, name: str, loc: list[str | int]) -> None:
         """422 before any path is built from a name that is not a valid model name."""
         if not is_valid_name(name):
-            raise invalid(loc, f"{name!r} is not a valid model name (1-64 letters, digits, '.', '_', '-', "
-                               "starting with a letter or digit; not status, supported, start or stop)")
+            raise invalid(
+                loc,
+                f"{name!r} is not a valid model name (1-64 letters, digits, '.', '_', '-', "
+                "starting with a letter or digit; not status, supported, start or stop)",
+            )
 
     def model(self, name: str) -> ModelSpec:
         self.check_name(name, ["path", "name"])
@@ -193,20 +204,30 @@ class Controller:
         return Path(owner) if owner else self.engine.settings.conf_dir / f"{name}.toml"
 
     # -- the original API: start / stop on a GPU ----------------------------------------------
-    async def start_on_gpu(self, name: str, model_type: str | None, gpu_id: int, config: dict[str, Any]) -> Instance:
+    async def start_on_gpu(
+        self, name: str, model_type: str | None, gpu_id: int, config: dict[str, Any]
+    ) -> Instance:
         self.check_name(name, ["body", "model_name"])
         registry = self.engine.registry
         if model_type is not None and model_type not in registry:
-            raise invalid(["body", "model_type"], f"unknown backend {model_type!r} (known: {', '.join(registry.names())})",
-                          "enum")
+            raise invalid(
+                ["body", "model_type"],
+                f"unknown backend {model_type!r} (known: {', '.join(registry.names())})",
+                "enum",
+            )
         spec = self.engine.catalog.models.get(name)
         if spec is not None:
             if model_type is not None and model_type != spec.decl.backend:
-                raise Conflict(f"model '{name}' is declared with backend '{spec.decl.backend}' in {spec.source}, "
-                               f"not '{model_type}'")
+                raise Conflict(
+                    f"model '{name}' is declared with backend '{spec.decl.backend}' in {spec.source}, "
+                    f"not '{model_type}'"
+                )
             if config:
-                raise invalid(["body", "config"], f"must be empty for model '{name}', which is already declared in "
-                                                  f"{spec.source}; change its declaration with PUT /api/v1/models/{name}")
+                raise invalid(
+                    ["body", "config"],
+                    f"must be empty for model '{name}', which is already declared in "
+                    f"{spec.source}; change its declaration with PUT /api/v1/models/{name}",
+                )
             if spec.decl.gpus == "none":
                 raise Conflict(f"model '{name}' runs without GPUs (gpus = \"none\" in {spec.source})")
             current = self._instance_on(name, gpu_id)
@@ -228,19 +249,27 @@ class Controller:
             await self._edit(name, add_gpu, ["body", "config"], f"start {name} on GPU {gpu_id}")
         else:
             if model_type is None:
-                raise invalid(["body", "model_type"], f"required: model '{name}' is not declared yet "
-                                                      f"(known backends: {', '.join(registry.names())})", "missing")
+                raise invalid(
+                    ["body", "model_type"],
+                    f"required: model '{name}' is not declared yet "
+                    f"(known backends: {', '.join(registry.names())})",
+                    "missing",
+                )
             doc = dict(config)
             for key, value in (("name", name), ("backend", model_type)):
                 if key in doc and doc[key] != value:
-                    raise invalid(["body", "config", key], f"must be {value!r} (from the request) or left out")
+                    raise invalid(
+                        ["body", "config", key], f"must be {value!r} (from the request) or left out"
+                    )
             if "gpus" in doc:
                 raise invalid(["body", "config", "gpus"], "is set from gpu_id; leave it out")
             doc.update(name=name, backend=model_type, gpus=[gpu_id])
 
             def create(existing: dict[str, Any] | None) -> dict[str, Any]:
                 if existing is not None:
-                    raise Conflict(f"{self.path_for(name)} already exists but does not declare a valid model '{name}'")
+                    raise Conflict(
+                        f"{self.path_for(name)} already exists but does not declare a valid model '{name}'"
+                    )
                 return doc
 
             await self._edit(name, create, ["body", "config"], f"declare {name} on GPU {gpu_id}")
@@ -249,8 +278,9 @@ class Controller:
             raise Conflict(f"model '{name}' has no instance on GPU {gpu_id} after the change")
         return inst
 
-    async def stop_on_gpu(self, name: str | None, model_type: str | None, gpu_id: int | None,
-                          instance_id: str | None) -> Instance:
+    async def stop_on_gpu(
+        self, name: str | None, model_type: str | None, gpu_id: int | None, instance_id: str | None
+    ) -> Instance:
         """The old tool's stop: the instance named by `instance_id` or by its GPU. Either alone
         is enough; a CPU-only model (gpus = "none") needs neither, since it has one instance,
         which the old body could not name (issue 12: 422, gpu_id required)."""
@@ -273,7 +303,9 @@ class Controller:
         if spec is None:
             raise not_found
         if model_type is not None and model_type != spec.decl.backend:
-            raise Conflict(f"model '{name}' is declared with backend '{spec.decl.backend}', not '{model_type}'")
+            raise Conflict(
+                f"model '{name}' is declared with backend '{spec.decl.backend}', not '{model_type}'"
+            )
         if instance_id is not None:
             inst = self.engine.instances.get(instance_id)
         elif gpu_id is not None:
@@ -281,17 +313,23 @@ class Controller:
         elif spec.decl.gpus == "none":
             inst = next(iter(self.engine.model_instances(name)), None)
         else:
-            raise invalid(["body", "gpu_id"], f"required: model '{name}' runs on GPUs (gpus = {spec.decl.gpus!r} "
-                                              f"in {spec.source}); give gpu_id or instance_id", "missing")
+            raise invalid(
+                ["body", "gpu_id"],
+                f"required: model '{name}' runs on GPUs (gpus = {spec.decl.gpus!r} "
+                f"in {spec.source}); give gpu_id or instance_id",
+                "missing",
+            )
         if inst is None or inst.spec.model != name or (gpu_id is not None and gpu_id not in inst.spec.gpus):
             raise not_found
         if not inst.spec.gpus:
             return await self._stop_cpu_only(name, inst, not_found)
         if spec.decl.gpus == "auto":
             # Its GPUs are chosen at run time, so there is no entry of `gpus` to remove.
-            raise Conflict(f"model '{name}' places its instances itself (gpus = \"auto\" in {spec.source}); "
-                           f"lower `instances` with PUT /api/v1/models/{name}, or stop every instance with "
-                           f"POST /api/v1/models/{name}/disable")
+            raise Conflict(
+                f"model '{name}' places its instances itself (gpus = \"auto\" in {spec.source}); "
+                f"lower `instances` with PUT /api/v1/models/{name}, or stop every instance with "
+                f"POST /api/v1/models/{name}/disable"
+            )
         gpus = list(inst.spec.gpus)
 
         def remove_gpu(doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -355,8 +393,13 @@ class Controller:
             # STOPPED of a moment ago).
             await asyncio.gather(*(inst.start("start requested through the API") for inst in instances))
         else:
-            await asyncio.gather(*(asyncio.wait_for(inst.wait_state(State.STOPPED), inst.spec.stop.timeout + STOP_MARGIN)
-                                   for inst in instances), return_exceptions=True)
+            await asyncio.gather(
+                *(
+                    asyncio.wait_for(inst.wait_state(State.STOPPED), inst.spec.stop.timeout + STOP_MARGIN)
+                    for inst in instances
+                ),
+                return_exceptions=True,
+            )
         return instances
 
     async def set_enabled_all(self, enabled: bool) -> tuple[list[Instance], list[dict[str, str]]]:
@@ -418,8 +461,10 @@ class Controller:
         return None
 
     async def _wait_gone(self, instances: list[Instance]) -> None:
-        waits = [asyncio.wait_for(asyncio.shield(inst.finished), inst.spec.stop.timeout + STOP_MARGIN)
-                 for inst in instances]
+        waits = [
+            asyncio.wait_for(asyncio.shield(inst.finished), inst.spec.stop.timeout + STOP_MARGIN)
+            for inst in instances
+        ]
         await asyncio.gather(*waits, return_exceptions=True)
 
     async def _edit(
@@ -435,8 +480,10 @@ class Controller:
             path = self.path_for(name)
             errors = engine.catalog.errors.get(str(path))
             if errors and not replace:
-                raise Conflict(f"{path} has errors ({'; '.join(e.message for e in errors)}); fix it or replace it "
-                               f"with PUT /api/v1/models/{name}")
+                raise Conflict(
+                    f"{path} has errors ({'; '.join(e.message for e in errors)}); fix it or replace it "
+                    f"with PUT /api/v1/models/{name}"
+                )
             current = None if replace and errors else await asyncio.to_thread(read_document, path)
             new = change(copy.deepcopy(tomledit.plain(current)) if current is not None else None)
             if new is None:
@@ -449,8 +496,11 @@ class Controller:
             else:
                 null_at = first_null(new)
                 if null_at is not None:  # JSON null has no TOML form: a 422, not a failed write
-                    raise invalid(loc + null_at, "null has no TOML equivalent: leave "
-                                  "the key out (or give a value)", "null_value")
+                    raise invalid(
+                        loc + null_at,
+                        "null has no TOML equivalent: leave the key out (or give a value)",
+                        "null_value",
+                    )
                 text, new = render(current, new)
                 try:
                     candidate = parse_declaration(new, path, engine.registry, engine.defaults)
@@ -467,8 +517,11 @@ class Controller:
             try:
                 await engine.reload(f"API: {what}")
             except OSError as exc:  # the state dir filled up since the checks
-                raise StorageFailed(exc, exc.filename or engine.settings.state_dir,
-                                    f"{path} is written and applies once the state dir can be written") from None
+                raise StorageFailed(
+                    exc,
+                    exc.filename or engine.settings.state_dir,
+                    f"{path} is written and applies once the state dir can be written",
+                ) from None
             return engine.catalog.models.get(name)
 
     def _dry_run(self, path: Path, candidate: ModelSpec) -> tuple[Catalog, dict[str, int]]:
@@ -477,10 +530,14 @@ class Controller:
         parsed = dict(engine.parsed)
         parsed[str(path)] = candidate
         ports = engine.ports.dry_run()
-        catalog = resolve(parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts())
+        catalog = resolve(
+            parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts()
+        )
         return catalog, {k: p for k, p in ports.assigned.items() if engine.ports.assigned.get(k) != p}
 
-    async def _write_all_or_nothing(self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]) -> None:
+    async def _write_all_or_nothing(
+        self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]
+    ) -> None:
         """The state first (ports.json, placements.json), then the declaration: an edit is in
         force completely or not at all. With a full state disk the first write fails and
         nothing is changed; a port recorded for a file that then cannot be written is taken
@@ -504,7 +561,7 @@ class Controller:
         except OSError as exc:
             if ports:
                 try:
-                    await asyncio.to_thread(engine.ports.record, {k: None for k in ports})
+                    await asyncio.to_thread(engine.ports.record, dict.fromkeys(ports))
                 except OSError:  # harmless: an unused assignment, dropped when the range runs short
                     pass
             if isinstance(exc, IsADirectoryError):

@@ -9,36 +9,35 @@ cheap and idempotent, so callers (watcher, SIGHUP, API writes, periodic resync) 
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor.adapters import confd
-from supervisor.adapters import storage
-from supervisor.runtime.adoption import Adoption, decide, describe_stale, record_alive
+from supervisor.adapters import confd, storage
 from supervisor.adapters.cgroups import RunCgroups
-from supervisor.backends.registry import Registry, default_registry
-from supervisor.config.declarations import ConfigError, ModelSpec
-from supervisor.config.desired import Catalog, resolve
-from supervisor.core.events import EventBus
-from supervisor.runtime.instance import Instance, InstanceServices, PrestartCheck
 from supervisor.adapters.logfiles import LocalLog, LogFile
-from supervisor.core.placement import NO_CLUSTER, NO_FACTS, ClusterFacts, GpuFacts
-from supervisor.config.plan import Plan, plan
+from supervisor.adapters.marks import scope_of
 from supervisor.adapters.ports import PortAllocator, describe_holder, port_is_free
 from supervisor.adapters.procscan import ProcessTable
 from supervisor.adapters.records import RunRecords
 from supervisor.adapters.runners.base import Runner
-from supervisor.adapters.marks import scope_of
 from supervisor.adapters.runners.docker import DockerRunner
 from supervisor.adapters.runners.process import ProcessRunner, stop_processes
-from supervisor.config.settings import Settings
-from supervisor.core.states import utcnow
 from supervisor.adapters.watcher import ConfWatcher
+from supervisor.backends.registry import Registry, default_registry
+from supervisor.config.declarations import ConfigError, ModelSpec
+from supervisor.config.desired import Catalog, resolve
+from supervisor.config.plan import Plan, plan
+from supervisor.config.settings import Settings
+from supervisor.core.events import EventBus
+from supervisor.core.placement import NO_CLUSTER, NO_FACTS, ClusterFacts, GpuFacts
+from supervisor.core.states import utcnow
+from supervisor.runtime.adoption import Adoption, decide, describe_stale, record_alive
+from supervisor.runtime.instance import Instance, InstanceServices, PrestartCheck
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,9 @@ class Engine:
             "docker": DockerRunner(self.scope),
         }
         if settings.cluster == "ray" and "ray" not in self.runners:
-            from supervisor.adapters.runners.ray import from_settings  # no Ray here: its driver is a helper process
+            from supervisor.adapters.runners.ray import (
+                from_settings,  # no Ray here: its driver is a helper process
+            )
 
             self.runners["ray"] = from_settings(settings, self.scope, self.table)
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
@@ -89,7 +90,9 @@ class Engine:
         self.gpu_facts: Callable[[], GpuFacts] = lambda: NO_FACTS
         self.parsed: dict[str, ModelSpec | list[ConfigError]] = {}  # the last read of conf.d/
         self._parse_cache: confd.ParseCache = {}
-        self._last_inputs: tuple[dict[str, ModelSpec | list[ConfigError]], frozenset[int] | None] | None = None
+        self._last_inputs: tuple[dict[str, ModelSpec | list[ConfigError]], frozenset[int] | None] | None = (
+            None
+        )
         self.instances: dict[str, Instance] = {}
         self.removing: dict[str, Instance] = {}  # removed from the catalog, still stopping
         self.last_reload: dict[str, Any] | None = None
@@ -124,8 +127,11 @@ class Engine:
             self.cgroups, self.containment_note = await asyncio.to_thread(RunCgroups.detect, self.scope)
             self.process_runner.cgroups = self.cgroups
             if self.cgroups is None:
-                log.info("no per-run cgroups (%s): runs are kept together by marks%s", self.containment_note,
-                         " and the subreaper" if self.process_runner.subreaper else "")
+                log.info(
+                    "no per-run cgroups (%s): runs are kept together by marks%s",
+                    self.containment_note,
+                    " and the subreaper" if self.process_runner.subreaper else "",
+                )
         self._records = await asyncio.to_thread(self.services.records.read_all)
         # Before anything of ours runs: every marked process and run cgroup of our scope now
         # is an earlier supervisor's (adopted, or a leftover once the first reload decides).
@@ -211,8 +217,9 @@ class Engine:
         if self._closing:
             return Plan()
         try:
-            parsed = await asyncio.to_thread(confd.read_dir, self.settings.conf_dir, self.registry, self.defaults,
-                                             self._parse_cache)
+            parsed = await asyncio.to_thread(
+                confd.read_dir, self.settings.conf_dir, self.registry, self.defaults, self._parse_cache
+            )
         except FileNotFoundError:
             log.error("declaration directory %s is missing; keeping what runs", self.settings.conf_dir)
             return Plan()
@@ -220,16 +227,19 @@ class Engine:
         known = (facts.known, {label: f.known for label, f in nodes.nodes.items()}, nodes.reason is None)
         if self._unchanged(parsed, known):
             return Plan()  # a resync that found nothing new: nothing to settle again
-        catalog = await asyncio.to_thread(resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts,
-                                          nodes)
+        catalog = await asyncio.to_thread(
+            resolve, parsed, self.catalog, self.ports.assign, self.work_root, facts, nodes
+        )
         self._last_inputs = (dict(parsed), known)
         self.parsed = parsed
         if catalog.placement_record() != self.catalog.placement_record():
             try:
                 await asyncio.to_thread(self._save_placements, catalog)
             except OSError as exc:  # a full state disk: run as settled, say so, retry next reload
-                log.error("cannot save GPU placements: %s; they are kept in memory for now",
-                          storage.describe(exc, self.settings.state_dir / "placements.json"))
+                log.error(
+                    "cannot save GPU placements: %s; they are kept in memory for now",
+                    storage.describe(exc, self.settings.state_dir / "placements.json"),
+                )
         return self._apply(catalog, reason)
 
     def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], known: object) -> bool:
@@ -238,8 +248,11 @@ class Engine:
         if self._last_inputs is None or self.catalog.errors:
             return False
         last_parsed, last_known = self._last_inputs
-        return (last_known == known and last_parsed.keys() == parsed.keys()
-                and all(parsed[k] is last_parsed[k] for k in parsed))
+        return (
+            last_known == known
+            and last_parsed.keys() == parsed.keys()
+            and all(parsed[k] is last_parsed[k] for k in parsed)
+        )
 
     def check_candidate(self, path: Path, candidate: ModelSpec | None) -> list[ConfigError]:
         """The conflicts (names, ports, GPUs) that writing `candidate` to `path` would cause."""
@@ -248,8 +261,14 @@ class Engine:
             parsed.pop(str(path), None)
         else:
             parsed[str(path)] = candidate
-        catalog = resolve(parsed, self.catalog, self.ports.dry_run().assign, self.work_root, self.gpu_facts(),
-                          self.node_facts())
+        catalog = resolve(
+            parsed,
+            self.catalog,
+            self.ports.dry_run().assign,
+            self.work_root,
+            self.gpu_facts(),
+            self.node_facts(),
+        )
         return catalog.errors.get(str(path), [])
 
     def _sort_records(self, catalog: Catalog, broken: set[str]) -> dict[str, dict[str, Any]]:
@@ -266,21 +285,34 @@ class Engine:
             spec = catalog.instances.get(iid)
             # A changed declaration's launch replaces its container itself; one that will not
             # launch (gone, disabled) must not leave its container running.
-            if (decision.stale[iid].get("kind") == "docker" and isinstance(docker, DockerRunner)
-                    and (spec is None or not spec.enabled)):
+            if (
+                decision.stale[iid].get("kind") == "docker"
+                and isinstance(docker, DockerRunner)
+                and (spec is None or not spec.enabled)
+            ):
                 timeout = spec.stop.timeout if spec is not None else self.defaults.stop.timeout
-                self.spawn_background(docker.remove_stale(iid, timeout), f"remove leftover container of {iid}")
+                self.spawn_background(
+                    docker.remove_stale(iid, timeout), f"remove leftover container of {iid}"
+                )
         ray = self.runners.get("ray")
         if ray is not None and hasattr(ray, "sweep_actors"):
             # Cluster runs of declarations removed or disabled while we were down, recorded or
             # not (a record is lost with its state dir): their actors hold GPUs in Ray.
-            keep = {iid for iid, spec in catalog.instances.items()
-                    if spec.enabled and getattr(spec.launch, "runner", None) == "ray"} | set(decision.deferred)
-            self.spawn_background(ray.sweep_actors(keep, self._launched_here, bool(broken), self.defaults.stop.timeout),
-                                  "stop the actors no declaration wants")
+            keep = {
+                iid
+                for iid, spec in catalog.instances.items()
+                if spec.enabled and getattr(spec.launch, "runner", None) == "ray"
+            } | set(decision.deferred)
+            self.spawn_background(
+                ray.sweep_actors(keep, self._launched_here, bool(broken), self.defaults.stop.timeout),
+                "stop the actors no declaration wants",
+            )
         for iid in decision.deferred:
-            log.warning("%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
-                        iid, decision.deferred[iid].get("pid"))
+            log.warning(
+                "%s: its declaration file is broken; leaving its run (pid %s) alone until it is valid",
+                iid,
+                decision.deferred[iid].get("pid"),
+            )
         kept = {**decision.adopt, **decision.deferred}
         # A kept run whose leader died already is adopted by nobody: its workers are leftovers.
         kept_tokens = {str(r.get("token")) for r in kept.values() if record_alive(r)}
@@ -289,11 +321,17 @@ class Engine:
         if not victims and not cgroups:
             self.adoption.done()  # nothing left over: fresh launches need not wait
         else:
-            timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [self.defaults.stop.timeout]
-            self.spawn_background(self.adoption.sweep(victims, cgroups, max(timeouts), why), "sweep of leftovers")
+            timeouts = [spec.stop.timeout for spec in catalog.instances.values()] or [
+                self.defaults.stop.timeout
+            ]
+            self.spawn_background(
+                self.adoption.sweep(victims, cgroups, max(timeouts), why), "sweep of leftovers"
+            )
         return decision.adopt
 
-    def _claim_deferred(self, iid: str, spec: Any) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:
+    def _claim_deferred(
+        self, iid: str, spec: Any
+    ) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:
         """A run left alone at start-up because its file was broken: adopt it now if unchanged,
         or stop it before the new declaration starts."""
         record = self._deferred.pop(iid, None)
@@ -302,13 +340,22 @@ class Engine:
         if spec.enabled and record.get("launch_hash") == spec.launch_hash:
             return record, ()
         self.services.records.remove(iid)
-        log.info("%s: its declaration changed while broken; stopping the old run (pid %s)", iid, record.get("pid"))
-        return None, (self.spawn_background(self._stop_record(record, spec.stop.timeout), f"stop old run of {iid}"),)
+        log.info(
+            "%s: its declaration changed while broken; stopping the old run (pid %s)", iid, record.get("pid")
+        )
+        return None, (
+            self.spawn_background(self._stop_record(record, spec.stop.timeout), f"stop old run of {iid}"),
+        )
 
     async def _stop_record(self, record: dict[str, Any], timeout: float) -> None:
         table = await self.table.snapshot()
-        victims = {p for p in table if table[p].mark is not None and table[p].mark.scope == self.scope
-                   and table[p].mark.token == record.get("token")}
+        victims = {
+            p
+            for p in table
+            if table[p].mark is not None
+            and table[p].mark.scope == self.scope
+            and table[p].mark.token == record.get("token")
+        }
         if record_alive(record):
             victims.add(int(record["pid"]))
         await stop_processes(table, victims, 15, timeout)
@@ -359,8 +406,14 @@ class Engine:
             "updated": steps.update,
         }
         if not steps.empty:
-            log.info("reconcile (%s): +%d -%d ~%d replaced, %d updated in place", reason,
-                     len(steps.add), len(steps.remove), len(steps.replace), len(steps.update))
+            log.info(
+                "reconcile (%s): +%d -%d ~%d replaced, %d updated in place",
+                reason,
+                len(steps.add),
+                len(steps.remove),
+                len(steps.replace),
+                len(steps.update),
+            )
             self.bus.publish("reconcile", self.last_reload)
         self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
         return steps
@@ -389,7 +442,9 @@ class Engine:
             if iid not in self.instances:  # gone for good: its automatic ports go back to the range
                 self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
 
-    def _report_errors(self, before: dict[str, list[ConfigError]], after: dict[str, list[ConfigError]]) -> None:
+    def _report_errors(
+        self, before: dict[str, list[ConfigError]], after: dict[str, list[ConfigError]]
+    ) -> None:
         """Log each file's errors once per change, and say when a file is fixed."""
         for file, errors in after.items():
             if before.get(file) != errors:
@@ -476,4 +531,3 @@ def _rotate_all(files: list, max_bytes: int, backups: int) -> None:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %r failed", task.get_name(), exc_info=task.exception())
-

@@ -21,27 +21,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.adapters import kill
-from supervisor.config.desired import InstanceSpec
-from supervisor.runtime.engine import Engine
 from supervisor.adapters.gpu.api_view import NO_NODE, gpu_info
+from supervisor.adapters.gpu.history import GpuHistory, points_of, sample_event
 from supervisor.adapters.gpu.model import GpuSnapshot
 from supervisor.adapters.gpu.monitor import GpuMonitor, GpuMonitorStopped
 from supervisor.adapters.gpu.release import still_held
 from supervisor.adapters.gpu.sources import GpuUnavailable, NoGpuSource, node_file, open_source
-from supervisor.adapters.gpu.history import GpuHistory, points_of, sample_event
-from supervisor.runtime.instance import Instance
 from supervisor.adapters.kill import owners_of
-from supervisor.core.placement import GpuFacts
 from supervisor.adapters.procscan import ProcInfo, scan, user_of
+from supervisor.config.desired import InstanceSpec
 from supervisor.config.settings import Settings
+from supervisor.core.placement import GpuFacts
 from supervisor.core.strays import Stray, StrayRules
+from supervisor.runtime.engine import Engine
+from supervisor.runtime.instance import Instance
 
 log = logging.getLogger(__name__)
 
 FIRST_SAMPLE_TIMEOUT = 10.0
 
-NOT_STARTED = GpuSnapshot(source="none", devices=(), reason="GPU monitoring has not started", sampled_at=None,
-                          sample_seconds=None, simulated=False)
+NOT_STARTED = GpuSnapshot(
+    source="none",
+    devices=(),
+    reason="GPU monitoring has not started",
+    sampled_at=None,
+    sample_seconds=None,
+    simulated=False,
+)
 
 
 @dataclass
@@ -73,8 +79,9 @@ class GpuTracker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            source, reason = await asyncio.to_thread(open_source, self.settings.gpu_source,
-                                                     node_file(self.settings.gpu_simulated_file, "local"))
+            source, reason = await asyncio.to_thread(
+                open_source, self.settings.gpu_source, node_file(self.settings.gpu_simulated_file, "local")
+            )
         except GpuUnavailable as exc:
             log.error("GPU monitoring is off: %s", exc.reason)
             source, reason = NoGpuSource(exc.reason), exc.reason
@@ -88,7 +95,7 @@ class GpuTracker:
         if source.name != "none":  # placement and GPU checks need a first sample
             try:
                 await self.monitor.wait_for_sample(timeout=FIRST_SAMPLE_TIMEOUT)
-            except (asyncio.TimeoutError, GpuMonitorStopped):
+            except (TimeoutError, GpuMonitorStopped):
                 log.warning("no GPU sample within %s s; GPU checks wait for one", FIRST_SAMPLE_TIMEOUT)
         self.engine.gpu_facts = self.facts
         self._spawn(self._log_unknown_gpus())
@@ -119,7 +126,9 @@ class GpuTracker:
                 if owner is not None and p.used_memory_mib:
                     per_gpu = used.setdefault(owner, {})
                     per_gpu[d.index] = per_gpu.get(d.index, 0) + p.used_memory_mib
-        return GpuFacts(frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices}, used)
+        return GpuFacts(
+            frozenset(d.index for d in snap.devices), {d.index: d.memory_free_mib for d in snap.devices}, used
+        )
 
     # -- attribution and strays --------------------------------------------------------------------
     def _on_sample_thread(self, snapshot: GpuSnapshot) -> None:
@@ -143,8 +152,11 @@ class GpuTracker:
             pids = snapshot.pids()
             roots = {iid: inst.pid for iid, inst in self.engine.instances.items() if inst.pid is not None}
             runs = {inst.run_token: iid for iid, inst in self.engine.instances.items() if inst.run_token}
-            table, owners = (await asyncio.to_thread(_scan_owners, pids, roots, self.engine.scope, runs)
-                             if pids else ({}, {}))
+            table, owners = (
+                await asyncio.to_thread(_scan_owners, pids, roots, self.engine.scope, runs)
+                if pids
+                else ({}, {})
+            )
             self.owners = owners
             self.attributed = snapshot
             self.local_version += 1
@@ -182,8 +194,10 @@ class GpuTracker:
             for gpu in inst.spec.gpus:
                 on.setdefault(gpu, []).append(iid)
         why = f" ({facts.reason})" if facts.reason and facts.reason != "no GPU source" else ""
-        return [f"GPU {gpu} is not known: no GPU source{why}; {', '.join(sorted(on[gpu]))} runs there unchecked"
-                for gpu in sorted(on)]
+        return [
+            f"GPU {gpu} is not known: no GPU source{why}; {', '.join(sorted(on[gpu]))} runs there unchecked"
+            for gpu in sorted(on)
+        ]
 
     async def _log_unknown_gpus(self) -> None:
         """Log each unknown-GPU warning once, at start-up and after every reconcile."""
@@ -213,7 +227,9 @@ class GpuTracker:
     async def _handle_strays(self, snapshot: GpuSnapshot, table: dict[int, ProcInfo]) -> None:
         s = self.settings
         now = time.monotonic()
-        current = {(d.index, p.pid): p for d in snapshot.devices for p in d.processes if p.pid not in self.owners}
+        current = {
+            (d.index, p.pid): p for d in snapshot.devices for p in d.processes if p.pid not in self.owners
+        }
         for key in list(self.stray_list):
             if key not in current:
                 del self.stray_list[key]
@@ -226,11 +242,26 @@ class GpuTracker:
             allowed = rules.allowed(p.name, stray.user)
             stray.action = "allowed" if allowed else "reported"
             self.stray_list[(gpu, pid)] = stray
-            log.warning("stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no instance%s",
-                        pid, p.name or "?", stray.user or "?", gpu, p.used_memory_mib,
-                        " (allow-listed)" if allowed else "")
-            self.engine.bus.publish("stray", {"pid": pid, "gpu": gpu, "name": p.name, "user": stray.user,
-                                              "memory_mib": p.used_memory_mib, "allowed": bool(allowed)})
+            log.warning(
+                "stray GPU process: pid %s (%s, user %s) on GPU %s uses %s MiB and belongs to no instance%s",
+                pid,
+                p.name or "?",
+                stray.user or "?",
+                gpu,
+                p.used_memory_mib,
+                " (allow-listed)" if allowed else "",
+            )
+            self.engine.bus.publish(
+                "stray",
+                {
+                    "pid": pid,
+                    "gpu": gpu,
+                    "name": p.name,
+                    "user": stray.user,
+                    "memory_mib": p.used_memory_mib,
+                    "allowed": bool(allowed),
+                },
+            )
         for stray in self.stray_list.values():
             if rules.due(stray, now):
                 for other in self.stray_list.values():  # one process may hold several GPUs
@@ -245,7 +276,12 @@ class GpuTracker:
             log.error("not killing stray pid %s: %s", stray.pid, verdict.reason)
             stray.action = "kill refused"
             return
-        log.warning("killing stray GPU process pid %s (%s) on GPU %s (strays = \"kill\")", stray.pid, stray.name, stray.gpu)
+        log.warning(
+            'killing stray GPU process pid %s (%s) on GPU %s (strays = "kill")',
+            stray.pid,
+            stray.name,
+            stray.gpu,
+        )
         try:
             how = await kill.terminate(stray.pid, 5.0)
             for other in self.stray_list.values():
@@ -275,13 +311,21 @@ class GpuTracker:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.warning("%s: starting anyway after %g s; still held on its GPUs: %s", spec.id, timeout,
-                            "; ".join(holding))
+                log.warning(
+                    "%s: starting anyway after %g s; still held on its GPUs: %s",
+                    spec.id,
+                    timeout,
+                    "; ".join(holding),
+                )
                 return
-            log.info("%s: waiting for GPU memory of the previous run to be released (%s)", spec.id, "; ".join(holding))
+            log.info(
+                "%s: waiting for GPU memory of the previous run to be released (%s)",
+                spec.id,
+                "; ".join(holding),
+            )
             try:
                 snap = await self.monitor.wait_for_sample(after=snap.sampled_at, timeout=remaining)
-            except (asyncio.TimeoutError, GpuMonitorStopped):
+            except (TimeoutError, GpuMonitorStopped):
                 continue
 
     # -- views ---------------------------------------------------------------------------------------
@@ -313,14 +357,25 @@ class GpuTracker:
         nodes = self.cluster_nodes
         views = [(None, self._view(), self.owners)]
         if nodes is not None:  # a cluster run's processes are on its node
-            views += [(label, sample.snapshot, nodes.owners(sample)) for label, sample in sorted(nodes.samples.items())]
+            views += [
+                (label, sample.snapshot, nodes.owners(sample))
+                for label, sample in sorted(nodes.samples.items())
+            ]
         for node, snap, owners in views:
             for d in snap.devices:
                 for p in d.processes:
                     if owners.get(p.pid) == instance_id:
-                        procs.append({"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
-                                      "instance_id": instance_id, "type": p.kind, "gpu": d.index,
-                                      **({"node": node} if nodes is not None else {})})
+                        procs.append(
+                            {
+                                "pid": p.pid,
+                                "name": p.name or "N/A",
+                                "gpu_memory_usage": p.used_memory_mib,
+                                "instance_id": instance_id,
+                                "type": p.kind,
+                                "gpu": d.index,
+                                **({"node": node} if nodes is not None else {}),
+                            }
+                        )
                         if p.used_memory_mib is not None:
                             total += p.used_memory_mib
                             known = True
@@ -353,10 +408,19 @@ class GpuTracker:
     def strays(self) -> list[dict[str, Any]]:
         rules = StrayRules.from_settings(self.settings)
         nodes = self.cluster_nodes
-        here = [{"pid": s.pid, "gpu": s.gpu, "name": s.name, "user": s.user, "gpu_memory_usage": s.memory_mib,
-                 "policy": rules.policy(s.gpu), "action": s.action,
-                 **({"node": None} if nodes is not None else {})}
-                for s in sorted(self.stray_list.values(), key=lambda s: (s.gpu, s.pid))]
+        here = [
+            {
+                "pid": s.pid,
+                "gpu": s.gpu,
+                "name": s.name,
+                "user": s.user,
+                "gpu_memory_usage": s.memory_mib,
+                "policy": rules.policy(s.gpu),
+                "action": s.action,
+                **({"node": None} if nodes is not None else {}),
+            }
+            for s in sorted(self.stray_list.values(), key=lambda s: (s.gpu, s.pid))
+        ]
         return here + (nodes.strays() if nodes is not None else [])
 
 
@@ -364,8 +428,9 @@ def _users(pids: list[int]) -> dict[int, str | None]:
     return {pid: user_of(pid) for pid in pids}
 
 
-def _scan_owners(pids: frozenset[int], roots: dict[str, int], scope: str = "",
-                 runs: dict[str, str] | None = None) -> tuple[dict[int, ProcInfo], dict[int, str]]:
+def _scan_owners(
+    pids: frozenset[int], roots: dict[str, int], scope: str = "", runs: dict[str, str] | None = None
+) -> tuple[dict[int, ProcInfo], dict[int, str]]:
     """In a thread: the process table, and which instance owns each GPU pid: by ancestry and
     process group, or by the run mark a worker carries after it left both (setsid, orphaned)."""
     table = scan(marks=True)

@@ -26,14 +26,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from supervisor.core.backoff import Backoff, gives_up
-from supervisor.config.desired import InstanceSpec
-from supervisor.core.events import EventBus
-from supervisor.core.failure_line import with_log_reason
 from supervisor.adapters.health import liveness, probe
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
 from supervisor.adapters.records import RunRecords
 from supervisor.adapters.runners.base import LaunchError, PortInUse, RunHandle, Runner, RunnerUnavailable
+from supervisor.config.desired import InstanceSpec
+from supervisor.core.backoff import Backoff, gives_up
+from supervisor.core.events import EventBus
+from supervisor.core.failure_line import with_log_reason
 from supervisor.core.states import ExitStatus, State, Transition, check_transition, utcnow
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Instance:
 
     @property
     def desired(self) -> str:
-        """"running", "stopped" or "removed": where the instance is heading."""
+        """ "running", "stopped" or "removed": where the instance is heading."""
         return self._desired
 
     @property
@@ -242,7 +242,9 @@ class Instance:
     def activate(self, gates: tuple[Awaitable[Any], ...] = ()) -> None:
         """Start the actor; an enabled instance then starts once its `gates` resolve."""
         self._gates.extend(gates)
-        self._actor = asyncio.create_task(self._main(), name=f"instance {self.id}")  # held: tasks are weakly referenced
+        self._actor = asyncio.create_task(
+            self._main(), name=f"instance {self.id}"
+        )  # held: tasks are weakly referenced
         if self._desired == "running":
             self._post(StartIntent("declared"))
 
@@ -314,7 +316,8 @@ class Instance:
             "last_probe": self.last_probe,
             "log_file": str(self.log_file.path),
             "source": str(self.spec.source),
-            "pending_replace": self.running_spec is not None and self.running_spec.launch_hash != self.spec.launch_hash,
+            "pending_replace": self.running_spec is not None
+            and self.running_spec.launch_hash != self.spec.launch_hash,
         }
 
     # == the actor ========================================================================
@@ -322,8 +325,10 @@ class Instance:
         """A port of `spec` is held by `holder`: fail the start. An automatic port stays
         automatic: another one from the range, not a crash loop against a stranger (a fixed
         port is the user's to free)."""
-        auto_keys = {**({spec.port: spec.id} if spec.auto_port else {}),
-                     **{p: f"{spec.id}#{name}" for name, p in spec.extra_ports}}
+        auto_keys = {
+            **({spec.port: spec.id} if spec.auto_port else {}),
+            **{p: f"{spec.id}#{name}" for name, p in spec.extra_ports},
+        }
         auto_key = auto_keys.get(port)
         if auto_key is not None and self.services.give_up_port is not None:
             log.warning("%s: automatic port %d is held by %s; taking another one", self.id, port, holder)
@@ -344,7 +349,11 @@ class Instance:
         while not self._inbox.empty():  # never leave a launched process without an owner
             message = self._inbox.get_nowait()
             if isinstance(message, Launched):
-                log.error("%s: a process (pid %s) was launched after removal; stopping it", self.id, message.handle.pid)
+                log.error(
+                    "%s: a process (pid %s) was launched after removal; stopping it",
+                    self.id,
+                    message.handle.pid,
+                )
                 spec = self.running_spec or self.spec
                 await message.handle.stop(spec.stop.signum, spec.stop.timeout)
 
@@ -451,7 +460,7 @@ class Instance:
         async def apply() -> None:
             try:
                 done = await spec.launch.live.apply(current.launch.live, spec.port, spec.health.start_timeout)
-            except Exception as exc:  # noqa: BLE001 - any failure: the server may be half-changed
+            except Exception as exc:
                 log.warning("%s: the change could not be applied in place: %s", self.id, exc)
                 if self._run == run:
                     self._post(RestartIntent(f"the change could not be applied in place ({exc}); restarting"))
@@ -517,7 +526,9 @@ class Instance:
                     self._log_offset = self.log_file.size()
                     self._post(Launched(run, handle, adopted_from=record))
                     return
-                log.info("%s: the recorded run (pid %s) is gone; starting a new one", self.id, record.get("pid"))
+                log.info(
+                    "%s: the recorded run (pid %s) is gone; starting a new one", self.id, record.get("pid")
+                )
         except Exception:
             log.exception("%s: adopting the recorded run failed; starting a new one", self.id)
         try:
@@ -533,7 +544,11 @@ class Instance:
             if runner is None:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
             # A run of ours that survived a supervisor restart holds the port legitimately.
-            if spec.uses_port and getattr(runner, "ports_here", True) and not await runner.adoptable(spec.launch, spec.id):
+            if (
+                spec.uses_port
+                and getattr(runner, "ports_here", True)
+                and not await runner.adoptable(spec.launch, spec.id)
+            ):
                 for port in (spec.port, *(p for _, p in spec.extra_ports)):
                     holder = await self.services.port_holder(port)
                     if holder is not None:
@@ -548,14 +563,23 @@ class Instance:
             self._spawning = True
             self._log_offset = self.log_file.size()  # fail_patterns look at this run's lines only
             try:
-                handle = await runner.launch(spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum)
+                handle = await runner.launch(
+                    spec.launch, self.log_file, instance_id=spec.id, stop_signal=spec.stop.signum
+                )
             except PortInUse as exc:  # found where the run listens (a cluster node)
                 self._port_taken(spec, exc.port, exc.holder)
             # Recorded before anyone hears of the run: a supervisor killed from here on finds
             # and adopts it instead of starting a second copy.
-            record = {"instance": spec.id, "model": spec.model, "launch_hash": spec.launch_hash,
-                      "source": str(spec.source), "port": spec.port or None, "gpus": list(spec.gpus),
-                      "started_at": utcnow().isoformat(), **handle.record()}
+            record = {
+                "instance": spec.id,
+                "model": spec.model,
+                "launch_hash": spec.launch_hash,
+                "source": str(spec.source),
+                "port": spec.port or None,
+                "gpus": list(spec.gpus),
+                "started_at": utcnow().isoformat(),
+                **handle.record(),
+            }
             try:
                 await asyncio.to_thread(self.services.records.write, spec.id, record)
             except Exception as exc:  # the run is fine; only a later adoption would miss it
@@ -589,7 +613,9 @@ class Instance:
             reason, self._stop_pending = self._stop_pending, None
             self._begin_stop(reason)
         elif spec.health.type == "none":
-            self._become_ready("adopted (no health check)" if m.adopted_from is not None else "started (no health check)")
+            self._become_ready(
+                "adopted (no health check)" if m.adopted_from is not None else "started (no health check)"
+            )
         else:
             self._health_task = self._helper(self._probe_loop(m.run, spec), "health")
 
@@ -598,15 +624,28 @@ class Instance:
         resume, with what is left of its start_timeout if it was not ready yet."""
         record = m.adopted_from or {}
         self.adoptions += 1
-        log.info("%s: adopted pid %s (started %s by an earlier supervisor)", self.id, m.handle.pid,
-                 record.get("started_at", "?"))
-        self.services.bus.publish("adopted", {"instance": self.id, "model": spec.model, "pid": m.handle.pid,
-                                              "started_at": record.get("started_at")})
+        log.info(
+            "%s: adopted pid %s (started %s by an earlier supervisor)",
+            self.id,
+            m.handle.pid,
+            record.get("started_at", "?"),
+        )
+        self.services.bus.publish(
+            "adopted",
+            {
+                "instance": self.id,
+                "model": spec.model,
+                "pid": m.handle.pid,
+                "started_at": record.get("started_at"),
+            },
+        )
         try:
             elapsed = (utcnow() - datetime.fromisoformat(record["started_at"])).total_seconds()
         except (KeyError, TypeError, ValueError):
             elapsed = 0.0
-        self._arm(max(spec.health.start_timeout - elapsed, 2 * spec.health.start_interval, 1.0), "start_timeout")
+        self._arm(
+            max(spec.health.start_timeout - elapsed, 2 * spec.health.start_interval, 1.0), "start_timeout"
+        )
 
     def _on_launch_failed(self, m: LaunchFailed) -> None:
         if m.run != self._run or self.state != State.STARTING:
@@ -663,7 +702,13 @@ class Instance:
             if handle is not None and handle.exited:
                 return  # the run ended (its exit says why); a probe of it is no verdict
             failures += 1
-            log.warning("%s: health check failed (%d/%d): %s", self.id, failures, health.failure_threshold, result.detail)
+            log.warning(
+                "%s: health check failed (%d/%d): %s",
+                self.id,
+                failures,
+                health.failure_threshold,
+                result.detail,
+            )
             if failures >= health.failure_threshold:
                 self._post(Unhealthy(run, result.detail))
                 return
@@ -676,7 +721,9 @@ class Instance:
     def _on_ready(self, m: Ready) -> None:
         if m.run == self._run and self.state == State.STARTING:
             adopted = getattr(self._handle, "adopted", False)
-            self._become_ready(f"adopted pid {self.pid}; ready: {m.detail}" if adopted else f"ready: {m.detail}")
+            self._become_ready(
+                f"adopted pid {self.pid}; ready: {m.detail}" if adopted else f"ready: {m.detail}"
+            )
 
     def _become_ready(self, reason: str) -> None:
         self.ready_at = utcnow()
@@ -686,8 +733,10 @@ class Instance:
 
     def _on_unhealthy(self, m: Unhealthy) -> None:
         if m.run == self._run and self.state == State.RUNNING:
-            self._begin_stop(f"stopped answering its health check ({m.detail})",
-                             _Failure(f"unhealthy: {m.detail}", while_running=True))
+            self._begin_stop(
+                f"stopped answering its health check ({m.detail})",
+                _Failure(f"unhealthy: {m.detail}", while_running=True),
+            )
 
     # -- exits -------------------------------------------------------------------------------
     async def _watch_exit(self, run: int, handle: RunHandle, spec: InstanceSpec) -> tuple[str, ...]:
@@ -716,8 +765,12 @@ class Instance:
             return
         if self.state == State.STOPPING:
             return  # the stop task reports Stopped
-        if getattr(self._handle, "adopted", False) and type(m.status) is ExitStatus and m.status.code is None \
-                and m.status.signal is None:  # nobody could read it (a ClusterExit says why itself)
+        if (
+            getattr(self._handle, "adopted", False)
+            and type(m.status) is ExitStatus
+            and m.status.code is None
+            and m.status.signal is None
+        ):  # nobody could read it (a ClusterExit says why itself)
             m = Exited(m.run, _AdoptedExit(), m.tail)
         self._end_run()
         self.last_exit = m.status
@@ -730,9 +783,15 @@ class Instance:
             self._fail(f"exited before becoming ready ({m.status.describe()})", m.status, m.tail)
         elif self.state == State.RUNNING:
             policy = spec.restart.policy
-            if policy == "never" or (policy == "on-failure" and m.status.is_success(spec.restart.success_exit_codes)):
-                self._transition(State.EXITED, f"exited ({m.status.describe()}); restart policy is {policy}",
-                                 exit=m.status, tail=m.tail)
+            if policy == "never" or (
+                policy == "on-failure" and m.status.is_success(spec.restart.success_exit_codes)
+            ):
+                self._transition(
+                    State.EXITED,
+                    f"exited ({m.status.describe()}); restart policy is {policy}",
+                    exit=m.status,
+                    tail=m.tail,
+                )
             else:
                 self._fail(f"exited unexpectedly ({m.status.describe()})", m.status, m.tail)
 
@@ -744,10 +803,13 @@ class Instance:
         self._after_stop = after
         self._transition(State.STOPPING, reason)
         spec = self.running_spec or self.spec
-        self._helper(self._stop_run(self._run, handle, spec, self._watcher, tail_wanted=after is not None), "stop")
+        self._helper(
+            self._stop_run(self._run, handle, spec, self._watcher, tail_wanted=after is not None), "stop"
+        )
 
-    async def _stop_run(self, run: int, handle: RunHandle, spec: InstanceSpec, watcher: asyncio.Task,
-                        tail_wanted: bool) -> None:
+    async def _stop_run(
+        self, run: int, handle: RunHandle, spec: InstanceSpec, watcher: asyncio.Task, tail_wanted: bool
+    ) -> None:
         status = await handle.stop(spec.stop.signum, spec.stop.timeout)
         tail = await asyncio.shield(watcher)  # it closes the run's files once the exit is seen
         self._post(Stopped(run, status, tail if tail_wanted else ()))
@@ -759,14 +821,24 @@ class Instance:
         self.last_exit = m.status
         after, self._after_stop = self._after_stop, None
         spec = self.running_spec or self.spec
-        if self._desired == "running" and after is not None and after.while_running and spec.restart.policy == "never":
-            self._transition(State.EXITED, f"{after.reason}; restart policy is never", exit=m.status, tail=m.tail)
+        if (
+            self._desired == "running"
+            and after is not None
+            and after.while_running
+            and spec.restart.policy == "never"
+        ):
+            self._transition(
+                State.EXITED, f"{after.reason}; restart policy is never", exit=m.status, tail=m.tail
+            )
         elif self._desired == "running" and after is not None:
             self._fail(after.reason, m.status, m.tail)
         elif self._desired == "running":
             self._transition(State.STOPPED, f"stopped ({m.status.describe()})", exit=m.status)
-            self._launch("restarting" if self.spec.launch_hash == (self.running_spec or self.spec).launch_hash
-                         else "starting the changed declaration")
+            self._launch(
+                "restarting"
+                if self.spec.launch_hash == (self.running_spec or self.spec).launch_hash
+                else "starting the changed declaration"
+            )
         else:
             self._transition(State.STOPPED, f"stopped ({m.status.describe()})", exit=m.status)
             self._reached_stopped()
@@ -783,8 +855,9 @@ class Instance:
             _resolve(self._finished)
 
     # -- failures, backoff, timers -----------------------------------------------------------
-    def _fail(self, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = (),
-              counts: bool = True) -> None:
+    def _fail(
+        self, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = (), counts: bool = True
+    ) -> None:
         spec = self.running_spec or self.spec
         r = spec.restart
         reason = with_log_reason(reason, tail)  # "exited (exit code 1): error: creating server: ..."
@@ -792,24 +865,42 @@ class Instance:
         if not counts:  # its runner is unreachable: wait for it with backoff, never give up
             self.unavailable_waits += 1
             # At least 1 s: the runner answers at once while it is down (no spinning on it).
-            delay = max(1.0, Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(
-                self.unavailable_waits, self.services.rng))
-            self._transition(State.BACKOFF, f"{reason}; trying again in {delay:.2f} s (waiting for it: not counted "
-                                            "as a failure)", exit=exit, tail=tail)
+            delay = max(
+                1.0,
+                Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(
+                    self.unavailable_waits, self.services.rng
+                ),
+            )
+            self._transition(
+                State.BACKOFF,
+                f"{reason}; trying again in {delay:.2f} s (waiting for it: not counted as a failure)",
+                exit=exit,
+                tail=tail,
+            )
             self._arm(delay, "backoff")
             return
         self.failures += 1
         if gives_up(self.failures, r.max_retries):
             retry = f"; retrying once after {r.fatal_cooldown:g} s" if r.fatal_cooldown else ""
-            self._transition(State.FATAL, f"{reason}; gave up after {self.failures} consecutive failures{retry}",
-                             exit=exit, tail=tail)
+            self._transition(
+                State.FATAL,
+                f"{reason}; gave up after {self.failures} consecutive failures{retry}",
+                exit=exit,
+                tail=tail,
+            )
             if r.fatal_cooldown:
                 self._arm(r.fatal_cooldown, "cooldown")
             return
-        delay = Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(self.failures, self.services.rng)
+        delay = Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(
+            self.failures, self.services.rng
+        )
         limit = f"/{r.max_retries}" if r.max_retries else ""
-        self._transition(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s (retry {self.failures}{limit})",
-                         exit=exit, tail=tail)
+        self._transition(
+            State.BACKOFF,
+            f"{reason}; restarting in {delay:.2f} s (retry {self.failures}{limit})",
+            exit=exit,
+            tail=tail,
+        )
         self._arm(delay, "backoff")
 
     def _on_timer(self, m: TimerFired) -> None:
@@ -827,7 +918,9 @@ class Instance:
             self.failures = 0
         elif m.what == "start_timeout" and self.state == State.STARTING:
             timeout = (self.running_spec or self.spec).health.start_timeout
-            reason = f"not ready within start_timeout ({timeout:g} s); last probe: {self.last_probe or 'none'}"
+            reason = (
+                f"not ready within start_timeout ({timeout:g} s); last probe: {self.last_probe or 'none'}"
+            )
             if self._handle is not None:
                 self._begin_stop(reason, _Failure(reason))
             elif self._spawning:
@@ -852,7 +945,9 @@ class Instance:
             self._health_task = None
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _transition(self, to: State, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = ()) -> None:
+    def _transition(
+        self, to: State, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = ()
+    ) -> None:
         check_transition(self.state, to)
         self._cancel_timer()
         record = Transition(utcnow(), self.state, to, reason, exit, tuple(tail))

@@ -29,8 +29,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.reconcile_seconds = Histogram(
-            f"{PREFIX}_reconcile_duration_seconds", "Time to re-read conf.d/ and settle it against what runs",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=self.registry)
+            f"{PREFIX}_reconcile_duration_seconds",
+            "Time to re-read conf.d/ and settle it against what runs",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (route, method, status) -> count
         self._engine: Any = None
         self._gpus: Any = None
@@ -52,7 +55,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: list[str], values: list[str]) -> str:
-    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values))
+    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=False))
 
 
 def _num(value: float) -> str:
@@ -67,7 +70,11 @@ class _Family:
         self.name = name
 
     def add(self, labels: str, value: float, suffix: str = "") -> None:
-        self.lines.append(f"{self.name}{suffix}{{{labels}}} {_num(value)}" if labels else f"{self.name}{suffix} {_num(value)}")
+        self.lines.append(
+            f"{self.name}{suffix}{{{labels}}} {_num(value)}"
+            if labels
+            else f"{self.name}{suffix} {_num(value)}"
+        )
 
 
 class _Collector(Collector):
@@ -91,8 +98,10 @@ class _Collector(Collector):
         node = inst.node or ""
         cached = self._label_cache.get(inst)
         if cached is None or cached[0] is not spec or cached[1] != node:
-            text = _labels(INSTANCE_LABELS, [spec.model, spec.id, spec.backend, ",".join(str(g) for g in spec.gpus),
-                                             node])
+            text = _labels(
+                INSTANCE_LABELS,
+                [spec.model, spec.id, spec.backend, ",".join(str(g) for g in spec.gpus), node],
+            )
             cached = (spec, node, text)
             self._label_cache[inst] = cached
         return cached[2]
@@ -100,15 +109,29 @@ class _Collector(Collector):
     def _instances(self) -> list[_Family]:
         engine = self.m._engine
         state = _Family(f"{PREFIX}_instance_state", "gauge", "The instance's state: 1 for the current one")
-        restarts = _Family(f"{PREFIX}_instance_restarts_total", "counter", "Automatic restarts since the instance was created")
-        adoptions = _Family(f"{PREFIX}_instance_adoptions_total", "counter",
-                            "Runs of an earlier supervisor this one adopted instead of starting anew")
-        failures = _Family(f"{PREFIX}_instance_consecutive_failures", "gauge", "Failed starts or early exits in a row")
+        restarts = _Family(
+            f"{PREFIX}_instance_restarts_total",
+            "counter",
+            "Automatic restarts since the instance was created",
+        )
+        adoptions = _Family(
+            f"{PREFIX}_instance_adoptions_total",
+            "counter",
+            "Runs of an earlier supervisor this one adopted instead of starting anew",
+        )
+        failures = _Family(
+            f"{PREFIX}_instance_consecutive_failures", "gauge", "Failed starts or early exits in a row"
+        )
         uptime = _Family(f"{PREFIX}_instance_uptime_seconds", "gauge", "Seconds RUNNING (0 when not running)")
         ready = _Family(f"{PREFIX}_instance_ready", "gauge", "1 when RUNNING (its health check passes)")
-        exit_code = _Family(f"{PREFIX}_instance_last_exit_code", "gauge",
-                            "Exit code of the last run; 128 + n when killed by signal n")
-        gpu_mem = _Family(f"{PREFIX}_instance_gpu_memory_bytes", "gauge", "GPU memory used by the instance's processes")
+        exit_code = _Family(
+            f"{PREFIX}_instance_last_exit_code",
+            "gauge",
+            "Exit code of the last run; 128 + n when killed by signal n",
+        )
+        gpu_mem = _Family(
+            f"{PREFIX}_instance_gpu_memory_bytes", "gauge", "GPU memory used by the instance's processes"
+        )
         usage = self.m._gpus.memory_by_instance()
         now = time.monotonic()
         states = [s.value for s in State]
@@ -148,22 +171,48 @@ class _Collector(Collector):
         # Cluster mode: every node's GPUs too, each with its `node` label ("" for this machine's).
         where = [("", snap, Counter(gpu for gpu, _pid in tracker.stray_list))]
         if nodes is not None:
-            where += [(label, sample.snapshot, Counter(s["gpu"] for s in nodes.strays() if s["node"] == label))
-                      for label, sample in sorted(nodes.samples.items())]
+            where += [
+                (label, sample.snapshot, Counter(s["gpu"] for s in nodes.strays() if s["node"] == label))
+                for label, sample in sorted(nodes.samples.items())
+            ]
         for node, view, stray_count in where:
-            self._gpu_rows(view, node if nodes is not None else None, stray_count,
-                           used, total, util, power, temp, procs, strays)
+            self._gpu_rows(
+                view,
+                node if nodes is not None else None,
+                stray_count,
+                used,
+                total,
+                util,
+                power,
+                temp,
+                procs,
+                strays,
+            )
         sample = _Family(f"{PREFIX}_gpu_sample_seconds", "gauge", "CPU time the last GPU sample took")
         if snap.sample_seconds is not None:
             sample.add(_labels(["source"], [snap.source]), snap.sample_seconds)
         return [used, total, util, power, temp, procs, strays, sample]
 
     @staticmethod
-    def _gpu_rows(snap: Any, node: str | None, stray_count: Counter, used: _Family, total: _Family, util: _Family,
-                  power: _Family, temp: _Family, procs: _Family, strays: _Family) -> None:
+    def _gpu_rows(
+        snap: Any,
+        node: str | None,
+        stray_count: Counter,
+        used: _Family,
+        total: _Family,
+        util: _Family,
+        power: _Family,
+        temp: _Family,
+        procs: _Family,
+        strays: _Family,
+    ) -> None:
         for d in snap.devices:
             values = [str(d.index), d.uuid or "", d.name or ""]
-            labels = _labels(GPU_LABELS, values) if node is None else _labels([*GPU_LABELS, "node"], [*values, node])
+            labels = (
+                _labels(GPU_LABELS, values)
+                if node is None
+                else _labels([*GPU_LABELS, "node"], [*values, node])
+            )
             if d.memory_used_mib is not None:
                 used.add(labels, d.memory_used_mib * MIB)
             if d.memory_total_mib is not None:
@@ -186,7 +235,9 @@ class _Collector(Collector):
         count.add("", sum(len(e) for e in errors.values()))
         reloads = _Family(f"{PREFIX}_reconciles_total", "counter", "Re-reads of conf.d/ that were settled")
         reloads.add("", engine.reload_count)
-        requests = _Family(f"{PREFIX}_api_requests_total", "counter", "API requests by route, method and status")
+        requests = _Family(
+            f"{PREFIX}_api_requests_total", "counter", "API requests by route, method and status"
+        )
         for (route, method, status), n in sorted(self.m.requests.items()):
             requests.add(_labels(["route", "method", "status"], [route, method, status]), n)
         return [files, count, reloads, requests]

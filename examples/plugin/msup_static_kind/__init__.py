@@ -13,8 +13,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from supervisor.backends.base import (BackendKind, DefaultHealth, LaunchContext, ProcessLaunch, StrictModel, expand,
-                                      instance_env)
+from supervisor.backends.base import (
+    BackendKind,
+    DefaultHealth,
+    LaunchContext,
+    ProcessLaunch,
+    StrictModel,
+    expand,
+    instance_env,
+)
 
 
 class StaticOptions(StrictModel):
@@ -34,6 +41,14 @@ class StaticKind(BackendKind):
 
     def launch(self, options: StaticOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
         directory = ctx.resolve_path(expand(options.directory, ctx, "directory"))
-        argv = (expand(options.python, ctx, "python"), "-m", "http.server", str(ctx.port),
-                "--bind", "127.0.0.1", "--directory", directory)
+        argv = (
+            expand(options.python, ctx, "python"),
+            "-m",
+            "http.server",
+            str(ctx.port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            directory,
+        )
         return ProcessLaunch(argv=argv, env=tuple(sorted(instance_env(ctx, env).items())))

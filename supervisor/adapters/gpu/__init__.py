@@ -6,7 +6,14 @@ Nothing outside this package knows which source is in use; everyone reads `GpuSn
 
 from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.adapters.gpu.monitor import GpuMonitor, GpuMonitorStopped
-from supervisor.adapters.gpu.sources import GpuSource, GpuUnavailable, NoGpuSource, NvmlSource, SimulatedSource, open_source
+from supervisor.adapters.gpu.sources import (
+    GpuSource,
+    GpuUnavailable,
+    NoGpuSource,
+    NvmlSource,
+    SimulatedSource,
+    open_source,
+)
 
 __all__ = [
     "GpuDevice",

@@ -21,8 +21,13 @@ def gpu_info(d: GpuDevice, snap: GpuSnapshot, owners: dict[int, str], node: Any 
         "memory_usage": round(d.memory_used_percent, 2) if d.memory_used_percent is not None else None,
         "power_draw": d.power_draw_w,
         "processes": [
-            {"pid": p.pid, "name": p.name or "N/A", "gpu_memory_usage": p.used_memory_mib,
-             "instance_id": owners.get(p.pid), "type": p.kind}
+            {
+                "pid": p.pid,
+                "name": p.name or "N/A",
+                "gpu_memory_usage": p.used_memory_mib,
+                "instance_id": owners.get(p.pid),
+                "type": p.kind,
+            }
             for p in d.processes
         ],
         "uuid": d.uuid,

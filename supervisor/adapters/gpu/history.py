@@ -55,9 +55,18 @@ class GpuHistory:
             if at < since:
                 continue
             for p in points:
-                s = series.setdefault(p.gpu, {"id": p.gpu, **({} if node is NO_NODE else {"node": node}),
-                                              "memory_total": p.memory_total, "t": [], "memory_used": [],
-                                              "utilization": [], "power_draw": []})
+                s = series.setdefault(
+                    p.gpu,
+                    {
+                        "id": p.gpu,
+                        **({} if node is NO_NODE else {"node": node}),
+                        "memory_total": p.memory_total,
+                        "t": [],
+                        "memory_used": [],
+                        "utilization": [],
+                        "power_draw": [],
+                    },
+                )
                 s["t"].append(round(at, 3))
                 s["memory_used"].append(p.memory_used)
                 s["utilization"].append(p.utilization)
@@ -68,8 +77,10 @@ class GpuHistory:
 
 
 def points_of(snapshot: GpuSnapshot) -> tuple[GpuPoint, ...]:
-    return tuple(GpuPoint(d.index, d.memory_used_mib, d.memory_total_mib, d.utilization_percent, d.power_draw_w)
-                 for d in snapshot.devices)
+    return tuple(
+        GpuPoint(d.index, d.memory_used_mib, d.memory_total_mib, d.utilization_percent, d.power_draw_w)
+        for d in snapshot.devices
+    )
 
 
 def sample_event(snapshot: GpuSnapshot, strays: dict[int, int], node: Any = NO_NODE) -> dict[str, Any]:
@@ -78,8 +89,17 @@ def sample_event(snapshot: GpuSnapshot, strays: dict[int, int], node: Any = NO_N
         "sampled_at": snapshot.sampled_at.isoformat() if snapshot.sampled_at else None,
         **({} if node is NO_NODE else {"node": node}),
         "simulated": snapshot.simulated,
-        "gpus": [{"id": d.index, "memory_used": d.memory_used_mib, "memory_total": d.memory_total_mib,
-                  "utilization": d.utilization_percent, "power_draw": d.power_draw_w,
-                  "temperature": d.temperature_c, "processes": len(d.processes), "strays": strays.get(d.index, 0)}
-                 for d in snapshot.devices],
+        "gpus": [
+            {
+                "id": d.index,
+                "memory_used": d.memory_used_mib,
+                "memory_total": d.memory_total_mib,
+                "utilization": d.utilization_percent,
+                "power_draw": d.power_draw_w,
+                "temperature": d.temperature_c,
+                "processes": len(d.processes),
+                "strays": strays.get(d.index, 0),
+            }
+            for d in snapshot.devices
+        ],
     }

@@ -43,8 +43,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from supervisor.adapters.procscan import read_proc
 from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, ProcessKind
+from supervisor.adapters.procscan import read_proc
 
 log = logging.getLogger(__name__)
 

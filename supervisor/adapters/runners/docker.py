@@ -28,14 +28,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from supervisor.backends.base import ContainerLaunch
 from supervisor.adapters.logfiles import LogFile
 from supervisor.adapters.marks import scope_of  # noqa: F401  (re-exported: containers are labelled with it)
-from supervisor.core.states import ExitStatus
 from supervisor.adapters.runners.base import LaunchError
+from supervisor.backends.base import ContainerLaunch
+from supervisor.core.states import ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,12 @@ def daemon_reason(exc: BaseException, address: str) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     text = " ".join(repr(e) for e in chain)
-    if any(isinstance(e, (FileNotFoundError, ConnectionRefusedError)) for e in chain) or \
-            "FileNotFoundError" in text or "ConnectionRefusedError" in text or "Connection refused" in text:
+    if (
+        any(isinstance(e, (FileNotFoundError, ConnectionRefusedError)) for e in chain)
+        or "FileNotFoundError" in text
+        or "ConnectionRefusedError" in text
+        or "Connection refused" in text
+    ):
         return f"no Docker daemon at {address}"
     if any(isinstance(e, PermissionError) for e in chain) or "PermissionError" in text:
         return f"no permission to use the Docker daemon at {address} (is this user in the docker group?)"
@@ -90,7 +94,7 @@ def _timestamp(rfc3339: str | None) -> float | None:
         return None
     main, _, frac = rfc3339.rstrip("Z").partition(".")
     try:
-        seconds = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+        seconds = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
     return seconds + (float("0." + frac[:6]) if frac else 0.0) - 0.001
@@ -117,8 +121,15 @@ class _Started:
     @classmethod
     def from_attrs(cls, container_id: str, name: str, adopted: bool, attrs: dict) -> _Started:
         state = attrs.get("State", {})
-        return cls(container_id, name, state.get("Pid") or None, adopted, state.get("StartedAt"),
-                   bool(state.get("Running")), state.get("ExitCode"))
+        return cls(
+            container_id,
+            name,
+            state.get("Pid") or None,
+            adopted,
+            state.get("StartedAt"),
+            bool(state.get("Running")),
+            state.get("ExitCode"),
+        )
 
 
 class DockerHandle:
@@ -211,7 +222,7 @@ class DockerRunner:
 
     def _ping(self) -> str | None:
         try:
-            import docker  # noqa: F401
+            import docker  # noqa: F401 - is the package there at all?
         except ImportError:
             return "the docker Python package is not installed"
         try:
@@ -233,7 +244,9 @@ class DockerRunner:
         labels = state.get("Config", {}).get("Labels") or {}
         return bool(state.get("State", {}).get("Running")) and labels.get(LABEL_HASH) == plan_hash(plan)
 
-    async def adopt(self, plan: ContainerLaunch, log_file: LogFile, instance_id: str, record: dict) -> DockerHandle | None:
+    async def adopt(
+        self, plan: ContainerLaunch, log_file: LogFile, instance_id: str, record: dict
+    ) -> DockerHandle | None:
         """The instance's container, if it still runs with this plan's hash (the record only
         says it was a container: the name and labels identify it)."""
         if record.get("kind") != "docker" or not await self.adoptable(plan, instance_id):
@@ -241,7 +254,9 @@ class DockerRunner:
         # Should the container have died just now, launch starts a new one: still one run.
         return await self.launch(plan, log_file, instance_id)
 
-    async def launch(self, plan: ContainerLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15) -> DockerHandle:
+    async def launch(
+        self, plan: ContainerLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15
+    ) -> DockerHandle:
         self._loop = asyncio.get_running_loop()
         await self._ensure_events()
         removal = self._removing.pop(container_name(self.scope, instance_id), None)
@@ -269,7 +284,9 @@ class DockerRunner:
             log.info("%s: adopted running container %s (%s)", instance_id, info.name, info.id[:12])
         return handle
 
-    def _launch_sync(self, plan: ContainerLaunch, instance_id: str, stop_signal: int, log_file: LogFile) -> _Started:
+    def _launch_sync(
+        self, plan: ContainerLaunch, instance_id: str, stop_signal: int, log_file: LogFile
+    ) -> _Started:
         import docker
         from docker.types import DeviceRequest, Ulimit
 
@@ -285,8 +302,12 @@ class DockerRunner:
             labels = existing.labels or {}
             if labels.get(LABEL_HASH) == want and existing.status == "running":
                 return _Started.from_attrs(existing.id, name, True, existing.attrs)
-            log.info("removing stale container %s (status %s, spec %s)", name, existing.status,
-                     "changed" if labels.get(LABEL_HASH) != want else "same")
+            log.info(
+                "removing stale container %s (status %s, spec %s)",
+                name,
+                existing.status,
+                "changed" if labels.get(LABEL_HASH) != want else "same",
+            )
             with contextlib.suppress(docker.errors.NotFound):
                 existing.remove(force=True)
         self._ensure_image(client, plan)
@@ -295,18 +316,27 @@ class DockerRunner:
             "command": list(plan.command) if plan.command is not None else None,
             "entrypoint": list(plan.entrypoint) if plan.entrypoint is not None else None,
             "environment": dict(plan.env),
-            "labels": {LABEL_MANAGED: "1", LABEL_SCOPE: self.scope, LABEL_INSTANCE: instance_id, LABEL_HASH: want},
+            "labels": {
+                LABEL_MANAGED: "1",
+                LABEL_SCOPE: self.scope,
+                LABEL_INSTANCE: instance_id,
+                LABEL_HASH: want,
+            },
             "network_mode": plan.network,
             "detach": True,
             "init": True,  # tini reaps the zombies a model server's workers leave behind
             "stop_signal": signals.Signals(stop_signal).name,
         }
         if plan.gpus:
-            kwargs["device_requests"] = [DeviceRequest(device_ids=[str(g) for g in plan.gpus], capabilities=[["gpu"]])]
+            kwargs["device_requests"] = [
+                DeviceRequest(device_ids=[str(g) for g in plan.gpus], capabilities=[["gpu"]])
+            ]
         if plan.ports:
             kwargs["ports"] = {f"{container}/tcp": (address, host) for address, host, container in plan.ports}
         if plan.volumes:
-            kwargs["volumes"] = {host: {"bind": container, "mode": mode} for host, container, mode in plan.volumes}
+            kwargs["volumes"] = {
+                host: {"bind": container, "mode": mode} for host, container, mode in plan.volumes
+            }
         if plan.shm_size:
             kwargs["shm_size"] = plan.shm_size
         if plan.ipc_mode:
@@ -348,9 +378,11 @@ class DockerRunner:
                 if present:
                     log.warning("pulling %s failed (%s); using the local copy", plan.image, _explain(exc))
                     return
-                raise LaunchError(f"image {plan.image} is not present and cannot be pulled: {_explain(exc)}") from None
+                raise LaunchError(
+                    f"image {plan.image} is not present and cannot be pulled: {_explain(exc)}"
+                ) from None
         elif not present:
-            raise LaunchError(f"image {plan.image} is not present locally (pull = \"never\")")
+            raise LaunchError(f'image {plan.image} is not present locally (pull = "never")')
 
     # -- stopping and exits ---------------------------------------------------------------------
     def _stop_sync(self, container_id: str, signum: int, timeout: float) -> None:
@@ -359,8 +391,8 @@ class DockerRunner:
         client = self._client()
         try:
             container = client.containers.get(container_id)
-            if signum == signals.SIGTERM or not container.status == "running":
-                container.stop(timeout=max(0, int(round(timeout))))
+            if signum == signals.SIGTERM or container.status != "running":
+                container.stop(timeout=max(0, round(timeout)))
             else:
                 container.kill(signal=signals.Signals(signum).name)
                 deadline = time.monotonic() + timeout
@@ -398,7 +430,9 @@ class DockerRunner:
         self._background.add(task)
         self._removing[handle.name] = task
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(lambda t, n=handle.name: self._removing.pop(n) if self._removing.get(n) is t else None)
+        task.add_done_callback(
+            lambda t, n=handle.name: self._removing.pop(n) if self._removing.get(n) is t else None
+        )
 
     async def flush_logs(self, handle: DockerHandle) -> None:
         """Let the container's last lines (often why it died) reach the log file."""
@@ -441,8 +475,11 @@ class DockerRunner:
         while not self._closing.is_set():
             try:
                 client = docker.from_env(timeout=None)
-                stream = client.events(decode=True, since=since,
-                                       filters={"type": "container", "label": [f"{LABEL_SCOPE}={self.scope}"]})
+                stream = client.events(
+                    decode=True,
+                    since=since,
+                    filters={"type": "container", "label": [f"{LABEL_SCOPE}={self.scope}"]},
+                )
                 self._events_stream = stream
                 if since is not None:  # reconnected: we may have missed deaths
                     self._post(self._recheck_all)
@@ -481,14 +518,18 @@ class DockerRunner:
                 if state is not None and not state.get("Running", False):
                     handle._exited(_status_from_code(state.get("ExitCode")))
 
-        asyncio.ensure_future(recheck())
+        self._recheck = asyncio.ensure_future(recheck())  # kept: a task nobody holds may be collected
 
     # -- logs -------------------------------------------------------------------------------------
     def _follow_logs(self, info: _Started, log_file: LogFile) -> None:
         # From this run's start only: a restarted (or adopted) container has older output.
         since = time.time() if info.adopted else _timestamp(info.started_at)
-        thread = threading.Thread(target=self._copy_logs, args=(info.id, log_file, since),
-                                  name=f"docker-logs-{info.name}", daemon=True)
+        thread = threading.Thread(
+            target=self._copy_logs,
+            args=(info.id, log_file, since),
+            name=f"docker-logs-{info.name}",
+            daemon=True,
+        )
         self._log_threads[info.id] = thread
         thread.start()
 

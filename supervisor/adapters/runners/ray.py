@@ -19,17 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
-from supervisor.cluster.nodes import ClusterNodes
-from supervisor.config.cluster_launch import LABEL_KEY, ClusterLaunch
-from supervisor.config.desired import ResolvedHealth
 from supervisor.adapters.health import ProbeResult, health_to_wire
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
 from supervisor.adapters.marks import new_token
 from supervisor.adapters.procscan import ProcessTable, marked
-from supervisor.core.states import ExitStatus
 from supervisor.adapters.runners.base import LaunchError, PortInUse, RunnerUnavailable
 from supervisor.adapters.runners.process import KILL_GRACE, stop_processes
+from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
+from supervisor.cluster.nodes import ClusterNodes
+from supervisor.config.cluster_launch import LABEL_KEY, ClusterLaunch
+from supervisor.config.desired import ResolvedHealth
+from supervisor.core.states import ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class ClusterExit(ExitStatus):
 class RayHandle:
     """One run on a node: its exit comes from the driver's events, its stop through the actor."""
 
-    def __init__(self, runner: RayRunner, name: str, info: dict[str, Any], adopted: bool, log_path: str) -> None:
+    def __init__(
+        self, runner: RayRunner, name: str, info: dict[str, Any], adopted: bool, log_path: str
+    ) -> None:
         self._runner = runner
         self.name = name
         self.log_path = log_path  # on its node
@@ -128,7 +130,9 @@ class RayHandle:
         elif self._grace is not None:
             self._grace.cancel()
             self._grace = None
-            log.info("%s: re-attached to its actor on %s (pid %s still running)", self.name, self.where(), self.pid)
+            log.info(
+                "%s: re-attached to its actor on %s (pid %s still running)", self.name, self.where(), self.pid
+            )
 
     def _finish(self, status: ExitStatus) -> None:
         if self._grace is not None:
@@ -143,13 +147,14 @@ class RayHandle:
         node's, and it may listen on 127.0.0.1 only."""
         while True:
             try:
-                answer = await self._runner.client.call("probe", name=self.name, health=health_to_wire(health),
-                                                        port=port, wait=0)
+                answer = await self._runner.client.call(
+                    "probe", name=self.name, health=health_to_wire(health), port=port, wait=0
+                )
                 break
             except ClusterUnreachable:
                 # Not the backend's fault: the run either re-attaches or fails with "cluster
                 # unreachable" when its grace ends (which cancels this probe).
-                while not self._runner.client.up and not self.exited and not self._runner.client.closing:
+                while not self._runner.client.up and not self.exited and not self._runner.client.closing:  # noqa: ASYNC110 - `up` has no event; polled while the cluster is away
                     await asyncio.sleep(0.5)
                 if self._runner.client.closing:
                     # Left running for the next supervisor (an upgrade): no verdict, ever.
@@ -163,16 +168,26 @@ class RayHandle:
     # -- stopping ------------------------------------------------------------------------------
     async def stop(self, signum: int, timeout: float) -> ExitStatus:
         try:
-            status = await self._runner.client.call("stop", name=self.name, signum=signum, timeout=timeout, wait=0)
+            status = await self._runner.client.call(
+                "stop", name=self.name, signum=signum, timeout=timeout, wait=0
+            )
         except ClusterUnreachable as exc:
             # Not while leaving it for the next supervisor: a reaper must never touch that run.
             self._lost = not self._runner.client.closing
-            self._finish(ClusterExit(reason=f"cluster unreachable while stopping ({exc}); the run on "
-                                            f"{self.where()} is stopped when its actor is found again"))
+            self._finish(
+                ClusterExit(
+                    reason=f"cluster unreachable while stopping ({exc}); the run on "
+                    f"{self.where()} is stopped when its actor is found again"
+                )
+            )
         except ClusterError as exc:
             self._finish(ClusterExit(reason=f"stopping on {self.where()} failed: {exc}"))
         else:
-            self._finish(ExitStatus(**status) if status else ClusterExit(reason=f"its actor on {self.where()} was gone"))
+            self._finish(
+                ExitStatus(**status)
+                if status
+                else ClusterExit(reason=f"its actor on {self.where()} was gone")
+            )
         self._runner.client.unlisten(self.name, self._on_event)
         if self._lost:
             await self._runner.reap_lost(self.token, signum, timeout)
@@ -192,9 +207,18 @@ class RayHandle:
             log.warning("%s: could not clean up after its run on %s: %s", self.name, self.where(), exc)
 
     def record(self) -> dict:
-        return {"kind": "ray", "actor": self.name, "namespace": self._runner.client.namespace, "pid": self.pid,
-                "pgid": self.pgid, "starttime": self.starttime, "token": self.token, "node_id": self.node_id,
-                "node": self.node, "host": self.host}
+        return {
+            "kind": "ray",
+            "actor": self.name,
+            "namespace": self._runner.client.namespace,
+            "pid": self.pid,
+            "pgid": self.pgid,
+            "starttime": self.starttime,
+            "token": self.token,
+            "node_id": self.node_id,
+            "node": self.node,
+            "host": self.host,
+        }
 
 
 class RemoteLog:
@@ -205,9 +229,13 @@ class RemoteLog:
 
     async def _call(self, method: str, **args: Any) -> Any:
         try:
-            return await self.client.call("log", node_id=self.node_id, method=method, path=self.path, wait=0, **args)
+            return await self.client.call(
+                "log", node_id=self.node_id, method=method, path=self.path, wait=0, **args
+            )
         except (ClusterUnreachable, ClusterError) as exc:
-            raise LogUnavailable(f"the log is on node {self.node_id[:12]}, which cannot be read now: {exc}") from None
+            raise LogUnavailable(
+                f"the log is on node {self.node_id[:12]}, which cannot be read now: {exc}"
+            ) from None
 
     async def tail(self, lines: int) -> list[str]:
         return await self._call("tail", lines=lines)
@@ -224,9 +252,15 @@ class RayRunner:
     name = "ray"
     ports_here = False  # its actor checks the run's ports on the node (PortInUse)
 
-    def __init__(self, client: ClusterClient, scope: str, placement_timeout: float = 30.0,
-                 unreachable_grace: float = 30.0, table: ProcessTable | None = None,
-                 release_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: ClusterClient,
+        scope: str,
+        placement_timeout: float = 30.0,
+        unreachable_grace: float = 30.0,
+        table: ProcessTable | None = None,
+        release_timeout: float = 30.0,
+    ) -> None:
         self.client = client
         self.scope = scope
         self.placement_timeout = placement_timeout
@@ -255,8 +289,9 @@ class RayRunner:
         # machine, too strict (never too lax) when this machine uses the port for something else.
         return False
 
-    async def adopt(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str,
-                    record: dict[str, Any]) -> RayHandle | None:
+    async def adopt(
+        self, plan: ClusterLaunch, log_file: LogFile, instance_id: str, record: dict[str, Any]
+    ) -> RayHandle | None:
         if record.get("kind") != "ray" or record.get("namespace") != self.client.namespace:
             return None
         name = str(record.get("actor") or instance_id)
@@ -269,28 +304,54 @@ class RayRunner:
             return None
         if info is None:
             return None
-        if info.get("exited") or info.get("pid") != record.get("pid") or info.get("token") != record.get("token"):
-            log.info("%s: its actor no longer runs the recorded backend (pid %s); replacing it", instance_id,
-                     record.get("pid"))
+        if (
+            info.get("exited")
+            or info.get("pid") != record.get("pid")
+            or info.get("token") != record.get("token")
+        ):
+            log.info(
+                "%s: its actor no longer runs the recorded backend (pid %s); replacing it",
+                instance_id,
+                record.get("pid"),
+            )
             return None  # the launch replaces the actor (it stops any actor of this name first)
         self.log_places[instance_id] = (info.get("node_id") or "", str(log_file.path.absolute()))
         return RayHandle(self, name, info, adopted=True, log_path=str(log_file.path.absolute()))
 
-    async def launch(self, plan: ClusterLaunch, log_file: LogFile, instance_id: str = "",
-                     stop_signal: int = 15) -> RayHandle:
+    async def launch(
+        self, plan: ClusterLaunch, log_file: LogFile, instance_id: str = "", stop_signal: int = 15
+    ) -> RayHandle:
         if not isinstance(plan, ClusterLaunch):
             raise LaunchError(f"the ray runner cannot run a {type(plan).__name__}")
         token = new_token()
-        spec = {"argv": list(plan.argv), "cwd": plan.cwd, "env": dict(plan.env), "unset_env": list(plan.unset_env),
-                "gpus": list(plan.gpus), "log_path": str(log_file.path.absolute()), "scope": self.scope,
-                "token": token, "instance": instance_id, "node_label": plan.node, "ports": list(plan.ports),
-                "marker": f"starting {instance_id}: {plan.describe()}"}
+        spec = {
+            "argv": list(plan.argv),
+            "cwd": plan.cwd,
+            "env": dict(plan.env),
+            "unset_env": list(plan.unset_env),
+            "gpus": list(plan.gpus),
+            "log_path": str(log_file.path.absolute()),
+            "scope": self.scope,
+            "token": token,
+            "instance": instance_id,
+            "node_label": plan.node,
+            "ports": list(plan.ports),
+            "marker": f"starting {instance_id}: {plan.describe()}",
+        }
         try:
             info = await self.client.call(
-                "launch", name=instance_id, spec=spec, node=plan.node, label_key=LABEL_KEY,
-                resources=plan.resources(), num_gpus=0 if plan.share_gpus else len(plan.gpus),
+                "launch",
+                name=instance_id,
+                spec=spec,
+                node=plan.node,
+                label_key=LABEL_KEY,
+                resources=plan.resources(),
+                num_gpus=0 if plan.share_gpus else len(plan.gpus),
                 placement_timeout=self.placement_timeout,
-                avoid=self.pinned_elsewhere(instance_id, plan.gpus, plan.share_gpus) if plan.node == "*" else [])
+                avoid=self.pinned_elsewhere(instance_id, plan.gpus, plan.share_gpus)
+                if plan.node == "*"
+                else [],
+            )
         except ClusterUnreachable as exc:
             raise RunnerUnavailable(f"cluster unreachable: {exc}") from None
         except ClusterError as exc:
@@ -300,8 +361,9 @@ class RayRunner:
         self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
         return RayHandle(self, instance_id, info, adopted=False, log_path=spec["log_path"])
 
-    async def sweep_actors(self, keep: set[str], launched_here: Callable[[str], bool], broken_files: bool,
-                           timeout: float) -> None:
+    async def sweep_actors(
+        self, keep: set[str], launched_here: Callable[[str], bool], broken_files: bool, timeout: float
+    ) -> None:
         """At start-up: stop every actor of our namespace that no declaration wants (removed or
         disabled while the supervisor was down, with or without a run record). While a file is
         broken its instances are unknown, so then nothing without a record is touched."""
@@ -318,11 +380,16 @@ class RayRunner:
             if name in keep or launched_here(name):
                 continue
             if broken_files:
-                log.warning("actor %s: no valid declaration wants it, but a file in conf.d is broken; left alone",
-                            name)
+                log.warning(
+                    "actor %s: no valid declaration wants it, but a file in conf.d is broken; left alone",
+                    name,
+                )
                 continue
-            log.warning("actor %s: no declaration wants it any more (removed or disabled while the supervisor "
-                        "was down); stopping it and its backend", name)
+            log.warning(
+                "actor %s: no declaration wants it any more (removed or disabled while the supervisor "
+                "was down); stopping it and its backend",
+                name,
+            )
             try:
                 await self.client.call("stop", name=name, signum=15, timeout=timeout)
             except (ClusterUnreachable, ClusterError) as exc:
@@ -349,7 +416,9 @@ class RayRunner:
         table = await self.table.snapshot()
         victims = marked(table, self.scope, token)
         if victims:
-            log.warning("stopping %d process(es) of a lost run on this machine: %s", len(victims), sorted(victims))
+            log.warning(
+                "stopping %d process(es) of a lost run on this machine: %s", len(victims), sorted(victims)
+            )
             await stop_processes(table, victims, signum, min(timeout, KILL_GRACE))
 
 
@@ -358,12 +427,22 @@ def from_settings(settings: Any, scope: str, table: ProcessTable | None = None) 
     import sys
 
     client = ClusterClient(
-        address=settings.ray_address, namespace=f"msup-{scope}", python=settings.ray_python or sys.executable,
+        address=settings.ray_address,
+        namespace=f"msup-{scope}",
+        python=settings.ray_python or sys.executable,
         log_path=settings.state_dir / "logs" / "ray-driver.log",
         env={"RAY_gcs_rpc_server_reconnect_timeout_s": str(settings.ray_reconnect_timeout)},
-        connect_timeout=max(10.0, settings.ray_placement_timeout), driver_args=_agent_args(settings))
-    return RayRunner(client, scope, settings.ray_placement_timeout, settings.ray_unreachable_grace, table,
-                     settings.gpu_release_timeout)
+        connect_timeout=max(10.0, settings.ray_placement_timeout),
+        driver_args=_agent_args(settings),
+    )
+    return RayRunner(
+        client,
+        scope,
+        settings.ray_placement_timeout,
+        settings.ray_unreachable_grace,
+        table,
+        settings.gpu_release_timeout,
+    )
 
 
 def _agent_args(settings: Any) -> list[str]:

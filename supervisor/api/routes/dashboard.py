@@ -37,7 +37,7 @@ TYPES = {
 # script or style, nothing from another origin (the page makes no external request at all).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -121,4 +121,6 @@ async def asset(request: Request, name: str) -> HTTPResponse:
     # Only the current version may be cached for good: an old page asking for `?v=<old hash>`
     # gets today's file, which must not be stored under the old URL forever.
     cache = IMMUTABLE if request.args.get("v") == current.version else "no-cache"
-    return _answer(request, current, TYPES[name], {"Cache-Control": cache, "X-Content-Type-Options": "nosniff"})
+    return _answer(
+        request, current, TYPES[name], {"Cache-Control": cache, "X-Content-Type-Options": "nosniff"}
+    )

@@ -12,11 +12,11 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 
 from supervisor.adapters import kill
-from supervisor.runtime.control import Forbidden, NotFound, invalid
 from supervisor.adapters.procscan import scan
 from supervisor.api.errors import error_response, parse_bool, parse_int, query
-from supervisor.api.schemas import KillProcessResponse
 from supervisor.api.routes import Parameter, responses
+from supervisor.api.schemas import KillProcessResponse
+from supervisor.runtime.control import Forbidden, NotFound, invalid
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ PID_MAX = 4194304
 @openapi.definition(
     summary="Kill a process by its PID",
     description="Allowed for a process of a supervised instance (which then restarts under its policy) or a "
-                "process using a GPU. Refused (403) for pid <= 1, the supervisor itself, its process group and "
-                "its ancestors, always; and for any other process unless force=true. SIGTERM, then SIGKILL after "
-                f"{KILL_GRACE:g} s. Answers once the process is gone. In cluster mode, node=<label> kills a "
-                "process of that node, judged there by the same rules (503 while the node cannot be reached).",
+    "process using a GPU. Refused (403) for pid <= 1, the supervisor itself, its process group and "
+    "its ancestors, always; and for any other process unless force=true. SIGTERM, then SIGKILL after "
+    f"{KILL_GRACE:g} s. Answers once the process is gone. In cluster mode, node=<label> kills a "
+    "process of that node, judged there by the same rules (503 while the node cannot be reached).",
     tag="GPU and processes",
-    parameter=[Parameter("pid", {"type": "integer", "minimum": 1, "maximum": PID_MAX}, "path", required=True),
-               Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway"),
-               Parameter("node", {"type": "string"}, "query", description="cluster mode: the node's label")],
+    parameter=[
+        Parameter("pid", {"type": "integer", "minimum": 1, "maximum": PID_MAX}, "path", required=True),
+        Parameter("force", {"type": "boolean"}, "query", description="kill an unrelated process anyway"),
+        Parameter("node", {"type": "string"}, "query", description="cluster mode: the node's label"),
+    ],
     response=responses({200: (KillProcessResponse, "the process is gone")}, 403, 404, 422, 503),
 )
 async def kill_process(request: Request, pid: str) -> HTTPResponse:
@@ -65,7 +67,9 @@ async def kill_process(request: Request, pid: str) -> HTTPResponse:
     except PermissionError:
         raise Forbidden("Permission denied") from None
     message = f"{verdict.reason}; {_ended(how)}"
-    return json_response({"pid": target, "status": "killed", "message": message, "instance_id": verdict.instance})
+    return json_response(
+        {"pid": target, "status": "killed", "message": message, "instance_id": verdict.instance}
+    )
 
 
 async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> HTTPResponse:
@@ -73,8 +77,10 @@ async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> H
 
     nodes = request.app.ctx.gpus.cluster_nodes
     if nodes is None:
-        raise invalid(["query", "node"], 'needs cluster mode (cluster = "ray" in the settings); '
-                                         'leave it out for this machine')
+        raise invalid(
+            ["query", "node"],
+            'needs cluster mode (cluster = "ray" in the settings); leave it out for this machine',
+        )
     try:
         answer = await nodes.kill(node, pid, force, KILL_GRACE)
     except LookupError as exc:
@@ -87,8 +93,15 @@ async def _kill_on_node(request: Request, node: str, pid: int, force: bool) -> H
         raise Forbidden(f"{answer['refused']} (on node {node})")
     how = answer["how"]
     message = f"{answer['reason']} (on node {node}); {_ended(how)}"
-    return json_response({"pid": pid, "status": "killed", "message": message, "instance_id": answer.get("instance"),
-                          "node": node})
+    return json_response(
+        {
+            "pid": pid,
+            "status": "killed",
+            "message": message,
+            "instance_id": answer.get("instance"),
+            "node": node,
+        }
+    )
 
 
 def _ended(how: str) -> str:

@@ -9,24 +9,26 @@ from collections import Counter
 from typing import Any
 from urllib.parse import unquote
 
-from sanic import Blueprint, Request, Sanic
 from prometheus_client import CONTENT_TYPE_LATEST
+from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 from sanic_ext import openapi
 
 from supervisor import __version__
-from supervisor.runtime.control import NotFound
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
 from supervisor.adapters.storage import StateDirHealth
 from supervisor.api.errors import error_response, parse_bool, parse_int, query
-from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
 from supervisor.api.routes import Parameter, dashboard, responses
+from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
+from supervisor.runtime.control import NotFound
 
 bp = Blueprint("system", url_prefix="/api/v1")
 
 #: `demo@cpu`, `llama@gpu0-1`; in cluster mode `llama@gpu-a:gpu1` (a node label, spec.NODE_LABEL_RE).
-INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@([a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?:)?(cpu|gpu\d+(-\d+)*)$")
+INSTANCE_ID = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@([a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?:)?(cpu|gpu\d+(-\d+)*)$"
+)
 HEARTBEAT = 15.0
 FOLLOW_POLL = 0.2  # a followed log is checked for growth this often
 
@@ -43,7 +45,9 @@ def health_body(app: Sanic) -> dict:
         "gpu_source": snapshot.source,
         "gpu_count": len(snapshot.devices),
         "gpu_reason": snapshot.reason,
-        "gpu_sample_ms": round(snapshot.sample_seconds * 1000, 3) if snapshot.sample_seconds is not None else None,
+        "gpu_sample_ms": round(snapshot.sample_seconds * 1000, 3)
+        if snapshot.sample_seconds is not None
+        else None,
         "runners": {name: runner.unavailable_reason() for name, runner in engine.runners.items()},
         # e.g. "GPU 5 is not known: no GPU source": instances that run on GPUs nobody can check
         "warnings": app.ctx.gpus.unknown_gpu_warnings(),
@@ -78,24 +82,35 @@ async def health(app: Sanic) -> dict:
 
 def install_root(app: Sanic) -> None:
     @app.get("/", name="root")
-    @openapi.definition(summary="Health check (the old tool's welcome answer)", tag="Health Check",
-                        response=responses({200: (Welcome, "ok")}))
+    @openapi.definition(
+        summary="Health check (the old tool's welcome answer)",
+        tag="Health Check",
+        response=responses({200: (Welcome, "ok")}),
+    )
     async def root(request: Request) -> HTTPResponse:
         if dashboard.wants_html(request):  # a browser gets the dashboard; API clients the old JSON
             return await dashboard.page(request)
-        return json_response({"status": "ok", "message": "Welcome to the Model Inference Client API"},
-                             headers={"Vary": "Accept"})
+        return json_response(
+            {"status": "ok", "message": "Welcome to the Model Inference Client API"},
+            headers={"Vary": "Accept"},
+        )
 
     @app.get("/metrics", name="metrics")
-    @openapi.definition(summary="Prometheus metrics: instances, GPUs, the supervisor", tag="Health Check",
-                        response=responses({200: (None, "Prometheus text format")}))
+    @openapi.definition(
+        summary="Prometheus metrics: instances, GPUs, the supervisor",
+        tag="Health Check",
+        response=responses({200: (None, "Prometheus text format")}),
+    )
     async def metrics(request: Request) -> HTTPResponse:
         body = request.app.ctx.metrics.render()
         return HTTPResponse(body, content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", name="healthz")
-    @openapi.definition(summary="Liveness of the supervisor, counts by state, GPU source and its reason",
-                        tag="Health Check", response=responses({200: (Health, "ok")}))
+    @openapi.definition(
+        summary="Liveness of the supervisor, counts by state, GPU source and its reason",
+        tag="Health Check",
+        response=responses({200: (Health, "ok")}),
+    )
     async def healthz(request: Request) -> HTTPResponse:
         return json_response(await health(request.app))
 
@@ -107,43 +122,81 @@ async def healthz_v1(request: Request) -> HTTPResponse:
 
 
 @bp.get("/config/errors")
-@openapi.definition(summary="Declaration files that do not load, and why", tag="Configuration",
-                    response=responses({200: ([ConfigErrorItem], "every error of every broken file")}))
+@openapi.definition(
+    summary="Declaration files that do not load, and why",
+    tag="Configuration",
+    response=responses({200: ([ConfigErrorItem], "every error of every broken file")}),
+)
 async def config_errors(request: Request) -> HTTPResponse:
     return json_response(request.app.ctx.engine.config_errors())
 
 
 @bp.post("/reload")
-@openapi.definition(summary="Re-read conf.d/ now (the same path as SIGHUP; the watcher does this by itself)",
-                    description="With wait=true, answers (200) after this very reload, with what it changed "
-                                "(`changes`; empty lists when the files were already in force) and the number of "
-                                "configuration errors; otherwise 202 at once.",
-                    tag="Configuration",
-                    parameter=[Parameter("wait", {"type": "boolean"}, "query",
-                                         description="answer once this reload is done, with its changes")],
-                    response=responses({202: (ReloadResult, "re-read requested"),
-                                        200: (ReloadResult, "re-read (wait=true)")}, 422))
+@openapi.definition(
+    summary="Re-read conf.d/ now (the same path as SIGHUP; the watcher does this by itself)",
+    description="With wait=true, answers (200) after this very reload, with what it changed "
+    "(`changes`; empty lists when the files were already in force) and the number of "
+    "configuration errors; otherwise 202 at once.",
+    tag="Configuration",
+    parameter=[
+        Parameter(
+            "wait",
+            {"type": "boolean"},
+            "query",
+            description="answer once this reload is done, with its changes",
+        )
+    ],
+    response=responses(
+        {202: (ReloadResult, "re-read requested"), 200: (ReloadResult, "re-read (wait=true)")}, 422
+    ),
+)
 async def reload(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
     if not parse_bool(query(request, "wait"), ["query", "wait"]):
         engine.request_reload("API reload")
         return json_response({"requested": True, "last_reload": engine.last_reload}, status=202)
     steps = await engine.reload("API reload")  # serialised with the watcher's reloads
-    changes = {"added": steps.add, "removed": steps.remove, "replaced": steps.replace, "updated": steps.update}
-    return json_response({"requested": True, "changes": changes, "config_errors": len(engine.config_errors()),
-                          "last_reload": engine.last_reload})
+    changes = {
+        "added": steps.add,
+        "removed": steps.remove,
+        "replaced": steps.replace,
+        "updated": steps.update,
+    }
+    return json_response(
+        {
+            "requested": True,
+            "changes": changes,
+            "config_errors": len(engine.config_errors()),
+            "last_reload": engine.last_reload,
+        }
+    )
 
 
 @bp.get("/instances/<instance_id:str>/logs")
 @openapi.definition(
     summary="The last lines of an instance's log file",
     tag="Instances",
-    parameter=[Parameter("instance_id", {"type": "string", "pattern": INSTANCE_ID.pattern, "maxLength": 80}, "path",
-                         required=True, description="e.g. demo@cpu or demo@gpu0-1"),
-               Parameter("tail", {"type": "integer", "minimum": 1, "maximum": 100000}, "query",
-                         description="how many lines (default 100)"),
-               Parameter("follow", {"type": "boolean"}, "query",
-                         description="keep streaming what is appended (across rotation) until the client leaves")],
+    parameter=[
+        Parameter(
+            "instance_id",
+            {"type": "string", "pattern": INSTANCE_ID.pattern, "maxLength": 80},
+            "path",
+            required=True,
+            description="e.g. demo@cpu or demo@gpu0-1",
+        ),
+        Parameter(
+            "tail",
+            {"type": "integer", "minimum": 1, "maximum": 100000},
+            "query",
+            description="how many lines (default 100)",
+        ),
+        Parameter(
+            "follow",
+            {"type": "boolean"},
+            "query",
+            description="keep streaming what is appended (across rotation) until the client leaves",
+        ),
+    ],
     response=responses({200: (None, "log lines, oldest first")}, 404, 422, 503),
 )
 async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | None:
@@ -151,7 +204,9 @@ async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | No
     tail = parse_int(query(request, "tail", "100"), ["query", "tail"])
     follow = parse_bool(query(request, "follow"), ["query", "follow"])
     if not 1 <= tail <= 100_000:
-        return error_response(422, [{"type": "less_than_equal", "loc": ["query", "tail"], "msg": "tail must be 1-100000"}])
+        return error_response(
+            422, [{"type": "less_than_equal", "loc": ["query", "tail"], "msg": "tail must be 1-100000"}]
+        )
     engine = request.app.ctx.engine
     if not INSTANCE_ID.match(instance_id):
         raise NotFound(f"no instance {instance_id!r}")
@@ -173,7 +228,9 @@ async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | No
 
 async def _follow(request: Request, reader: Any, offset: int, lines: list[str]) -> None:
     closing: asyncio.Event = request.app.ctx.closing
-    response = await request.respond(content_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
+    response = await request.respond(
+        content_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"}
+    )
     await response.send("".join(line + "\n" for line in lines))
     inode = None
     while not closing.is_set() and not request.transport.is_closing():
@@ -191,7 +248,7 @@ async def _follow(request: Request, reader: Any, offset: int, lines: list[str]) 
             continue
         try:
             await asyncio.wait_for(closing.wait(), FOLLOW_POLL)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     await response.eof()
 
@@ -200,8 +257,14 @@ async def _follow(request: Request, reader: Any, offset: int, lines: list[str]) 
 @openapi.definition(
     summary="Server-sent events: state transitions, configuration changes (resume with Last-Event-ID)",
     tag="Events",
-    parameter=[Parameter("last_event_id", {"type": "integer", "minimum": 0}, "query",
-                         description="resume after this event id (the Last-Event-ID header also works)")],
+    parameter=[
+        Parameter(
+            "last_event_id",
+            {"type": "integer", "minimum": 0},
+            "query",
+            description="resume after this event id (the Last-Event-ID header also works)",
+        )
+    ],
     response=responses({200: (("text/event-stream", {"type": "string"}), "one event per message")}, 422),
 )
 async def events(request: Request) -> HTTPResponse | None:
@@ -209,8 +272,9 @@ async def events(request: Request) -> HTTPResponse | None:
     last_id = parse_int(raw, ["query", "last_event_id"]) if raw else None
     bus = request.app.ctx.engine.bus
     closing: asyncio.Event = request.app.ctx.closing
-    response = await request.respond(content_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = await request.respond(
+        content_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await response.send(": connected\nretry: 1000\n\n")
     sub = bus.open(last_id)
     stop = asyncio.ensure_future(closing.wait())
@@ -226,7 +290,9 @@ async def events(request: Request) -> HTTPResponse | None:
                 await response.send(": keep-alive\n\n")
                 continue
             event = nxt.result()
-            await response.send(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.as_dict())}\n\n")
+            await response.send(
+                f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.as_dict())}\n\n"
+            )
     finally:
         # A client that leaves cancels this handler mid-wait: cancel the pending get too, or
         # asyncio logs "Task was destroyed but it is pending" for it (issue 13).

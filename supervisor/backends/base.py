@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -206,7 +206,7 @@ class ProcessLaunch:
     after_exit: tuple[PrepareStep, ...] = ()
     runner: ClassVar[str] = "process"
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         return {
             "runner": self.runner,
             "argv": list(self.argv),
@@ -245,9 +245,13 @@ class ContainerLaunch:
     prepare: tuple[PrepareStep, ...] = ()
     #: Applied to the running server when it alone changes; not in the fingerprint.
     live: LiveConfig | None = None
+    #: As for a process (log lines that mean a failed start; work after a run's end): the
+    #: instance reads them from any plan. Not in the fingerprint.
+    fail_patterns: tuple[str, ...] = ()
+    after_exit: tuple[PrepareStep, ...] = ()
     runner: ClassVar[str] = "docker"
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         return {
             "runner": self.runner,
             "image": self.image,
@@ -285,37 +289,52 @@ class DefaultHealth:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-class BackendKind(ABC):
-    """One kind of backend. Subclasses set `name` and `options_model` and build plans."""
+#: A kind's options model (its `options_model`), and the plan type its `launch` returns.
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+PlanT = TypeVar("PlanT", bound=LaunchPlan)
+
+
+class BackendKind(ABC, Generic[OptionsT, PlanT]):
+    """One kind of backend. Subclasses set `name` and `options_model` and build plans.
+
+    A subclass names its options model and plan type, `class MyKind(BackendKind[MyOptions,
+    ProcessLaunch])`: its methods then take `MyOptions` (what `options_model` validates) and
+    its `preflight` the plan its `launch` made. Plain `BackendKind` (no parameters) still works.
+    """
 
     name: ClassVar[str]
-    #: Backend-specific keys of a declaration (strict, extra keys forbidden).
+    #: Backend-specific keys of a declaration (strict, extra keys forbidden). Its instances
+    #: are what the methods below receive as `options`.
     options_model: ClassVar[type[BaseModel]]
 
     @abstractmethod
-    def default_health(self, options: BaseModel) -> DefaultHealth: ...
+    def default_health(self, options: OptionsT) -> DefaultHealth: ...
 
-    def instance_health(self, options: BaseModel, ctx: LaunchContext) -> DefaultHealth:
+    def instance_health(self, options: OptionsT, ctx: LaunchContext) -> DefaultHealth:
         """The default health check of one instance: `default_health`, unless it depends on a
         file the server reads at start (text-generation-webui's CMD_FLAGS.txt). May read small
         files; called where instances are built from declarations."""
         return self.default_health(options)
 
     @abstractmethod
-    def launch(self, options: BaseModel, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:
+    def launch(self, options: OptionsT, ctx: LaunchContext, env: dict[str, str]) -> PlanT:
         """The plan for one instance. `env` is the declaration's `env` table, unexpanded."""
 
-    def extra_ports(self, options: BaseModel) -> tuple[str, ...]:
+    def extra_ports(self, options: OptionsT) -> tuple[str, ...]:
         """Names of more ports each instance needs beyond `{port}` (e.g. Triton's grpc and
         metrics): each gets an automatic port of its own, as `{port_<name>}`."""
         return ()
 
-    def listens(self, options: BaseModel, env: dict[str, str]) -> bool:
+    def listens(self, options: OptionsT, env: dict[str, str]) -> bool:
         """Whether the backend binds its `{port}`: if so the port is checked before each start."""
         return True
 
-    def preflight(self, options: BaseModel, ctx: LaunchContext, plan: LaunchPlan) -> list[tuple[str, str]]:
+    def preflight(self, options: OptionsT, ctx: LaunchContext, plan: PlanT) -> list[tuple[str, str]]:
         """What can be checked on this machine before `plan` replaces a running instance, as
         (key, problem) pairs: the program is installed, the directories exist
         (`supervisor.backends.checks`). Blocking (stats only). Default: nothing to check."""
         return []
+
+
+#: A kind whose options and plan types are not known statically (the registry's, a model's).
+AnyBackendKind = BackendKind[Any, Any]

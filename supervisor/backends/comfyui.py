@@ -95,20 +95,20 @@ class ComfyUIOptions(StrictModel):
         return value
 
 
-class ComfyUIKind(BackendKind):
+class ComfyUIKind(BackendKind[ComfyUIOptions, ProcessLaunch]):
     name = "comfyui"
     options_model = ComfyUIOptions
 
-    def default_health(self, options: ComfyUIOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: ComfyUIOptions) -> DefaultHealth:
         # Answers once the server is up and the custom nodes are imported; the old tool's
         # /history also answered 200, but says nothing about the machine. With TLS flags the
         # probe speaks HTTPS (a plain GET would fail every probe until start_timeout).
         return DefaultHealth("https" if serves_tls(options.extra_args) else "http", "/system_stats")
 
-    def listens(self, options: ComfyUIOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: ComfyUIOptions, env: dict[str, str]) -> bool:
         return True
 
-    def launch(self, options: ComfyUIOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+    def launch(self, options: ComfyUIOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
         argv = [
             executable(options.python, ctx, "python"),
             "main.py",
@@ -149,7 +149,7 @@ class ComfyUIKind(BackendKind):
 
     def preflight(
         self, options: ComfyUIOptions, ctx: LaunchContext, plan: ProcessLaunch
-    ) -> list[checks.Problem]:  # type: ignore[override]
+    ) -> list[checks.Problem]:
         return checks.directory(
             plan.cwd, "comfyui_path", "main.py", " (is it a ComfyUI checkout?)"
         ) + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python")

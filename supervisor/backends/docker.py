@@ -88,7 +88,7 @@ class DockerOptions(StrictModel):
 
     @field_validator("ulimits")
     @classmethod
-    def _ulimit_names(cls, value: dict) -> dict:
+    def _ulimit_names(cls, value: dict[str, int | UlimitRange]) -> dict[str, int | UlimitRange]:
         for name in value:
             if name not in _ULIMIT_NAMES:
                 raise ValueError(f"unknown ulimit {name!r} (known: {', '.join(sorted(_ULIMIT_NAMES))})")
@@ -157,19 +157,19 @@ def uses_port_placeholder(options: DockerOptions, env: dict[str, str]) -> bool:
     return any("{port}" in t for t in texts)
 
 
-class DockerKind(BackendKind):
+class DockerKind(BackendKind[DockerOptions, ContainerLaunch]):
     name = "docker"
     options_model = DockerOptions
 
-    def listens(self, options: DockerOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: DockerOptions, env: dict[str, str]) -> bool:
         if options.network == "none":
             return False
         return options.container_port is not None or uses_port_placeholder(options, env)
 
-    def default_health(self, options: DockerOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: DockerOptions) -> DefaultHealth:
         return DefaultHealth("tcp" if options.container_port is not None else "none")
 
-    def launch(self, options: DockerOptions, ctx: LaunchContext, env: dict[str, str]) -> ContainerLaunch:  # type: ignore[override]
+    def launch(self, options: DockerOptions, ctx: LaunchContext, env: dict[str, str]) -> ContainerLaunch:
         return build_container(options, ctx, container_env(ctx, env))
 
 

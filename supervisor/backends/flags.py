@@ -98,7 +98,7 @@ def _read_argparse(item: str, syntax: ParserSyntax) -> _Read:
     # single-dash option string ("-t" for "-tp"; 3.12+ compares the part before "=").
     short, rest = item[:2], item[2:]
     matches = [o for o in options if o == short]
-    attached = dict.fromkeys(matches, rest)
+    attached: dict[str, str | None] = dict.fromkeys(matches, rest)
     for o in options:
         if o != short and o.startswith((item, head)):
             matches.append(o)

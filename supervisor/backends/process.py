@@ -26,26 +26,26 @@ class ProcessOptions(StrictModel):
     cwd: str | None = None
 
 
-class ProcessKind(BackendKind):
+class ProcessKind(BackendKind[ProcessOptions, ProcessLaunch]):
     name = "process"
     options_model = ProcessOptions
 
-    def default_health(self, options: ProcessOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: ProcessOptions) -> DefaultHealth:
         # A generic command may not listen on anything: RUNNING once it is up, unless the
         # declaration asks for an http or tcp check.
         return DefaultHealth("none")
 
-    def listens(self, options: ProcessOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: ProcessOptions, env: dict[str, str]) -> bool:
         return any("{port}" in text for text in [*options.command, *env.values()])
 
-    def launch(self, options: ProcessOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+    def launch(self, options: ProcessOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
         argv = tuple(expand(arg, ctx, f"command[{i}]") for i, arg in enumerate(options.command))
         cwd = ctx.resolve_path(expand(options.cwd, ctx, "cwd")) if options.cwd is not None else None
         return ProcessLaunch(argv=argv, cwd=cwd, env=tuple(sorted(instance_env(ctx, env).items())))
 
     def preflight(
         self, options: ProcessOptions, ctx: LaunchContext, plan: ProcessLaunch
-    ) -> list[checks.Problem]:  # type: ignore[override]
+    ) -> list[checks.Problem]:
         problems = []
         if not checks.per_instance(options.cwd):
             problems += checks.directory(plan.cwd, "cwd")

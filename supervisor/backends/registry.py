@@ -12,10 +12,10 @@ load is logged and listed in `plugin_errors`; it never stops the supervisor.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 
-from supervisor.backends.base import BackendKind
+from supervisor.backends.base import AnyBackendKind, BackendKind
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,18 @@ class UnknownBackend(KeyError):
 
 
 class Registry:
-    def __init__(self, kinds: Iterable[BackendKind] = ()) -> None:
-        self._kinds: dict[str, BackendKind] = {}
+    def __init__(self, kinds: Iterable[AnyBackendKind] = ()) -> None:
+        self._kinds: dict[str, AnyBackendKind] = {}
         self.plugin_errors: dict[str, str] = {}
         for kind in kinds:
             self.register(kind)
 
-    def register(self, kind: BackendKind) -> None:
+    def register(self, kind: AnyBackendKind) -> None:
         if kind.name in self._kinds:
             raise ValueError(f"backend kind {kind.name!r} is already registered")
         self._kinds[kind.name] = kind
 
-    def get(self, name: str) -> BackendKind:
+    def get(self, name: str) -> AnyBackendKind:
         try:
             return self._kinds[name]
         except KeyError:
@@ -47,7 +47,7 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._kinds)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[AnyBackendKind]:
         return iter(self._kinds.values())
 
     def __contains__(self, name: object) -> bool:
@@ -69,7 +69,7 @@ class Registry:
                 log.error("backend plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
 
 
-def builtin_kinds() -> list[BackendKind]:
+def builtin_kinds() -> list[AnyBackendKind]:
     from supervisor.backends.comfyui import ComfyUIKind
     from supervisor.backends.docker import DockerKind
     from supervisor.backends.process import ProcessKind

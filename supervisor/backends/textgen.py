@@ -234,14 +234,14 @@ def _server_args(options: TextgenOptions, ctx: LaunchContext) -> list[str]:
     return args + expand_all(options.extra_args, ctx, "extra_args")
 
 
-class TextgenKind(BackendKind):
+class TextgenKind(BackendKind[TextgenOptions, ProcessLaunch]):
     name = "textgen"
     options_model = TextgenOptions
 
-    def default_health(self, options: TextgenOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: TextgenOptions) -> DefaultHealth:
         return DefaultHealth("http", "/v1/models")
 
-    def instance_health(self, options: TextgenOptions, ctx: LaunchContext) -> DefaultHealth:  # type: ignore[override]
+    def instance_health(self, options: TextgenOptions, ctx: LaunchContext) -> DefaultHealth:
         # The server's command line is CMD_FLAGS.txt's flags, then ours: the last --api-key of
         # both is the one every API route checks (modules/api/script.py verify_api_key).
         args = _server_args(options, ctx)
@@ -250,13 +250,13 @@ class TextgenKind(BackendKind):
         headers = (("Authorization", f"Bearer {key}"),) if key else ()
         return DefaultHealth("http", "/v1/models", headers=headers)
 
-    def extra_ports(self, options: TextgenOptions) -> tuple[str, ...]:  # type: ignore[override]
+    def extra_ports(self, options: TextgenOptions) -> tuple[str, ...]:
         return ("ui",) if options.webui else ()
 
-    def listens(self, options: TextgenOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: TextgenOptions, env: dict[str, str]) -> bool:
         return True
 
-    def launch(self, options: TextgenOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+    def launch(self, options: TextgenOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
         args = _server_args(options, ctx)
         argv = [executable(options.python, ctx, "python"), "server.py", *args]
         path, _flags, digest = _file_flags(options, ctx, args)
@@ -275,7 +275,7 @@ class TextgenKind(BackendKind):
 
     def preflight(
         self, options: TextgenOptions, ctx: LaunchContext, plan: ProcessLaunch
-    ) -> list[checks.Problem]:  # type: ignore[override]
+    ) -> list[checks.Problem]:
         problems = checks.directory(
             plan.cwd, "textgen_path", "server.py", " (is it a text-generation-webui checkout?)"
         ) + checks.program(plan.argv[0], dict(plan.env), plan.cwd, "python")

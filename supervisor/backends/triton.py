@@ -342,20 +342,20 @@ class TritonOptions(StrictModel):
         return value
 
 
-class TritonKind(BackendKind):
+class TritonKind(BackendKind[TritonOptions, LaunchPlan]):
     name = "triton"
     options_model = TritonOptions
 
-    def default_health(self, options: TritonOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: TritonOptions) -> DefaultHealth:
         return DefaultHealth("http", "/v2/health/ready", live_path="/v2/health/live")
 
-    def extra_ports(self, options: TritonOptions) -> tuple[str, ...]:  # type: ignore[override]
+    def extra_ports(self, options: TritonOptions) -> tuple[str, ...]:
         return ("grpc", "metrics")
 
-    def listens(self, options: TritonOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: TritonOptions, env: dict[str, str]) -> bool:
         return True
 
-    def launch(self, options: TritonOptions, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:  # type: ignore[override]
+    def launch(self, options: TritonOptions, ctx: LaunchContext, env: dict[str, str]) -> LaunchPlan:
         _check_mode_keys(options)
         models = options.models or [ctx.model]
         counts = _instance_counts(options, models)
@@ -443,7 +443,7 @@ class TritonKind(BackendKind):
                 )
         return dataclasses.replace(plan, command=("tritonserver", *argv), prepare=(step,), live=step)
 
-    def preflight(self, options: TritonOptions, ctx: LaunchContext, plan: LaunchPlan) -> list[checks.Problem]:  # type: ignore[override]
+    def preflight(self, options: TritonOptions, ctx: LaunchContext, plan: LaunchPlan) -> list[checks.Problem]:
         # Both modes read the repository on this machine (a container gets it bind-mounted).
         step = next(s for s in plan.prepare if isinstance(s, TritonRepositoryOverlay))
         problems = checks.directory(step.repository, "model_repository")

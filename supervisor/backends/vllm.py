@@ -61,18 +61,18 @@ class VllmOptions(StrictModel):
     extra_args: VllmArgs = []
 
 
-class VllmKind(BackendKind):
+class VllmKind(BackendKind[VllmOptions, ProcessLaunch]):
     name = "vllm"
     options_model = VllmOptions
 
-    def default_health(self, options: VllmOptions) -> DefaultHealth:  # type: ignore[override]
+    def default_health(self, options: VllmOptions) -> DefaultHealth:
         # vLLM's API server only starts answering once the engine has loaded the weights.
         return DefaultHealth("https" if serves_tls(options.extra_args) else "http", "/health")
 
-    def listens(self, options: VllmOptions, env: dict[str, str]) -> bool:  # type: ignore[override]
+    def listens(self, options: VllmOptions, env: dict[str, str]) -> bool:
         return True
 
-    def launch(self, options: VllmOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:  # type: ignore[override]
+    def launch(self, options: VllmOptions, ctx: LaunchContext, env: dict[str, str]) -> ProcessLaunch:
         model = expand(options.model, ctx, "model")
         if model.startswith(_PATH_PREFIXES):
             model = ctx.resolve_path(model)
@@ -94,7 +94,7 @@ class VllmKind(BackendKind):
 
     def preflight(
         self, options: VllmOptions, ctx: LaunchContext, plan: ProcessLaunch
-    ) -> list[checks.Problem]:  # type: ignore[override]
+    ) -> list[checks.Problem]:
         problems = checks.program(plan.argv[0], dict(plan.env), None, "vllm")
         if options.model.startswith(_PATH_PREFIXES) and not checks.per_instance(options.model):
             problems += checks.exists(plan.argv[2], "model")  # a local model directory

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from supervisor.backends.base import ProcessLaunch
 
@@ -40,7 +40,7 @@ class ClusterLaunch(ProcessLaunch):
     ports: tuple[int, ...] = ()
     runner: ClassVar[str] = "ray"
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         return {**ProcessLaunch.fingerprint(self), "node": self.node, "share_gpus": self.share_gpus}
 
     def describe(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from supervisor.backends.base import BackendKind, LaunchContext, PlaceholderError
+from supervisor.backends.base import AnyBackendKind, LaunchContext, PlaceholderError
 from supervisor.backends.registry import Registry, UnknownBackend
 from supervisor.core.spec import COMMON_KEYS, Declaration, HealthSpec, RestartSpec, StopSpec, instance_id
 
@@ -64,7 +64,7 @@ class ModelSpec:
 
     decl: Declaration
     options: BaseModel
-    kind: BackendKind
+    kind: AnyBackendKind
     source: Path
     raw: dict[str, Any]  # the document as written, without defaults filled in
     #: Where its instances run: None on this machine (the process or docker runner); in
@@ -148,7 +148,7 @@ def key_of(loc: tuple[int | str, ...]) -> str:
 
 
 def pydantic_errors(
-    file: str, exc: ValidationError, prefix: tuple = (), known: list[str] | None = None
+    file: str, exc: ValidationError, prefix: tuple[int | str, ...] = (), known: list[str] | None = None
 ) -> list[ConfigError]:
     errors = []
     for err in exc.errors(include_url=False):
@@ -214,7 +214,7 @@ def parse_declaration(
     except ValidationError as exc:
         errors += pydantic_errors(file, exc)
 
-    kind: BackendKind | None = None
+    kind: AnyBackendKind | None = None
     backend = data.get("backend")
     if isinstance(backend, str):
         try:
@@ -239,9 +239,9 @@ def parse_declaration(
         # instead of a launch failure discovered later in a crash loop.
         runner = "process"
         for gpus in decl.sample_gpu_sets() or [()]:  # a model with no instance is still checked
-            extra = tuple((name, 1) for name in kind.extra_ports(options))
+            ports = tuple((name, 1) for name in kind.extra_ports(options))
             ctx = LaunchContext(
-                instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=extra
+                instance_id(decl.name, gpus), decl.name, gpus, 1, source.parent, extra_ports=ports
             )
             try:
                 runner = kind.launch(options, ctx, decl.env).runner

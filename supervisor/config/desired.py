@@ -18,8 +18,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from supervisor.backends.base import LaunchContext, LaunchPlan
+from supervisor.backends.base import LaunchContext, LaunchPlan, ProcessLaunch
 from supervisor.config.cluster_launch import in_cluster
 from supervisor.config.declarations import ConfigError, ModelSpec
 from supervisor.core import oserrors
@@ -27,6 +28,7 @@ from supervisor.core.placement import (
     NO_CLUSTER,
     NO_FACTS,
     Claim,
+    ClaimKey,
     ClusterFacts,
     GpuClaims,
     GpuFacts,
@@ -83,7 +85,7 @@ class InstanceSpec:
     policy_hash: str  # changes (alone) => applied in place, nothing restarts
     auto_port: bool = False  # `port` came from the automatic range (given up if a stranger holds it)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "model": self.model,
@@ -122,7 +124,7 @@ def make_instance(
         work_dir=work_root / iid,
         stop_timeout=decl.stop.timeout,
     )
-    launch = model.kind.launch(model.options, ctx, decl.env)
+    launch: LaunchPlan = model.kind.launch(model.options, ctx, decl.env)
     default = model.kind.instance_health(model.options, ctx)
     h = decl.health
     health_type = h.type or default.type
@@ -148,6 +150,8 @@ def make_instance(
     uses_port = port != 0 and (health.type != "none" or model.kind.listens(model.options, decl.env))
     if node is not None:  # cluster mode: the same plan, run by the ray runner on a node
         ports = (port, *(p for _, p in extra_ports)) if uses_port else ()
+        # A node is only ever given to a process plan (declarations._where, _slots).
+        assert isinstance(launch, ProcessLaunch), f"{launch.runner} plans run on this machine only"
         launch = in_cluster(launch, node, gpus, decl.share_gpus, ports)
     # Only what reaches the process decides whether it must be replaced. Restart, health and
     # stop settings change how we supervise it: applied in place, so a tweak to a backoff
@@ -205,7 +209,7 @@ class Catalog:
         }
 
     @classmethod
-    def from_placement_record(cls, record: dict[str, object]) -> Catalog:
+    def from_placement_record(cls, record: dict[str, Any]) -> Catalog:
         """An empty catalog that remembers the placements of `record` (placement_record's shape)."""
         catalog = cls()
         for key, value in record.items():
@@ -213,7 +217,7 @@ class Catalog:
                 catalog.placements[key] = tuple(int(g) for g in value["gpus"])
                 catalog.placed_on[key] = str(value["node"])
             else:
-                catalog.placements[key] = tuple(int(g) for g in value)  # type: ignore[union-attr]
+                catalog.placements[key] = tuple(int(g) for g in value)
         return catalog
 
 
@@ -224,7 +228,7 @@ class Slot:
     node: str | None
     gpus: tuple[int, ...]
 
-    def claim_keys(self) -> tuple:
+    def claim_keys(self) -> tuple[ClaimKey, ...]:
         """What it holds exclusively: GPU g of this machine, or "gpu-a:g" of a named node."""
         if self.node is None:
             return self.gpus
@@ -268,7 +272,7 @@ def resolve(
     # In each group, `gpus = "auto"` comes after declarations that name their GPUs: it fits
     # around them, whatever the file names.
     incumbents = sorted(
-        (f for f in parsed if previous.owners.get(_name_of(last_good.get(f))) == f),
+        (f for f in parsed if _owner_of(previous.owners, last_good.get(f)) == f),
         key=lambda f: (chooses_gpus(f), f),
     )
     newcomers = sorted((f for f in parsed if f not in incumbents), key=lambda f: (chooses_gpus(f), f))
@@ -420,8 +424,9 @@ def _listens(model: ModelSpec) -> bool:
     return health != "none" or model.kind.listens(model.options, model.decl.env)
 
 
-def _name_of(model: ModelSpec | None) -> str | None:
-    return model.name if model is not None else None
+def _owner_of(owners: dict[str, str], model: ModelSpec | None) -> str | None:
+    """The file that owns `model`'s name (None: no model, or its name is unowned)."""
+    return owners.get(model.name) if model is not None else None
 
 
 def _conflicts(

@@ -74,20 +74,24 @@ class ClusterFacts:
 NO_CLUSTER = ClusterFacts(reason="no cluster connection")
 
 
+#: What a claim holds: GPU g of this machine (g), or "label:g" for GPU g of a cluster node.
+ClaimKey = int | str
+
+
 class GpuClaims:
     """The GPUs claimed so far while settling the catalog (first come, first served)."""
 
     def __init__(self) -> None:
-        self.by_gpu: dict[int, list[Claim]] = {}
+        self.by_gpu: dict[ClaimKey, list[Claim]] = {}
 
-    def blocking(self, gpus: tuple[int, ...], share: bool) -> tuple[int, Claim] | None:
+    def blocking(self, gpus: tuple[ClaimKey, ...], share: bool) -> tuple[ClaimKey, Claim] | None:
         for gpu in gpus:
             for claim in self.by_gpu.get(gpu, []):
                 if not (share and claim.share):
                     return gpu, claim
         return None
 
-    def add(self, gpus: tuple[int, ...], claim: Claim) -> None:
+    def add(self, gpus: tuple[ClaimKey, ...], claim: Claim) -> None:
         for gpu in gpus:
             self.by_gpu.setdefault(gpu, []).append(claim)
 

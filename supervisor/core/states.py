@@ -11,6 +11,7 @@ import enum
 import signal as _signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 
 class State(enum.StrEnum):
@@ -81,7 +82,7 @@ class Transition:
     exit: ExitStatus | None = None
     log_tail: tuple[str, ...] = field(default=())
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "at": self.at.isoformat(),
             "from": self.from_state.value,

@@ -11,6 +11,7 @@ import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from supervisor.config.desired import ResolvedHealth
 
@@ -57,12 +58,12 @@ async def probe(health: ResolvedHealth, port: int, host: str = "127.0.0.1") -> P
         return ProbeResult(False, f"{host}:{port}: {exc}")
 
 
-def health_to_wire(health: ResolvedHealth) -> dict:
+def health_to_wire(health: ResolvedHealth) -> dict[str, Any]:
     """A probe's settings as JSON-able data, for a probe that runs on another node."""
     return asdict(health)
 
 
-def health_from_wire(data: dict) -> ResolvedHealth:
+def health_from_wire(data: dict[str, Any]) -> ResolvedHealth:
     return ResolvedHealth(**{**data, "headers": tuple(tuple(h) for h in data.get("headers") or ())})
 
 

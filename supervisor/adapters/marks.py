@@ -25,7 +25,7 @@ _NEEDLE = MARK_ENV.encode() + b"="
 _CACHE_LIMIT = 8192
 
 
-def scope_of(state_dir: os.PathLike | str) -> str:
+def scope_of(state_dir: os.PathLike[str] | str) -> str:
     """One supervisor's scope (its state dir): containers and marks of two never collide."""
     return hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
 

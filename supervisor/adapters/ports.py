@@ -114,12 +114,14 @@ class PortAllocator:
         full disk) raises and leaves memory and file as they were, so ports.json never lacks a
         port in use (issue 11)."""
         with self._lock:
-            new = {**self.assigned, **updates}
+            new = dict(self.assigned)
             for key, port in updates.items():
                 if port is None:
                     new.pop(key, None)  # forgetting twice (two give-ups in a row) is no error
+                else:
+                    new[key] = port
             self._save(new)
-            self.assigned = new  # type: ignore[assignment]
+            self.assigned = new
 
     def forget(self, key: str, port: int) -> bool:
         """Forget `key`'s assignment if it is still `port`; True if it was (and is gone)."""

@@ -8,7 +8,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 UNIX_SCHEME = "unix://"
 
@@ -31,6 +31,14 @@ def _message(body: bytes) -> str:
             f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg')}" for item in detail
         )
     return str(detail)
+
+
+class _Opener(Protocol):
+    """urllib's urlopen, or the open of an opener with a unix-socket handler."""
+
+    def __call__(
+        self, req: urllib.request.Request, /, *, timeout: float | None
+    ) -> http.client.HTTPResponse: ...
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -71,12 +79,16 @@ class Client:
         if self.base_url.startswith(UNIX_SCHEME):
             self._prefix = "http://localhost"
             # No ProxyHandler: an http_proxy in the environment must not capture socket requests.
-            self._open = urllib.request.build_opener(_UnixHandler(self.base_url[len(UNIX_SCHEME) :])).open
+            self._open: _Opener = urllib.request.build_opener(
+                _UnixHandler(self.base_url[len(UNIX_SCHEME) :])
+            ).open
         else:
             self._prefix = self.base_url
             self._open = urllib.request.urlopen
 
-    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = -1.0):
+    def _request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = -1.0
+    ) -> http.client.HTTPResponse:
         """`timeout` -1: the client's default; None: wait forever (streams)."""
         timeout = self.timeout if timeout == -1.0 else timeout
         data = json.dumps(body).encode() if body is not None else None

@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from supervisor import __version__
+
+if TYPE_CHECKING:
+    from supervisor.config.settings import Settings
 
 # Client commands (status, start, ...) must stay fast (issue 13: under 120 ms with imports):
 # asyncio, logging, pydantic and the server's modules are imported by `serve` alone.
@@ -30,7 +34,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, help="logs and runtime state (default state)")
 
 
-def _settings(args: argparse.Namespace, **extra):
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     from supervisor.config.settings import SettingsError, load_settings
 
     try:
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

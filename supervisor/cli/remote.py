@@ -17,6 +17,10 @@ from supervisor.cli.api_client import ApiError, Client
 
 if TYPE_CHECKING:
     import queue
+    from collections.abc import Callable, Sequence
+
+    #: A client command: what `run_client` calls with the API client and the parsed arguments.
+    ClientCommand = Callable[[Client, argparse.Namespace], int]
 
 
 def _uptime(seconds: float | None) -> str:
@@ -29,7 +33,7 @@ def _uptime(seconds: float | None) -> str:
     return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
 
 
-def table(rows: list[list[str]], headers: list[str]) -> str:
+def table(rows: Sequence[Sequence[object]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
     for row in rows:
@@ -37,7 +41,7 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _status_table(items: list[dict[str, Any]], empty: list[dict[str, Any]] = ()) -> str:
+def _status_table(items: list[dict[str, Any]], empty: Sequence[dict[str, Any]] = ()) -> str:
     # A NODE column only in cluster mode (some instance has a node): one machine's table is unchanged.
     nodes = any(it.get("node") for it in items)
     rows = []
@@ -157,12 +161,12 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             pass
 
 
-def _watch_events(client: Client) -> queue.Queue:
+def _watch_events(client: Client) -> queue.Queue[str]:
     """A queue that receives a token for every state or configuration event."""
     import queue
     import threading
 
-    changes: queue.Queue = queue.Queue()
+    changes: queue.Queue[str] = queue.Queue()
 
     def read() -> None:
         try:
@@ -291,7 +295,7 @@ def _log_target(client: Client, target: str) -> str:
                 404, f"no instance or model {target!r} (instance ids look like {target}@cpu)"
             ) from None
         raise
-    ids = sorted(i["instance_id"] for i in items)
+    ids: list[str] = sorted(i["instance_id"] for i in items)
     if len(ids) == 1:
         return ids[0]
     if not ids:
@@ -423,8 +427,13 @@ STATUS_EPILOG = """exit status: 0 every instance healthy (none FATAL or BACKOFF)
 asked; 2 a usage or settings error."""
 
 
-def add_commands(sub: argparse._SubParsersAction, add_client_flags) -> None:
-    def command(name: str, func, help: str, json_flag: bool = True, **kw: Any) -> argparse.ArgumentParser:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_client_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    def command(
+        name: str, func: ClientCommand, help: str, json_flag: bool = True, **kw: Any
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, **kw)
         add_client_flags(p)
         if json_flag:
@@ -503,7 +512,8 @@ def run_client(args: argparse.Namespace) -> int:
 
     url, token = client_settings(args)
     try:
-        return args.client_func(Client(url, token), args)
+        code: int = args.client_func(Client(url, token), args)
+        return code
     except ApiError as exc:
         print(
             f"model-supervisor: {exc.message}" + (f" (HTTP {exc.status})" if exc.status else ""),

@@ -200,9 +200,10 @@ class NvmlSource:
         nv = self._injected
         if nv is None:
             try:
-                import pynvml as nv  # loads nothing: the shared library is opened by nvmlInit
+                import pynvml  # loads nothing: the shared library is opened by nvmlInit
             except ImportError as exc:
                 raise GpuUnavailable(f"NVML Python binding not installed (nvidia-ml-py): {exc}") from None
+            nv = pynvml
         try:
             nv.nvmlInit()
         except Exception as exc:  # any NVMLError, or a broken binding: never crash the supervisor
@@ -342,13 +343,15 @@ class NvmlSource:
         fallback = getattr(nv, "nvmlDeviceGetPowerManagementLimit", None)
         if enforced is not None:
             try:
-                return enforced(h)
+                limit: int = enforced(h)
+                return limit
             except nv.NVMLError as exc:
                 if fallback is None or _error_name(exc) == "GpuIsLost":
                     raise
         if fallback is None:
             raise AttributeError("the NVML binding has no power limit call")
-        return fallback(h)
+        limit = fallback(h)
+        return limit
 
     def _temperature(self, h: Any) -> int:
         nv = self._nv
@@ -357,7 +360,8 @@ class NvmlSource:
             # nvmlDeviceGetTemperature is deprecated (to be removed in CUDA 14); the V call is
             # missing from older drivers and bindings, hence the one-way fallback.
             try:
-                return nv.nvmlDeviceGetTemperatureV(h, sensor)
+                celsius: int = nv.nvmlDeviceGetTemperatureV(h, sensor)
+                return celsius
             except AttributeError:
                 pass
             except nv.NVMLError as exc:
@@ -365,7 +369,8 @@ class NvmlSource:
                     raise
             log.info("NVML: nvmlDeviceGetTemperatureV unavailable; using nvmlDeviceGetTemperature")
             self._temperature_v = False
-        return nv.nvmlDeviceGetTemperature(h, sensor)
+        celsius = nv.nvmlDeviceGetTemperature(h, sensor)
+        return celsius
 
     def _running(self, call: str, h: Any) -> list[Any]:
         nv = self._nv
@@ -406,11 +411,11 @@ class NvmlSource:
         processes = []
         for pid, (mib, kinds) in merged.items():
             seen.add(pid)
-            kind: ProcessKind = (
+            process_kind: ProcessKind = (
                 "compute+graphics" if len(kinds) == 2 else "compute" if "compute" in kinds else "graphics"
             )
             processes.append(
-                GpuProcess(pid=pid, name=self._process_name(pid), used_memory_mib=mib, kind=kind)
+                GpuProcess(pid=pid, name=self._process_name(pid), used_memory_mib=mib, kind=process_kind)
             )
         return tuple(sorted(processes, key=lambda p: p.pid))
 

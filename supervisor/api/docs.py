@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import swagger_ui_bundle
-from sanic import Request, Sanic
+from sanic import DefaultSanic, Request
 from sanic.response import HTTPResponse, file
 from sanic_ext import openapi
 
@@ -32,15 +32,16 @@ ALLOWED = {
 PAGE = Path(__file__).with_name("swagger.html")
 
 
-def configure(app: Sanic) -> None:
+def configure(app: DefaultSanic) -> None:
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_UI_REDOC = False
     app.config.OAS_PATH_TO_SWAGGER_HTML = str(PAGE)
     app.config.OAS_UI_SWAGGER_HTML_TITLE = "model-supervisor API"
 
 
-def install(app: Sanic) -> None:
-    @app.on_request(priority=100)
+def install(app: DefaultSanic) -> None:
+    # app.middleware("request", ...) is app.on_request(priority=...) with a decorator's type.
+    @app.middleware("request", priority=100)
     async def local_oauth2_redirect(request: Request) -> HTTPResponse | None:
         if request.path == "/docs" + app.config.OAS_UI_SWAGGER_OAUTH2_REDIRECT:
             return await file(ASSETS / "oauth2-redirect.html")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
-from sanic import Request, Sanic
+from sanic import DefaultSanic, Request
 from sanic.exceptions import SanicException
 from sanic.response import JSONResponse
 from sanic.response import json as json_response
@@ -105,6 +105,14 @@ def parse_body(request: Request, model: type[M]) -> M:
         raise Invalid(validation_items(exc, ["body"])) from None
 
 
+@overload
+def query(request: Request, name: str, default: str) -> str: ...
+
+
+@overload
+def query(request: Request, name: str, default: None = None) -> str | None: ...
+
+
 def query(request: Request, name: str, default: str | None = None) -> str | None:
     """A query parameter's raw value; a blank one (`?seconds=`) is kept, so parsing refuses it
     (Sanic's `request.args` drops blanks, and the default then answered for a bad request)."""
@@ -150,7 +158,7 @@ def allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
-def install(app: Sanic) -> None:
+def install(app: DefaultSanic) -> None:
     @app.exception(ControlError)
     async def control_error(request: Request, exc: ControlError) -> JSONResponse:
         return error_response(exc.status, exc.detail, **exc.extra)

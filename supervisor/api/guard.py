@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sanic import Request, Sanic
+from sanic import DefaultSanic, Request
 from sanic.exceptions import SanicException
 
 from supervisor.config.settings import Settings
@@ -206,7 +206,7 @@ def check(request: Request, policy: Policy) -> None:
         request.stream.request_max_size = MAX_BODY  # Sanic answers 413 once a chunked body passes it
 
 
-def install(app: Sanic, settings: Settings) -> None:
+def install(app: DefaultSanic, settings: Settings) -> None:
     policy = Policy.from_settings(settings)
     app.config.REQUEST_MAX_SIZE = DRAIN_LIMIT
 

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sanic import Sanic
+from sanic import DefaultSanic
 from sanic.server.async_server import AsyncioServer
 from sanic.server.socket import bind_unix_socket
 
@@ -105,7 +105,7 @@ class ApiServers:
             self._unix = None
 
 
-async def create_servers(app: Sanic, settings: Settings) -> ApiServers:
+async def create_servers(app: DefaultSanic, settings: Settings) -> ApiServers:
     """Bind every configured listener (not serving yet: call `startup()` and the rest)."""
     servers: list[AsyncioServer] = []
     where: list[str] = []

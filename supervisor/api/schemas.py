@@ -6,12 +6,15 @@ working); new fields are only ever added.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from supervisor.core.spec import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from pydantic.config import JsonDict
 
 # -- the original contract -------------------------------------------------------------------
 
@@ -67,7 +70,7 @@ class KillProcessResponse(BaseModel):
     node: str | None = Field(None, description="cluster mode: the node it ran on (with ?node=)")
 
 
-NAME_SCHEMA = {"pattern": NAME_PATTERN, "maxLength": 64}
+NAME_SCHEMA: JsonDict = {"pattern": NAME_PATTERN, "maxLength": 64}
 
 
 class StartRequest(BaseModel):
@@ -243,7 +246,7 @@ class ErrorBody(BaseModel):
     status: int | None = None
 
 
-COMPONENTS = [
+COMPONENTS: list[type[BaseModel]] = [
     GPUProcess,
     GPUInfo,
     StrayProcess,

@@ -11,6 +11,9 @@ from sanic_ext.extensions.openapi.types import Schema
 
 from supervisor.api.schemas import ErrorBody, ValidationErrorBody, array_of, ref
 
+#: What `openapi.definition(parameter=...)` takes as a list (sanic-ext's list type, invariant).
+Parameters = list[dict[str, Any] | definitions.Parameter | str]
+
 ERRORS: dict[int, tuple[type[BaseModel], str]] = {
     401: (ErrorBody, "missing or wrong bearer token"),
     403: (ErrorBody, "refused"),

@@ -12,7 +12,7 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 
 from supervisor.api.errors import parse_body, parse_bool, parse_int, query
-from supervisor.api.routes import Parameter, json_body, responses
+from supervisor.api.routes import Parameter, Parameters, json_body, responses
 from supervisor.api.schemas import (
     Declaration,
     DeleteResult,
@@ -25,6 +25,7 @@ from supervisor.api.schemas import (
 from supervisor.api.views import instance_info
 from supervisor.core.spec import NAME_PATTERN
 from supervisor.runtime.control import FAILED_STATES, LAUNCH_WAIT, Invalid, UpstreamFailed, settle
+from supervisor.runtime.instance import Instance
 
 bp = Blueprint("models", url_prefix="/api/v1")
 
@@ -32,7 +33,7 @@ TAG = "Model Management"
 WAIT_DEFAULT = 600.0
 NAME_SCHEMA = {"type": "string", "pattern": NAME_PATTERN, "maxLength": 64}
 NAME = Parameter("name", NAME_SCHEMA, "path", required=True)
-WAIT = [
+WAIT: Parameters = [
     Parameter("wait", {"type": "boolean"}, "query", description="answer once RUNNING, failed, or timed out"),
     Parameter(
         "timeout",
@@ -53,7 +54,7 @@ def _wait_args(request: Request) -> tuple[bool, float]:
     return wait, float(timeout)
 
 
-async def _settled(request: Request, instances, old_pids: dict[str, int | None]) -> None:
+async def _settled(request: Request, instances: list[Instance], old_pids: dict[str, int | None]) -> None:
     """Answer with the state after the action took effect: at least STARTING with the new
     pid; with wait=true, RUNNING or failed (502 naming the reason) or the timeout passed."""
     wait, timeout = _wait_args(request)
@@ -71,7 +72,7 @@ async def _settled(request: Request, instances, old_pids: dict[str, int | None])
             )
 
 
-def _status_response(request: Request, instances) -> HTTPResponse:
+def _status_response(request: Request, instances: list[Instance]) -> HTTPResponse:
     body = request.app.ctx.status_cache.render(instances, request.app.ctx.gpus)
     return HTTPResponse(body, content_type="application/json")
 

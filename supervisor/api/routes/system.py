@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from sanic import Blueprint, Request, Sanic
+from sanic import Blueprint, DefaultSanic, Request
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 from sanic_ext import openapi
@@ -21,6 +21,7 @@ from supervisor.adapters.storage import StateDirHealth
 from supervisor.api.errors import error_response, parse_bool, parse_int, query
 from supervisor.api.routes import Parameter, dashboard, responses
 from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
+from supervisor.core.events import Event
 from supervisor.runtime.control import NotFound
 
 bp = Blueprint("system", url_prefix="/api/v1")
@@ -33,7 +34,7 @@ HEARTBEAT = 15.0
 FOLLOW_POLL = 0.2  # a followed log is checked for growth this often
 
 
-def health_body(app: Sanic) -> dict:
+def health_body(app: DefaultSanic) -> dict[str, Any]:
     engine = app.ctx.engine
     states = Counter(inst.state.value for inst in engine.instances.values())
     snapshot = app.ctx.gpus.snapshot()
@@ -59,7 +60,7 @@ def health_body(app: Sanic) -> dict:
     }
 
 
-async def health(app: Sanic) -> dict:
+async def health(app: DefaultSanic) -> dict[str, Any]:
     """`health_body` plus what needs I/O: does the state dir take writes (issue 11: with it on
     a full disk /healthz said "ok"), and did the last reload of conf.d/ work. Degraded is
     still 200: the supervisor is alive and says what is wrong; it recovers by itself."""
@@ -80,7 +81,7 @@ async def health(app: Sanic) -> dict:
     return body
 
 
-def install_root(app: Sanic) -> None:
+def install_root(app: DefaultSanic) -> None:
     @app.get("/", name="root")
     @openapi.definition(
         summary="Health check (the old tool's welcome answer)",
@@ -223,7 +224,8 @@ async def instance_logs(request: Request, instance_id: str) -> HTTPResponse | No
         lines = await reader.tail(tail)
     except LogUnavailable as exc:
         return error_response(503, str(exc))
-    return await _follow(request, reader, offset, lines)
+    await _follow(request, reader, offset, lines)
+    return None
 
 
 async def _follow(request: Request, reader: Any, offset: int, lines: list[str]) -> None:
@@ -278,7 +280,7 @@ async def events(request: Request) -> HTTPResponse | None:
     await response.send(": connected\nretry: 1000\n\n")
     sub = bus.open(last_id)
     stop = asyncio.ensure_future(closing.wait())
-    nxt: asyncio.Future | None = None
+    nxt: asyncio.Future[Event] | None = None
     try:
         while not request.transport.is_closing():
             nxt = asyncio.ensure_future(sub.get())

@@ -105,7 +105,7 @@ async def wait_running(engine, ids: list[str], timeout: float) -> None:
 async def run(args: argparse.Namespace, tmp: Path) -> dict:
     from supervisor.config.settings import load_settings
     from supervisor.core.states import State
-    from supervisor.runtime.engine import Engine
+    from supervisor.wiring import build
     from tests.conftest import declaration, demo_cmd, free_range, write_decl
     from tests.ray_rig import ray_pids, rig_python, start_cluster
 
@@ -133,7 +133,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
     )
     backends: set[int] = set()
     rss_before = rss_mib(os.getpid())
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         await engine.start(watch=True)
         # -- declaration dropped -> RUNNING on a remote node --------------------------------
@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         label = labels[i % len(labels)]
         write_decl(conf, declaration(f"m{i:03d}", demo_cmd(), node=label, health=HEALTH))
         ids.append(f"m{i:03d}@{label}:cpu")
-    engine = Engine(settings)
+    engine = build(settings).engine
     t0 = time.perf_counter()
     try:
         await engine.start(watch=True)
@@ -251,7 +251,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         t1 = time.perf_counter()
         await engine.shutdown(keep_running=True)
         left = time.perf_counter() - t1
-        engine = Engine(settings)
+        engine = build(settings).engine
         t2 = time.perf_counter()
         await engine.start(watch=True)
         await wait_running(engine, ids, 120)

@@ -20,7 +20,7 @@ import signal
 from supervisor.adapters.subreaper import become_subreaper
 from supervisor.config.settings import Settings
 from supervisor.runtime.engine import Engine
-from supervisor.runtime.gpu_tracker import GpuTracker
+from supervisor.wiring import build
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,20 @@ async def serve(settings: Settings) -> int:
         log.info("received %s%s", sig.name, ": stopping every instance" if not stop.is_set() else " again")
         stop.set()
 
-    engine = Engine(settings)
+    why_not = become_subreaper()
+    if why_not is not None:
+        log.warning("not a child subreaper (%s): an orphaned worker is found by its mark only", why_not)
+    sup = build(settings, subreaper=why_not is None)
+    engine, tracker = sup.engine, sup.gpus
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, engine)
-    why_not = become_subreaper()
     if why_not is None:
-        engine.process_runner.subreaper = True
         # uvloop keeps SIGCHLD to itself for loop.add_signal_handler; a plain handler still runs
         # on the main thread (and only records: the loop does the reaping).
         signal.signal(
             signal.SIGCHLD, lambda _sig, _frame: loop.call_soon_threadsafe(_on_sigchld, loop, engine)
         )
-    else:
-        log.warning("not a child subreaper (%s): an orphaned worker is found by its mark only", why_not)
-    tracker = GpuTracker(engine, settings)
     server = serving = None
     try:
         await tracker.start()
@@ -58,7 +57,7 @@ async def serve(settings: Settings) -> int:
             from supervisor.api.app import create_app
             from supervisor.api.listeners import create_servers
 
-            app = create_app(settings, engine, tracker, manage_lifecycle=False)
+            app = create_app(settings, engine, tracker, sup.metrics, manage_lifecycle=False)
             server = await create_servers(app, settings)  # TCP and/or the unix socket
             await server.startup()
             await server.before_start()

@@ -13,6 +13,7 @@ from sanic import Sanic
 from supervisor.api.app import create_app
 from supervisor.config.settings import Settings
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import free_port
 
@@ -49,8 +50,9 @@ async def running_api(settings: Settings, token: str | None = None, **overrides:
 
         update["api_token"] = SecretStr(token)
     settings = settings.model_copy(update=update)
-    engine = Engine(settings)
-    app = create_app(settings, engine)
+    sup = build(settings)
+    engine = sup.engine
+    app = create_app(settings, engine, sup.gpus, sup.metrics)
     server = await app.create_server(host="127.0.0.1", port=port, return_asyncio_server=True)
     assert server is not None
     await server.startup()

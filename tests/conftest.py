@@ -23,6 +23,7 @@ import uvloop
 
 from supervisor.config.settings import Settings, load_settings
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "backends" / "demo_server.py"
@@ -115,7 +116,7 @@ def settings(tmp_path: Path, conf_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.fixture
 async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    eng = Engine(settings)
+    eng = build(settings).engine
     try:
         yield eng
     finally:

@@ -10,6 +10,7 @@ import socket
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, declaration, demo_cmd, free_port, wait_until, write_decl
 
@@ -26,7 +27,7 @@ def listener(port: int) -> socket.socket:
 
 async def test_auto_port_taken_by_a_stranger_moves_to_another(settings: Settings, conf_dir) -> None:
     write_decl(conf_dir, declaration("web", demo_cmd(), health=HTTP, restart=FAST_RESTART))
-    first = Engine(settings)
+    first = build(settings).engine
     await first.start()
     inst = first.instances["web@cpu"]
     await inst.wait_state(State.RUNNING, timeout=20)
@@ -34,7 +35,7 @@ async def test_auto_port_taken_by_a_stranger_moves_to_another(settings: Settings
     await first.shutdown()
     stranger = listener(old)  # while the supervisor was down, someone took the port
     try:
-        second = Engine(settings)
+        second = build(settings).engine
         try:
             await second.start(watch=True)
             await wait_until(

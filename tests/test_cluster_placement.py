@@ -205,11 +205,13 @@ async def test_node_facts_and_strays_from_the_agents_samples() -> None:
     from supervisor.core.strays import StrayRules
 
     client = _Client()
-    nodes = ClusterNodes(client)  # type: ignore[arg-type]
-    assert nodes.facts().reason == "no sample from the nodes yet"  # nothing moves before the first round
-    nodes.rules = StrayRules(default="kill", kill_after=0.05)
     events: list[tuple[str, dict]] = []
-    nodes.publish = lambda kind, data, keep=True: events.append((kind, data))
+    nodes = ClusterNodes(
+        client,  # type: ignore[arg-type]
+        rules=StrayRules(default="kill", kill_after=0.05),
+        publish=lambda kind, data, keep=True: events.append((kind, data)),
+    )
+    assert nodes.facts().reason == "no sample from the nodes yet"  # nothing moves before the first round
     ours = {"tok": {"instance": "m@gpu-a:gpu0", "pids": [11]}}
     nodes._on_nodes(
         {

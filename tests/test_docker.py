@@ -21,6 +21,7 @@ from supervisor.adapters.runners.docker import LABEL_SCOPE, container_name, scop
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import PY, REPO, declaration, free_port, free_range, wait_until, write_decl
 from .docker_helpers import IMAGE, containers_of, docker_client, ensure_image
@@ -160,7 +161,7 @@ async def test_no_daemon_fails_clearly_and_processes_still_run(
     monkeypatch.setenv("DOCKER_HOST", f"unix://{conf_dir.parent}/no-docker.sock")
     write_decl(conf_dir, docker_decl("needs-docker", restart={"initial_delay": 30.0}))
     write_decl(conf_dir, declaration("plain", ["sleep", "3600"]))
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         await engine.start()
         await engine.instances["plain@cpu"].wait_state(State.RUNNING, timeout=10)

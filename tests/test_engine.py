@@ -12,6 +12,7 @@ import pytest
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, free_port, wait_until, write_decl
 
@@ -255,7 +256,7 @@ async def test_port_held_by_another_process(engine: Engine, conf_dir: Path) -> N
 
 async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, settings: Settings) -> None:
     settings = settings.model_copy(update={"log_max_bytes": 20_000, "log_backups": 2})
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         doc = declaration(
             "chatty", demo_cmd("--spam", "2000"), health={"type": "tcp", "start_interval": 0.05}
@@ -428,7 +429,7 @@ async def test_missing_executable_is_a_clear_failure(engine: Engine, conf_dir: P
 async def test_removed_right_after_start_never_orphans_a_process(settings: Settings, conf_dir: Path) -> None:
     """Regression: a stop handled between the spawn and the actor seeing it left the child behind."""
     for attempt in range(15):
-        engine = Engine(settings)
+        engine = build(settings).engine
         write_decl(conf_dir, declaration("quick", ["sleep", "3600"]))
         await engine.start()
         await asyncio.sleep(attempt * 0.001)
@@ -444,7 +445,7 @@ async def test_a_crashing_prestart_check_fails_the_start_instead_of_wedging_it(
     async def broken(inst, spec) -> None:
         raise RuntimeError("plugin bug")
 
-    engine = Engine(settings, prestart=[broken])
+    engine = build(settings, prestart=[broken]).engine
     try:
         write_decl(conf_dir, declaration("wedge", restart={**FAST_RESTART, "initial_delay": 30.0}))
         await engine.start()

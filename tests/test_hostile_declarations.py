@@ -21,6 +21,7 @@ from supervisor.config.declarations import Defaults
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .api_helpers import running_api
 from .conftest import REPO, declaration, wait_until, write_decl
@@ -31,7 +32,7 @@ DEEP = "x = " + "[" * 50_000 + "]" * 50_000 + "\n"  # the issue's input
 @pytest.fixture
 async def live(settings: Settings) -> AsyncIterator[Engine]:
     """An engine following conf.d/ with its watcher, already watching."""
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         await engine.start(watch=True)
         await asyncio.wait_for(engine.watcher.active.wait(), 10)

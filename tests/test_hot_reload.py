@@ -17,6 +17,7 @@ from supervisor.config.settings import Settings
 from supervisor.core.events import Event, EventBus
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, wait_until, write_decl
 
@@ -46,7 +47,7 @@ def became(iid: str, state: State) -> Callable[[Event], bool]:
 @pytest.fixture
 async def live(settings: Settings) -> AsyncIterator[Engine]:
     """An engine following conf.d/ with its watcher, already watching."""
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         await engine.start(watch=True)
         await asyncio.wait_for(engine.watcher.active.wait(), 10)
@@ -178,7 +179,7 @@ async def test_broken_error_logged_once_per_change(
 
 async def test_broken_from_the_start_declares_nothing(settings: Settings, conf_dir: Path) -> None:
     (conf_dir / "bad.toml").write_text('name = "bad"\nbackend = "process"\n')
-    engine = Engine(settings)
+    engine = build(settings).engine
     try:
         await engine.start(watch=True)
         assert engine.instances == {}

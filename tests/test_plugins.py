@@ -14,7 +14,7 @@ import pytest
 from supervisor.backends.registry import ENTRY_POINT_GROUP, Registry, builtin_kinds, default_registry
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
-from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import REPO, write_decl
 
@@ -57,7 +57,7 @@ async def test_plugin_kind_runs_under_the_engine(
         conf_dir,
         {"name": "docs", "backend": "static", "directory": str(site_dir), "health": {"start_interval": 0.05}},
     )
-    engine = Engine(settings, registry=default_registry())
+    engine = build(settings, registry=default_registry()).engine
     try:
         await engine.start()
         inst = engine.instances["docs@cpu"]

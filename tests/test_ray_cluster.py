@@ -29,6 +29,7 @@ from supervisor.config.settings import load_settings
 from supervisor.core.spec import instance_id
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import (
     FAST_RESTART,
@@ -94,10 +95,10 @@ def test_cluster_settings_are_checked() -> None:
 
 def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
     code = (
-        "import sys; from supervisor.config.settings import load_settings; from supervisor.runtime.engine import Engine;"
+        "import sys; from supervisor.config.settings import load_settings; from supervisor.wiring import build;"
         "import asyncio\n"
         "async def main():\n"
-        "    e = Engine(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup'))\n"
+        "    e = build(load_settings(cluster='ray', ray_address='127.0.0.1:1', state_dir='/tmp/x-msup')).engine\n"
         "    assert 'ray' in e.runners\n"
         "asyncio.run(main()); print('ray' in sys.modules)"
     )
@@ -250,7 +251,7 @@ async def started(tmp_path, rig, monkeypatch, docs, **extra) -> Engine:
     settings = cluster_settings(tmp_path, rig, monkeypatch, **extra)
     for doc in docs:
         write_decl(settings.conf_dir, doc)
-    engine = Engine(settings)
+    engine = build(settings).engine
     await engine.start()
     return engine
 
@@ -954,7 +955,7 @@ async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(
         (conf / "norecord.toml").unlink()
         (state / "run" / "norecord@gpu-b:cpu.json").unlink()
         write_decl(conf, declaration("off", demo_cmd(), node="gpu-a", health=HEALTH, enabled=False))
-        second = Engine(engine.settings)
+        second = build(engine.settings).engine
         await second.start()
         stays = second.instances["stays@gpu-a:gpu0"]
         await stays.wait_state(State.RUNNING, timeout=60)
@@ -1161,7 +1162,7 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
         # An upgrade: this supervisor leaves, the next one adopts the run where it was placed,
         # before and after its cluster connection brings the nodes' GPUs.
         await asyncio.wait_for(engine.shutdown(keep_running=True), 60)
-        engine = Engine(engine.settings)  # the same state dir and port range
+        engine = build(engine.settings).engine  # the same state dir and port range
         await engine.start()
         inst = engine.instances["roamer@gpu-c:gpu2"]
         await inst.wait_state(State.RUNNING, timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from supervisor.config.settings import Settings
 from supervisor.core.states import TRANSITIONS, State
-from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, PY, declaration, demo_cmd, wait_until, write_decl
 
@@ -29,7 +29,7 @@ async def test_every_allowed_transition_is_reachable(settings: Settings, conf_di
         if spec.model == "gated":
             await blocker.wait()
 
-    engine = Engine(settings, prestart=[hold_gated])
+    engine = build(settings, prestart=[hold_gated]).engine
     one_retry = {**FAST_RESTART, "max_retries": 1, "fatal_cooldown": 0.0}
     docs = [
         declaration("plain"),

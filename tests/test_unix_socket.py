@@ -22,6 +22,7 @@ from supervisor.api.app import create_app
 from supervisor.api.listeners import ListenerError, bind_unix, create_servers
 from supervisor.config.settings import Settings
 from supervisor.runtime.engine import Engine
+from supervisor.wiring import build
 
 from .conftest import PY, REPO, declaration, free_port, sleep_cmd, wait_until, write_decl
 
@@ -42,8 +43,9 @@ def sock_dir() -> Iterator[Path]:
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    app = create_app(settings, engine)
+    sup = build(settings)
+    engine = sup.engine
+    app = create_app(settings, engine, sup.gpus, sup.metrics)
     servers = await create_servers(app, settings)
     await servers.startup()
     await servers.before_start()

@@ -210,6 +210,14 @@ def read_dir(
     return out
 
 
+def remember(cache: ParseCache, path: Path, spec: ModelSpec) -> None:
+    """`spec` is what `path` holds now (the API just wrote it from that very spec): the next
+    read takes it from the cache instead of parsing the file again."""
+    sig = signature(path)
+    if sig is not None:
+        cache[str(path)] = (sig, spec)
+
+
 def _machine_dependent(result: ModelSpec | list[ConfigError]) -> bool:
     return isinstance(result, list) and any(e.machine for e in result)
 

@@ -17,6 +17,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from supervisor import __version__
+from supervisor.adapters.storage import StateDirHealth
 from supervisor.api import docs, errors, guard
 from supervisor.api.routes import dashboard, gpus, models, processes, system
 from supervisor.api.schemas import components
@@ -29,6 +30,9 @@ from supervisor.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+#: Our app: Sanic's default config, and a plain namespace as `ctx` (set in `create_app`).
+App = Sanic[Any, Any]
+
 _names = itertools.count(1)
 
 #: Reachable without the bearer token: health checks, the (static) API documentation and the
@@ -38,13 +42,15 @@ PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/docs", "/ui/")
 
 def create_app(
     settings: Settings,
-    engine: Engine | None = None,
-    gpus_tracker: GpuTracker | None = None,
+    engine: Engine,
+    tracker: GpuTracker,
+    metrics: Metrics,
     *,
     manage_lifecycle: bool = True,
-) -> Sanic:
-    """Build the app. With `manage_lifecycle` the server's start and stop also start and stop
-    the GPU tracker and the engine; `serve` manages them itself (it starts them first)."""
+) -> App:
+    """Build the app over a built supervisor (`supervisor.wiring.build`). With
+    `manage_lifecycle` the server's start and stop also start and stop the GPU tracker and the
+    engine; `serve` manages them itself (it starts them first)."""
     n = next(_names)
     app = Sanic("model_supervisor" if n == 1 else f"model_supervisor_{n}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
@@ -64,29 +70,26 @@ def create_app(
     # sanic-ext's ("openapi [http://<unknown>/docs]") would print addresses they cannot know;
     # serve logs the real one ("API on http://HOST:PORT (docs at /docs)").
     app.config.MOTD = False
-    app.ext._display = lambda: None
+    app.ext._display = lambda: None  # type: ignore[method-assign]  # no banner (see above)
     app.ext.openapi.describe(
         "model-supervisor API",
         version=__version__,
         description="Control and observe supervised model-inference backends. Errors are JSON with `detail`.",
     )
-    engine = engine or Engine(settings)
-    spec = {"components": {"schemas": components(engine.registry.names())}}
+    spec: dict[str, Any] = {"components": {"schemas": components(engine.registry.names())}}
     token = settings.token()
     if token:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
     app.ext.openapi.raw(spec)
 
-    tracker = gpus_tracker or GpuTracker(engine, settings)
     app.ctx.settings = settings
     app.ctx.engine = engine
     app.ctx.controller = Controller(engine)
     app.ctx.gpus = tracker
     app.ctx.status_cache = StatusCache()
-    app.ctx.metrics = Metrics()
-    app.ctx.metrics.attach(engine, tracker)
-    engine.on_reconcile = app.ctx.metrics.reconcile_seconds.observe
+    app.ctx.metrics = metrics
+    app.ctx.state_dir_health = StateDirHealth(settings.state_dir)
     app.ctx.token = token
     app.ctx.closing = asyncio.Event()
 
@@ -111,20 +114,20 @@ def create_app(
             headers={"WWW-Authenticate": 'Bearer realm="model-supervisor"'},
         )
 
-    @app.on_response
+    @app.on_response  # type: ignore[untyped-decorator]  # sanic types it loosely
     async def count_request(request: Request, response: HTTPResponse) -> None:
         route = request.route.path if request.route is not None else "unmatched"
         request.app.ctx.metrics.count_request("/" + route.lstrip("/"), request.method, response.status)
 
     @app.before_server_start
-    async def start(app: Sanic, _loop: Any = None) -> None:
+    async def start(app: App, _loop: Any = None) -> None:
         app.ctx.closing = asyncio.Event()
         if manage_lifecycle:
             await tracker.start()  # first: GPU checks and placement need the first sample
             await engine.start(watch=True)
 
     @app.before_server_stop
-    async def stop(app: Sanic, _loop: Any = None) -> None:
+    async def stop(app: App, _loop: Any = None) -> None:
         app.ctx.closing.set()  # ends the event and log streams
         if manage_lifecycle:
             await engine.shutdown()

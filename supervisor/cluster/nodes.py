@@ -15,7 +15,9 @@ run mark. From them, on the event loop and without waiting for anything:
   seconds, that no instance owns (a lost node's backend that outlived its actor, an actor
   killed behind our back), is stopped there by its mark, and logged.
 
-`is_live(token, instance)` is the engine's answer to "is this run one of ours now?".
+What only the supervisor's runtime can answer ("is this run one of ours now?") or act on
+(a reload when a node's GPUs change, a `reaped` event) comes from its `RunOwner`, registered
+with `connect` where everything is wired (`supervisor.wiring`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from supervisor.adapters.gpu.api_view import gpu_info
 from supervisor.adapters.gpu.history import GpuHistory, points_of, sample_event
@@ -34,6 +36,7 @@ from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.adapters.gpu.release import still_held
 from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
 from supervisor.config.cluster_launch import ClusterLaunch
+from supervisor.config.desired import InstanceSpec
 from supervisor.core.placement import Claim, ClusterFacts, GpuFacts
 from supervisor.core.strays import Stray, StrayRules
 
@@ -129,31 +132,75 @@ def unowned_runs(
     return due
 
 
+class Publish(Protocol):
+    """The event bus's `publish`."""
+
+    def __call__(self, kind: str, data: dict[str, Any], /, keep: bool = True) -> Any: ...
+
+
+class RunOwner(Protocol):
+    """What the node view asks of the supervisor that owns the runs."""
+
+    def run_is_live(self, token: str, instance_id: str) -> bool:
+        """Is run `token` (seen on a node, marked as `instance_id`'s) one of ours now?"""
+
+    def run_reaped(self, instance_id: str, token: str, stopped: dict[str, list[int]]) -> None:
+        """The reaper stopped what a run no instance owns left on the nodes."""
+
+    def nodes_changed(self) -> None:
+        """A node appeared, went, or reports other GPUs: settle the declarations again."""
+
+
+class _NoOwner:
+    """Until an owner connects: every run is live (nothing is reaped), nothing is settled."""
+
+    def run_is_live(self, token: str, instance_id: str) -> bool:
+        return True
+
+    def run_reaped(self, instance_id: str, token: str, stopped: dict[str, list[int]]) -> None:
+        pass
+
+    def nodes_changed(self) -> None:
+        pass
+
+
+def _publish_nothing(kind: str, data: dict[str, Any], keep: bool = True) -> None:
+    return None
+
+
 class ClusterNodes:
-    def __init__(self, client: ClusterClient, release_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: ClusterClient,
+        release_timeout: float = 30.0,
+        *,
+        rules: StrayRules | None = None,
+        publish: Publish = _publish_nothing,
+        sample_interval: float = 1.0,
+    ) -> None:
         self.client = client
         self.release_timeout = release_timeout
         self.samples: dict[str, NodeSample] = {}  # label -> latest sample
         self.reported = False  # a round of samples arrived since the driver (re)connected
         self.version = 0  # bumped with every round of samples (views cache per version)
-        #: Set by the engine; until then no run is ever taken for unowned.
-        self.is_live: Callable[[str, str], bool] = lambda token, instance: True
-        self.on_reaped: Callable[[str, str, dict[str, list[int]]], None] | None = None
-        #: Called when a node appears, goes, or reports other GPUs (the engine settles again).
-        self.on_gpus_changed: Callable[[], None] | None = None
+        self._owner: RunOwner = _NoOwner()
         self.last_run: dict[str, _LastRun] = {}
         self._seen: dict[str, dict[str, tuple[int, float]]] = {}  # label -> token -> (count, first seen)
         self._reaping: set[str] = set()
-        #: Set by the engine (settings, event bus); until then strays are only reported.
-        self.rules = StrayRules()
-        self.publish: Callable[..., Any] = lambda kind, data, keep=True: None
+        #: The stray rules of this machine (without them strays are only reported).
+        self.rules = rules or StrayRules()
+        self.publish = publish
         self.stray_list: dict[tuple[str, int, int], Stray] = {}  # (label, gpu, pid) -> stray
-        self.sample_interval = 1.0  # set by the engine (gpu_sample_interval): sizes the histories
+        self.sample_interval = sample_interval  # gpu_sample_interval: sizes the histories
         self.history: dict[str, GpuHistory] = {}  # label -> its GPUs' last 15 minutes
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         client.subscribe("nodes", self._on_nodes)
         client.subscribe("unreachable", self._on_unreachable)
+
+    def connect(self, owner: RunOwner) -> None:
+        """Register the supervisor that owns the runs (once, where everything is wired)."""
+        self._owner = owner
 
     # -- samples -------------------------------------------------------------------------------
     def _on_unreachable(self, _message: dict[str, Any]) -> None:
@@ -194,8 +241,8 @@ class ClusterNodes:
         self.samples = samples
         self.reported = True
         self.version += 1
-        if self.on_gpus_changed is not None and (self.gpu_sets(), self.reported) != before:
-            self.on_gpus_changed()
+        if (self.gpu_sets(), self.reported) != before:
+            self._owner.nodes_changed()
         self._remember_runs()
         self._find_unowned()
         self._track_strays()
@@ -206,7 +253,7 @@ class ClusterNodes:
     def _settle(self, sample: NodeSample) -> None:
         """Who owns each GPU process of the sample (runs that are live), and their memory."""
         for token, run in sample.runs.items():
-            if self.is_live(token, run.instance):
+            if self._owner.run_is_live(token, run.instance):
                 for pid in run.pids:
                     sample.owners[pid] = run.instance
         for d in sample.snapshot.devices:
@@ -237,7 +284,7 @@ class ClusterNodes:
         now = time.monotonic()
         self._seen = {label: seen for label, seen in self._seen.items() if label in self.samples}
         for label, sample in self.samples.items():
-            due = unowned_runs(sample.runs, self.is_live, self._seen.setdefault(label, {}), now)
+            due = unowned_runs(sample.runs, self._owner.run_is_live, self._seen.setdefault(label, {}), now)
             for token in due:
                 if token not in self._reaping:
                     self._reaping.add(token)
@@ -252,6 +299,7 @@ class ClusterNodes:
             run.instance or "?",
             list(run.pids),
         )
+        stopped: dict[str, list[int]]  # node label -> the pids stopped there
         try:
             stopped = await self.client.call("reap", token=token, signum=15, timeout=10.0, wait=0)
         except (ClusterUnreachable, ClusterError) as exc:
@@ -259,24 +307,26 @@ class ClusterNodes:
             stopped = {}
         finally:
             self._reaping.discard(token)
-        if self.on_reaped is not None:
-            self.on_reaped(run.instance, token, stopped)
+        self._owner.run_reaped(run.instance, token, stopped)
 
     async def reap(self, token: str, signum: int, timeout: float) -> dict[str, list[int]]:
         """Stop run `token` wherever an agent finds it (a lost run, from the runner)."""
         try:
-            return await self.client.call("reap", token=token, signum=signum, timeout=timeout, wait=0)
+            stopped: dict[str, list[int]] = await self.client.call(
+                "reap", token=token, signum=signum, timeout=timeout, wait=0
+            )
+            return stopped
         except (ClusterUnreachable, ClusterError) as exc:
             log.warning("could not reap run %s on the nodes: %s", token, exc)
             return {}
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- GPU-gated restart ------------------------------------------------------------------------
-    async def gate(self, inst: Any, spec: Any) -> None:
+    async def gate(self, inst: object, spec: InstanceSpec) -> None:
         """Before a start of a cluster run on GPUs: wait until its previous run on that node let
         go of them (a prestart check, like the local GPU tracker's)."""
         if not isinstance(spec.launch, ClusterLaunch) or not spec.gpus:
@@ -488,7 +538,10 @@ class ClusterNodes:
         if sample is None:
             known = ", ".join(sorted(self.samples)) or "none"
             raise LookupError(f"no node {label!r} in the cluster (nodes: {known})")
-        return await self.client.call("kill", node_id=sample.node_id, pid=pid, grace=grace, force=force)
+        answer: dict[str, Any] = await self.client.call(
+            "kill", node_id=sample.node_id, pid=pid, grace=grace, force=force
+        )
+        return answer
 
     def nodes(self) -> list[dict[str, Any]]:
         """One line per node for /healthz: its label, host, GPU source, and what is wrong."""

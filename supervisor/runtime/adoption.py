@@ -106,7 +106,9 @@ class Adoption:
         """(processes, run cgroups) that belong to no run we keep (`keep(token)`: adopted or
         deferred). Pure but for reading the stat of a stale record's leader."""
         table = self.table
-        victims = {p for p in marked(table, self.scope) if not keep(table[p].mark.token)}
+        victims = {
+            p for p in marked(table, self.scope) if (m := table[p].mark) is not None and not keep(m.token)
+        }
         for record in stale.values():  # a stale leader that cleared its environment
             if record.get("kind") == "process" and record_alive(record):
                 victims.add(int(record["pid"]))

@@ -31,11 +31,11 @@ from supervisor.config.declarations import (
     parse_declaration,
     preflight,
 )
-from supervisor.config.desired import Catalog, resolve
+from supervisor.config.desired import Catalog
 from supervisor.core import tomledit
 from supervisor.core.spec import is_valid_name
 from supervisor.core.states import State
-from supervisor.runtime.engine import Engine
+from supervisor.runtime.engine import EditConflict, Engine
 from supervisor.runtime.instance import Instance
 
 #: After a stop or delete, how long beyond the instance's stop timeout we wait for it to go.
@@ -486,13 +486,19 @@ class Controller:
                 )
             current = None if replace and errors else await asyncio.to_thread(read_document, path)
             new = change(copy.deepcopy(tomledit.plain(current)) if current is not None else None)
+            candidate: ModelSpec | None = None
             if new is None:
-                try:
-                    await asyncio.to_thread(path.unlink, True)
-                except IsADirectoryError:
-                    raise Conflict(f"{path} is a directory, not a declaration; remove it by hand") from None
-                except OSError as exc:
-                    raise StorageFailed(exc, path) from None
+
+                async def write(catalog: Catalog, ports: dict[str, int]) -> None:  # stores no state
+                    try:
+                        await asyncio.to_thread(path.unlink, True)
+                    except IsADirectoryError:
+                        raise Conflict(
+                            f"{path} is a directory, not a declaration; remove it by hand"
+                        ) from None
+                    except OSError as exc:
+                        raise StorageFailed(exc, path) from None
+
             else:
                 null_at = first_null(new)
                 if null_at is not None:  # JSON null has no TOML form: a 422, not a failed write
@@ -509,13 +515,14 @@ class Controller:
                 problems = await asyncio.to_thread(preflight, candidate)  # the program, the paths
                 if problems:
                     raise Invalid(config_errors_to_items(problems, loc))
-                catalog, ports = self._dry_run(path, candidate)
-                conflicts = catalog.errors.get(str(path), [])
-                if conflicts:
-                    raise Conflict("; ".join(e.message for e in conflicts))
-                await self._write_all_or_nothing(path, text, catalog, ports)
+
+                async def write(catalog: Catalog, ports: dict[str, int]) -> None:
+                    await self._write_all_or_nothing(path, text, catalog, ports)
+
             try:
-                await engine.reload(f"API: {what}")
+                await engine.apply_edit(path, candidate, write, f"API: {what}")
+            except EditConflict as exc:
+                raise Conflict(str(exc)) from None
             except OSError as exc:  # the state dir filled up since the checks
                 raise StorageFailed(
                     exc,
@@ -523,17 +530,6 @@ class Controller:
                     f"{path} is written and applies once the state dir can be written",
                 ) from None
             return engine.catalog.models.get(name)
-
-    def _dry_run(self, path: Path, candidate: ModelSpec) -> tuple[Catalog, dict[str, int]]:
-        """The catalog if `candidate` were in `path`, and the automatic ports it would record."""
-        engine = self.engine
-        parsed = dict(engine.parsed)
-        parsed[str(path)] = candidate
-        ports = engine.ports.dry_run()
-        catalog = resolve(
-            parsed, engine.catalog, ports.assign, engine.work_root, engine.gpu_facts(), engine.node_facts()
-        )
-        return catalog, {k: p for k, p in ports.assigned.items() if engine.ports.assigned.get(k) != p}
 
     async def _write_all_or_nothing(
         self, path: Path, text: str, catalog: Catalog, ports: dict[str, int]
@@ -553,7 +549,7 @@ class Controller:
             if ports:
                 await asyncio.to_thread(engine.ports.record, dict(ports))
             if catalog.placement_record() != engine.catalog.placement_record():
-                await asyncio.to_thread(engine._save_placements, catalog)
+                await asyncio.to_thread(engine.save_placements, catalog)
         except OSError as exc:
             raise StorageFailed(exc, exc.filename or state_dir) from None
         try:

@@ -9,35 +9,39 @@ cheap and idempotent, so callers (watcher, SIGHUP, API writes, periodic resync) 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from supervisor.adapters import confd, storage
-from supervisor.adapters.cgroups import RunCgroups
 from supervisor.adapters.logfiles import LocalLog, LogFile
 from supervisor.adapters.marks import scope_of
 from supervisor.adapters.ports import PortAllocator, describe_holder, port_is_free
-from supervisor.adapters.procscan import ProcessTable
+from supervisor.adapters.procscan import ProcessTable, marked
 from supervisor.adapters.records import RunRecords
-from supervisor.adapters.runners.base import Runner
+from supervisor.adapters.runners.base import LogReader, Runner
 from supervisor.adapters.runners.docker import DockerRunner
 from supervisor.adapters.runners.process import ProcessRunner, stop_processes
 from supervisor.adapters.watcher import ConfWatcher
-from supervisor.backends.registry import Registry, default_registry
+from supervisor.backends.registry import Registry
 from supervisor.config.declarations import ConfigError, ModelSpec
-from supervisor.config.desired import Catalog, resolve
+from supervisor.config.desired import Catalog, InstanceSpec, resolve
 from supervisor.config.plan import Plan, plan
 from supervisor.config.settings import Settings
 from supervisor.core.events import EventBus
 from supervisor.core.placement import NO_CLUSTER, NO_FACTS, ClusterFacts, GpuFacts
 from supervisor.core.states import utcnow
 from supervisor.runtime.adoption import Adoption, decide, describe_stale, record_alive
+from supervisor.runtime.cluster_binding import occupied
 from supervisor.runtime.instance import Instance, InstanceServices, PrestartCheck
+
+if TYPE_CHECKING:  # cluster mode only: its modules are not loaded otherwise
+    from supervisor.adapters.runners.ray import RayRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +50,53 @@ class ConfDirMissing(Exception):
     pass
 
 
+class EditConflict(Exception):
+    """An edit of a declaration would clash with another one (a name, a port, a GPU)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("; ".join(e.message for e in errors))
+        self.errors = errors
+
+
+#: Stores an edit once it is settled: (the catalog it makes, the automatic ports it adds).
+EditWriter = Callable[[Catalog, dict[str, int]], Awaitable[None]]
+
+
+class GpuView(Protocol):
+    """What the engine needs of the GPU tracker: facts for placement, a gate before a start."""
+
+    def facts(self) -> GpuFacts: ...
+
+    async def gate(self, inst: Instance, spec: InstanceSpec) -> None: ...
+
+
 class Engine:
+    """Built once, by `supervisor.wiring.build`, which hands it every collaborator."""
+
     def __init__(
         self,
         settings: Settings,
-        registry: Registry | None = None,
-        runners: dict[str, Runner] | None = None,
-        prestart: list[PrestartCheck] | None = None,
+        runners: Mapping[str, Runner],
+        process: ProcessRunner,
+        *,
+        registry: Registry,
+        bus: EventBus,
+        table: ProcessTable,
+        cluster: RayRunner | None = None,
+        prestart: Sequence[PrestartCheck] = (),
+        on_reconcile: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        self.registry = registry
         self.defaults = settings.defaults()
-        self.bus = EventBus()
-        self.table = ProcessTable()
+        self.bus = bus
+        self.table = table
         state_dir = settings.state_dir
         self.scope = scope_of(state_dir)
-        self.cgroups: RunCgroups | None = None
-        self.containment_note = "cgroups off by setting" if settings.cgroups == "off" else "not detected yet"
-        self.process_runner = ProcessRunner(self.table, self.scope)
-        self.runners: dict[str, Runner] = runners or {
-            "process": self.process_runner,
-            "docker": DockerRunner(self.scope),
-        }
-        if settings.cluster == "ray" and "ray" not in self.runners:
-            from supervisor.adapters.runners.ray import (
-                from_settings,  # no Ray here: its driver is a helper process
-            )
-
-            self.runners["ray"] = from_settings(settings, self.scope, self.table)
+        self.process_runner = process
+        self.runners = runners
+        #: Cluster mode's runner (`cluster = "ray"`): its nodes' GPUs, actors and remote logs.
+        self.cluster = cluster
         self.ports = PortAllocator(*settings.port_range, path=state_dir / "ports.json")
         self.work_root = state_dir.absolute() / "work"  # per-instance generated files
         self.services = InstanceServices(
@@ -83,22 +106,19 @@ class Engine:
             logs_dir=state_dir / "logs",
             port_holder=self._port_holder,
             give_up_port=self._give_up_port,
-            prestart=list(prestart or []),
+            prestart=list(prestart),
         )
         self.catalog = self._load_placements()
-        #: What placement may know about the GPUs; the GPU tracker replaces this when it starts.
-        self.gpu_facts: Callable[[], GpuFacts] = lambda: NO_FACTS
+        self._gpus: GpuView | None = None
         self.parsed: dict[str, ModelSpec | list[ConfigError]] = {}  # the last read of conf.d/
         self._parse_cache: confd.ParseCache = {}
-        self._last_inputs: tuple[dict[str, ModelSpec | list[ConfigError]], frozenset[int] | None] | None = (
-            None
-        )
+        self._last_inputs: tuple[dict[str, ModelSpec | list[ConfigError]], object] | None = None
         self.instances: dict[str, Instance] = {}
         self.removing: dict[str, Instance] = {}  # removed from the catalog, still stopping
         self.last_reload: dict[str, Any] | None = None
         self.reload_count = 0
         self._lock = asyncio.Lock()
-        self._background: list[asyncio.Task] = []
+        self._background: list[asyncio.Task[Any]] = []
         self._closing = False
         self.watcher: ConfWatcher | None = None
         #: Run records an earlier supervisor left behind, until the first reload sorts them.
@@ -107,14 +127,23 @@ class Engine:
         self._deferred: dict[str, dict[str, Any]] = {}
         self.adoption: Adoption | None = None
         #: Called with the duration of every reload (metrics).
-        self.on_reconcile: Callable[[float], None] | None = None
-        #: Cluster mode: the nodes' GPUs as last reported, for `gpus = "auto"` (desired.resolve).
-        self.node_facts: Callable[[], ClusterFacts] = lambda: NO_CLUSTER
-        ray = self.runners.get("ray")
-        if ray is not None and hasattr(ray, "nodes"):
-            from supervisor.runtime.cluster_binding import bind
+        self._on_reconcile = on_reconcile
 
-            bind(self, ray)
+    def use_gpus(self, gpus: GpuView) -> None:
+        """Register the GPU tracker (once, where everything is wired): placement reads its facts
+        and every start on GPUs first passes its gate."""
+        self._gpus = gpus
+        self.services.prestart.append(gpus.gate)
+
+    def gpu_facts(self) -> GpuFacts:
+        """What placement may know about this machine's GPUs."""
+        return self._gpus.facts() if self._gpus is not None else NO_FACTS
+
+    def node_facts(self) -> ClusterFacts:
+        """Cluster mode: the nodes' GPUs as last reported, for `gpus = "auto"`."""
+        if self.cluster is None:
+            return NO_CLUSTER
+        return self.cluster.nodes.facts(occupied(self.instances.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, watch: bool = False) -> Plan:
@@ -123,28 +152,19 @@ class Engine:
         if not self.settings.conf_dir.is_dir():
             raise ConfDirMissing(f"declaration directory {self.settings.conf_dir} does not exist")
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.settings.cgroups != "off":
-            self.cgroups, self.containment_note = await asyncio.to_thread(RunCgroups.detect, self.scope)
-            self.process_runner.cgroups = self.cgroups
-            if self.cgroups is None:
-                log.info(
-                    "no per-run cgroups (%s): runs are kept together by marks%s",
-                    self.containment_note,
-                    " and the subreaper" if self.process_runner.subreaper else "",
-                )
+        await self.process_runner.set_up_containment(self.settings.cgroups != "off")
         self._records = await asyncio.to_thread(self.services.records.read_all)
         # Before anything of ours runs: every marked process and run cgroup of our scope now
         # is an earlier supervisor's (adopted, or a leftover once the first reload decides).
-        found = await asyncio.to_thread(self.cgroups.runs) if self.cgroups is not None else []
-        self.adoption = Adoption(self.scope, await self.table.snapshot(), self.cgroups, found)
+        cgroups = self.process_runner.cgroups
+        found = await asyncio.to_thread(cgroups.runs) if cgroups is not None else []
+        self.adoption = Adoption(self.scope, await self.table.snapshot(), cgroups, found)
         result = await self.reload("startup")
         if self._records is not None:  # the first reload never got to apply (conf.d unreadable):
             self._sort_records(Catalog(), {str(r.get("source")) for r in self._records.values()})  # keep all
         self.spawn_background(self._rotate_logs(), "log rotation")
         for name, runner in self.runners.items():  # e.g. is there a Docker daemon? (for /healthz)
-            check = getattr(runner, "check", None)
-            if check is not None:
-                self.spawn_background(check(), f"{name} runner check")
+            self.spawn_background(runner.check(), f"{name} runner check")
         if watch:
             self.watcher = ConfWatcher(self.settings.conf_dir, self.reload, self.settings.resync_interval)
             self.spawn_background(self.watcher.run(), "conf.d watcher")
@@ -157,7 +177,7 @@ class Engine:
         else:
             self.spawn_background(self.reload(reason), f"reload ({reason})")
 
-    def spawn_background(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+    def spawn_background(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """A named background task whose failure is logged the moment it happens."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -199,8 +219,8 @@ class Engine:
         await asyncio.gather(*self._background, return_exceptions=True)
         for runner in self.runners.values():
             await runner.close()
-        if self.cgroups is not None:
-            await asyncio.to_thread(self.cgroups.remove_base)
+        if self.process_runner.cgroups is not None:
+            await asyncio.to_thread(self.process_runner.cgroups.remove_base)
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reload(self, reason: str = "reload") -> Plan:
@@ -209,8 +229,8 @@ class Engine:
             try:
                 return await self._reload(reason)
             finally:
-                if self.on_reconcile is not None:
-                    self.on_reconcile(time.perf_counter() - began)
+                if self._on_reconcile is not None:
+                    self._on_reconcile(time.perf_counter() - began)
 
     async def _reload(self, reason: str) -> Plan:
         """One reload; the caller holds the lock."""
@@ -234,13 +254,57 @@ class Engine:
         self.parsed = parsed
         if catalog.placement_record() != self.catalog.placement_record():
             try:
-                await asyncio.to_thread(self._save_placements, catalog)
+                await asyncio.to_thread(self.save_placements, catalog)
             except OSError as exc:  # a full state disk: run as settled, say so, retry next reload
                 log.error(
                     "cannot save GPU placements: %s; they are kept in memory for now",
                     storage.describe(exc, self.settings.state_dir / "placements.json"),
                 )
         return self._apply(catalog, reason)
+
+    async def apply_edit(
+        self, path: Path, candidate: ModelSpec | None, write: EditWriter, reason: str
+    ) -> Plan:
+        """An API edit of one declaration file, settled once (issue 19: it was resolved twice).
+
+        Under the reload lock, conf.d/ as it is now with `candidate` in `path` (None: the file
+        removed) is resolved in a thread. A conflict of `path` raises EditConflict before
+        anything is written; otherwise `write` stores the state and the file (raising leaves
+        everything as it was) and that same catalog is applied."""
+        async with self._lock:
+            began = time.perf_counter()
+            try:
+                parsed = await asyncio.to_thread(
+                    confd.read_dir, self.settings.conf_dir, self.registry, self.defaults, self._parse_cache
+                )
+                if candidate is None:
+                    parsed.pop(str(path), None)
+                else:
+                    parsed[str(path)] = candidate
+                facts, nodes = self.gpu_facts(), self.node_facts()
+                known = (
+                    facts.known,
+                    {label: f.known for label, f in nodes.nodes.items()},
+                    nodes.reason is None,
+                )
+                ports = self.ports.dry_run()
+                catalog = await asyncio.to_thread(
+                    resolve, parsed, self.catalog, ports.assign, self.work_root, facts, nodes
+                )
+                conflicts = catalog.errors.get(str(path), [])
+                if conflicts:
+                    raise EditConflict(conflicts)
+                await write(
+                    catalog, {k: p for k, p in ports.assigned.items() if self.ports.assigned.get(k) != p}
+                )
+                if candidate is not None:
+                    confd.remember(self._parse_cache, path, candidate)
+                self._last_inputs = (dict(parsed), known)
+                self.parsed = parsed
+                return self._apply(catalog, reason)
+            finally:
+                if self._on_reconcile is not None:
+                    self._on_reconcile(time.perf_counter() - began)
 
     def _unchanged(self, parsed: dict[str, ModelSpec | list[ConfigError]], known: object) -> bool:
         """Same parse results (the very same objects), same GPUs (here and on the nodes), and
@@ -253,23 +317,6 @@ class Engine:
             and last_parsed.keys() == parsed.keys()
             and all(parsed[k] is last_parsed[k] for k in parsed)
         )
-
-    def check_candidate(self, path: Path, candidate: ModelSpec | None) -> list[ConfigError]:
-        """The conflicts (names, ports, GPUs) that writing `candidate` to `path` would cause."""
-        parsed = dict(self.parsed)
-        if candidate is None:
-            parsed.pop(str(path), None)
-        else:
-            parsed[str(path)] = candidate
-        catalog = resolve(
-            parsed,
-            self.catalog,
-            self.ports.dry_run().assign,
-            self.work_root,
-            self.gpu_facts(),
-            self.node_facts(),
-        )
-        return catalog.errors.get(str(path), [])
 
     def _sort_records(self, catalog: Catalog, broken: set[str]) -> dict[str, dict[str, Any]]:
         """First reload only: which of an earlier supervisor's runs to adopt; start the sweep of
@@ -294,17 +341,16 @@ class Engine:
                 self.spawn_background(
                     docker.remove_stale(iid, timeout), f"remove leftover container of {iid}"
                 )
-        ray = self.runners.get("ray")
-        if ray is not None and hasattr(ray, "sweep_actors"):
+        if self.cluster is not None:
             # Cluster runs of declarations removed or disabled while we were down, recorded or
             # not (a record is lost with its state dir): their actors hold GPUs in Ray.
             keep = {
-                iid
-                for iid, spec in catalog.instances.items()
-                if spec.enabled and getattr(spec.launch, "runner", None) == "ray"
+                iid for iid, spec in catalog.instances.items() if spec.enabled and spec.launch.runner == "ray"
             } | set(decision.deferred)
             self.spawn_background(
-                ray.sweep_actors(keep, self._launched_here, bool(broken), self.defaults.stop.timeout),
+                self.cluster.sweep_actors(
+                    keep, self._launched_here, bool(broken), self.defaults.stop.timeout
+                ),
                 "stop the actors no declaration wants",
             )
         for iid in decision.deferred:
@@ -331,7 +377,7 @@ class Engine:
 
     def _claim_deferred(
         self, iid: str, spec: Any
-    ) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, ...]]:
+    ) -> tuple[dict[str, Any] | None, tuple[asyncio.Future[Any], ...]]:
         """A run left alone at start-up because its file was broken: adopt it now if unchanged,
         or stop it before the new declaration starts."""
         record = self._deferred.pop(iid, None)
@@ -349,13 +395,8 @@ class Engine:
 
     async def _stop_record(self, record: dict[str, Any], timeout: float) -> None:
         table = await self.table.snapshot()
-        victims = {
-            p
-            for p in table
-            if table[p].mark is not None
-            and table[p].mark.scope == self.scope
-            and table[p].mark.token == record.get("token")
-        }
+        token = record.get("token")
+        victims = marked(table, self.scope, token) if isinstance(token, str) and token else set()
         if record_alive(record):
             victims.add(int(record["pid"]))
         await stop_processes(table, victims, 15, timeout)
@@ -369,7 +410,7 @@ class Engine:
         steps = plan(catalog.instances, actual)
         self._report_errors(self.catalog.errors, catalog.errors)
 
-        def gate(iid: str) -> asyncio.Future:
+        def gate(iid: str) -> asyncio.Future[Any]:
             if iid in self.removing:
                 return self.removing[iid].finished
             return self.instances[iid].run_over()
@@ -378,7 +419,7 @@ class Engine:
         for iid in steps.remove:
             inst = self.instances.pop(iid)
             self.removing[iid] = inst
-            inst.remove().add_done_callback(lambda _f, iid=iid, inst=inst: self._removed(iid, inst))
+            inst.remove().add_done_callback(functools.partial(self._removed_callback, iid, inst))
         for iid in steps.replace + steps.update:
             self.instances[iid].update(catalog.instances[iid], gates.get(iid, ()))
         for iid in steps.add:
@@ -429,12 +470,15 @@ class Engine:
             log.warning("ignoring unreadable GPU placements in %s: %s", path, exc)
             return Catalog()
 
-    def _save_placements(self, catalog: Catalog) -> None:
+    def save_placements(self, catalog: Catalog) -> None:
         path = self.settings.state_dir / "placements.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".placements.json.tmp")
         tmp.write_text(json.dumps(catalog.placement_record(), indent=1))
         os.replace(tmp, path)
+
+    def _removed_callback(self, iid: str, inst: Instance, _done: asyncio.Future[None]) -> None:
+        self._removed(iid, inst)
 
     def _removed(self, iid: str, inst: Instance) -> None:
         if self.removing.get(iid) is inst:
@@ -466,13 +510,12 @@ class Engine:
             return True
         return any(i.run_token == token for i in (*self.instances.values(), *self.removing.values()))
 
-    def log_reader(self, instance_id: str, log_file: LogFile) -> Any:
+    def log_reader(self, instance_id: str, log_file: LogFile) -> LogReader:
         """What the API reads an instance's log through: the file here, or on the cluster node
         of its latest run (`RemoteLog`, through that node's agent)."""
         inst = self.instances.get(instance_id) or self.removing.get(instance_id)
-        ray = self.runners.get("ray")
-        if ray is not None and (inst is None or getattr(inst.spec.launch, "runner", None) == "ray"):
-            remote = getattr(ray, "log_of", lambda _iid: None)(instance_id)
+        if self.cluster is not None and (inst is None or inst.spec.launch.runner == "ray"):
+            remote = self.cluster.log_of(instance_id)
             if remote is not None:
                 return remote
         return LocalLog(log_file)
@@ -519,7 +562,7 @@ class Engine:
             await asyncio.to_thread(_rotate_all, files, s.log_max_bytes, s.log_backups)
 
 
-def _rotate_all(files: list, max_bytes: int, backups: int) -> None:
+def _rotate_all(files: list[LogFile], max_bytes: int, backups: int) -> None:
     for log_file in files:
         try:
             if log_file.rotate_if_needed(max_bytes, backups):
@@ -528,6 +571,6 @@ def _rotate_all(files: list, max_bytes: int, backups: int) -> None:
             log.warning("cannot rotate %s: %s", log_file.path, exc)
 
 
-def _log_failure(task: asyncio.Task) -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %r failed", task.get_name(), exc_info=task.exception())

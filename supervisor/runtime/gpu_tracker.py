@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.adapters import kill
 from supervisor.adapters.gpu.api_view import NO_NODE, gpu_info
@@ -31,10 +31,13 @@ from supervisor.adapters.kill import owners_of
 from supervisor.adapters.procscan import ProcInfo, scan, user_of
 from supervisor.config.desired import InstanceSpec
 from supervisor.config.settings import Settings
-from supervisor.core.placement import GpuFacts
+from supervisor.core.placement import NO_FACTS, GpuFacts
 from supervisor.core.strays import Stray, StrayRules
 from supervisor.runtime.engine import Engine
 from supervisor.runtime.instance import Instance
+
+if TYPE_CHECKING:  # cluster mode only
+    from supervisor.cluster.nodes import ClusterNodes
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,13 @@ class _LastRun:
 
 
 class GpuTracker:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    """Registered with the engine (`Engine.use_gpus`) where everything is wired."""
+
+    def __init__(self, engine: Engine, settings: Settings, nodes: ClusterNodes | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        #: Cluster mode: the node agents' view (their GPUs, owners, strays); None otherwise.
+        self.cluster_nodes = nodes
         self.monitor: GpuMonitor | None = None
         self.owners: dict[int, str] = {}  # GPU pid -> instance id, as of the last attribution
         self.attributed: GpuSnapshot = NOT_STARTED  # the sample `owners` belongs to
@@ -70,10 +77,9 @@ class GpuTracker:
         self.last_run: dict[str, _LastRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.history = GpuHistory(settings.gpu_sample_interval)
         self._warned: set[str] = set()  # unknown-GPU warnings already logged
-        engine.services.prestart.append(self.gate)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,7 +103,6 @@ class GpuTracker:
                 await self.monitor.wait_for_sample(timeout=FIRST_SAMPLE_TIMEOUT)
             except (TimeoutError, GpuMonitorStopped):
                 log.warning("no GPU sample within %s s; GPU checks wait for one", FIRST_SAMPLE_TIMEOUT)
-        self.engine.gpu_facts = self.facts
         self._spawn(self._log_unknown_gpus())
 
     async def stop(self) -> None:
@@ -116,6 +121,8 @@ class GpuTracker:
 
     def facts(self) -> GpuFacts:
         """What placement may know about the GPUs (see `supervisor.core.placement`)."""
+        if self.monitor is None:
+            return NO_FACTS  # not started: placement knows nothing yet
         snap = self._view()
         if snap.source == "none" or snap.sampled_at is None:
             return GpuFacts.unknown(snap.reason or "no GPU sample yet")
@@ -338,11 +345,6 @@ class GpuTracker:
         nodes = self.cluster_nodes
         return self.local_version, nodes.version if nodes is not None else 0
 
-    @property
-    def cluster_nodes(self) -> Any | None:
-        """Cluster mode: the node agents' view (`supervisor.cluster.nodes`); None otherwise."""
-        return getattr(self.engine.runners.get("ray"), "nodes", None)
-
     def gpu_infos(self) -> list[dict[str, Any]]:
         snap = self._view()
         nodes = self.cluster_nodes
@@ -355,7 +357,7 @@ class GpuTracker:
         total = 0
         known = False
         nodes = self.cluster_nodes
-        views = [(None, self._view(), self.owners)]
+        views: list[tuple[str | None, GpuSnapshot, dict[int, str]]] = [(None, self._view(), self.owners)]
         if nodes is not None:  # a cluster run's processes are on its node
             views += [
                 (label, sample.snapshot, nodes.owners(sample))

@@ -30,6 +30,7 @@ from supervisor.adapters.health import liveness, probe
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
 from supervisor.adapters.records import RunRecords
 from supervisor.adapters.runners.base import LaunchError, PortInUse, RunHandle, Runner, RunnerUnavailable
+from supervisor.config.cluster_launch import ANYWHERE, ClusterLaunch
 from supervisor.config.desired import InstanceSpec
 from supervisor.core.backoff import Backoff, gives_up
 from supervisor.core.events import EventBus
@@ -46,20 +47,20 @@ TAIL_LINES = 20  # log lines attached to a failure
 @dataclass(frozen=True, slots=True)
 class StartIntent:
     reason: str
-    done: asyncio.Future | None = None
+    done: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StopIntent:
     reason: str
-    done: asyncio.Future | None = None
+    done: asyncio.Future[None] | None = None
     remove: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RestartIntent:
     reason: str
-    done: asyncio.Future | None = None
+    done: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class UpdateIntent:
 class Launched:
     run: int
     handle: RunHandle
-    adopted_from: dict | None = None  # the run record of an earlier supervisor's run, if adopted
+    adopted_from: dict[str, Any] | None = None  # the run record of an earlier supervisor's run, if adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,23 @@ class _Failure:
 PrestartCheck = Callable[["Instance", InstanceSpec], Awaitable[None]]
 
 
+#: Everything the actor's inbox carries: intents from outside, facts from its own helpers.
+Message = (
+    StartIntent
+    | StopIntent
+    | RestartIntent
+    | UpdateIntent
+    | Launched
+    | LaunchFailed
+    | Exited
+    | Ready
+    | Unhealthy
+    | StartFailed
+    | Stopped
+    | TimerFired
+)
+
+
 @dataclass
 class InstanceServices:
     """What an instance needs from the engine; injected so tests can swap pieces."""
@@ -151,7 +169,9 @@ class InstanceServices:
 
 
 class Instance:
-    def __init__(self, spec: InstanceSpec, services: InstanceServices, adopt: dict | None = None) -> None:
+    def __init__(
+        self, spec: InstanceSpec, services: InstanceServices, adopt: dict[str, Any] | None = None
+    ) -> None:
         self.spec = spec  # the desired spec
         #: An earlier supervisor's run record for this instance: its first launch adopts that
         #: run instead of starting one, if the very process (or container) still runs.
@@ -176,26 +196,26 @@ class Instance:
         #: views can cache what they render per instance.
         self.revision = 0
         self._desired = "running" if spec.enabled else "stopped"  # "running" | "stopped" | "removed"
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._run = 0
         self._tcount = 0
         self._handle: RunHandle | None = None
         self._run_node: str | None = None  # cluster mode: the node of the current or last run
-        self._launch_task: asyncio.Task | None = None
+        self._launch_task: asyncio.Task[Any] | None = None
         self._spawning = False
         self._stop_pending: str | None = None
         self._after_stop: _Failure | None = None
-        self._health_task: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
+        self._health_task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._gates: list[Awaitable[Any]] = []
-        self._stop_waiters: list[asyncio.Future] = []
-        self._state_waiters: list[tuple[Callable[[Instance], bool], asyncio.Future]] = []
-        self._helpers: set[asyncio.Task] = set()
+        self._stop_waiters: list[asyncio.Future[None]] = []
+        self._state_waiters: list[tuple[Callable[[Instance], bool], asyncio.Future[None]]] = []
+        self._helpers: set[asyncio.Task[Any]] = set()
         self._finished = asyncio.get_running_loop().create_future()
         self._run_over = asyncio.get_running_loop().create_future()
         self._run_over.set_result(None)
-        self._actor: asyncio.Task | None = None
+        self._actor: asyncio.Task[Any] | None = None
         self._log_offset = 0
 
     # == public: intents ==================================================================
@@ -213,13 +233,13 @@ class Instance:
         before a first run, the label a pinned declaration names. None on this machine."""
         if self._run_node is not None:
             return self._run_node
-        where = getattr((self.running_spec or self.spec).launch, "node", None)
-        return where if where not in (None, "*") else None
+        launch = (self.running_spec or self.spec).launch
+        return launch.node if isinstance(launch, ClusterLaunch) and launch.node != ANYWHERE else None
 
     @property
     def run_token(self) -> str | None:
         """The run mark's token of the current run (process runs), see marks.py."""
-        return getattr(self._handle, "token", None) if self._handle is not None else None
+        return self._handle.token if self._handle is not None else None
 
     @property
     def spawning(self) -> bool:
@@ -232,10 +252,10 @@ class Instance:
         return self._desired
 
     @property
-    def finished(self) -> asyncio.Future:
+    def finished(self) -> asyncio.Future[None]:
         return self._finished
 
-    def run_over(self) -> asyncio.Future:
+    def run_over(self) -> asyncio.Future[None]:
         """Resolves once the current run (if any) has ended: its GPUs and port are free."""
         return self._run_over
 
@@ -248,23 +268,23 @@ class Instance:
         if self._desired == "running":
             self._post(StartIntent("declared"))
 
-    def start(self, reason: str = "start requested") -> asyncio.Future:
+    def start(self, reason: str = "start requested") -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
         self._post(StartIntent(reason, done))
         return done
 
-    def stop(self, reason: str = "stop requested") -> asyncio.Future:
+    def stop(self, reason: str = "stop requested") -> asyncio.Future[None]:
         """Resolves once the instance is STOPPED (its whole process tree gone)."""
         done = asyncio.get_running_loop().create_future()
         self._post(StopIntent(reason, done))
         return done
 
-    def remove(self, reason: str = "declaration removed") -> asyncio.Future:
+    def remove(self, reason: str = "declaration removed") -> asyncio.Future[None]:
         """Stop for good; resolves once stopped and the actor has ended."""
         self._post(StopIntent(reason, None, remove=True))
         return self._finished
 
-    def restart(self, reason: str = "restart requested") -> asyncio.Future:
+    def restart(self, reason: str = "restart requested") -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
         self._post(RestartIntent(reason, done))
         return done
@@ -336,7 +356,7 @@ class Instance:
             raise LaunchError(f"automatic port {port} is held by {holder}; moving to another port")
         raise LaunchError(f"port {port} is already in use by {holder}")
 
-    def _post(self, message: object) -> None:
+    def _post(self, message: Message) -> None:
         self._inbox.put_nowait(message)
 
     async def _main(self) -> None:
@@ -458,8 +478,11 @@ class Instance:
         run = self._run
 
         async def apply() -> None:
+            live, previous = spec.launch.live, current.launch.live
             try:
-                done = await spec.launch.live.apply(current.launch.live, spec.port, spec.health.start_timeout)
+                if live is None or previous is None:  # a live part added or dropped: a restart
+                    raise ValueError("the server's live configuration was added or removed")
+                done = await live.apply(previous, spec.port, spec.health.start_timeout)
             except Exception as exc:
                 log.warning("%s: the change could not be applied in place: %s", self.id, exc)
                 if self._run == run:
@@ -544,11 +567,7 @@ class Instance:
             if runner is None:
                 raise LaunchError(f"no runner {spec.launch.runner!r} for backend {spec.backend!r}")
             # A run of ours that survived a supervisor restart holds the port legitimately.
-            if (
-                spec.uses_port
-                and getattr(runner, "ports_here", True)
-                and not await runner.adoptable(spec.launch, spec.id)
-            ):
+            if spec.uses_port and runner.ports_here and not await runner.adoptable(spec.launch, spec.id):
                 for port in (spec.port, *(p for _, p in spec.extra_ports)):
                     holder = await self.services.port_holder(port)
                     if holder is not None:
@@ -602,7 +621,7 @@ class Instance:
         self._spawning = False
         self.unavailable_waits = 0
         self._handle = m.handle
-        self._run_node = getattr(m.handle, "node_name", None)  # None for runs on this machine
+        self._run_node = m.handle.node_name  # None for runs on this machine
         spec = self.running_spec or self.spec
         self._watcher = self._helper(self._watch_exit(m.run, m.handle, spec), "watch exit")
         if m.adopted_from is not None:
@@ -662,13 +681,13 @@ class Instance:
     # -- readiness and liveness --------------------------------------------------------------
     async def _probe_loop(self, run: int, spec: InstanceSpec) -> None:
         attempt = 0
-        patterns = [re.compile(p) for p in getattr(spec.launch, "fail_patterns", ())]
+        patterns = [re.compile(p) for p in spec.launch.fail_patterns]
         offset = self._log_offset
         # A run on another node is probed there, on its loopback (RayHandle.probe), and its log
         # is read there (RayHandle.log).
         handle = self._handle
-        prober = getattr(handle, "probe", None)
-        remote_log = getattr(handle, "log", None)
+        prober = handle.prober if handle is not None else None
+        remote_log = handle.remote_log if handle is not None else None
         while True:  # readiness: quick probes at first, then every start_interval
             if patterns:  # e.g. textgen's "Port X is already in use. Using port Y instead"
                 if remote_log is not None:
@@ -720,7 +739,7 @@ class Instance:
 
     def _on_ready(self, m: Ready) -> None:
         if m.run == self._run and self.state == State.STARTING:
-            adopted = getattr(self._handle, "adopted", False)
+            adopted = self._handle is not None and self._handle.adopted
             self._become_ready(
                 f"adopted pid {self.pid}; ready: {m.detail}" if adopted else f"ready: {m.detail}"
             )
@@ -745,7 +764,7 @@ class Instance:
         # Workers the main process left behind would hold GPU memory and ports: clear them
         # before the state machine decides anything (a no-op scan-free check when none are left).
         await handle.cleanup(spec.stop.signum, spec.stop.timeout)
-        for step in getattr(spec.launch, "after_exit", ()):
+        for step in spec.launch.after_exit:
             try:
                 await asyncio.to_thread(step.run)
             except Exception as exc:  # tidying after a run must never wedge the instance
@@ -766,7 +785,7 @@ class Instance:
         if self.state == State.STOPPING:
             return  # the stop task reports Stopped
         if (
-            getattr(self._handle, "adopted", False)
+            self._handle.adopted
             and type(m.status) is ExitStatus
             and m.status.code is None
             and m.status.signal is None
@@ -808,9 +827,15 @@ class Instance:
         )
 
     async def _stop_run(
-        self, run: int, handle: RunHandle, spec: InstanceSpec, watcher: asyncio.Task, tail_wanted: bool
+        self,
+        run: int,
+        handle: RunHandle,
+        spec: InstanceSpec,
+        watcher: asyncio.Task[tuple[str, ...]] | None,
+        tail_wanted: bool,
     ) -> None:
         status = await handle.stop(spec.stop.signum, spec.stop.timeout)
+        assert watcher is not None  # set when the run launched, before anything can stop it
         tail = await asyncio.shield(watcher)  # it closes the run's files once the exit is seen
         self._post(Stopped(run, status, tail if tail_wanted else ()))
 
@@ -965,14 +990,14 @@ class Instance:
             if not fut.done() and predicate(self):
                 fut.set_result(None)
 
-    def _helper(self, coro: Awaitable[None], what: str) -> asyncio.Task:
+    def _helper(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(f"{self.id} {what}")
         self._helpers.add(task)
         task.add_done_callback(self._helper_done)
         return task
 
-    def _helper_done(self, task: asyncio.Task) -> None:
+    def _helper_done(self, task: asyncio.Task[Any]) -> None:
         self._helpers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: %s failed", self.id, task.get_name(), exc_info=task.exception())
@@ -987,6 +1012,6 @@ class _AdoptedExit(ExitStatus):
         return "exit status unknown: adopted from an earlier supervisor, so not our child"
 
 
-def _resolve(fut: asyncio.Future | None) -> None:
+def _resolve(fut: asyncio.Future[None] | None) -> None:
     if fut is not None and not fut.done():
         fut.set_result(None)

@@ -197,7 +197,7 @@ class _Collector(Collector):
     def _gpu_rows(
         snap: Any,
         node: str | None,
-        stray_count: Counter,
+        stray_count: Counter[int],
         used: _Family,
         total: _Family,
         util: _Family,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+from supervisor.adapters.health import Prober
 from supervisor.adapters.logfiles import LogFile
 from supervisor.core.states import ExitStatus
 
@@ -27,14 +28,47 @@ class PortInUse(LaunchError):
         self.holder = holder
 
 
+class LogReader(Protocol):
+    """A run's log, read where the run is (the file here, or through a node's agent)."""
+
+    async def tail(self, lines: int) -> list[str]: ...
+
+    async def size(self) -> int: ...
+
+    async def read_from(self, offset: int) -> tuple[bytes, int, int]: ...
+
+
 class RunHandle(Protocol):
-    """One run of one instance: a process tree or a container."""
+    """One run of one instance: a process tree, a container or a run on a cluster node.
+
+    The optional capabilities are typed members that are None where a kind has none of them,
+    so the instance asks the handle, never `getattr`."""
 
     @property
     def pid(self) -> int | None: ...
 
     @property
     def exited(self) -> bool: ...
+
+    @property
+    def adopted(self) -> bool:
+        """True if this run was started by an earlier supervisor and adopted."""
+
+    @property
+    def token(self) -> str | None:
+        """The run mark's token (runs whose processes carry our mark); None for containers."""
+
+    @property
+    def node_name(self) -> str | None:
+        """The cluster node the run is on (its label, else its short id); None: this machine."""
+
+    @property
+    def prober(self) -> Prober | None:
+        """Probes the run where it runs (a node's loopback); None: probe it from here."""
+
+    @property
+    def remote_log(self) -> LogReader | None:
+        """The run's log where it runs; None: the instance's log file on this machine."""
 
     async def wait(self) -> ExitStatus:
         """Resolves as soon as the main process (or container) exits; never polls."""
@@ -45,12 +79,8 @@ class RunHandle(Protocol):
     async def stop(self, signum: int, timeout: float) -> ExitStatus:
         """Signal, wait up to `timeout`, then kill everything the run started."""
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """What to persist in the state dir so a later supervisor can find this run again."""
-
-    @property
-    def adopted(self) -> bool:
-        """True if this run was started by an earlier supervisor and adopted."""
 
 
 class Runner(Protocol):
@@ -59,18 +89,26 @@ class Runner(Protocol):
     #: (A cluster runner checks them on the node, and raises PortInUse from `launch`.)
     ports_here: bool
 
-    async def launch(self, plan, log: LogFile, instance_id: str = "", stop_signal: int = 15) -> RunHandle:
+    async def launch(
+        self, plan: Any, log: LogFile, instance_id: str = "", stop_signal: int = 15
+    ) -> RunHandle:
         """Start (or adopt) the run; raises LaunchError with a reason a user can act on."""
 
-    async def adopt(self, plan, log: LogFile, instance_id: str, record: dict) -> RunHandle | None:
+    async def adopt(
+        self, plan: Any, log: LogFile, instance_id: str, record: dict[str, Any]
+    ) -> RunHandle | None:
         """A handle on the run described by `record` (written by an earlier supervisor) if that
         very run is still alive; None if it is gone. The caller has checked the spec hash."""
 
-    async def adoptable(self, plan, instance_id: str) -> bool:
+    async def adoptable(self, plan: Any, instance_id: str) -> bool:
         """True if a run of this plan survived a supervisor restart and `launch` will adopt it
         (a run with no record: a container started just before the supervisor died)."""
 
     def unavailable_reason(self) -> str | None:
         """Why this runner cannot be used, as far as it last knew (None: usable)."""
+
+    async def check(self) -> None:
+        """Find out whether the runner can be used now (is there a Docker daemon?), for
+        `unavailable_reason` and /healthz; called once in the background at start-up."""
 
     async def close(self) -> None: ...

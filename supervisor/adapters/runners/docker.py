@@ -26,16 +26,21 @@ import os
 import signal as signals
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
+from supervisor.adapters.health import Prober
 from supervisor.adapters.logfiles import LogFile
 from supervisor.adapters.marks import scope_of  # noqa: F401  (re-exported: containers are labelled with it)
-from supervisor.adapters.runners.base import LaunchError
+from supervisor.adapters.runners.base import LaunchError, LogReader
 from supervisor.backends.base import ContainerLaunch
 from supervisor.core.states import ExitStatus
+
+if TYPE_CHECKING:
+    from docker import DockerClient  # imported where used: the package is optional
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ LABEL_MANAGED = "io.model-supervisor.managed"
 LABEL_SCOPE = "io.model-supervisor.scope"
 LABEL_INSTANCE = "io.model-supervisor.instance"
 LABEL_HASH = "io.model-supervisor.spec-hash"
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 API_TIMEOUT = 120  # seconds for one SDK call (the docker SDK's default is 60)
 KILL_GRACE = 10.0
@@ -71,7 +79,8 @@ def docker_address() -> str:
 def daemon_reason(exc: BaseException, address: str) -> str:
     """Why the daemon cannot be used, in a user's words: the SDK's text is a nest of wrapped
     exceptions ("('Connection aborted.', FileNotFoundError(2, ...))")."""
-    chain, seen = [], exc
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
@@ -119,7 +128,7 @@ class _Started:
     exit_code: int | None = None
 
     @classmethod
-    def from_attrs(cls, container_id: str, name: str, adopted: bool, attrs: dict) -> _Started:
+    def from_attrs(cls, container_id: str, name: str, adopted: bool, attrs: dict[str, Any]) -> _Started:
         state = attrs.get("State", {})
         return cls(
             container_id,
@@ -133,6 +142,13 @@ class _Started:
 
 
 class DockerHandle:
+    """One container. Its processes carry no run mark (the container is the unit)."""
+
+    token: str | None = None
+    node_name: str | None = None
+    prober: Prober | None = None
+    remote_log: LogReader | None = None
+
     def __init__(self, runner: DockerRunner, info: _Started) -> None:
         self.runner = runner
         self.container_id = info.id
@@ -174,7 +190,7 @@ class DockerHandle:
             await self.runner.flush_logs(self)
             self.runner.forget_later(self)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {"kind": "docker", "container": self.container_id, "name": self.name, "pid": self.pid}
 
 
@@ -195,12 +211,13 @@ class DockerRunner:
         self._closing = threading.Event()
         self._reason: str | None = None
         self._log_threads: dict[str, threading.Thread] = {}
-        self._background: set[asyncio.Task] = set()
-        self._removing: dict[str, asyncio.Task] = {}  # container name -> its removal under way
+        self._background: set[asyncio.Task[None]] = set()
+        self._removing: dict[str, asyncio.Task[None]] = {}  # container name -> its removal under way
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
+    def _client(self) -> DockerClient:
+        """This thread's client (the SDK's clients are not shared between threads)."""
+        client: DockerClient | None = getattr(self._local, "client", None)
         if client is None:
             import docker
 
@@ -208,17 +225,17 @@ class DockerRunner:
             self._local.client = client
         return client
 
-    async def call(self, fn: Any, *args: Any) -> Any:
+    async def call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`fn(*args)` in the SDK's thread pool (the SDK blocks)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def unavailable_reason(self) -> str | None:
         """The last known reason the daemon cannot be used (launches re-check it)."""
         return self._reason
 
-    async def check(self) -> str | None:
-        """Ask the daemon now; returns why it cannot be used, or None."""
+    async def check(self) -> None:
+        """Ask the daemon now: `unavailable_reason` says why it cannot be used, or None."""
         self._reason = await self.call(self._ping)
-        return self._reason
 
     def _ping(self) -> str | None:
         try:
@@ -245,7 +262,7 @@ class DockerRunner:
         return bool(state.get("State", {}).get("Running")) and labels.get(LABEL_HASH) == plan_hash(plan)
 
     async def adopt(
-        self, plan: ContainerLaunch, log_file: LogFile, instance_id: str, record: dict
+        self, plan: ContainerLaunch, log_file: LogFile, instance_id: str, record: dict[str, Any]
     ) -> DockerHandle | None:
         """The instance's container, if it still runs with this plan's hash (the record only
         says it was a container: the name and labels identify it)."""
@@ -301,6 +318,7 @@ class DockerRunner:
         if existing is not None:
             labels = existing.labels or {}
             if labels.get(LABEL_HASH) == want and existing.status == "running":
+                assert existing.id is not None  # (the SDK's type; a daemon's container has an Id)
                 return _Started.from_attrs(existing.id, name, True, existing.attrs)
             log.info(
                 "removing stale container %s (status %s, spec %s)",
@@ -358,9 +376,10 @@ class DockerRunner:
                 container.remove(force=True)
             raise LaunchError(f"container failed to start: {_explain(exc)}") from None
         container.reload()
+        assert container.id is not None
         return _Started.from_attrs(container.id, name, False, container.attrs)
 
-    def _ensure_image(self, client: Any, plan: ContainerLaunch) -> None:
+    def _ensure_image(self, client: DockerClient, plan: ContainerLaunch) -> None:
         import docker
 
         present = True
@@ -405,11 +424,12 @@ class DockerRunner:
         except docker.errors.NotFound:
             pass
 
-    def _state(self, container_id: str) -> dict | None:
+    def _state(self, container_id: str) -> dict[str, Any] | None:
         import docker
 
         try:
-            return self._client().api.inspect_container(container_id).get("State", {})
+            state: dict[str, Any] = self._client().api.inspect_container(container_id).get("State", {})
+            return state
         except docker.errors.NotFound:
             return {"Running": False, "ExitCode": -1}
         except Exception:
@@ -430,9 +450,13 @@ class DockerRunner:
         self._background.add(task)
         self._removing[handle.name] = task
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(
-            lambda t, n=handle.name: self._removing.pop(n) if self._removing.get(n) is t else None
-        )
+        name = handle.name
+
+        def unregister(t: asyncio.Task[None]) -> None:
+            if self._removing.get(name) is t:
+                self._removing.pop(name)
+
+        task.add_done_callback(unregister)
 
     async def flush_logs(self, handle: DockerHandle) -> None:
         """Let the container's last lines (often why it died) reach the log file."""
@@ -474,7 +498,9 @@ class DockerRunner:
         since = None
         while not self._closing.is_set():
             try:
-                client = docker.from_env(timeout=None)
+                # The stubs say int; None (no socket timeout) is what a stream that may stay silent
+                # for hours needs, and the SDK hands it to requests as is.
+                client = docker.from_env(timeout=None)  # type: ignore[arg-type]
                 stream = client.events(
                     decode=True,
                     since=since,
@@ -498,7 +524,7 @@ class DockerRunner:
                 self._closing.wait(1.0)
                 since = since or int(time.time())
 
-    def _post(self, fn: Any, *args: Any) -> None:
+    def _post(self, fn: Callable[[*Ts], object], *args: *Ts) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
 
@@ -533,16 +559,17 @@ class DockerRunner:
         self._log_threads[info.id] = thread
         thread.start()
 
-    def _copy_logs(self, container_id: str, log_file: LogFile, since: int | None) -> None:
+    def _copy_logs(self, container_id: str, log_file: LogFile, since: float | None) -> None:
         import docker
 
         fd = log_file.open_for_child()
         try:
-            client = docker.from_env(timeout=None)
-            kwargs = {"stream": True, "follow": True, "stdout": True, "stderr": True}
-            if since is not None:
-                kwargs["since"] = since
-            for chunk in client.api.logs(container_id, **kwargs):
+            client = docker.from_env(timeout=None)  # type: ignore[arg-type]  # (as for the events)
+            # since=None (its start time unknown) is the SDK's default: the whole log.
+            chunks = client.api.logs(
+                container_id, stdout=True, stderr=True, stream=True, follow=True, since=since
+            )
+            for chunk in chunks:
                 os.write(fd, chunk)
         except Exception as exc:
             if not self._closing.is_set():

@@ -27,6 +27,7 @@ from typing import Any
 
 from supervisor.adapters import storage
 from supervisor.adapters.cgroups import RunCgroups
+from supervisor.adapters.health import Prober
 from supervisor.adapters.logfiles import LogFile
 from supervisor.adapters.marks import MARK_ENV, Mark, new_token, read_mark
 from supervisor.adapters.procscan import (
@@ -38,7 +39,7 @@ from supervisor.adapters.procscan import (
     tree,
     wait_fds_readable,
 )
-from supervisor.adapters.runners.base import LaunchError
+from supervisor.adapters.runners.base import LaunchError, LogReader
 from supervisor.adapters.subreaper import reap_orphans
 from supervisor.backends.base import ProcessLaunch
 from supervisor.core.states import ExitStatus
@@ -52,6 +53,11 @@ KILL_GRACE = 5.0
 class ProcessHandle:
     """One run: a child we spawned (`popen`), or a process adopted from a run record."""
 
+    #: A run on this machine: probed from here, its log is the instance's file here.
+    node_name: str | None = None
+    prober: Prober | None = None
+    remote_log: LogReader | None = None
+
     def __init__(
         self,
         runner: ProcessRunner,
@@ -59,7 +65,7 @@ class ProcessHandle:
         pgid: int,
         starttime: int | None,
         token: str,
-        popen: subprocess.Popen | None = None,
+        popen: subprocess.Popen[bytes] | None = None,
         pidfd: int | None = None,
         cgroup: Path | None = None,
     ) -> None:
@@ -100,6 +106,7 @@ class ProcessHandle:
             if pid == 0:
                 return  # spurious wake-up
         # An adopted process is not our child: the pidfd says it ended, nobody can say how.
+        assert self._pidfd is not None  # this is its reader: removed before the pidfd is closed
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
@@ -211,14 +218,16 @@ class ProcessHandle:
     def _signal_all(self, signum: int, fds: dict[int, int]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signum)
-        if self.adopted and not self.exited:  # not our child: its group may be gone, the pidfd is sure
-            with contextlib.suppress(ProcessLookupError, OSError, TypeError):
+        # Not our child: its group may be gone, the pidfd is sure (an adopted run that has not
+        # exited has one; None would only have raised the TypeError this once suppressed).
+        if self.adopted and not self.exited and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(self._pidfd, signum)
         for fd in fds:  # descendants that left the group (setsid, setpgid)
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(fd, signum)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {
             "kind": "process",
             "pid": self.pid,
@@ -269,19 +278,45 @@ class ProcessRunner:
     ports_here = True
 
     def __init__(
-        self, table: ProcessTable | None = None, scope: str = "local", cgroups: RunCgroups | None = None
+        self,
+        table: ProcessTable | None = None,
+        scope: str = "local",
+        cgroups: RunCgroups | None = None,
+        *,
+        subreaper: bool = False,
     ) -> None:
         self.table = table or ProcessTable()
         self.scope = scope
         self.cgroups = cgroups
-        #: Set by `serve` once it is a child subreaper: orphans of our runs are then our children.
-        self.subreaper = False
+        #: Why per-run cgroups are (not) in use, for /healthz.
+        self.containment_note = "not detected yet" if cgroups is None else "given"
+        #: This process is a child subreaper: orphans of our runs are then our children.
+        self.subreaper = subreaper
         self._children: dict[int, ProcessHandle] = {}  # leaders we spawned, until reaped
         self._spawns_in_flight = 0
         self._reap_deferred = False
 
+    async def set_up_containment(self, use_cgroups: bool) -> None:
+        """At start-up: a cgroup per run where this machine allows it, else marks (and the
+        subreaper) keep each run's processes together."""
+        if not use_cgroups:
+            self.containment_note = "cgroups off by setting"
+            return
+        if self.cgroups is not None:
+            return
+        self.cgroups, self.containment_note = await asyncio.to_thread(RunCgroups.detect, self.scope)
+        if self.cgroups is None:
+            log.info(
+                "no per-run cgroups (%s): runs are kept together by marks%s",
+                self.containment_note,
+                " and the subreaper" if self.subreaper else "",
+            )
+
     def unavailable_reason(self) -> str | None:
         return None
+
+    async def check(self) -> None:
+        return None  # fork and exec are always there
 
     async def close(self) -> None:
         pass

@@ -17,19 +17,21 @@ import base64
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from supervisor.adapters.health import ProbeResult, health_to_wire
+from supervisor.adapters.health import Prober, ProbeResult, health_to_wire
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
 from supervisor.adapters.marks import new_token
 from supervisor.adapters.procscan import ProcessTable, marked
 from supervisor.adapters.runners.base import LaunchError, PortInUse, RunnerUnavailable
 from supervisor.adapters.runners.process import KILL_GRACE, stop_processes
 from supervisor.cluster.client import ClusterClient, ClusterError, ClusterUnreachable
-from supervisor.cluster.nodes import ClusterNodes
+from supervisor.cluster.nodes import ClusterNodes, Publish, RunOwner
 from supervisor.config.cluster_launch import LABEL_KEY, ClusterLaunch
 from supervisor.config.desired import ResolvedHealth
+from supervisor.config.settings import Settings
 from supervisor.core.states import ExitStatus
+from supervisor.core.strays import StrayRules
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,14 @@ class RayHandle:
         return await asyncio.shield(self._exit)
 
     @property
-    def log(self) -> RemoteLog:
+    def remote_log(self) -> RemoteLog:
         """The run's log file, on its node."""
         return RemoteLog(self._runner.client, self.node_id, self.log_path)
+
+    @property
+    def prober(self) -> Prober:
+        """Probes run in the actor, on the node's loopback."""
+        return self.probe
 
     @property
     def node_name(self) -> str:
@@ -206,7 +213,7 @@ class RayHandle:
         except (ClusterUnreachable, ClusterError) as exc:
             log.warning("%s: could not clean up after its run on %s: %s", self.name, self.where(), exc)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {
             "kind": "ray",
             "actor": self.name,
@@ -238,14 +245,27 @@ class RemoteLog:
             ) from None
 
     async def tail(self, lines: int) -> list[str]:
-        return await self._call("tail", lines=lines)
+        got: list[str] = await self._call("tail", lines=lines)
+        return got
 
     async def size(self) -> int:
-        return await self._call("size")
+        got: int = await self._call("size")
+        return got
 
     async def read_from(self, offset: int) -> tuple[bytes, int, int]:
         got = await self._call("read_from", offset=offset)
         return base64.b64decode(got["data"]), got["offset"], got["inode"]
+
+
+class ClusterOwner(RunOwner, Protocol):
+    """What the runner asks of the supervisor that owns the runs (see `RunOwner` too)."""
+
+    def pinned_nodes(self, instance_id: str, gpus: tuple[int, ...], share: bool) -> list[str]:
+        """Nodes where a declaration pinned there names one of `gpus`: a run placed anywhere
+        keeps off them."""
+
+    def cluster_reachable(self) -> None:
+        """The driver (re)connected: what waited only for the cluster may start now."""
 
 
 class RayRunner:
@@ -260,18 +280,32 @@ class RayRunner:
         unreachable_grace: float = 30.0,
         table: ProcessTable | None = None,
         release_timeout: float = 30.0,
+        *,
+        rules: StrayRules | None = None,
+        publish: Publish | None = None,
+        sample_interval: float = 1.0,
     ) -> None:
         self.client = client
         self.scope = scope
         self.placement_timeout = placement_timeout
         self.unreachable_grace = unreachable_grace
         self.table = table or ProcessTable()
-        self.nodes = ClusterNodes(client, release_timeout)
-        #: Set by the engine: (instance id, gpus, share) -> labels of nodes where a pinned
-        #: declaration names one of those GPUs (an unpinned run keeps off them).
-        self.pinned_elsewhere: Callable[[str, tuple[int, ...], bool], list[str]] = lambda iid, gpus, share: []
+        self.nodes = ClusterNodes(
+            client,
+            release_timeout,
+            rules=rules,
+            sample_interval=sample_interval,
+            **({"publish": publish} if publish is not None else {}),
+        )
+        self._owner: ClusterOwner | None = None
         #: instance id -> (node id, log path) of its latest run: where its log is read.
         self.log_places: dict[str, tuple[str, str]] = {}
+
+    def connect(self, owner: ClusterOwner) -> None:
+        """Register the supervisor that owns the runs (once, where everything is wired)."""
+        self._owner = owner
+        self.nodes.connect(owner)
+        self.client.subscribe("connected", lambda _message: owner.cluster_reachable())
 
     def unavailable_reason(self) -> str | None:
         return None if self.client.up else f"cluster unreachable: {self.client.reason}"
@@ -324,13 +358,14 @@ class RayRunner:
         if not isinstance(plan, ClusterLaunch):
             raise LaunchError(f"the ray runner cannot run a {type(plan).__name__}")
         token = new_token()
-        spec = {
+        log_path = str(log_file.path.absolute())
+        spec: dict[str, Any] = {  # the actor's start (InstanceActor.start), as JSON
             "argv": list(plan.argv),
             "cwd": plan.cwd,
             "env": dict(plan.env),
             "unset_env": list(plan.unset_env),
             "gpus": list(plan.gpus),
-            "log_path": str(log_file.path.absolute()),
+            "log_path": log_path,
             "scope": self.scope,
             "token": token,
             "instance": instance_id,
@@ -348,8 +383,8 @@ class RayRunner:
                 resources=plan.resources(),
                 num_gpus=0 if plan.share_gpus else len(plan.gpus),
                 placement_timeout=self.placement_timeout,
-                avoid=self.pinned_elsewhere(instance_id, plan.gpus, plan.share_gpus)
-                if plan.node == "*"
+                avoid=self._owner.pinned_nodes(instance_id, plan.gpus, plan.share_gpus)
+                if self._owner is not None and plan.node == "*"
                 else [],
             )
         except ClusterUnreachable as exc:
@@ -358,8 +393,8 @@ class RayRunner:
             raise LaunchError(str(exc)) from None
         if refused := info.get("refused"):
             raise PortInUse(int(refused["port"]), str(refused["holder"]))
-        self.log_places[instance_id] = (info.get("node_id") or "", spec["log_path"])
-        return RayHandle(self, instance_id, info, adopted=False, log_path=spec["log_path"])
+        self.log_places[instance_id] = (info.get("node_id") or "", log_path)
+        return RayHandle(self, instance_id, info, adopted=False, log_path=log_path)
 
     async def sweep_actors(
         self, keep: set[str], launched_here: Callable[[str], bool], broken_files: bool, timeout: float
@@ -422,10 +457,13 @@ class RayRunner:
             await stop_processes(table, victims, signum, min(timeout, KILL_GRACE))
 
 
-def from_settings(settings: Any, scope: str, table: ProcessTable | None = None) -> RayRunner:
-    """The runner `cluster = "ray"` registers (engine.py); starts nothing until first used."""
+def from_settings(
+    settings: Settings, scope: str, table: ProcessTable | None = None, publish: Publish | None = None
+) -> RayRunner:
+    """The runner of `cluster = "ray"` (built in supervisor.wiring); starts nothing until used."""
     import sys
 
+    assert settings.ray_address is not None  # Settings refuse cluster = "ray" without one
     client = ClusterClient(
         address=settings.ray_address,
         namespace=f"msup-{scope}",
@@ -442,10 +480,13 @@ def from_settings(settings: Any, scope: str, table: ProcessTable | None = None) 
         settings.ray_unreachable_grace,
         table,
         settings.gpu_release_timeout,
+        rules=StrayRules.from_settings(settings),
+        publish=publish,
+        sample_interval=settings.gpu_sample_interval,
     )
 
 
-def _agent_args(settings: Any) -> list[str]:
+def _agent_args(settings: Settings) -> list[str]:
     """What the node agents sample, as the driver's arguments: this machine's GPU settings."""
     args = ["--gpu-source", settings.gpu_source, "--sample-interval", str(settings.gpu_sample_interval)]
     if settings.gpu_simulated_file is not None:

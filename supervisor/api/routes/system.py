@@ -17,7 +17,6 @@ from sanic_ext import openapi
 
 from supervisor import __version__
 from supervisor.adapters.logfiles import LogFile, LogUnavailable
-from supervisor.adapters.storage import StateDirHealth
 from supervisor.api.errors import error_response, parse_bool, parse_int, query
 from supervisor.api.routes import Parameter, dashboard, responses
 from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
@@ -54,7 +53,7 @@ def health_body(app: DefaultSanic) -> dict[str, Any]:
         "warnings": app.ctx.gpus.unknown_gpu_warnings(),
         # How a run's processes are kept together: "cgroup", "mark+subreaper" or "mark".
         "containment": engine.containment(),
-        "containment_note": engine.containment_note,
+        "containment_note": engine.process_runner.containment_note,
         # Cluster mode: every node its agent reports on (label, host, GPU source, errors).
         **({"nodes": app.ctx.gpus.cluster_nodes.nodes()} if app.ctx.gpus.cluster_nodes is not None else {}),
     }
@@ -66,10 +65,7 @@ async def health(app: DefaultSanic) -> dict[str, Any]:
     still 200: the supervisor is alive and says what is wrong; it recovers by itself."""
     body = health_body(app)
     engine = app.ctx.engine
-    probe = getattr(app.ctx, "state_dir_health", None)
-    if probe is None:
-        probe = app.ctx.state_dir_health = StateDirHealth(engine.settings.state_dir)
-    reason = await probe.check()
+    reason = await app.ctx.state_dir_health.check()
     body["state_dir"] = {"path": str(engine.settings.state_dir), "writable": reason is None, "reason": reason}
     degraded = [f"state dir: {reason}"] if reason else []
     failure = getattr(engine.watcher, "failure", None)

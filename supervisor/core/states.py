@@ -24,6 +24,32 @@ class State(enum.StrEnum):
     FATAL = "FATAL"  # gave up after too many consecutive failures
 
 
+class Desired(enum.StrEnum):
+    """Where an instance is heading: set by its declaration, an API intent or its removal."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    REMOVED = "removed"  # declaration gone: stop, then the instance ends
+
+
+class Timer(enum.StrEnum):
+    """The one timer an instance has armed at a time."""
+
+    BACKOFF = "backoff"  # then the next start
+    COOLDOWN = "cooldown"  # FATAL's one more try (restart.fatal_cooldown)
+    UPTIME = "uptime"  # RUNNING long enough (restart.min_uptime): failures forgiven
+    START_TIMEOUT = "start_timeout"  # not ready in time: a failed start
+
+
+#: The state a timer belongs to: one that fires in any other state is stale and ignored.
+TIMER_STATE: dict[Timer, State] = {
+    Timer.BACKOFF: State.BACKOFF,
+    Timer.COOLDOWN: State.FATAL,
+    Timer.UPTIME: State.RUNNING,
+    Timer.START_TIMEOUT: State.STARTING,
+}
+
+
 S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
     S.STOPPED: frozenset({S.STARTING}),

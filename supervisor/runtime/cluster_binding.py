@@ -44,7 +44,7 @@ def occupied(instances: Iterable[Instance]) -> dict[str, dict[int, Claim]]:
     that holds it now: `gpus = "auto"` keeps off those GPUs (pure)."""
     out: dict[str, dict[int, Claim]] = {}
     for inst in instances:
-        spec = inst.running_spec or inst.spec
+        spec = inst.effective_spec
         launch = spec.launch
         if not isinstance(launch, ClusterLaunch) or launch.node != ANYWHERE or not spec.gpus:
             continue

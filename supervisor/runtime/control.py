@@ -34,7 +34,7 @@ from supervisor.config.declarations import (
 from supervisor.config.desired import Catalog
 from supervisor.core import tomledit
 from supervisor.core.spec import is_valid_name
-from supervisor.core.states import State
+from supervisor.core.states import Desired, State
 from supervisor.runtime.engine import EditConflict, Engine
 from supervisor.runtime.instance import Instance
 
@@ -109,7 +109,7 @@ SETTLE_POLL = 0.05
 def took_effect(inst: Instance, old_pid: int | None, until_running: bool) -> bool:
     """Has a start/restart visibly happened? A new pid (STARTING or RUNNING; RUNNING with
     `until_running`), a failure, or the instance is no longer meant to run."""
-    if inst.desired != "running" or inst.state in FAILED_STATES:
+    if inst.desired != Desired.RUNNING or inst.state in FAILED_STATES:
         return True
     if inst.pid is None or inst.pid == old_pid:
         return inst.state == State.RUNNING and old_pid is None and inst.pid is None  # e.g. no pid to show

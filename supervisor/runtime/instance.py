@@ -35,7 +35,16 @@ from supervisor.config.desired import InstanceSpec
 from supervisor.core.backoff import Backoff, gives_up
 from supervisor.core.events import EventBus
 from supervisor.core.failure_line import with_log_reason
-from supervisor.core.states import ExitStatus, State, Transition, check_transition, utcnow
+from supervisor.core.states import (
+    TIMER_STATE,
+    Desired,
+    ExitStatus,
+    State,
+    Timer,
+    Transition,
+    check_transition,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +130,7 @@ class Stopped:
 @dataclass(frozen=True, slots=True)
 class TimerFired:
     token: int
-    what: str  # "backoff" | "cooldown" | "uptime" | "start_timeout"
+    what: Timer
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +204,7 @@ class Instance:
         #: Bumped whenever anything `snapshot()` shows changes (except the uptime clock), so
         #: views can cache what they render per instance.
         self.revision = 0
-        self._desired = "running" if spec.enabled else "stopped"  # "running" | "stopped" | "removed"
+        self._desired = Desired.RUNNING if spec.enabled else Desired.STOPPED
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._run = 0
         self._tcount = 0
@@ -233,7 +242,7 @@ class Instance:
         before a first run, the label a pinned declaration names. None on this machine."""
         if self._run_node is not None:
             return self._run_node
-        launch = (self.running_spec or self.spec).launch
+        launch = self.effective_spec.launch
         return launch.node if isinstance(launch, ClusterLaunch) and launch.node != ANYWHERE else None
 
     @property
@@ -247,8 +256,13 @@ class Instance:
         return self._spawning
 
     @property
-    def desired(self) -> str:
-        """ "running", "stopped" or "removed": where the instance is heading."""
+    def effective_spec(self) -> InstanceSpec:
+        """The spec of the current (or last) run, else the declared one: what runs now."""
+        return self.running_spec or self.spec
+
+    @property
+    def desired(self) -> Desired:
+        """Where the instance is heading."""
         return self._desired
 
     @property
@@ -265,7 +279,7 @@ class Instance:
         self._actor = asyncio.create_task(
             self._main(), name=f"instance {self.id}"
         )  # held: tasks are weakly referenced
-        if self._desired == "running":
+        if self._desired == Desired.RUNNING:
             self._post(StartIntent("declared"))
 
     def start(self, reason: str = "start requested") -> asyncio.Future[None]:
@@ -313,7 +327,7 @@ class Instance:
     def snapshot(self) -> dict[str, Any]:
         now = utcnow()
         last = self.history[-1] if self.history else None
-        spec = self.running_spec or self.spec
+        spec = self.effective_spec
         return {
             "id": self.id,
             "model": spec.model,
@@ -374,7 +388,7 @@ class Instance:
                     self.id,
                     message.handle.pid,
                 )
-                spec = self.running_spec or self.spec
+                spec = self.effective_spec
                 await message.handle.stop(spec.stop.signum, spec.stop.timeout)
 
     def _dispatch(self, m: object) -> None:
@@ -384,7 +398,7 @@ class Instance:
                 self._on_start(m.reason)
                 _resolve(m.done)
             case StopIntent():
-                self._desired = "removed" if m.remove else "stopped"
+                self._desired = Desired.REMOVED if m.remove else Desired.STOPPED
                 if m.done is not None:
                     self._stop_waiters.append(m.done)
                 self._halt(m.reason)
@@ -414,9 +428,9 @@ class Instance:
 
     # -- intents -----------------------------------------------------------------------------
     def _on_start(self, reason: str) -> None:
-        if self._desired == "removed":
+        if self._desired == Desired.REMOVED:
             return
-        self._desired = "running"
+        self._desired = Desired.RUNNING
         if self.state in (State.STOPPED, State.EXITED, State.FATAL):
             self.failures = 0
             self._launch(reason)
@@ -425,9 +439,9 @@ class Instance:
         # STARTING/RUNNING: already there. STOPPING: _on_stopped starts it (desired is running).
 
     def _on_restart(self, reason: str) -> None:
-        if self._desired == "removed":
+        if self._desired == Desired.REMOVED:
             return
-        self._desired = "running"
+        self._desired = Desired.RUNNING
         if self.state == State.RUNNING or (self.state == State.STARTING and self._handle is not None):
             self._begin_stop(reason)
         elif self.state == State.STARTING and self._spawning:
@@ -439,10 +453,10 @@ class Instance:
         previous = self.spec
         self.spec = spec
         self._gates.extend(gates)
-        if self._desired == "removed":
+        if self._desired == Desired.REMOVED:
             return
-        if not spec.enabled and self._desired == "running":
-            self._desired = "stopped"
+        if not spec.enabled and self._desired == Desired.RUNNING:
+            self._desired = Desired.STOPPED
             self._halt("disabled in its declaration")
             return
         if spec.enabled and not previous.enabled:
@@ -450,10 +464,10 @@ class Instance:
             return
         current = self.running_spec or previous
         live_only = spec.launch_hash == current.launch_hash and spec.launch.live != current.launch.live
-        if live_only and self.state == State.RUNNING and self._desired == "running":
+        if live_only and self.state == State.RUNNING and self._desired == Desired.RUNNING:
             self._apply_live(current, spec)
             return
-        if (spec.launch_hash == current.launch_hash and not live_only) or self._desired != "running":
+        if (spec.launch_hash == current.launch_hash and not live_only) or self._desired != Desired.RUNNING:
             return  # policies only (applied in place), or not meant to run anyway
         reason = "declaration changed"
         self.failures = 0  # a new spec deserves a fresh set of attempts
@@ -525,7 +539,7 @@ class Instance:
         self.last_probe = None
         self._stop_pending = None
         self._launch_task = self._helper(self._launch_run(self._run, self.spec), "launch")
-        self._arm(self.spec.health.start_timeout, "start_timeout")
+        self._arm(self.spec.health.start_timeout, Timer.START_TIMEOUT)
 
     def _cancel_launch(self) -> None:
         if self._launch_task is not None:
@@ -622,7 +636,7 @@ class Instance:
         self.unavailable_waits = 0
         self._handle = m.handle
         self._run_node = m.handle.node_name  # None for runs on this machine
-        spec = self.running_spec or self.spec
+        spec = self.effective_spec
         self._watcher = self._helper(self._watch_exit(m.run, m.handle, spec), "watch exit")
         if m.adopted_from is not None:
             self._on_adopted(m, spec)
@@ -663,7 +677,7 @@ class Instance:
         except (KeyError, TypeError, ValueError):
             elapsed = 0.0
         self._arm(
-            max(spec.health.start_timeout - elapsed, 2 * spec.health.start_interval, 1.0), "start_timeout"
+            max(spec.health.start_timeout - elapsed, 2 * spec.health.start_interval, 1.0), Timer.START_TIMEOUT
         )
 
     def _on_launch_failed(self, m: LaunchFailed) -> None:
@@ -672,7 +686,7 @@ class Instance:
         self._launch_task = None
         self._spawning = False
         self._end_run()
-        if self._desired != "running":
+        if self._desired != Desired.RUNNING:
             self._transition(State.STOPPED, f"launch abandoned: {m.reason}")
             self._reached_stopped()
         else:
@@ -748,7 +762,7 @@ class Instance:
         self.ready_at = utcnow()
         self.ready_monotonic = time.monotonic()
         self._transition(State.RUNNING, reason)
-        self._arm((self.running_spec or self.spec).restart.min_uptime, "uptime")
+        self._arm(self.effective_spec.restart.min_uptime, Timer.UPTIME)
 
     def _on_unhealthy(self, m: Unhealthy) -> None:
         if m.run == self._run and self.state == State.RUNNING:
@@ -794,8 +808,8 @@ class Instance:
         self._end_run()
         self.last_exit = m.status
         self._cancel_health()
-        spec = self.running_spec or self.spec
-        if self._desired != "running":
+        spec = self.effective_spec
+        if self._desired != Desired.RUNNING:
             self._transition(State.STOPPED, f"exited ({m.status.describe()})", exit=m.status, tail=m.tail)
             self._reached_stopped()
         elif self.state == State.STARTING:
@@ -821,7 +835,7 @@ class Instance:
         self._cancel_health()
         self._after_stop = after
         self._transition(State.STOPPING, reason)
-        spec = self.running_spec or self.spec
+        spec = self.effective_spec
         self._helper(
             self._stop_run(self._run, handle, spec, self._watcher, tail_wanted=after is not None), "stop"
         )
@@ -845,9 +859,9 @@ class Instance:
         self._end_run()
         self.last_exit = m.status
         after, self._after_stop = self._after_stop, None
-        spec = self.running_spec or self.spec
+        spec = self.effective_spec
         if (
-            self._desired == "running"
+            self._desired == Desired.RUNNING
             and after is not None
             and after.while_running
             and spec.restart.policy == "never"
@@ -855,13 +869,13 @@ class Instance:
             self._transition(
                 State.EXITED, f"{after.reason}; restart policy is never", exit=m.status, tail=m.tail
             )
-        elif self._desired == "running" and after is not None:
+        elif self._desired == Desired.RUNNING and after is not None:
             self._fail(after.reason, m.status, m.tail)
-        elif self._desired == "running":
+        elif self._desired == Desired.RUNNING:
             self._transition(State.STOPPED, f"stopped ({m.status.describe()})", exit=m.status)
             self._launch(
                 "restarting"
-                if self.spec.launch_hash == (self.running_spec or self.spec).launch_hash
+                if self.spec.launch_hash == self.effective_spec.launch_hash
                 else "starting the changed declaration"
             )
         else:
@@ -873,7 +887,7 @@ class Instance:
         for fut in self._stop_waiters:
             _resolve(fut)
         self._stop_waiters.clear()
-        if self._desired == "removed":
+        if self._desired == Desired.REMOVED:
             self._cancel_timer()
             for task in self._helpers:
                 task.cancel()
@@ -883,7 +897,7 @@ class Instance:
     def _fail(
         self, reason: str, exit: ExitStatus | None = None, tail: tuple[str, ...] = (), counts: bool = True
     ) -> None:
-        spec = self.running_spec or self.spec
+        spec = self.effective_spec
         r = spec.restart
         reason = with_log_reason(reason, tail)  # "exited (exit code 1): error: creating server: ..."
         self.last_error = reason
@@ -902,7 +916,7 @@ class Instance:
                 exit=exit,
                 tail=tail,
             )
-            self._arm(delay, "backoff")
+            self._arm(delay, Timer.BACKOFF)
             return
         self.failures += 1
         if gives_up(self.failures, r.max_retries):
@@ -914,7 +928,7 @@ class Instance:
                 tail=tail,
             )
             if r.fatal_cooldown:
-                self._arm(r.fatal_cooldown, "cooldown")
+                self._arm(r.fatal_cooldown, Timer.COOLDOWN)
             return
         delay = Backoff(r.initial_delay, r.factor, r.max_delay, r.jitter).delay(
             self.failures, self.services.rng
@@ -926,35 +940,39 @@ class Instance:
             exit=exit,
             tail=tail,
         )
-        self._arm(delay, "backoff")
+        self._arm(delay, Timer.BACKOFF)
 
     def _on_timer(self, m: TimerFired) -> None:
         if m.token != self._tcount:
-            return
+            return  # re-armed or cancelled since
         self._timer = None
-        if m.what == "backoff" and self.state == State.BACKOFF:
-            self.restarts += 1
-            self._launch(f"restart {self.restarts} after backoff")
-        elif m.what == "cooldown" and self.state == State.FATAL:
-            self.failures = (self.running_spec or self.spec).restart.max_retries  # exactly one more try
-            self.restarts += 1
-            self._launch("FATAL cooldown elapsed: one more try")
-        elif m.what == "uptime" and self.state == State.RUNNING:
-            self.failures = 0
-        elif m.what == "start_timeout" and self.state == State.STARTING:
-            timeout = (self.running_spec or self.spec).health.start_timeout
-            reason = (
-                f"not ready within start_timeout ({timeout:g} s); last probe: {self.last_probe or 'none'}"
-            )
-            if self._handle is not None:
-                self._begin_stop(reason, _Failure(reason))
-            elif self._spawning:
-                self._stop_pending = reason
-            else:
-                self._cancel_launch()
-                self._fail(reason)
+        if self.state != TIMER_STATE[m.what]:
+            return  # the state it was armed for is over
+        spec = self.effective_spec
+        match m.what:
+            case Timer.BACKOFF:
+                self.restarts += 1
+                self._launch(f"restart {self.restarts} after backoff")
+            case Timer.COOLDOWN:
+                self.failures = spec.restart.max_retries  # exactly one more try
+                self.restarts += 1
+                self._launch("FATAL cooldown elapsed: one more try")
+            case Timer.UPTIME:
+                self.failures = 0
+            case Timer.START_TIMEOUT:
+                timeout = spec.health.start_timeout
+                reason = (
+                    f"not ready within start_timeout ({timeout:g} s); last probe: {self.last_probe or 'none'}"
+                )
+                if self._handle is not None:
+                    self._begin_stop(reason, _Failure(reason))
+                elif self._spawning:
+                    self._stop_pending = reason
+                else:
+                    self._cancel_launch()
+                    self._fail(reason)
 
-    def _arm(self, delay: float, what: str) -> None:
+    def _arm(self, delay: float, what: Timer) -> None:
         self._cancel_timer()
         token = self._tcount
         self._timer = asyncio.get_running_loop().call_later(delay, self._post, TimerFired(token, what))

@@ -94,7 +94,7 @@ class _Collector(Collector):
         return "\n".join(line for f in families for line in f.lines) + "\n"
 
     def _instance_labels(self, inst: Any) -> str:
-        spec = inst.running_spec or inst.spec
+        spec = inst.effective_spec
         node = inst.node or ""
         cached = self._label_cache.get(inst)
         if cached is None or cached[0] is not spec or cached[1] != node:

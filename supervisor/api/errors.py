@@ -17,7 +17,15 @@ from sanic.response import JSONResponse
 from sanic.response import json as json_response
 
 from supervisor.api import guard
-from supervisor.runtime.control import ControlError, Invalid
+from supervisor.runtime.control import (
+    Conflict,
+    ControlError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    StorageFailed,
+    UpstreamFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +166,26 @@ def allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
+#: The HTTP status of each kind of refusal by the controller (anything else: 400).
+CONTROL_STATUS: dict[type[ControlError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Forbidden: 403,
+    Invalid: 422,
+    UpstreamFailed: 502,
+}
+
+
+def control_status(exc: ControlError) -> int:
+    if isinstance(exc, StorageFailed):
+        return 507 if exc.full else 503  # 507 Insufficient Storage: room would fix it
+    return next((code for kind, code in CONTROL_STATUS.items() if isinstance(exc, kind)), 400)
+
+
 def install(app: DefaultSanic) -> None:
     @app.exception(ControlError)
     async def control_error(request: Request, exc: ControlError) -> JSONResponse:
-        return error_response(exc.status, exc.detail, **exc.extra)
+        return error_response(control_status(exc), exc.detail, **exc.extra)
 
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException) -> JSONResponse:

@@ -43,7 +43,8 @@ STOP_MARGIN = 15.0
 
 
 class ControlError(Exception):
-    status = 400
+    """A request the controller refuses, with what to tell the caller. What kind of refusal it
+    is (the subclass) decides the HTTP status, in `supervisor.api.errors`: no status here."""
 
     def __init__(self, detail: Any, **extra: Any) -> None:
         super().__init__(detail if isinstance(detail, str) else "invalid request")
@@ -52,41 +53,35 @@ class ControlError(Exception):
 
 
 class NotFound(ControlError):
-    status = 404
+    """No such model or instance."""
 
 
 class Conflict(ControlError):
-    status = 409
+    """It clashes with what is declared or running (a port, a GPU, a file with errors)."""
 
 
 class Forbidden(ControlError):
-    status = 403
+    """Not something this API may do (kill a process that is not a GPU process of ours)."""
 
 
 class Invalid(ControlError):
-    """422 with FastAPI-shaped items: {"type", "loc", "msg"}, so old clients parse it."""
-
-    status = 422
+    """Invalid input, as FastAPI-shaped items: {"type", "loc", "msg"}, so old clients parse it."""
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         super().__init__(items)
 
 
 class StorageFailed(ControlError):
-    """Something could not be written: 507 Insufficient Storage when the disk is full, 503 for
-    anything else (a read-only file system, permissions). Nothing was changed."""
-
-    status = 503
+    """Something could not be written (`full`: the disk is full; otherwise a read-only file
+    system, permissions, ...). Nothing was changed."""
 
     def __init__(self, exc: OSError, path: Path | str, what: str = "nothing was changed") -> None:
         super().__init__(f"{storage.describe(exc, path)}; {what}")
-        self.status = 507 if storage.is_full(exc) else 503
+        self.full = storage.is_full(exc)
 
 
 class UpstreamFailed(ControlError):
     """The backend itself failed to come up (a start with `wait`)."""
-
-    status = 502
 
 
 def invalid(loc: list[str | int], msg: str, type: str = "value_error") -> Invalid:

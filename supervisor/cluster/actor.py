@@ -46,7 +46,7 @@ def _status(returncode: int | None) -> dict[str, int | None]:
 
 class InstanceActor:
     def __init__(self) -> None:
-        self.popen: subprocess.Popen | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
         self.pgid = 0
         self.starttime: int | None = None
         self.scope = ""
@@ -89,7 +89,8 @@ class InstanceActor:
             ) from None
         try:
             os.write(fd, log_file.marker(spec["marker"]))
-            self.popen = await asyncio.to_thread(  # fork+exec off the actor's loop (probes run there)
+            # fork+exec off the actor's loop (probes run there)
+            popen: subprocess.Popen[bytes] = await asyncio.to_thread(
                 subprocess.Popen,
                 spec["argv"],
                 cwd=spec.get("cwd"),
@@ -100,6 +101,7 @@ class InstanceActor:
                 start_new_session=True,
                 close_fds=True,
             )
+            self.popen = popen
         except FileNotFoundError as exc:
             if spec.get("cwd") and not await asyncio.to_thread(os.path.isdir, spec["cwd"]):
                 raise RuntimeError(f"working directory {spec['cwd']!r} does not exist on the node") from None
@@ -110,12 +112,12 @@ class InstanceActor:
             raise RuntimeError(f"cannot execute {spec['argv'][0]!r} on the node: {exc}") from None
         finally:
             os.close(fd)
-        self.pgid = self.popen.pid
-        info = read_proc(self.popen.pid)
+        self.pgid = popen.pid
+        info = read_proc(popen.pid)
         self.starttime = info.starttime if info is not None else None
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()
-        self._pidfd = os.pidfd_open(self.popen.pid)
+        self._pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(self._pidfd, self._reap)
         return self.info()
 
@@ -132,7 +134,7 @@ class InstanceActor:
 
     # -- queries ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        exited = self._exit is not None and self._exit.done()
+        ended = self._exit if self._exit is not None and self._exit.done() else None
         return {
             "pid": self.popen.pid if self.popen else None,
             "pgid": self.pgid,
@@ -141,8 +143,8 @@ class InstanceActor:
             "node_id": self.node_id,
             "host": socket.gethostname(),
             "actor_pid": os.getpid(),
-            "exited": exited,
-            "status": self._exit.result() if exited else None,
+            "exited": ended is not None,
+            "status": ended.result() if ended is not None else None,
         }
 
     async def wait_exit(self) -> dict[str, int | None]:

@@ -65,12 +65,12 @@ class ClusterClient:
         #: Resolves when the connection attempt under way succeeds (True) or fails (False).
         self._attempt: asyncio.Future[bool] | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}  # a call's answer: the op's JSON result
         self._next_id = 0
         self._listeners: dict[str, Listener] = {}
         #: Events about no actor in particular ("nodes": the node agents' samples), by type.
         self._subscribers: dict[str, list[Listener]] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
 
     # -- public ----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ class ClusterClient:
             raise ClusterUnreachable("the supervisor is closing its connection to the cluster")
         self._next_id += 1
         rid = self._next_id
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
             self._proc.stdin.write((json.dumps({"id": rid, "op": op, **args}) + "\n").encode())
@@ -313,6 +313,6 @@ def _last_line(path: Path) -> str:
     return ""
 
 
-def _log_failure(task: asyncio.Task) -> None:
+def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the Ray driver supervision failed", exc_info=task.exception())

@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 #: How a name-based lookup says "no such actor": ray.get_actor raises ValueError.
 _GONE = ValueError
 
 
 class Driver:
-    def __init__(self, namespace: str, out: Any, agents: AgentOptions | None = None) -> None:
+    def __init__(self, namespace: str, out: TextIO, agents: AgentOptions | None = None) -> None:
         import ray
 
         from supervisor.cluster.actor import InstanceActor
@@ -40,13 +41,15 @@ class Driver:
         self.ray = ray
         self.namespace = namespace
         self.out = out
-        self.actor_class = ray.remote(InstanceActor)
+        # Any: Ray types a created actor as `ActorHandle[T] | type[T]`, whose methods have no
+        # `.remote` for mypy (only `@ray.method` ones do); its handles are Any here anyway.
+        self.actor_class: Any = ray.remote(InstanceActor)
         self.agents = AgentPool(self, agents or AgentOptions())
-        self.watches: dict[str, asyncio.Task] = {}
+        self.watches: dict[str, asyncio.Task[None]] = {}
         #: Actors this driver launched or attached to: `ray.get_actor` costs a GCS round trip
         #: (~0.1 s), too slow for a probe every few hundred milliseconds.
         self.handles: dict[str, Any] = {}
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def emit(self, message: dict[str, Any]) -> None:
         self.out.write(json.dumps(message, default=str) + "\n")
@@ -136,7 +139,7 @@ class Driver:
         actor = self.actor_class.options(**options).remote()
         try:
             # A request for a GPU another instance holds stays pending: bounded here.
-            info = await asyncio.wait_for(_get(actor.start.remote(spec)), placement_timeout)
+            info: dict[str, Any] = await asyncio.wait_for(_get(actor.start.remote(spec)), placement_timeout)
         except TimeoutError:
             await asyncio.to_thread(self.ray.kill, actor)
             where = "no node" if node == "*" else f"node {node} has not"
@@ -163,7 +166,7 @@ class Driver:
         actor = await self._actor(name)
         if actor is None:
             return None
-        info = await _get(actor.info.remote())
+        info: dict[str, Any] = await _get(actor.info.remote())
         nodes = await asyncio.to_thread(self._nodes)
         info["node_label"] = self._label_of(info["node_id"], nodes, label_key)
         self.handles[name] = actor
@@ -180,7 +183,8 @@ class Driver:
         if actor is None:
             return {"ok": False, "detail": "its actor is gone"}
         try:
-            return await _get(actor.probe.remote(health, port))
+            answer: dict[str, Any] = await _get(actor.probe.remote(health, port))
+            return answer
         except self.ray.exceptions.RayActorError as exc:
             return {"ok": False, "detail": f"its actor did not answer: {_lost_reason(exc)}"}
 
@@ -195,6 +199,7 @@ class Driver:
         actor = await self._actor(name)
         if actor is None:
             return 0
+        left: int  # processes of the run still there after the sweep
         try:
             left = await _get(actor.cleanup.remote(signum, timeout))
         except self.ray.exceptions.RayActorError:
@@ -224,7 +229,8 @@ class Driver:
         agent = self.agents.on(node_id)
         if agent is None:
             raise LookupError(f"no agent on node {node_id[:12]} (is the node alive?)")
-        return await _get(agent.kill.remote(pid, grace, force))
+        answer: dict[str, Any] = await _get(agent.kill.remote(pid, grace, force))
+        return answer
 
     async def op_list(self) -> list[str]:
         found = await asyncio.to_thread(self.ray.util.list_named_actors, all_namespaces=True)
@@ -233,6 +239,7 @@ class Driver:
     async def _stop_and_kill(
         self, name: str, actor: Any, signum: int, timeout: float
     ) -> dict[str, Any] | None:
+        status: dict[str, Any] | None  # the run's exit status (ExitStatus on the wire)
         try:
             status = await _get(actor.stop.remote(signum, timeout))
         except self.ray.exceptions.RayActorError:
@@ -396,11 +403,13 @@ def _describe(exc: BaseException) -> str:
     return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
 
 
-async def serve(args: argparse.Namespace, out: Any) -> None:
+async def serve(args: argparse.Namespace, out: TextIO) -> None:
     import ray
 
     began = time.monotonic()
-    ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address=args.address, namespace=args.namespace, log_to_driver=False, logging_level=logging.WARNING
+    )
     agents = AgentOptions(args.gpu_source, args.gpu_file, args.sample_interval)
     driver = Driver(args.namespace, out, agents)
     driver.emit(

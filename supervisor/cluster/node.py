@@ -12,10 +12,12 @@ imported in this process: `--ray-python` (default this Python) runs `-m ray.scri
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from supervisor.config.cluster_launch import LABEL_KEY, gpu_resource
@@ -99,7 +101,7 @@ def plan_join(
     num_gpus: int | None,
     num_cpus: int | None = None,
     node_ip_address: str | None = None,
-    detect=detected_gpus,
+    detect: Callable[[], tuple[int, ...]] = detected_gpus,
 ) -> NodeJoin:
     """What to start, from the options: explicit `--gpus` wins; otherwise NVML's GPUs, of which
     `--num-gpus N` offers the first N (`--num-gpus 0`: none, and NVML is not asked)."""
@@ -129,7 +131,7 @@ def plan_join(
     return NodeJoin(address.strip(), label, ids, num_cpus, node_ip_address)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         join = plan_join(
             args.address, args.label, args.gpus, args.num_gpus, args.num_cpus, args.node_ip_address

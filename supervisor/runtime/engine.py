@@ -118,7 +118,7 @@ class Engine:
         self.last_reload: dict[str, Any] | None = None
         self.reload_count = 0
         self._lock = asyncio.Lock()
-        self._background: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # running ones; a finished task leaves
         self._closing = False
         self.watcher: ConfWatcher | None = None
         #: Run records an earlier supervisor left behind, until the first reload sorts them.
@@ -182,7 +182,8 @@ class Engine:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         task.add_done_callback(_log_failure)
-        self._background.append(task)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return task
 
     def containment(self) -> str:
@@ -195,7 +196,7 @@ class Engine:
         With `keep_running` (an upgrade), leave every run alive and recorded instead: the next
         supervisor on this state dir adopts them, and the models never reload."""
         self._closing = True
-        for task in self._background:
+        for task in list(self._background):
             task.cancel()
         if keep_running:
             async with self._lock:
@@ -456,7 +457,7 @@ class Engine:
                 len(steps.update),
             )
             self.bus.publish("reconcile", self.last_reload)
-        self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
+        self._release_ports()
         return steps
 
     def _load_placements(self) -> Catalog:
@@ -484,7 +485,7 @@ class Engine:
         if self.removing.get(iid) is inst:
             del self.removing[iid]
             if iid not in self.instances:  # gone for good: its automatic ports go back to the range
-                self.ports.release_unused(set(self.instances) | set(self.removing) | set(self._deferred))
+                self._release_ports()
 
     def _report_errors(
         self, before: dict[str, list[ConfigError]], after: dict[str, list[ConfigError]]
@@ -537,17 +538,32 @@ class Engine:
         return [e.as_dict() for errors in self.catalog.errors.values() for e in errors]
 
     # -- helpers -----------------------------------------------------------------------------
+    def _release_ports(self) -> None:
+        """Automatic ports of instances that are gone go back to the range: a write of
+        ports.json, so in a thread, and under the reload lock (a resolve assigns meanwhile)."""
+
+        async def release() -> None:
+            async with self._lock:
+                live = set(self.instances) | set(self.removing) | set(self._deferred)
+                await asyncio.to_thread(self.ports.release_unused, live)
+
+        self.spawn_background(release(), "release unused automatic ports")
+
     def _give_up_port(self, iid: str, key: str, port: int) -> None:
         """A stranger took an automatic port: forget it and settle again (a new port). Only if
         `key` still has that port: a retry of the old spec must not forget the new one."""
-        try:
-            if not self.ports.forget(key, port):
+
+        async def give_up() -> None:
+            try:
+                if not await asyncio.to_thread(self.ports.forget, key, port):
+                    return
+            except OSError as exc:
+                log.error("%s: cannot forget its automatic port: %s", iid, exc)
                 return
-        except OSError as exc:
-            log.error("%s: cannot forget its automatic port: %s", iid, exc)
-            return
-        self._last_inputs = None  # the files did not change, but the outcome will
-        self.request_reload(f"automatic port of {iid} taken by another process")
+            self._last_inputs = None  # the files did not change, but the outcome will
+            self.request_reload(f"automatic port of {iid} taken by another process")
+
+        self.spawn_background(give_up(), f"give up the automatic port of {iid}")
 
     async def _port_holder(self, port: int) -> str | None:
         if port_is_free(port):

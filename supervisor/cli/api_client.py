@@ -49,6 +49,7 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # Private, so not in typeshed: the sentinel http.client uses for "no timeout given".
             if self.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
                 sock.settimeout(self.timeout)
             sock.connect(self.socket_path)

@@ -1,19 +1,16 @@
-"""Prometheus metrics: instances, GPUs and the supervisor itself, in one registry of our own.
+"""Prometheus metrics: instances, GPUs and the supervisor itself, in the text exposition format.
 
 Everything is read at scrape time from what the engine and the GPU tracker already hold (the
-last GPU sample, the instances' own counters): a scrape never calls NVML or scans /proc.
+last GPU sample, the instances' own counters): a scrape never calls NVML or scans /proc. All is
+rendered here, the one histogram too: prometheus-client costs 7 MiB of RSS to import, for a
+format of a few lines (tests parse our output with its parser).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
-
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
 
 from supervisor.core.states import State
 
@@ -23,16 +20,45 @@ INSTANCE_LABELS = ["model", "instance", "backend", "gpu", "node"]  # node: "" on
 GPU_LABELS = ["gpu", "uuid", "name"]
 
 
+#: The exposition format's content type (what prometheus-client's CONTENT_TYPE_LATEST says).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, a sum and a count."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.bounds = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def lines(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            le = "+Inf" if bound == float("inf") else repr(float(bound))
+            out.append(f'{self.name}_bucket{{le="{le}"}} {float(total)}')
+        out += [f"{self.name}_count {float(total)}", f"{self.name}_sum {self.sum!r}"]
+        return out
+
+
 class Metrics:
-    """The registry, the few metrics that are observed as things happen, and the collector."""
+    """The few metrics that are observed as things happen, and the renderer of the rest."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
         self.reconcile_seconds = Histogram(
             f"{PREFIX}_reconcile_duration_seconds",
             "Time to re-read conf.d/ and settle it against what runs",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
         )
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (route, method, status) -> count
         self._engine: Any = None
@@ -46,8 +72,8 @@ class Metrics:
         self.requests[(route, method, str(status))] += 1
 
     def render(self) -> bytes:
-        """The high-cardinality families (hand-rendered), then the registry's own (the histogram)."""
-        return self._collector.render_text().encode() + generate_latest(self.registry)
+        """The high-cardinality families, then the histogram."""
+        return (self._collector.render_text() + "\n".join(self.reconcile_seconds.lines()) + "\n").encode()
 
 
 def _escape(value: str) -> str:
@@ -77,7 +103,7 @@ class _Family:
         )
 
 
-class _Collector(Collector):
+class _Collector:
     """The high-cardinality families, rendered by hand: prometheus-client's generic exposition
     costs tens of microseconds a sample, and 200 instances make thousands of samples (see
     bench/metrics_bench.py). Label strings are escaped once per instance and kept."""
@@ -85,9 +111,6 @@ class _Collector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
         self._label_cache: dict[Any, tuple[Any, str, str]] = {}
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(())  # everything is in render_text (registered only to keep one registry)
 
     def render_text(self) -> str:
         families = [*self._instances(), *self._gpus(), *self._supervisor()]

@@ -9,7 +9,6 @@ from collections import Counter
 from typing import Any
 from urllib.parse import unquote
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Blueprint, DefaultSanic, Request
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
@@ -22,6 +21,7 @@ from supervisor.api.routes import Parameter, dashboard, responses
 from supervisor.api.schemas import ConfigErrorItem, Health, ReloadResult, Welcome
 from supervisor.core.events import Event
 from supervisor.runtime.control import NotFound
+from supervisor.runtime.metrics import CONTENT_TYPE
 
 bp = Blueprint("system", url_prefix="/api/v1")
 
@@ -100,7 +100,7 @@ def install_root(app: DefaultSanic) -> None:
     )
     async def metrics(request: Request) -> HTTPResponse:
         body = request.app.ctx.metrics.render()
-        return HTTPResponse(body, content_type=CONTENT_TYPE_LATEST)
+        return HTTPResponse(body, content_type=CONTENT_TYPE)
 
     @app.get("/healthz", name="healthz")
     @openapi.definition(

@@ -115,7 +115,7 @@ class GpuTracker:
     def snapshot(self) -> GpuSnapshot:
         return self.monitor.snapshot() if self.monitor is not None else NOT_STARTED
 
-    def _view(self) -> GpuSnapshot:
+    def attributed_view(self) -> GpuSnapshot:
         """The sample the ownership data belongs to (views never mix two samples)."""
         return self.attributed if self.attributed is not NOT_STARTED else self.snapshot()
 
@@ -123,7 +123,7 @@ class GpuTracker:
         """What placement may know about the GPUs (see `supervisor.core.placement`)."""
         if self.monitor is None:
             return NO_FACTS  # not started: placement knows nothing yet
-        snap = self._view()
+        snap = self.attributed_view()
         if snap.source == "none" or snap.sampled_at is None:
             return GpuFacts.unknown(snap.reason or "no GPU sample yet")
         used: dict[str, dict[int, int]] = {}
@@ -193,7 +193,7 @@ class GpuTracker:
         """Instances declared on GPUs nobody can vouch for (issue 13). With no GPU source they
         still run (a laptop demo needs that), but status, /healthz, the dashboard and the log
         say so. With a source, a GPU that does not exist is a declaration error instead."""
-        if self._view().source != "none":  # a source that has not sampled yet knows soon enough
+        if self.attributed_view().source != "none":  # a source that has not sampled yet knows soon enough
             return []
         facts = self.facts()
         on: dict[int, list[str]] = {}
@@ -346,7 +346,7 @@ class GpuTracker:
         return self.local_version, nodes.version if nodes is not None else 0
 
     def gpu_infos(self) -> list[dict[str, Any]]:
-        snap = self._view()
+        snap = self.attributed_view()
         nodes = self.cluster_nodes
         here = [gpu_info(d, snap, self.owners, None if nodes is not None else NO_NODE) for d in snap.devices]
         return here + (nodes.gpu_infos() if nodes is not None else [])
@@ -357,7 +357,7 @@ class GpuTracker:
         total = 0
         known = False
         nodes = self.cluster_nodes
-        views: list[tuple[str | None, GpuSnapshot, dict[int, str]]] = [(None, self._view(), self.owners)]
+        views: list[tuple[str | None, GpuSnapshot, dict[int, str]]] = [(None, self.attributed_view(), self.owners)]
         if nodes is not None:  # a cluster run's processes are on its node
             views += [
                 (label, sample.snapshot, nodes.owners(sample))
@@ -387,7 +387,7 @@ class GpuTracker:
         """MiB of GPU memory each instance's processes use, from one pass over the sample
         (and, in cluster mode, over each node's)."""
         out: dict[str, int] = {}
-        for d in self._view().devices:
+        for d in self.attributed_view().devices:
             for p in d.processes:
                 owner = self.owners.get(p.pid)
                 if owner is not None and p.used_memory_mib:

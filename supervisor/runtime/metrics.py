@@ -182,7 +182,7 @@ class _Collector:
 
     def _gpus(self) -> list[_Family]:
         tracker = self.m._gpus
-        snap = tracker._view()
+        snap = tracker.attributed_view()
         used = _Family(f"{PREFIX}_gpu_memory_used_bytes", "gauge", "GPU memory in use")
         total = _Family(f"{PREFIX}_gpu_memory_total_bytes", "gauge", "GPU memory in all")
         util = _Family(f"{PREFIX}_gpu_utilization_ratio", "gauge", "GPU utilisation (0-1)")

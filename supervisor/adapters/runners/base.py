@@ -90,12 +90,12 @@ class Runner(Protocol):
     ports_here: bool
 
     async def launch(
-        self, plan: Any, log: LogFile, instance_id: str = "", stop_signal: int = 15
+        self, plan: Any, log_file: LogFile, instance_id: str = "", stop_signal: int = 15
     ) -> RunHandle:
         """Start (or adopt) the run; raises LaunchError with a reason a user can act on."""
 
     async def adopt(
-        self, plan: Any, log: LogFile, instance_id: str, record: dict[str, Any]
+        self, plan: Any, log_file: LogFile, instance_id: str, record: dict[str, Any]
     ) -> RunHandle | None:
         """A handle on the run described by `record` (written by an earlier supervisor) if that
         very run is still alive; None if it is gone. The caller has checked the spec hash."""

@@ -17,7 +17,7 @@ PACKAGE = REPO / "supervisor"
 #: Layer rank by module prefix; the longest prefix wins.
 LAYERS: dict[str, int] = {
     "supervisor.core": 0,  # pure: models, states, backoff, placement, events, text edits
-    "supervisor.backends": 1,  # the plugin API and the presets: declaration in, launch plan out
+    "supervisor.backends": 3,  # the plugin API and the presets (adapters: HTTP, /proc, files)
     "supervisor.config": 2,  # parse, resolve, plan; settings
     "supervisor.adapters": 3,  # files, /proc, cgroups, signals, ports, GPUs, runners, probes
     "supervisor.cluster": 3,  # the Ray runner's side: driver, actors, node agents (an adapter)

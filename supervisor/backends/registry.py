@@ -16,17 +16,18 @@ from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 
 from supervisor.backends.base import AnyBackendKind, BackendKind
+from supervisor.core.launch import UnknownBackend
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "model_supervisor.backends"
 
-
-class UnknownBackend(KeyError):
-    pass
+__all__ = ["ENTRY_POINT_GROUP", "Registry", "UnknownBackend", "builtin_kinds", "default_registry"]
 
 
 class Registry:
+    """The kinds by name (a `supervisor.core.launch.KindRegistry`, as the config layer sees it)."""
+
     def __init__(self, kinds: Iterable[AnyBackendKind] = ()) -> None:
         self._kinds: dict[str, AnyBackendKind] = {}
         self.plugin_errors: dict[str, str] = {}

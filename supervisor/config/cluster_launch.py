@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from supervisor.backends.base import ProcessLaunch
+from supervisor.core.launch import ProcessLaunch
 
 #: The label every node joined by `model-supervisor node` carries (a Ray node label).
 LABEL_KEY = "msup-node"

@@ -14,8 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from supervisor.backends.base import AnyBackendKind, LaunchContext, PlaceholderError
-from supervisor.backends.registry import Registry, UnknownBackend
+from supervisor.core.launch import (
+    AnyBackendKind,
+    KindRegistry,
+    LaunchContext,
+    PlaceholderError,
+    UnknownBackend,
+)
 from supervisor.core.spec import COMMON_KEYS, Declaration, HealthSpec, RestartSpec, StopSpec, instance_id
 
 
@@ -192,7 +197,7 @@ def _with_defaults(data: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
 
 
 def parse_declaration(
-    data: dict[str, Any], source: Path, registry: Registry, defaults: Defaults | None = None
+    data: dict[str, Any], source: Path, registry: KindRegistry, defaults: Defaults | None = None
 ) -> ModelSpec:
     """Validate one declaration document. Raises `DeclarationInvalid` with every error found."""
     file = str(source)

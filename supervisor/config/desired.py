@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.backends.base import LaunchContext, LaunchPlan, ProcessLaunch
 from supervisor.config.cluster_launch import in_cluster
 from supervisor.config.declarations import ConfigError, ModelSpec
 from supervisor.core import oserrors
+from supervisor.core.launch import LaunchContext, LaunchPlan, ProcessLaunch
 from supervisor.core.placement import (
     NO_CLUSTER,
     NO_FACTS,

@@ -1,4 +1,5 @@
-"""Pure core: the declaration models, states, backoff, placement, events and text edits.
+"""Pure core: the declaration models, the launch types (a backend kind's plan), states, backoff,
+placement, events and text edits.
 
 Nothing here starts a process, opens a socket or reads /proc; it imports the standard library,
 pydantic and tomlkit only, so every piece is tested with hand-built inputs. The lowest layer:

@@ -36,7 +36,7 @@ from supervisor.adapters.health import Prober
 from supervisor.adapters.logfiles import LogFile
 from supervisor.adapters.marks import scope_of  # noqa: F401  (re-exported: containers are labelled with it)
 from supervisor.adapters.runners.base import LaunchError, LogReader
-from supervisor.backends.base import ContainerLaunch
+from supervisor.core.launch import ContainerLaunch
 from supervisor.core.states import ExitStatus
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from supervisor.adapters.procscan import (
 )
 from supervisor.adapters.runners.base import LaunchError, LogReader
 from supervisor.adapters.subreaper import reap_orphans
-from supervisor.backends.base import ProcessLaunch
+from supervisor.core.launch import ProcessLaunch
 from supervisor.core.states import ExitStatus
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import pytest
@@ -188,3 +190,55 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
         await asyncio.sleep(interval)
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "", interval: float = 0.05) -> None:
+    """Poll `predicate` until it holds (the blocking twin of `wait_until`, for tests that drive
+    processes). `timeout` is a generous deadline for a loaded machine, never a measurement."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test stops with SIGINT, as a user's ^C does. A suite started with
+    SIGINT ignored (`nohup`, `cmd &` in a script) hands SIG_IGN down to every child, and Python
+    then installs no KeyboardInterrupt handler: without this, the SIGINT never stops the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Output:
+    """A child's text output, read by a thread as it comes, so a test waits for what it expects
+    (with a deadline) instead of sleeping, or blocking in `readline` on a child that is silent."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._chunks: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, name="child-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._lock:
+                self._chunks.append(line)
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._chunks)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 20.0, what: str = "") -> str:
+        """The output so far, once `predicate(output)` holds."""
+        try:
+            wait_for(lambda: predicate(self.text()), timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output so far:\n{self.text()[-3000:]}") from None
+        return self.text()
+
+    def close(self, timeout: float = 10.0) -> str:
+        """Everything the child wrote, once it closed its end (call after the child exited)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the child's output did not end"
+        return self.text()

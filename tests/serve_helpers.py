@@ -12,15 +12,9 @@ from pathlib import Path
 
 from supervisor.adapters.marks import MARK_ENV, scope_of
 
-from .conftest import PY, REPO, free_port
+from .conftest import PY, REPO, free_port, wait_for
 
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.05)
+__all__ = ["Serve", "kill_marked", "marked_processes", "wait_for"]
 
 
 class Serve:
@@ -80,7 +74,7 @@ class Serve:
         except (OSError, ValueError):
             return None
 
-    def wait_states(self, wanted: dict[str, str], timeout: float = 30.0) -> dict[str, dict]:
+    def wait_states(self, wanted: dict[str, str], timeout: float = 90.0) -> dict[str, dict]:
         def ok() -> bool:
             st = self.status()
             return st is not None and all(iid in st and st[iid]["state"] == s for iid, s in wanted.items())
@@ -99,7 +93,7 @@ class Serve:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def terminate(self, timeout: float = 30.0) -> int:
+    def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
         return self.proc.wait(timeout)

@@ -6,15 +6,29 @@ import json
 import os
 import signal
 import subprocess
-import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from .conftest import PY, REPO, alive, declaration, demo_cmd, free_port, free_range, write_decl
+from .conftest import (
+    PY,
+    REPO,
+    Output,
+    alive,
+    declaration,
+    default_sigint,
+    demo_cmd,
+    free_port,
+    free_range,
+    wait_for,
+    write_decl,
+)
+
+pytestmark = pytest.mark.slow  # a real `serve` process and CLI processes
 
 TCP = {"type": "tcp", "start_interval": 0.05}
 
@@ -42,14 +56,17 @@ class Served:
             text=True,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 20
-        while True:
+        proc = self.proc
+
+        def up() -> bool:
+            assert proc.poll() is None, f"serve exited: {proc.communicate()[0]}"
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
-                return
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5).read()
+                return True
             except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, "serve did not come up"
-                time.sleep(0.1)
+                return False
+
+        wait_for(up, 60, "serve to come up")
 
     def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -61,16 +78,59 @@ class Served:
             timeout=120,
         )
 
-    def wait_state(self, instance: str, state: str, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self.cli("status", "--json")
-            ok = out.returncode in (0, 3)  # 3: something is unhealthy, the answer is still there
-            items = {i["instance_id"]: i for i in json.loads(out.stdout)["instances"]} if ok else {}
-            if instance in items and items[instance]["state"] == state:
-                return items[instance]
-            assert time.monotonic() < deadline, f"{instance} never reached {state}: {items.get(instance)}"
-            time.sleep(0.1)
+    def items(self) -> dict[str, dict]:
+        out = self.cli("status", "--json")
+        ok = out.returncode in (0, 3)  # 3: something is unhealthy, the answer is still there
+        return {i["instance_id"]: i for i in json.loads(out.stdout)["instances"]} if ok else {}
+
+    def wait_state(self, instance: str, state: str, timeout: float = 60) -> dict:
+        seen: dict[str, dict] = {}
+
+        def reached() -> bool:
+            seen.update(self.items())
+            return instance in seen and seen[instance]["state"] == state
+
+        try:
+            wait_for(reached, timeout, f"{instance} to reach {state}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen: {seen.get(instance)}") from None
+        return seen[instance]
+
+    def popen_cli(self, *args: str) -> tuple[subprocess.Popen, Output]:
+        """A long-running CLI command (a follow, a watch), stopped with SIGINT as ^C does, and
+        its output read as it comes."""
+        proc = subprocess.Popen(
+            [PY, "-m", "supervisor", *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
+        )
+        assert proc.stdout is not None
+        return proc, Output(proc.stdout)
+
+    @staticmethod
+    def interrupt(proc: subprocess.Popen, output: Output) -> str:
+        """^C: SIGINT, then wait for the exit (a child left running would fail the test)."""
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{proc.args} did not stop on SIGINT") from None
+        return output.close()
+
+    def event_stream_open(self, proc: subprocess.Popen) -> bool:
+        """True while `proc` holds a connection to the API open (a watch's event stream: its
+        requests for a frame are each a connection of their own, closed once answered)."""
+        child = psutil.Process(proc.pid)
+        connections = getattr(child, "net_connections", None) or child.connections  # psutil < 6
+        return any(
+            c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == self.port
+            for c in connections("tcp")
+        )
 
     def stop(self) -> str:
         assert self.proc is not None
@@ -136,10 +196,7 @@ def test_status_start_stop_restart_logs_reload(served: Served) -> None:
     pid = served.wait_state("web@cpu", "RUNNING")["pid"]
     out = served.cli("restart", "web")
     assert out.returncode == 0
-    deadline = time.monotonic() + 20
-    while served.wait_state("web@cpu", "RUNNING")["pid"] == pid:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(lambda: served.wait_state("web@cpu", "RUNNING")["pid"] != pid, 60, "web@cpu on a new pid")
 
     out = served.cli("logs", "web@cpu", "-n", "50")
     assert out.returncode == 0 and "web listening on" in out.stdout
@@ -186,27 +243,17 @@ def test_logs_follow_streams_new_lines(served: Served) -> None:
     write_decl(served.conf, declaration("chatty", demo_cmd(), health=TCP))
     served.start()
     port = served.wait_state("chatty@cpu", "RUNNING")["port"]
-    follower = subprocess.Popen(
-        [PY, "-m", "supervisor", "logs", "chatty@cpu", "-f", "-n", "1"],
-        cwd=REPO,
-        env=served.env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    follower, output = served.popen_cli("logs", "chatty@cpu", "-f", "-n", "1")
     try:
-        time.sleep(0.5)
+        output.wait_for(bool, what="the last line (-n 1): following from there on")
+        assert "POST /v1/predict" not in output.text()
         body = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/predict", data=b'{"inputs": [21]}', method="POST"
         )
-        urllib.request.urlopen(body, timeout=5).read()  # the server logs "POST /v1/predict"
-        deadline = time.monotonic() + 10
-        seen = ""
-        while "POST /v1/predict" not in seen:
-            assert time.monotonic() < deadline, seen
-            seen += follower.stdout.readline()
+        urllib.request.urlopen(body, timeout=10).read()  # the server logs "POST /v1/predict"
+        output.wait_for(lambda text: "POST /v1/predict" in text, what="the new line")
     finally:
-        follower.send_signal(signal.SIGINT)
-        follower.wait(timeout=10)
+        served.interrupt(follower, output)
 
 
 def test_token_from_settings(tmp_path: Path) -> None:
@@ -290,24 +337,16 @@ def test_status_watch_redraws_on_a_state_change(served: Served) -> None:
     write_decl(served.conf, declaration("watched", ["sleep", "3600"]))
     served.start()
     served.wait_state("watched@cpu", "RUNNING")
-    watcher = subprocess.Popen(
-        [PY, "-m", "supervisor", "status", "-w", "--interval", "60"],
-        cwd=REPO,
-        env=served.env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    watcher, output = served.popen_cli("status", "-w", "--interval", "60")
     try:
-        time.sleep(1.0)
+        output.wait_for(lambda text: "watched@cpu" in text and "RUNNING" in text, what="the first frame")
+        wait_for(lambda: served.event_stream_open(watcher), what="the watch's event stream")
         assert served.cli("stop", "watched").returncode == 0
-        deadline = time.monotonic() + 15
-        seen = ""
-        while "STOPPED" not in seen:  # the interval is 60 s: only the event stream can trigger this
-            assert time.monotonic() < deadline, seen
-            seen += watcher.stdout.readline()
+        # The interval is 60 s: only the event stream can trigger this redraw.
+        output.wait_for(lambda text: "STOPPED" in text, 30, "a redraw with watched@cpu STOPPED")
+        assert output.text().count("--- ") >= 2
     finally:
-        watcher.send_signal(signal.SIGINT)
-        watcher.wait(timeout=10)
+        served.interrupt(watcher, output)
 
 
 # -- issue 13: honest output, stop/start --all, exit codes, the small wrongs ------------------------
@@ -420,11 +459,9 @@ def test_status_exit_codes_and_models_without_instances(served: Served) -> None:
     assert "no instances" in served.cli("status", "parked").stdout
 
     (served.conf / "bad.toml").write_text('name = "bad"\nbackend = "process"\nport = "x"\n')
-    deadline = time.monotonic() + 15
-    while (out := served.cli("status")).returncode != 3:
-        assert time.monotonic() < deadline, out.stdout
-        time.sleep(0.2)
-    assert "configuration errors:" in out.stdout
+    wait_for(lambda: served.cli("status").returncode == 3, 60, "status to exit 3 for the bad file")
+    out = served.cli("status")
+    assert out.returncode == 3 and "configuration errors:" in out.stdout, out.stdout
     (served.conf / "bad.toml").unlink()
 
     write_decl(
@@ -446,18 +483,11 @@ def test_status_watch_writes_no_escape_codes_into_a_pipe(served: Served) -> None
     write_decl(served.conf, declaration("w", ["sleep", "3600"]))
     served.start()
     served.wait_state("w@cpu", "RUNNING")
-    watcher = subprocess.Popen(
-        [PY, "-m", "supervisor", "status", "-w", "--interval", "0.2"],
-        cwd=REPO,
-        env=served.env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    watcher, output = served.popen_cli("status", "-w", "--interval", "0.2")
     try:
-        time.sleep(1.5)
+        output.wait_for(lambda text: text.count("--- ") >= 2 and "w@cpu" in text, 60, "a second frame")
     finally:
-        watcher.send_signal(signal.SIGINT)
-        out, _ = watcher.communicate(timeout=10)
+        out = served.interrupt(watcher, output)
     assert "w@cpu" in out and "\033" not in out and out.count("--- ") >= 2
 
 

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import PY, REPO, alive, declaration, demo_cmd, free_range, write_decl
+from .conftest import PY, REPO, alive, declaration, demo_cmd, free_range, wait_for, write_decl
 
 
 def records(state: Path) -> dict[str, dict]:
@@ -23,14 +22,6 @@ def records(state: Path) -> dict[str, dict]:
         except ValueError:
             pass
     return out
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -60,6 +51,7 @@ def serve(tmp_path: Path) -> Iterator:
             proc.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_child_and_exits_zero(serve, tmp_path: Path) -> None:
     conf, state = tmp_path / "conf.d", tmp_path / "state"
     conf.mkdir()
@@ -83,49 +75,51 @@ def test_sigterm_stops_every_child_and_exits_zero(serve, tmp_path: Path) -> None
     )
     write_decl(conf, declaration("sleeper", stop={"timeout": 0.5}))
     proc = serve(conf, state)
-    wait_for(lambda: len(records(state)) == 3 and pidfile.exists())
+    wait_for(lambda: len(records(state)) == 3 and pidfile.exists(), 60)
     pids = [r["pid"] for r in records(state).values()] + [int(pidfile.read_text())]
     assert all(alive(p) for p in pids)
-    began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=10)
-    took = time.monotonic() - began
+    # The stops run at once (the longest timeout is 1 s); how long that takes is measured in
+    # bench/core_bench.py (stop_all_100_ms, term_ignoring_stop_ms), not asserted here.
+    output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
-    assert took < 1.0 + 1.0, f"shutdown took {took:.2f} s (longest stop timeout 1 s)"
     assert not [p for p in pids if alive(p)], output
     assert "stopping every instance" in output
     assert records(state) == {}
 
 
+@pytest.mark.slow
 def test_sigint_and_sighup(serve, tmp_path: Path) -> None:
     conf, state = tmp_path / "conf.d", tmp_path / "state"
     conf.mkdir()
     write_decl(conf, declaration("first"))
     proc = serve(conf, state)
-    wait_for(lambda: set(records(state)) == {"first@cpu"})
+    wait_for(lambda: set(records(state)) == {"first@cpu"}, 60)
     write_decl(conf, declaration("second"))
     proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: set(records(state)) == {"first@cpu", "second@cpu"})
+    wait_for(lambda: set(records(state)) == {"first@cpu", "second@cpu"}, 60)
     pids = [r["pid"] for r in records(state).values()]
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=10)
+    proc.send_signal(signal.SIGINT)  # serve handles it itself, even when started with it ignored
+    output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "received SIGHUP" in output
     assert not any(alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_missing_conf_dir_is_a_clear_error(serve, tmp_path: Path) -> None:
     proc = serve(tmp_path / "nope", tmp_path / "state")
-    output, _ = proc.communicate(timeout=10)
+    output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert f"declaration directory {tmp_path / 'nope'} does not exist" in output
 
 
+@pytest.mark.slow
 def test_bad_settings_are_a_clear_error(serve, tmp_path: Path) -> None:
     settings = tmp_path / "settings.toml"
     settings.write_text('port_range = "30000-20000"\n[restart]\nmax_retries = -1\n')
     proc = serve(tmp_path, tmp_path / "state", "--settings", str(settings))
-    output, _ = proc.communicate(timeout=10)
+    output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "restart.max_retries" in output and "greater than or equal to 0" in output
 

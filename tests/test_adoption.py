@@ -24,6 +24,8 @@ from supervisor.adapters.procscan import read_proc
 from .conftest import alive, declaration, demo_cmd, free_range, sleep_cmd, write_decl
 from .serve_helpers import Serve, kill_marked, marked_processes, wait_for
 
+pytestmark = pytest.mark.slow  # real `serve` processes, SIGKILLed and started again
+
 HTTP = {"type": "http", "path": "/health", "start_interval": 0.05, "interval": 0.5}
 FAST = {"initial_delay": 0.0, "jitter": 0.0, "max_retries": 0, "min_uptime": 0.5}
 
@@ -89,6 +91,7 @@ def check_invariants(state: Path, status: dict[str, dict]) -> None:
 MOMENTS = ["start-up", "running", "stop-all", "reload", "api-write", "running"]
 
 
+@pytest.mark.timeout(900)  # about a minute on an idle machine; many on a loaded one
 def test_supervisor_kill_rounds(dirs, serves, tmp_path: Path) -> None:
     """24 rounds: SIGKILL `serve` at a random moment, start it again, check the invariants."""
     conf, state = dirs
@@ -170,10 +173,10 @@ def test_adopted_instance_keeps_pid_log_and_health_checks(dirs, serves) -> None:
     # descriptor it inherited from the first supervisor, into the same file.
     log = state / "logs" / "web@cpu.log"
     size = log.stat().st_size
-    wait_for(lambda: log.stat().st_size > size, 5, "a health check of the adopted run in its log")
+    wait_for(lambda: log.stat().st_size > size, 30, "a health check of the adopted run in its log")
     # Its exit is noticed (a pidfd: it is not our child) and restarts it under its policy.
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (second.status() or {}).get("web@cpu", {}).get("pid") not in (None, pid), 15)
+    wait_for(lambda: (second.status() or {}).get("web@cpu", {}).get("pid") not in (None, pid), 60)
     restarted = second.wait_states({"web@cpu": "RUNNING"})["web@cpu"]
     assert "unknown" in (restarted["last_exit"] or "") and restarted["restarts"] == 1
     assert second.terminate() == 0
@@ -189,7 +192,7 @@ def test_second_serve_on_a_locked_state_dir_is_refused(dirs, serves) -> None:
     first.wait_states({"quiet@cpu": "RUNNING"})
     second = Serve(conf, state, port_range=ports)
     serves.append(second)
-    assert second.proc.wait(10) == 2
+    assert second.proc.wait(60) == 2
     assert f"in use by another supervisor (pid {first.proc.pid})" in second.output()
     assert len(marked_processes(state)) == 1  # the second one started nothing
     assert first.terminate() == 0
@@ -219,11 +222,11 @@ def test_keep_running_upgrade_costs_the_models_nothing(dirs, serves) -> None:
     assert marked_processes(state) == processes
     log = state / "logs" / "web@cpu.log"
     size = log.stat().st_size
-    wait_for(lambda: "adopted" in (second.status() or {})["web@cpu"]["reason"], 5)
+    wait_for(lambda: "adopted" in ((second.status() or {}).get("web@cpu", {}).get("reason") or ""), 30)
     health = second.get("/healthz")
     assert health["containment"] in ("cgroup", "mark+subreaper")
     # Health checks run against the adopted server (the demo logs each request it answers).
-    wait_for(lambda: log.stat().st_size > size, 5, "health checks of the adopted server in its log")
+    wait_for(lambda: log.stat().st_size > size, 30, "health checks of the adopted server in its log")
     assert second.terminate() == 0
     assert marked_processes(state) == {}
 
@@ -247,24 +250,25 @@ def test_changed_declaration_replaces_the_old_run_stop_first(dirs, serves) -> No
     assert second.terminate() == 0
 
 
-def marked_stray(state: Path, token: str):
+def marked_stray(state: Path, token: str, release: Path | None = None):
     """A process that looks like an earlier supervisor's unrecorded run of quiet@cpu (its mark,
-    no run record) and ignores SIGTERM."""
+    no run record) and ignores SIGTERM. With `release`: it notes the SIGTERM it got (in
+    `release` + ".term") and exits once the test creates `release`, so a test decides how long
+    the sweep waits for it."""
     import subprocess
 
     from supervisor.adapters.marks import MARK_ENV, Mark, scope_of
 
     env = dict(os.environ, **{MARK_ENV: Mark(scope_of(state), token, "quiet@cpu").value()})
-    stray = subprocess.Popen(
-        [
-            "python3",
-            "-c",
-            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
-        ],
-        env=env,
-        start_new_session=True,
-    )
-    wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 5)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    if release is not None:
+        code = (
+            "import os, signal, time\n"
+            f"signal.signal(signal.SIGTERM, lambda *_: open({f'{release}.term'!r}, 'w').close())\n"
+            f"while not os.path.exists({str(release)!r}): time.sleep(0.02)\n"
+        )
+    stray = subprocess.Popen(["python3", "-c", code], env=env, start_new_session=True)
+    wait_for(lambda: parse_environ(open(f"/proc/{stray.pid}/environ", "rb").read()) is not None, 30)
     return stray
 
 
@@ -278,7 +282,7 @@ def test_unrecorded_leftover_is_stopped_and_logged(dirs, serves, tmp_path: Path)
         s = Serve(conf, state, port_range=free_range())
         serves.append(s)
         s.wait_states({"quiet@cpu": "RUNNING"})
-        wait_for(lambda: stray.poll() is not None, 15, "the leftover to be stopped")
+        wait_for(lambda: stray.poll() is not None, 60, "the leftover to be stopped")
         assert stray.returncode == -signal.SIGKILL  # it ignored SIGTERM
         out = s.output()
         assert f"stopping leftover pid {stray.pid} of instance quiet@cpu" in out and "time.sleep(600)" in out
@@ -305,31 +309,38 @@ def test_setsid_grandchild_is_stopped_with_its_instance(dirs, serves, tmp_path: 
     s = Serve(conf, state, port_range=free_range())
     serves.append(s)
     leader = s.wait_states({"escapee@cpu": "RUNNING"})["escapee@cpu"]["pid"]
-    wait_for(pidfile.exists, 5)
+    wait_for(pidfile.exists, 30)
     grandchild = int(pidfile.read_text())
     info = read_proc(grandchild)
     assert info is not None and info.sid != read_proc(leader).sid  # really outside the session
     s.post("/api/v1/models/escapee/disable")
-    wait_for(lambda: not alive(grandchild), 10, "the setsid grandchild to be stopped with its instance")
+    wait_for(lambda: not alive(grandchild), 30, "the setsid grandchild to be stopped with its instance")
     assert not alive(leader)
     assert s.terminate() == 0
     assert marked_processes(state) == {}
 
 
-def test_a_run_started_while_the_sweep_runs_is_not_a_leftover(dirs, serves) -> None:
+def test_a_run_started_while_the_sweep_runs_is_not_a_leftover(dirs, serves, tmp_path: Path) -> None:
     """The start-up sweep is slow when a leftover ignores SIGTERM; a model declared meanwhile
-    starts at once and must survive the sweep (its run token is this supervisor's)."""
+    starts at once and must survive the sweep (its run token is this supervisor's).
+
+    The leftover outlives its SIGTERM until the test releases it (the stop timeout is far
+    longer than any start-up), so the sweep is surely still waiting while `late` starts."""
     conf, state = dirs
-    write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 2.0}))
-    stray = marked_stray(state, "0123456789ab")
+    write_decl(conf, declaration("quiet", sleep_cmd(), stop={"timeout": 600.0}))
+    release = tmp_path / "release-the-leftover"
+    stray = marked_stray(state, "0123456789ab", release)
     try:
         s = Serve(conf, state, port_range=free_range())
         serves.append(s)
-        wait_for(lambda: s.status() is not None, 20, "the API")
+        wait_for(lambda: s.status() is not None, 60, "the API")
+        wait_for(Path(f"{release}.term").exists, 60, "the sweep's SIGTERM to the leftover")
         write_decl(conf, declaration("late", sleep_cmd()))
-        late = s.wait_states({"late@cpu": "RUNNING"}, timeout=20)["late@cpu"]
+        late = s.wait_states({"late@cpu": "RUNNING"}, timeout=60)["late@cpu"]
         assert stray.poll() is None, "the sweep should still be waiting out the leftover's stop timeout"
-        wait_for(lambda: stray.poll() is not None, 15, "the leftover to be stopped")
+        assert s.status()["quiet@cpu"]["pid"] is None  # a fresh launch waits for the sweep
+        release.touch()
+        wait_for(lambda: stray.poll() is not None, 30, "the leftover to end")
         after = s.wait_states({"late@cpu": "RUNNING", "quiet@cpu": "RUNNING"})
         assert after["late@cpu"]["pid"] == late["pid"] and after["late@cpu"]["restarts"] == 0
         assert s.terminate() == 0

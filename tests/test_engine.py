@@ -16,6 +16,8 @@ from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, PY, alive, declaration, demo_cmd, free_port, wait_until, write_decl
 
+pytestmark = pytest.mark.slow  # real child processes
+
 
 def exit_cmd(code: int, after: float = 0.0) -> list[str]:
     return [PY, "-c", f"import sys, time; time.sleep({after}); print('bye', flush=True); sys.exit({code})"]
@@ -41,8 +43,12 @@ async def test_crash_restarts_after_the_right_delays(engine: Engine, conf_dir: P
         if before.to_state == State.BACKOFF and after.to_state == State.STARTING:
             gaps.append((after.at - before.at).total_seconds())
     assert len(gaps) >= 3
+    # The delays the policy chose (0.2, doubled, capped at 0.6), each waited out in full. How
+    # much later than due a start comes is the machine's load, not the policy's: no upper bound.
+    delays = [t.reason.split("restarting in ")[1].split(" s")[0] for t in transitions(inst, State.BACKOFF)]
+    assert delays[:4] == ["0.20", "0.40", "0.60", "0.60"], delays
     for gap, expected in zip(gaps, [0.2, 0.4, 0.6, 0.6], strict=False):
-        assert expected - 0.01 <= gap < expected + 0.3, (gaps, expected)
+        assert expected - 0.01 <= gap, (gaps, expected)
     backoff = transitions(inst, State.BACKOFF)[0]
     assert "exited unexpectedly (exit code 3)" in backoff.reason
     assert backoff.exit.code == 3
@@ -56,12 +62,12 @@ async def test_crash_loop_goes_fatal_and_cooldown_retries_once(engine: Engine, c
     await inst.wait_state(State.FATAL, timeout=10)
     assert len(transitions(inst, State.STARTING)) == 3  # first start + max_retries
     assert "gave up after 3 consecutive failures" in inst.history[-1].reason
-    fatal_at = time.monotonic()
-    await inst.wait_for(lambda i: len(transitions(i, State.FATAL)) == 2, timeout=10)
-    assert time.monotonic() - fatal_at >= 0.45
+    await inst.wait_for(lambda i: len(transitions(i, State.FATAL)) == 2, timeout=30)
     assert len(transitions(inst, State.STARTING)) == 4  # exactly one more try after the cooldown
     starting = transitions(inst, State.STARTING)[-1]
     assert "cooldown" in starting.reason
+    # ... and not before the cooldown was over (timed by the transitions, not by when we looked).
+    assert (starting.at - transitions(inst, State.FATAL)[0].at).total_seconds() >= 0.49
 
 
 async def test_explicit_start_leaves_fatal(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
@@ -135,7 +141,7 @@ async def test_term_ignoring_process_is_killed_after_stop_timeout(engine: Engine
     began = time.monotonic()
     await inst.stop()
     took = time.monotonic() - began
-    assert 0.5 <= took < 1.5, took
+    assert took >= 0.5, took  # the stop timeout was waited out before the SIGKILL
     assert inst.state == State.STOPPED and not alive(pid)
     assert inst.history[-1].exit.signal == 9
     assert inst.history[-1].reason == "stopped (killed by SIGKILL)"
@@ -184,10 +190,10 @@ async def test_health_gates_running(engine: Engine, conf_dir: Path) -> None:
         "slow", demo_cmd("--ready-after", "1.0"), health={"type": "http", "start_interval": 0.1}
     )
     inst = await start_one(engine, doc, conf_dir)
-    await inst.wait_state(State.STARTING, timeout=5)
-    await asyncio.sleep(0.5)
-    assert inst.state == State.STARTING
-    await inst.wait_state(State.RUNNING, timeout=10)
+    await inst.wait_state(State.RUNNING, timeout=30)
+    # It stayed STARTING until its server was ready (1 s after its start, which comes after
+    # the STARTING transition): read from the transitions, not from a look after a sleep.
+    assert [t.to_state for t in inst.history] == [State.STARTING, State.RUNNING]
     starting, running = transitions(inst, State.STARTING)[0], transitions(inst, State.RUNNING)[0]
     assert (running.at - starting.at).total_seconds() >= 1.0
     assert running.reason == "ready: GET /health -> 200"
@@ -255,7 +261,7 @@ async def test_port_held_by_another_process(engine: Engine, conf_dir: Path) -> N
 
 
 async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, settings: Settings) -> None:
-    settings = settings.model_copy(update={"log_max_bytes": 20_000, "log_backups": 2})
+    settings = settings.model_copy(update={"log_max_bytes": 20_000, "log_backups": 4})
     engine = build(settings).engine
     try:
         doc = declaration(
@@ -263,10 +269,17 @@ async def test_log_goes_to_file_and_rotates(tmp_path: Path, conf_dir: Path, sett
         )
         inst = await start_one(engine, doc, conf_dir)
         await inst.wait_state(State.RUNNING, timeout=10)
-        backup = inst.log_file.path.with_name(inst.log_file.path.name + ".1")
-        await wait_until(backup.exists, timeout=10)
-        assert "log line 00000000" in backup.read_text()
+        path = inst.log_file.path
+        backups = [path.with_name(f"{path.name}.{n}") for n in (1, 2, 3, 4)]
+        await wait_until(backups[0].exists, timeout=30)
+        # The 2000 lines (236 kB) are written before the server listens (RUNNING), but the size
+        # check runs every 0.2 s: the file may be past the limit until the next check rotates it.
+        await wait_until(lambda: inst.log_file.size() < 20_000, timeout=30)
         assert inst.log_file.size() < 20_000
+        # The first lines went to a backup (the newest, or an older one when checks fell in the
+        # middle of the burst); no fifth one is kept.
+        assert any("log line 00000000" in b.read_text() for b in backups if b.exists())
+        assert not path.with_name(f"{path.name}.5").exists()
         # the child keeps writing at the (new) end of the truncated file: no NUL hole
         import urllib.request
 
@@ -387,11 +400,14 @@ async def test_instances_stop_concurrently(engine: Engine, conf_dir: Path) -> No
     for inst in engine.instances.values():
         await inst.wait_state(State.RUNNING, timeout=20)
     pids = [inst.pid for inst in engine.instances.values()]
-    began = time.monotonic()
     await engine.shutdown()
-    took = time.monotonic() - began
-    assert took < 2.5, f"12 x 1 s stop timeouts took {took:.1f} s: not concurrent"
     assert not any(alive(p) for p in pids)
+    # Concurrent: every stop began before the first one ended (each waits out its 1 s timeout,
+    # so one at a time would put each STOPPING after the STOPPED before it).
+    stopping = [transitions(i, State.STOPPING)[-1].at for i in engine.instances.values()]
+    stopped = [transitions(i, State.STOPPED)[-1].at for i in engine.instances.values()]
+    assert max(stopping) < min(stopped), "the stops ran one after another"
+    assert all(t.exit.signal == 9 for i in engine.instances.values() for t in transitions(i, State.STOPPED))
 
 
 async def test_state_dir_records_pid_and_start_time(

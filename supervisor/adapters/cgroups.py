@@ -20,30 +20,13 @@ import re
 import time
 from pathlib import Path
 
+from supervisor.adapters.procscan import mounts, own_cgroup
+
 log = logging.getLogger(__name__)
 
 
 def _cgroup2_mount() -> Path | None:
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == "cgroup2":
-                    return Path(fields[1])
-    except OSError:
-        pass
-    return None
-
-
-def _own_cgroup() -> str | None:
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
-    return None
+    return next((Path(point) for _, point, fstype in mounts() if fstype == "cgroup2"), None)
 
 
 def _safe(name: str) -> str:
@@ -62,7 +45,7 @@ class RunCgroups:
         mount = _cgroup2_mount()
         if mount is None:
             return None, "no cgroup2 hierarchy mounted"
-        own = _own_cgroup()
+        own = own_cgroup()
         if own is None:
             return None, "not in a cgroup2 hierarchy"
         parent = mount / own.lstrip("/")

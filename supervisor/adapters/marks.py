@@ -9,8 +9,9 @@ descendant carries it too, unless it deliberately clears its environment.
 * token: one run of one instance (a restart gets a new token; adoption keeps the old one);
 * instance id: for the log line when a leftover is stopped.
 
-`/proc/<pid>/environ` is the environment at exec time; it never changes for a process, so a
-mark is read once per (pid, start time) and cached.
+A mark is read from `/proc/<pid>/environ` (the environment at exec time, which never changes
+for a process) by `procscan.read_mark`, once per (pid, start time); this module only makes and
+parses marks, so the process table's reader can use it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 
 MARK_ENV = "MODEL_SUPERVISOR_RUN"
 _NEEDLE = MARK_ENV.encode() + b"="
-_CACHE_LIMIT = 8192
 
 
 def scope_of(state_dir: os.PathLike[str] | str) -> str:
@@ -64,29 +64,3 @@ def parse_environ(blob: bytes) -> Mark | None:
         return Mark.parse(value.decode())
     except UnicodeDecodeError:
         return None
-
-
-_cache: dict[tuple[int, int], Mark | None] = {}
-
-
-def read_mark(pid: int, starttime: int, remember_none: bool = True) -> Mark | None:
-    """The mark of a live process (None: unmarked, gone, or not ours to read). Blocking.
-
-    `remember_none=False` for our own fresh children: between fork and exec a child still has
-    our (unmarked) environment, so "no mark" may be only for the moment."""
-    key = (pid, starttime)
-    try:
-        return _cache[key]
-    except KeyError:
-        pass
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            mark = parse_environ(f.read())
-    except OSError:  # gone, or another user's process (we could not have started it)
-        mark = None
-    if mark is None and not remember_none:
-        return None
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.clear()
-    _cache[key] = mark
-    return mark

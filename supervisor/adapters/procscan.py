@@ -1,5 +1,9 @@
 """Reading the process table from /proc, and waiting for processes to go without polling.
 
+Every read of /proc in the supervisor goes through this module: the process table (stat),
+run marks (environ), argv (cmdline), names (comm), users (status), mapped files (maps), our
+own children, mounts and cgroup. All of it blocks (small files): call it from a thread.
+
 psutil builds `children(recursive=True)` from ppids, which loses a grandchild as soon as its
 parent dies and it is reparented. Stopping a model server's whole tree needs process groups
 and sessions too, so this module reads pid, ppid, pgid, sid, state and start time of every
@@ -11,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from supervisor.adapters.marks import Mark, read_mark
+from supervisor.adapters.marks import Mark, parse_environ
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,7 @@ def read_proc(pid: int) -> ProcInfo | None:
 
 def scan(marks: bool = False) -> dict[int, ProcInfo]:
     """One pass over /proc (blocking; call it from a thread). With `marks`, each process's
-    run mark too (read once per process and cached, see marks.py)."""
+    run mark too (read once per process and cached, see `read_mark`)."""
     table: dict[int, ProcInfo] = {}
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -70,6 +75,35 @@ def scan(marks: bool = False) -> dict[int, ProcInfo]:
                         info = replace(info, mark=mark)
                 table[info.pid] = info
     return table
+
+
+_marks: dict[tuple[int, int], Mark | None] = {}
+_MARKS_LIMIT = 8192
+
+
+def read_mark(pid: int, starttime: int, remember_none: bool = True) -> Mark | None:
+    """The run mark of a live process (None: unmarked, gone, or not ours to read). Blocking.
+
+    `/proc/<pid>/environ` is the environment at exec time and never changes for a process, so
+    a mark is read once per (pid, start time) and cached. `remember_none=False` for our own
+    fresh children: between fork and exec a child still has our (unmarked) environment, so
+    "no mark" may be only for the moment."""
+    key = (pid, starttime)
+    try:
+        return _marks[key]
+    except KeyError:
+        pass
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            mark = parse_environ(f.read())
+    except OSError:  # gone, or another user's process (we could not have started it)
+        mark = None
+    if mark is None and not remember_none:
+        return None
+    if len(_marks) >= _MARKS_LIMIT:
+        _marks.clear()
+    _marks[key] = mark
+    return mark
 
 
 def marked(table: dict[int, ProcInfo], scope: str, token: str | None = None) -> set[int]:
@@ -181,3 +215,88 @@ def user_of(pid: int) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def read_comm(pid: int) -> str | None:
+    """A process's command name (/proc/<pid>/comm, what `ps -o comm` shows); None if it is gone
+    or has none."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    """A process's argv; None if it is gone, [] for a zombie or a kernel thread (they have none)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+
+
+def cmdlines() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every live process that has an argv (zombies have none)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            argv = read_cmdline(int(entry))
+            if argv:
+                out.append((int(entry), argv))
+    return out
+
+
+def mapped_files(pid: int) -> list[str]:
+    """The paths of the files a process maps (/proc/<pid>/maps, one per mapping, in order, with
+    the kernel's " (deleted)" after a removed one); [] if it is gone or not ours to read."""
+    paths = []
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)  # address perms offset dev inode path
+                if len(fields) == 6:
+                    paths.append(fields[5])
+    except OSError:
+        pass
+    return paths
+
+
+def own_children() -> list[int]:
+    """Our direct children (every thread's), from /proc/self/task/*/children."""
+    found: list[int] = []
+    for path in glob.glob("/proc/self/task/*/children"):
+        try:
+            with open(path) as f:
+                found.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(source, mount point, file system type) of every mount this process sees
+    (/proc/self/mounts; octal escapes such as \\040 left as they are); [] if unreadable."""
+    found = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    found.append((fields[0], fields[1], fields[2]))
+    except OSError:
+        pass
+    return found
+
+
+def own_cgroup() -> str | None:
+    """Our cgroup v2 path (the "0::" line of /proc/self/cgroup), or None (v1 only, unreadable)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return None

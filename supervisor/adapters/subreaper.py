@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import glob
 import logging
 import os
 from collections.abc import Callable
+
+from supervisor.adapters.procscan import own_children, read_proc
 
 log = logging.getLogger(__name__)
 
@@ -35,37 +36,15 @@ def become_subreaper() -> str | None:
     return None
 
 
-def children() -> list[int]:
-    """Our direct children (every thread's), from /proc/self/task/*/children."""
-    found: list[int] = []
-    for path in glob.glob("/proc/self/task/*/children"):
-        try:
-            with open(path) as f:
-                found.extend(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, pgid) of a process, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return rest[0], int(rest[2])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def reap_orphans(owned: Callable[[int], bool]) -> list[int]:
     """Reap zombie children that no handle of ours waits for; returns their pids."""
     mine = os.getpgrp()
     reaped = []
-    for pid in children():
+    for pid in own_children():
         if owned(pid):
             continue
-        stat = _stat(pid)
-        if stat is None or stat[0] not in ("Z", "X") or stat[1] == mine:
+        info = read_proc(pid)
+        if info is None or not info.zombie or info.pgid == mine:
             continue
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:

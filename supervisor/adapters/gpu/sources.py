@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from supervisor.adapters.gpu.model import GpuDevice, GpuProcess, ProcessKind
-from supervisor.adapters.procscan import read_proc
+from supervisor.adapters.procscan import read_comm, read_proc
 
 log = logging.getLogger(__name__)
 
@@ -493,14 +493,6 @@ def _alive(pid: int) -> bool:
     return info is not None and not info.zombie  # a zombie has released its GPU memory
 
 
-def _comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
 class SimulatedSource:
     """GPUs described by a file (see the module docstring); for demos and tests, labelled as such."""
 
@@ -574,7 +566,7 @@ class SimulatedSource:
             processes = tuple(
                 GpuProcess(
                     pid=p.pid,
-                    name=p.name if p.name is not None else _comm(p.pid),
+                    name=p.name if p.name is not None else read_comm(p.pid),
                     used_memory_mib=p.used_memory_mib,
                     kind=p.kind,
                 )

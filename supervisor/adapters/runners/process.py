@@ -29,12 +29,14 @@ from supervisor.adapters import storage
 from supervisor.adapters.cgroups import RunCgroups
 from supervisor.adapters.health import Prober
 from supervisor.adapters.logfiles import LogFile
-from supervisor.adapters.marks import MARK_ENV, Mark, new_token, read_mark
+from supervisor.adapters.marks import MARK_ENV, Mark, new_token
 from supervisor.adapters.procscan import (
     ProcessTable,
     ProcInfo,
     marked,
     open_pidfd,
+    own_children,
+    read_mark,
     read_proc,
     tree,
     wait_fds_readable,
@@ -163,7 +165,7 @@ class ProcessHandle:
             return bool(await asyncio.to_thread(RunCgroups.procs, self.cgroup))
         if self._runner.subreaper and not self.adopted:
             # Orphans of our runs are reparented to us: one that is not a leader may be this run's.
-            return any(not self._runner.owns(pid) for pid in _children())
+            return any(not self._runner.owns(pid) for pid in own_children())
         return True  # descendants may have been reparented anywhere: only a scan can tell
 
     async def _terminate(self, signum: int, timeout: float, include_leader: bool) -> None:
@@ -236,12 +238,6 @@ class ProcessHandle:
             "token": self.token,
             "cgroup": str(self.cgroup) if self.cgroup else None,
         }
-
-
-def _children() -> list[int]:
-    from supervisor.adapters.subreaper import children
-
-    return children()
 
 
 def _pidfds(table: dict[int, ProcInfo], pids: set[int]) -> dict[int, int]:

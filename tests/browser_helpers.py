@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .conftest import PY, REPO, demo_cmd, free_port, free_range, write_decl
+from .conftest import PY, REPO, demo_cmd, free_port, free_range, wait_for, write_decl
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -124,16 +123,20 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 20
-        while True:
+        proc = self.proc
+
+        def up() -> bool:
+            assert proc.poll() is None, f"serve exited:\n{self.log()}"
             try:
-                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
-                return
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=5).read()
+                return True
             except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, (
-                    f"serve did not come up:\n{self.log()}"
-                )
-                time.sleep(0.05)
+                return False
+
+        try:
+            wait_for(up, 60, "serve to come up")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -163,14 +166,19 @@ class Server:
         assert status == 200, body
         return {i["instance_id"]: i for i in json.loads(body)}.get(instance_id)
 
-    def wait_state(self, instance_id: str, state: str, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self.instance(instance_id)
-            if item is not None and item["state"] == state:
-                return item
-            assert time.monotonic() < deadline, f"{instance_id} never reached {state}: {item}\n{self.log()}"
-            time.sleep(0.05)
+    def wait_state(self, instance_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        seen: list[dict[str, Any] | None] = [None]
+
+        def reached() -> bool:
+            seen[0] = self.instance(instance_id)
+            return seen[0] is not None and seen[0]["state"] == state
+
+        try:
+            wait_for(reached, timeout, f"{instance_id} to reach {state}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen: {seen[0]}\n{self.log()}") from None
+        assert seen[0] is not None
+        return seen[0]
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

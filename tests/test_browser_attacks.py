@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 
 from .browser_helpers import CHROMIUM, CHROMIUM_ARGS, Server, demo_declaration, require_browser
-from .conftest import PY, free_port
+from .conftest import PY, free_port, wait_for
+
+pytestmark = pytest.mark.slow  # a real `serve` process and Chromium
 
 EVIL_HOST = "evil.example"
 # Recent Chromium asks the user before a public page may reach the local network ("Local
@@ -161,13 +163,6 @@ def refused_counts(server: Server) -> dict[tuple[str, str], int]:
     ):
         counts[(m[1], m[2])] = int(m[3])
     return counts
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_cross_origin_page_runs_nothing(server: Server, attacker, chromium, tmp_path: Path) -> None:

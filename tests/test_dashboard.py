@@ -22,6 +22,9 @@ import pytest
 
 from .browser_helpers import Browser, Server, browser, demo_declaration, expect
 from .conftest import alive, free_port
+from .conftest import wait_for as wait_for_server
+
+pytestmark = pytest.mark.slow  # a real `serve` process and Chromium
 
 WELCOME = {"status": "ok", "message": "Welcome to the Model Inference Client API"}
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -337,7 +340,12 @@ def test_gpu_plots_and_state_strips_match_the_api_and_follow_live(
     )
     pid = server.wait_state("plotted@gpu0", "RUNNING")["pid"]
     write_gpus(gpus, [(pid, 2048)], utilization=20.0)
-    time.sleep(0.6)  # a few samples in the server's history before the page loads
+
+    def sampled() -> bool:  # a few samples in the server's history (the last with the run) first
+        memory = json.loads(server.request("/api/v1/gpus/history")[2])["gpus"][0]["memory_used"]
+        return len(memory) >= 3 and memory[-1] == 2048
+
+    wait_for_server(sampled, 30, "samples in the GPU history")
     page = ui.page
     page.goto(server.url + "/")
 

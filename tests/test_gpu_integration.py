@@ -25,6 +25,8 @@ from supervisor.core.states import State
 from .api_helpers import Api, running_api
 from .conftest import alive, declaration, demo_cmd, wait_until, write_decl
 
+pytestmark = pytest.mark.slow  # a real API server and real child processes
+
 TCP = {"type": "tcp", "start_interval": 0.05}
 
 
@@ -293,8 +295,9 @@ async def test_restart_waits_for_gpu_memory_release(settings: Settings, sim: Sim
         sim.set(0, memory_used_mib=4000)  # the driver still counts it after the process dies
         await wait_until(lambda: api.app.ctx.gpus.instance_gpu("oomy@gpu0")["memory_mib"] == 4000)
         os.kill(first, signal.SIGKILL)
-        await inst.wait_state(State.BACKOFF, timeout=10)
-        await asyncio.sleep(1.0)
+        await inst.wait_state(State.BACKOFF, timeout=30)
+        await inst.wait_state(State.STARTING, timeout=30)  # initial_delay 0: at once, to wait there
+        await asyncio.sleep(1.0)  # five samples of memory still held: it must not have started
         assert inst.state == State.STARTING and inst.pid is None, "restarted into memory still held"
         released = time.time()
         sim.gpus[0]["process"] = []

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -78,6 +77,7 @@ async def until_error(engine: Engine, path: Path, needle: str, timeout: float = 
 # --- item 3: one file's error, whatever the file is ------------------------------------------
 
 
+@pytest.mark.slow
 def test_deep_nesting_is_one_files_error_in_validate(conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("good"))
     (conf_dir / "deep.toml").write_text(DEEP)
@@ -99,6 +99,7 @@ def test_nesting_that_toml_accepts_is_refused_before_validation(conf_dir: Path) 
     assert "nested more than 32 levels deep" in err.message
 
 
+@pytest.mark.slow
 async def test_deep_nesting_at_start_does_not_stop_the_api(settings: Settings, conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("good"))
     (conf_dir / "deep.toml").write_text(DEEP)
@@ -110,6 +111,7 @@ async def test_deep_nesting_at_start_does_not_stop_the_api(settings: Settings, c
         assert err["file"] == str(conf_dir / "deep.toml") and "nested too deeply" in err["message"]
 
 
+@pytest.mark.slow
 async def test_deep_nesting_dropped_in_while_running_does_not_freeze_reloads(
     live: Engine, conf_dir: Path
 ) -> None:
@@ -154,6 +156,7 @@ def make_hostile(path: Path, kind: str) -> str:
     return "not UTF-8 text"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", HOSTILE)
 async def test_hostile_entry_named_like_a_running_models_file_keeps_it_running(
     live: Engine, conf_dir: Path, kind: str
@@ -181,13 +184,12 @@ async def test_hostile_entry_named_like_a_running_models_file_keeps_it_running(
     assert live.instances["x@cpu"].pid == pid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_validate_names_each_hostile_entry(conf_dir: Path, kind: str) -> None:
     write_decl(conf_dir, declaration("good"))
     expected = make_hostile(conf_dir / "x.toml", kind)
-    began = time.monotonic()
-    out = validate(conf_dir, timeout=20)  # a FIFO must not block the read
-    assert time.monotonic() - began < 20
+    out = validate(conf_dir, timeout=120)  # a FIFO must not block the read (it would time out)
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"{conf_dir / 'x.toml'}: {expected}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
@@ -206,6 +208,7 @@ def test_file_deleted_between_listing_and_reading_is_simply_gone(
     assert list(parsed) == [str(conf_dir / "a.toml")]
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_named(tmp_path: Path) -> None:
     """chmod 000 as a user who cannot read it. Tests run as root, who reads anything, so the read
     happens in a forked child that has dropped to `nobody` (uid 65534)."""
@@ -283,6 +286,7 @@ BAD_LAUNCH = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_LAUNCH))
 def test_validate_fails_on_what_cannot_launch(conf_dir: Path, case: str) -> None:
     fields, key, message = BAD_LAUNCH[case]
@@ -294,6 +298,7 @@ def test_validate_fails_on_what_cannot_launch(conf_dir: Path, case: str) -> None
     assert message in line, out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_LAUNCH))
 async def test_hot_edit_that_cannot_launch_keeps_the_old_instance(
     live: Engine, conf_dir: Path, case: str
@@ -311,6 +316,7 @@ async def test_hot_edit_that_cannot_launch_keeps_the_old_instance(
     assert inst.pid == pid and inst.state == State.RUNNING and inst.history[-1].to_state == State.RUNNING
 
 
+@pytest.mark.slow
 async def test_installing_the_program_is_enough(live: Engine, conf_dir: Path, tmp_path: Path) -> None:
     """A missing program is this machine's problem, not the file's: the file is not cached with
     it, so the next reload (a resync, any edit) finds the program once it is installed."""
@@ -326,6 +332,7 @@ async def test_installing_the_program_is_enough(live: Engine, conf_dir: Path, tm
     await running_pid(live, "m@cpu")
 
 
+@pytest.mark.slow
 def test_placeholders_and_container_kinds_are_checked_as_launched(conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("py", command=["{python}", "-c", "pass"]))
     write_decl(conf_dir, declaration("rel", command=["./run.sh"], cwd="{here}"))
@@ -386,6 +393,7 @@ PRESET_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(PRESET_CASES))
 def test_presets_check_their_programs_and_paths(conf_dir: Path, case: str) -> None:
     body, key, message = PRESET_CASES[case]
@@ -400,6 +408,7 @@ def test_presets_check_their_programs_and_paths(conf_dir: Path, case: str) -> No
     assert message in line, out.stderr
 
 
+@pytest.mark.slow
 def test_presets_pass_when_everything_is_there(conf_dir: Path) -> None:
     (conf_dir / "comfy").mkdir()
     (conf_dir / "comfy" / "main.py").write_text("")
@@ -421,6 +430,7 @@ def test_presets_pass_when_everything_is_there(conf_dir: Path) -> None:
 # --- the real `serve` and the API -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_starts_with_50000_nested_arrays_in_conf_d(conf_dir: Path, tmp_path: Path) -> None:
     """The issue: `serve` exited 1 at start and the API never came up."""
     from .conftest import free_range
@@ -444,6 +454,7 @@ def test_serve_starts_with_50000_nested_arrays_in_conf_d(conf_dir: Path, tmp_pat
         kill_marked(tmp_path / "state")
 
 
+@pytest.mark.slow
 async def test_api_write_that_cannot_launch_is_422_and_changes_nothing(
     settings: Settings, conf_dir: Path
 ) -> None:

@@ -93,6 +93,7 @@ def test_cluster_settings_are_checked() -> None:
         load_settings(cluster="ray", ray_address="127.0.0.1:1", ray_nodes=["Bad"])
 
 
+@pytest.mark.slow
 def test_cluster_mode_does_not_import_ray_in_the_supervisor() -> None:
     code = (
         "import sys; from supervisor.config.settings import load_settings; from supervisor.wiring import build;"
@@ -146,6 +147,7 @@ def test_node_command_plans_resources_and_label_from_the_gpus() -> None:
             plan_join(*bad, detect=nvml)
 
 
+@pytest.mark.slow
 def test_node_command_without_nvml_says_what_to_pass() -> None:
     out = subprocess.run(
         [PY, "-m", "supervisor", "node", "--address", "127.0.0.1:1", "--dry-run"],
@@ -269,6 +271,7 @@ async def running(engine: Engine, iid: str, track: Tracker):
     return inst
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig, monkeypatch) -> None:
     docs = [
@@ -311,6 +314,7 @@ async def test_placement_by_label_and_free_gpus_with_exact_gpu_ids(tmp_path, rig
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path, rig) -> None:
     cluster = rig["cluster"]
@@ -384,6 +388,7 @@ def test_node_command_joins_with_its_gpus_and_label_and_leaves_nothing(tmp_path,
         log.close()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_the_node_shows_in_api_status_metrics_events_and_cli(tmp_path, rig, monkeypatch) -> None:
     from prometheus_client.parser import text_string_to_metric_families
@@ -427,6 +432,7 @@ async def test_the_node_shows_in_api_status_metrics_events_and_cli(tmp_path, rig
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_exit_of_a_remote_backend_restarts_it_under_its_policy(tmp_path, rig, monkeypatch) -> None:
     doc = declaration("crashy", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
@@ -451,6 +457,7 @@ async def test_exit_of_a_remote_backend_restarts_it_under_its_policy(tmp_path, r
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_stop_leaves_nothing_not_even_a_setsid_grandchild(tmp_path, rig, monkeypatch) -> None:
     pidfile = tmp_path / "grandchild.pid"
@@ -494,6 +501,7 @@ async def test_stop_leaves_nothing_not_even_a_setsid_grandchild(tmp_path, rig, m
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_second_supervisor_adopts_the_runs_by_actor_name(tmp_path, rig, monkeypatch) -> None:
     settings = cluster_settings(tmp_path, rig, monkeypatch)
@@ -540,6 +548,7 @@ def wait_for_dead(pids: set[int], timeout: float) -> None:
     assert not any(alive(p) for p in pids), f"still running: {[p for p in pids if alive(p)]}"
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path, rig, monkeypatch) -> None:
     doc = declaration("steady", demo_cmd(), node="gpu-a", gpus=[0], health=HEALTH, restart=FAST_RESTART)
@@ -561,6 +570,7 @@ async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path,
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are_untouched(
     tmp_path, rig, monkeypatch
@@ -596,6 +606,7 @@ async def test_unreachable_cluster_backs_off_with_that_reason_and_local_runs_are
         await asyncio.wait_for(engine.shutdown(), 60)
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_a_removed_worker_fails_its_runs_and_unpinned_ones_are_replaced(
     tmp_path, rig, monkeypatch
@@ -680,6 +691,7 @@ def simulated_nodes(tmp_path: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_the_node(
     tmp_path, rig, monkeypatch
@@ -777,6 +789,7 @@ async def test_node_agents_report_gpus_owners_strays_and_probes_and_logs_run_on_
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(
     tmp_path, rig, monkeypatch
@@ -848,6 +861,7 @@ async def test_a_nodes_strays_are_killed_there_by_policy_or_through_the_api(
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(
     tmp_path, rig, monkeypatch
@@ -895,6 +909,7 @@ async def test_the_reaper_stops_a_run_no_instance_owns_and_spares_live_ones(
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, rig, monkeypatch) -> None:
     gpu_a = tmp_path / "gpus-gpu-a.toml"
@@ -913,8 +928,9 @@ async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, 
         await wait_until(lambda: inst.id in nodes.last_run, 15)
         # It dies; its memory stays held (a worker not gone yet): the restart must wait.
         os.kill(first, signal.SIGKILL)
-        await inst.wait_for(lambda i: i.pid != first, timeout=10)
-        await asyncio.sleep(2.0)
+        await inst.wait_for(lambda i: i.pid != first, timeout=30)
+        await inst.wait_state(State.STARTING, timeout=30)  # where the restart waits for the GPU
+        await asyncio.sleep(2.0)  # samples of memory still held: it must not have started
         assert inst.state == State.STARTING and inst.pid is None, (inst.state, inst.pid)
         released = time.monotonic()
         write_gpus(gpu_a, {0: {}, 1: {}})
@@ -927,6 +943,7 @@ async def test_a_remote_restart_waits_until_its_node_releases_the_gpu(tmp_path, 
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(
     tmp_path, rig, monkeypatch
@@ -978,6 +995,7 @@ async def test_actors_of_declarations_removed_while_down_are_stopped_at_start(
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, rig, request) -> None:
     """In a real Chromium against a cluster-mode `serve`: one card per GPU per node, the owner
@@ -1050,6 +1068,7 @@ def test_the_dashboard_shows_each_nodes_gpus_and_where_instances_run(tmp_path, r
     wait_for_dead(pids, 15)
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(
     tmp_path, rig, monkeypatch
@@ -1094,6 +1113,7 @@ async def test_an_unpinned_run_keeps_off_the_gpus_pinned_declarations_name(
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, monkeypatch) -> None:
     extra = simulated_nodes(tmp_path)
@@ -1122,6 +1142,7 @@ async def test_gpus_auto_on_a_node_chooses_from_that_nodes_gpus(tmp_path, rig, m
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_it_leaves(
     tmp_path, rig, monkeypatch
@@ -1190,6 +1211,7 @@ async def test_gpus_auto_without_node_chooses_a_node_stays_there_and_moves_when_
     track.check()
 
 
+@pytest.mark.slow
 @needs_ray
 async def test_a_cluster_runs_ports_are_checked_on_its_node_and_an_automatic_one_moves(
     tmp_path, rig, monkeypatch

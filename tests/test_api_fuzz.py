@@ -25,6 +25,8 @@ import pytest
 
 from .conftest import PY, REPO, declaration, demo_cmd, free_port, free_range, write_decl
 
+pytestmark = pytest.mark.slow  # a real `serve` process and a fuzzer
+
 CHECKS = ",".join(
     [
         "not_a_server_error",

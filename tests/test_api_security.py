@@ -64,6 +64,7 @@ async def assert_never_ran(marker: Path, conf_dir: Path, api: Api, name: str = "
 
 
 # -- 1. browsers: Content-Type, Origin, Host -----------------------------------------------------
+@pytest.mark.slow
 async def test_cross_origin_text_plain_start_is_refused_and_nothing_runs(
     api: Api, conf_dir: Path, tmp_path: Path
 ) -> None:
@@ -96,6 +97,7 @@ async def test_cross_origin_text_plain_start_is_refused_and_nothing_runs(
     await wait_until(marker.exists, timeout=10)
 
 
+@pytest.mark.slow
 async def test_cross_origin_restart_and_disable_change_nothing(
     api: Api, conf_dir: Path, tmp_path: Path
 ) -> None:
@@ -125,6 +127,7 @@ async def test_cross_origin_restart_and_disable_change_nothing(
     assert (conf_dir / "victim.toml").read_text() == before
 
 
+@pytest.mark.slow
 async def test_rebinding_host_is_refused_even_for_reads(api: Api, conf_dir: Path, tmp_path: Path) -> None:
     await declare(api, conf_dir, declaration("secret", sleep_cmd(), gpus="none", env={"KEY": "hunter2"}))
     assert "hunter2" in (await api.get("/api/v1/models")).text
@@ -150,6 +153,7 @@ async def test_rebinding_host_is_refused_even_for_reads(api: Api, conf_dir: Path
     await assert_never_ran(marker, conf_dir, api)
 
 
+@pytest.mark.slow
 async def test_own_origin_and_old_clients_are_accepted(api: Api, conf_dir: Path, tmp_path: Path) -> None:
     port = api.settings.port
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
@@ -173,6 +177,7 @@ async def test_own_origin_and_old_clients_are_accepted(api: Api, conf_dir: Path,
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
 async def test_reverse_proxy_names_are_allowed_by_settings(settings: Settings, conf_dir: Path) -> None:
     extra = {
         "allowed_hosts": ["gpu.example.com", "other.example:8443"],
@@ -192,6 +197,7 @@ async def test_reverse_proxy_names_are_allowed_by_settings(settings: Settings, c
         assert r.status_code == 403
 
 
+@pytest.mark.slow
 async def test_cors_preflight_is_never_granted(api: Api) -> None:
     r = await api.client.options(
         "/api/v1/models/start",
@@ -239,6 +245,7 @@ def test_policy_rules_without_a_server() -> None:
 
 
 # -- 5. hostile bodies -----------------------------------------------------------------------------
+@pytest.mark.slow
 async def test_deeply_nested_json_is_422(api: Api, conf_dir: Path) -> None:
     deep = b"[" * 5000 + b"]" * 5000
     for method, path in (
@@ -272,6 +279,7 @@ def _raw_request(port: int, head: bytes, read_timeout: float = 5.0) -> bytes:
         return data
 
 
+@pytest.mark.slow
 async def test_150_mb_body_is_413_before_it_is_read(api: Api, conf_dir: Path) -> None:
     size = 150 * 1024 * 1024
     head = (
@@ -308,6 +316,7 @@ async def test_150_mb_body_is_413_before_it_is_read(api: Api, conf_dir: Path) ->
     assert not (conf_dir / "big.toml").exists()
 
 
+@pytest.mark.slow
 async def test_405_always_names_the_allowed_methods(api: Api) -> None:
     expected = {
         "/api/v1/models/x": {"GET", "PUT", "DELETE"},
@@ -323,6 +332,7 @@ async def test_405_always_names_the_allowed_methods(api: Api) -> None:
             assert set(r.headers["allow"].split(", ")) == methods, (method, path, r.headers.get("allow"))
 
 
+@pytest.mark.slow
 async def test_50_concurrent_puts_of_one_new_model_create_it_once(api: Api, conf_dir: Path) -> None:
     doc = declaration("race", sleep_cmd(), gpus="none")
     answers = await asyncio.gather(*(api.put("/api/v1/models/race", doc) for _ in range(50)))
@@ -333,6 +343,7 @@ async def test_50_concurrent_puts_of_one_new_model_create_it_once(api: Api, conf
     assert [i for i in api.engine.instances if i.startswith("race@")] == ["race@cpu"]
 
 
+@pytest.mark.slow
 async def test_fuzzer_findings_are_422(api: Api, conf_dir: Path) -> None:
     # JSON null has no TOML form (it was a 500 from the TOML writer), nested anywhere.
     doc = declaration("n", sleep_cmd(), gpus="none", env={"A": "1"})
@@ -365,6 +376,7 @@ async def test_fuzzer_findings_are_422(api: Api, conf_dir: Path) -> None:
 
 
 # -- 7. the OpenAPI document -----------------------------------------------------------------------
+@pytest.mark.slow
 async def test_every_parameter_is_published_with_its_real_type(api: Api) -> None:
     spec = (await api.get("/docs/openapi.json")).json()
     seen = {}
@@ -389,6 +401,7 @@ async def test_every_parameter_is_published_with_its_real_type(api: Api) -> None
     assert seen[("GET", "/api/v1/instances/{instance_id}/logs", "tail")]["maximum"] == 100000
 
 
+@pytest.mark.slow
 async def test_blank_query_values_are_422_not_the_default(api: Api) -> None:
     for path in (
         "/api/v1/gpus/history?seconds=",

@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
 from supervisor.wiring import build
 
 from .conftest import FAST_RESTART, declaration, demo_cmd, free_port, wait_until, write_decl
+
+pytestmark = pytest.mark.slow  # real processes on real ports
 
 HTTP = {"type": "http", "path": "/health", "start_interval": 0.05}
 

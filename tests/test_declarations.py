@@ -279,6 +279,7 @@ def test_spec_has_every_default_documented_in_readme() -> None:
             assert f"`{table}{key}`" in readme, f"README does not document `{table}{key}`"
 
 
+@pytest.mark.slow
 def test_validate_command(tmp_path: Path, conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("ok"))
     ok = subprocess.run(
@@ -299,6 +300,7 @@ def test_validate_command(tmp_path: Path, conf_dir: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_shipped_conf_d_is_valid() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "supervisor", "validate", str(REPO / "conf.d")],
@@ -309,6 +311,7 @@ def test_shipped_conf_d_is_valid() -> None:
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.slow
 def test_shipped_examples_are_valid() -> None:
     # The examples name programs and checkouts of a GPU box, not of this one.
     out = subprocess.run(

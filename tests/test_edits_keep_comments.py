@@ -6,6 +6,8 @@ import difflib
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from supervisor.config.settings import Settings
 from supervisor.core import tomledit
 
@@ -52,6 +54,7 @@ def _diff(before: str, after: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 async def test_start_stop_enable_disable_put_change_only_their_values(settings: Settings) -> None:
     cmd = sleep_cmd()
     text = HAND_WRITTEN.format(cmd0=f'"{cmd[0]}"', cmd1=f'"{cmd[1]}"', cmd2=f'"{cmd[2]}"')
@@ -93,6 +96,7 @@ async def test_start_stop_enable_disable_put_change_only_their_values(settings: 
         assert api.engine.catalog.models["handmade"].decl.restart.initial_delay == 0.5
 
 
+@pytest.mark.slow
 async def test_a_new_file_has_a_natural_key_order(settings: Settings) -> None:
     async with running_api(settings) as api:
         r = await api.post(

@@ -6,10 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from supervisor.core.states import State
 from supervisor.runtime.engine import Engine
 
 from .conftest import FAST_RESTART, PY, declaration, write_decl
+
+pytestmark = pytest.mark.slow  # real child processes
 
 
 async def test_failed_start_reason_carries_the_servers_error_line(engine: Engine, conf_dir: Path) -> None:

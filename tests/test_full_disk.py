@@ -21,6 +21,8 @@ from supervisor.core.states import State
 from .api_helpers import running_api
 from .conftest import declaration, wait_until, write_decl
 
+pytestmark = pytest.mark.slow  # real processes and servers
+
 #: Listens on its {port}: an automatic port is assigned (and recorded in ports.json).
 LISTENER = [sys.executable, "-c", "import sys, time; time.sleep(3600)", "{port}"]
 

@@ -27,6 +27,7 @@ def test_history_is_bounded_and_windowed() -> None:
     assert out["gpus"][0]["memory_used"][-1] == 99 and out["gpus"][0]["memory_total"] == 100
 
 
+@pytest.mark.slow
 async def test_gpu_history_follows_the_samples(settings: Settings, tmp_path: Path) -> None:
     sim = SimGpus(tmp_path / "gpus.toml", gpus=2)
     sim.set(0, memory_used_mib=1000, utilization_percent=10.0, power_draw_w=100.0)
@@ -48,6 +49,7 @@ async def test_gpu_history_follows_the_samples(settings: Settings, tmp_path: Pat
         assert (await api.get("/api/v1/gpus/history?seconds=x")).status_code == 422
 
 
+@pytest.mark.slow
 async def test_instance_history_shows_restarts(settings: Settings, conf_dir: Path) -> None:
     write_decl(conf_dir, declaration("strip", sleep_cmd()))
     async with running_api(settings) as api:
@@ -61,6 +63,7 @@ async def test_instance_history_shows_restarts(settings: Settings, conf_dir: Pat
         assert tos == ["STARTING", "RUNNING", "STOPPING", "STOPPED", "STARTING", "RUNNING"], tos
 
 
+@pytest.mark.slow
 async def test_gpus_that_are_not_known_are_said_everywhere(
     settings: Settings, conf_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -80,6 +83,7 @@ async def test_gpus_that_are_not_known_are_said_everywhere(
         assert caplog.text.count("GPU 5 is not known") == 1
 
 
+@pytest.mark.slow
 async def test_no_warning_with_a_gpu_source(settings: Settings, conf_dir: Path, tmp_path: Path) -> None:
     sim = SimGpus(tmp_path / "gpus.toml", gpus=1)
     write_decl(conf_dir, declaration("real", sleep_cmd(), gpus=[0]))

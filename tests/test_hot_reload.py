@@ -62,6 +62,7 @@ async def running(engine: Engine, iid: str, since: int = 0, timeout: float = 10)
     return engine.instances[iid]
 
 
+@pytest.mark.slow
 async def test_new_file_by_atomic_replace_starts_it(live: Engine, conf_dir: Path) -> None:
     mark = last_id(live.bus)
     write_decl(conf_dir, declaration("fresh", SLEEP))
@@ -69,6 +70,7 @@ async def test_new_file_by_atomic_replace_starts_it(live: Engine, conf_dir: Path
     assert alive(inst.pid)
 
 
+@pytest.mark.slow
 async def test_in_place_edit_replaces_the_instance(live: Engine, conf_dir: Path) -> None:
     path = write_decl(conf_dir, declaration("edit", SLEEP))
     inst = await running(live, "edit@cpu")
@@ -81,6 +83,7 @@ async def test_in_place_edit_replaces_the_instance(live: Engine, conf_dir: Path)
     assert inst.spec.launch.argv == ("sleep", "3601")
 
 
+@pytest.mark.slow
 async def test_deleted_file_stops_it(live: Engine, conf_dir: Path) -> None:
     path = write_decl(conf_dir, declaration("doomed", SLEEP))
     inst = await running(live, "doomed@cpu")
@@ -90,6 +93,7 @@ async def test_deleted_file_stops_it(live: Engine, conf_dir: Path) -> None:
     assert not alive(pid) and "doomed@cpu" not in live.instances
 
 
+@pytest.mark.slow
 async def test_editor_save_patterns_apply_final_content_only(live: Engine, conf_dir: Path) -> None:
     path = write_decl(conf_dir, declaration("vim", SLEEP))
     inst = await running(live, "vim@cpu")
@@ -113,6 +117,7 @@ async def test_editor_save_patterns_apply_final_content_only(live: Engine, conf_
     assert list(live.instances) == ["vim@cpu"]
 
 
+@pytest.mark.slow
 async def test_two_hundred_files_at_once(live: Engine, conf_dir: Path, tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -129,6 +134,7 @@ async def test_two_hundred_files_at_once(live: Engine, conf_dir: Path, tmp_path:
     assert live.config_errors() == []
 
 
+@pytest.mark.slow
 async def test_rapid_edits_final_content_wins(live: Engine, conf_dir: Path) -> None:
     for version in range(15):
         write_decl(conf_dir, declaration("rapid", SLEEP, env={"VERSION": str(version)}))
@@ -142,6 +148,7 @@ async def test_rapid_edits_final_content_wins(live: Engine, conf_dir: Path) -> N
     assert inst.state == State.RUNNING and dict(inst.running_spec.launch.env)["VERSION"] == "14"
 
 
+@pytest.mark.slow
 async def test_broken_edit_keeps_running_then_fix_applies(live: Engine, conf_dir: Path) -> None:
     path = write_decl(conf_dir, declaration("steady", SLEEP))
     inst = await running(live, "steady@cpu")
@@ -195,6 +202,7 @@ async def test_broken_from_the_start_declares_nothing(settings: Settings, conf_d
         await engine.shutdown()
 
 
+@pytest.mark.slow
 async def test_rename_with_same_content_restarts_nothing(live: Engine, conf_dir: Path) -> None:
     path = write_decl(conf_dir, declaration("moved", SLEEP))
     inst = await running(live, "moved@cpu")
@@ -208,6 +216,7 @@ async def test_rename_with_same_content_restarts_nothing(live: Engine, conf_dir:
     assert inst.pid == pid and len(inst.history) == transitions and live.instances["moved@cpu"] is inst
 
 
+@pytest.mark.slow
 async def test_removed_while_in_backoff_or_starting(live: Engine, conf_dir: Path) -> None:
     backoff = write_decl(
         conf_dir,
@@ -233,6 +242,7 @@ async def test_removed_while_in_backoff_or_starting(live: Engine, conf_dir: Path
     assert not alive(pid)
 
 
+@pytest.mark.slow
 async def test_readded_during_stop_no_duplicate_no_loss(live: Engine, conf_dir: Path) -> None:
     doc = declaration(
         "phoenix",
@@ -260,6 +270,7 @@ async def test_readded_during_stop_no_duplicate_no_loss(live: Engine, conf_dir: 
     assert stopped.at <= new.history[-1].at and starting.at <= new.history[-1].at
 
 
+@pytest.mark.slow
 async def test_duplicate_name_second_file_rejected_then_takes_over(live: Engine, conf_dir: Path) -> None:
     a = write_decl(conf_dir, declaration("twin", SLEEP), "a.toml")
     inst = await running(live, "twin@cpu")
@@ -274,6 +285,7 @@ async def test_duplicate_name_second_file_rejected_then_takes_over(live: Engine,
     assert inst is live.instances["twin@cpu"]
 
 
+@pytest.mark.slow
 async def test_conf_dir_deleted_and_restored(live: Engine, conf_dir: Path, tmp_path: Path) -> None:
     write_decl(conf_dir, declaration("survivor", SLEEP))
     inst = await running(live, "survivor@cpu")
@@ -343,6 +355,7 @@ async def test_watcher_ignores_non_declarations(tmp_path: Path) -> None:
         assert calls == ["watch started"]
 
 
+@pytest.mark.slow
 async def test_resync_of_an_unchanged_directory_parses_nothing(
     live: Engine, conf_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

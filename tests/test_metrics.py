@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config.settings import Settings
@@ -14,6 +15,8 @@ from supervisor.core.states import State
 from .api_helpers import Api, running_api
 from .conftest import declaration, demo_cmd, wait_until, write_decl
 from .test_gpu_integration import SimGpus, gpu_settings, wait_gpu_sample
+
+pytestmark = pytest.mark.slow  # a real API server and real child processes
 
 
 async def scrape(api: Api) -> dict:

@@ -15,6 +15,8 @@ from supervisor.config.settings import Settings
 from .api_helpers import running_api
 from .conftest import write_decl
 
+pytestmark = pytest.mark.slow  # a real API server and real child processes
+
 
 # -- the old tool's models, as its clients have them ------------------------------------------
 class ModelType(str, Enum):

@@ -47,6 +47,7 @@ def test_entry_point_kind_is_registered_and_broken_one_reported(plugin_site: Pat
     assert "ModuleNotFoundError" in registry.plugin_errors["broken"]
 
 
+@pytest.mark.slow
 async def test_plugin_kind_runs_under_the_engine(
     plugin_site: Path, settings: Settings, conf_dir: Path, tmp_path: Path
 ) -> None:

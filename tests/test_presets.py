@@ -1123,6 +1123,7 @@ async def run_until_running(engine: Engine, conf_dir: Path, text: str, iid: str)
     return record
 
 
+@pytest.mark.slow
 async def test_comfyui_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
     comfy = tmp_path / "ComfyUI"
     write_program(comfy / "main.py")
@@ -1148,6 +1149,7 @@ async def test_comfyui_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp
     )
 
 
+@pytest.mark.slow
 async def test_vllm_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
     vllm = write_program(tmp_path / "bin" / "vllm")
     record = await run_until_running(
@@ -1177,6 +1179,7 @@ async def test_vllm_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_pa
     assert record["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
+@pytest.mark.slow
 async def test_textgen_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp_path: Path) -> None:
     tgw = tmp_path / "text-generation-webui"
     write_program(tgw / "server.py")
@@ -1200,6 +1203,7 @@ async def test_textgen_runs_under_the_engine(engine: Engine, conf_dir: Path, tmp
     )
 
 
+@pytest.mark.slow
 async def test_triton_process_mode_runs_with_its_overlay(
     engine: Engine, conf_dir: Path, tmp_path: Path
 ) -> None:
@@ -1396,6 +1400,7 @@ def test_textgen_abbreviated_owned_flags_are_refused(tmp_path: Path, args: list[
     assert any(k == f"extra_args[{index}]" and "is set by the supervisor" in m for k, m in found), found
 
 
+@pytest.mark.slow
 async def test_unset_env_reaches_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner removes `unset_env` from what the child inherits (a real child process)."""
     from supervisor.adapters.logfiles import LogFile
@@ -1619,6 +1624,7 @@ def serve_fake(tgw: Path, conf_dir: Path, extra: str = "", interval: float = 10.
     (conf_dir / "decl.toml").write_text(textgen_decl(tgw, extra) + fast)
 
 
+@pytest.mark.slow
 async def test_api_key_in_cmd_flags_is_sent_by_readiness_and_liveness(
     engine: Engine, conf_dir: Path, tmp_path: Path
 ) -> None:
@@ -1643,6 +1649,7 @@ async def test_api_key_in_cmd_flags_is_sent_by_readiness_and_liveness(
     await inst.stop("test over")
 
 
+@pytest.mark.slow
 async def test_cmd_flags_is_checked_again_at_each_start(
     engine: Engine, conf_dir: Path, tmp_path: Path
 ) -> None:
@@ -1673,6 +1680,7 @@ async def test_cmd_flags_is_checked_again_at_each_start(
     await inst.stop("test over")
 
 
+@pytest.mark.slow
 async def test_taken_textgen_ports_fail_the_start_naming_port_and_holder(
     engine: Engine, conf_dir: Path, tmp_path: Path
 ) -> None:

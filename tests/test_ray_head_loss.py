@@ -44,6 +44,8 @@ from supervisor.core.states import State
 from .conftest import alive, declaration, demo_cmd, free_port, wait_until
 from .test_ray_cluster import HEALTH, Tracker, handle_of, needs_ray, started
 
+pytestmark = pytest.mark.slow  # a real Ray cluster
+
 #: The driver's RAY_gcs_rpc_server_reconnect_timeout_s (the `ray_reconnect_timeout` setting).
 RECONNECT = 2
 #: The same for the cluster's raylets (Ray's default: 60 s), so the old worker goes quickly.

@@ -11,6 +11,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from .conftest import PY, REPO
 
 
@@ -32,6 +34,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test in ci.splitlines(), "the test command in .ci/run differs from the README's"
 
 
+@pytest.mark.slow
 def test_shipped_demo_serves(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
     proc = subprocess.Popen(

@@ -9,11 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from supervisor.config.settings import Settings
 from supervisor.core.states import State
 
 from .api_helpers import Api, running_api
 from .conftest import alive, declaration, demo_cmd, sleep_cmd, write_decl
+
+pytestmark = pytest.mark.slow  # real child processes
 
 HTTP = {"type": "http", "start_interval": 0.05}
 

@@ -41,7 +41,7 @@ if BINARY is None or not BINARY.is_file():
         raise RuntimeError(reason)  # CI: a missing server is a failure, not a skip
     pytest.skip(reason, allow_module_level=True)
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # a real tritonserver
 
 MODEL_PY = """
 import numpy as np

@@ -68,6 +68,7 @@ def uds_client(path: Path) -> httpx.AsyncClient:
     )
 
 
+@pytest.mark.slow
 async def test_socket_only_listener_serves_the_api_with_mode_0600(
     settings: Settings, sock_dir: Path, conf_dir: Path
 ) -> None:
@@ -111,6 +112,7 @@ async def test_socket_only_listener_serves_the_api_with_mode_0600(
 SYSTEM_PYTHON = "/usr/bin/python3"  # the test's own interpreter may not be readable by another user
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
     reason="needs root (to connect as another user) and /usr/bin/python3",
@@ -156,6 +158,7 @@ def test_settings_refuse_no_listener_at_all() -> None:
         Settings(listen_tcp=False)
 
 
+@pytest.mark.slow
 def test_serve_and_cli_over_the_socket(tmp_path: Path, sock_dir: Path) -> None:
     conf, state, path = tmp_path / "conf.d", tmp_path / "state", sock_dir / "api.sock"
     conf.mkdir()

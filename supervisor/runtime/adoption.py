@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.adapters.cgroups import RunCgroups
-from supervisor.adapters.procscan import ProcInfo, marked, read_proc
+from supervisor.adapters.procscan import ProcInfo, marked, read_cmdline, read_proc
 from supervisor.adapters.runners.process import stop_processes
 from supervisor.config.desired import InstanceSpec
 
@@ -66,11 +66,7 @@ def describe_stale(record: dict[str, Any], spec: InstanceSpec | None) -> str:
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip() or "?"
-    except OSError:
-        return "?"
+    return " ".join(read_cmdline(pid) or ()).strip() or "?"
 
 
 def record_alive(record: dict[str, Any]) -> bool:

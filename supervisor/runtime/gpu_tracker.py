@@ -357,7 +357,9 @@ class GpuTracker:
         total = 0
         known = False
         nodes = self.cluster_nodes
-        views: list[tuple[str | None, GpuSnapshot, dict[int, str]]] = [(None, self.attributed_view(), self.owners)]
+        views: list[tuple[str | None, GpuSnapshot, dict[int, str]]] = [
+            (None, self.attributed_view(), self.owners)
+        ]
         if nodes is not None:  # a cluster run's processes are on its node
             views += [
                 (label, sample.snapshot, nodes.owners(sample))

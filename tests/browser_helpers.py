@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import pytest
 
 from .conftest import PY, REPO, demo_cmd, free_port, free_range, wait_for, write_decl
@@ -240,13 +241,34 @@ class Browser:
 
 
 @contextmanager
+def playwright_started() -> Iterator[Any]:
+    """Playwright, stopped at the end, and then waited for: its driver and the browser
+    processes under it end asynchronously, and the test's leftover check must not meet them
+    still on their way out (on a loaded machine it did)."""
+    sync_api = require_browser()
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    playwright = sync_api.sync_playwright().start()
+    drivers = [p for p in me.children() if p.pid not in before]
+    try:
+        yield playwright
+    finally:
+        tree = list(drivers)
+        for driver in drivers:
+            try:
+                tree += driver.children(recursive=True)
+            except psutil.Error:
+                pass
+        playwright.stop()
+        psutil.wait_procs(tree, timeout=60)  # what still runs after that is the leftover check's
+
+
+@contextmanager
 def browser(
     request: pytest.FixtureRequest, server: Server, viewport: dict[str, int] | None = None
 ) -> Iterator[Browser]:
     """Chromium with one page; on a failed test, its screenshot, HTML and the serve log go to test-output/."""
-    sync_api = require_browser()
-    playwright = sync_api.sync_playwright().start()
-    try:
+    with playwright_started() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             context = chromium.new_context(viewport=viewport or {"width": 1280, "height": 800})
@@ -258,8 +280,6 @@ def browser(
                 save_artifacts(request.node.name, b.page, server)
         finally:
             chromium.close()
-    finally:
-        playwright.stop()
 
 
 def save_artifacts(test_name: str, page: Page, server: Server) -> None:

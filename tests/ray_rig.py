@@ -152,7 +152,7 @@ class ClusterProcess:
 
     def stop(self, timeout: float = 30.0) -> list[int]:
         """Shut the cluster down (the child's `Cluster.shutdown`), then SIGKILL by pid whatever
-        of it is still alive 5 s later; returns those pids. After a clean run there are none;
+        of it is still alive 30 s later (a generous grace on a loaded machine); returns those pids. After a clean run there are none;
         after a lost head there are: a raylet that ends for want of its GCS leaves its
         DashboardAgent and RuntimeEnvAgent behind (reparented to init, they end about 60 s
         later), and the head's log monitor does not end at all."""
@@ -169,7 +169,7 @@ class ClusterProcess:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(_alive(p) for p in self.pids):
             time.sleep(0.05)
         left = sorted(p for p in self.pids if _alive(p))

@@ -124,14 +124,16 @@ def marked_processes(state: Path) -> dict[int, tuple[str, str]]:
 
 
 def kill_marked(state: Path) -> list[int]:
-    """Cleanup after a test: SIGKILL (by pid) whatever carries our mark, then remove the run
-    cgroups a SIGKILLed supervisor of this scope left (a later one would have, in real life)."""
+    """Cleanup after a test: SIGKILL (by pid) whatever carries our mark and wait until it is
+    gone (the leftover check runs next), then remove the run cgroups a SIGKILLed supervisor of
+    this scope left (a later one would have, in real life)."""
     pids = list(marked_processes(state))
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    wait_for(lambda: not set(pids) & set(marked_processes(state)), 60, f"killed pids {pids} to end")
     from supervisor.adapters.cgroups import RunCgroups
 
     cgroups, _ = RunCgroups.detect(scope_of(state))

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from .browser_helpers import CHROMIUM, CHROMIUM_ARGS, Server, demo_declaration, require_browser
+from .browser_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Server,
+    demo_declaration,
+    playwright_started,
+    require_browser,
+)
 from .conftest import PY, free_port, wait_for
 
 pytestmark = pytest.mark.slow  # a real `serve` process and Chromium
@@ -131,9 +138,7 @@ def attacker() -> Iterator[tuple[ThreadingHTTPServer, str]]:
 
 @pytest.fixture
 def chromium(request: pytest.FixtureRequest) -> Iterator[object]:
-    sync_api = require_browser()
-    playwright = sync_api.sync_playwright().start()
-    try:
+    with playwright_started() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
@@ -149,8 +154,6 @@ def chromium(request: pytest.FixtureRequest) -> Iterator[object]:
             yield context
         finally:
             browser.close()
-    finally:
-        playwright.stop()
 
 
 def refused_counts(server: Server) -> dict[tuple[str, str], int]:

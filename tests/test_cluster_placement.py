@@ -22,7 +22,7 @@ from supervisor.core.placement import (
     place_on_nodes,
 )
 
-from .conftest import declaration
+from .conftest import declaration, wait_until
 
 REGISTRY = default_registry(load_plugins=False)
 CLUSTER = Defaults(cluster=True)
@@ -229,12 +229,12 @@ async def test_node_facts_and_strays_from_the_agents_samples() -> None:
         ("ffffffffffff", 20, "alice"),
         ("gpu-a", 10, "alice"),
     ]
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # kill_after (0.05 s) passes
     # A failed sample judges nothing (its runs are unknown), and keeps the strays it had.
     nodes._on_nodes(
         {"samples": [_sample("gpu-a", "a" * 20, [], error="no answer"), _sample(None, "f" * 20, [(20, 100)])]}
     )
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: any(kind == "stray_killed" for kind, _ in events))  # the kill's task
     assert client.calls == [("kill", {"node_id": "f" * 20, "pid": 20, "grace": 5.0, "force": False})]
     assert {s["pid"]: s["action"] for s in nodes.strays()} == {10: "reported", 20: "killed"}
     assert ("stray_killed", {"pid": 20, "gpu": 0, "node": "ffffffffffff", "how": "terminated"}) in events

@@ -266,8 +266,9 @@ def handle_of(engine: Engine, iid: str):
 
 
 async def running(engine: Engine, iid: str, track: Tracker):
-    """Instance `iid` once it is declared (it may wait for the nodes' GPUs) and RUNNING; tracked."""
-    await wait_until(lambda: iid in engine.instances, 90)
+    """Instance `iid` once it is declared (it may wait for the nodes' GPUs: each node's agent is
+    a Ray worker to start first, slow on a loaded machine) and RUNNING; tracked."""
+    await wait_until(lambda: iid in engine.instances, 240)
     inst = engine.instances[iid]
     await inst.wait_state(State.RUNNING, timeout=180)
     track.add(engine)
@@ -567,7 +568,10 @@ async def test_driver_killed_reattaches_without_restarting_the_backend(tmp_path,
         client = engine.runners["ray"].client
         os.kill(client.driver_pid, signal.SIGKILL)
         await wait_until(lambda: client.connects == 2 and client.up, 90)
-        await asyncio.sleep(1.0)  # the re-attach call
+        # The re-attach call clears the give-up the lost driver started (awaited, not slept for);
+        # then a second passes in which nothing restarts it.
+        await wait_until(lambda: handle_of(engine, inst.id)._grace is None, 90)
+        await asyncio.sleep(1.0)
         assert inst.state == State.RUNNING and inst.pid == pid and inst.restarts == 0
         assert handle_of(engine, inst.id)._grace is None  # re-attached, no pending give-up
     finally:
